@@ -1,0 +1,509 @@
+//! Layered configuration: built-in defaults, then a TOML file, then
+//! `BERTH_`-prefixed environment variables (`__` nests), then command-line
+//! flags. Everything is validated once, before any port is bound, and every
+//! error names the key (and, through figment, where the value came from).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::magic::RelativePathBuf;
+use serde::{Deserialize, Serialize};
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/berth/berth.toml";
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--config` named a file that does not exist.
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    /// A value has the wrong type, a key is unknown, or a required key is missing.
+    #[error("invalid config: {0}")]
+    Invalid(Box<figment::Error>),
+    /// Values that parse but do not make sense together.
+    #[error("invalid config: key `{key}`: {reason}")]
+    Rejected {
+        /// The dotted key concerned.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(err: figment::Error) -> Self {
+        ConfigError::Invalid(Box::new(err))
+    }
+}
+
+fn rejected(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Rejected {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole host configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The traffic listener.
+    pub server: ServerConfig,
+    /// The admin listener (probes, `/info`, `/metrics`).
+    pub admin: AdminConfig,
+    /// Engine and module-loading settings.
+    pub runtime: RuntimeConfig,
+    /// Settings every module inherits unless it overrides them.
+    pub defaults: Defaults,
+    /// Logging settings that are not covered by `LOG_LEVEL`/`LOG_FORMAT`.
+    pub log: LogConfig,
+    /// Graceful shutdown timings.
+    pub shutdown: ShutdownConfig,
+    /// The modules to serve, by name.
+    pub modules: BTreeMap<String, ModuleConfig>,
+}
+
+/// The traffic listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to accept traffic on; port 0 picks a free port.
+    pub listen: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+        }
+    }
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin endpoints; port 0 picks a free port.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+        }
+    }
+}
+
+/// Engine and module-loading settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Folder that relative module `file`s are resolved against. A relative
+    /// folder given in the config file is relative to that file.
+    pub modules_dir: RelativePathBuf,
+    /// Instances that may exist at once across all modules (sizes the
+    /// pooling allocator).
+    pub max_instances: u32,
+    /// Period of the shared epoch ticker that enforces guest deadlines.
+    #[serde(with = "humantime_serde")]
+    pub epoch_tick: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            modules_dir: RelativePathBuf::from("/modules"),
+            max_instances: 1000,
+            epoch_tick: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Graceful shutdown on SIGTERM/SIGINT.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long traffic is still served after `/ready` turns 503, while
+    /// Kubernetes removes the pod from its endpoints.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// How long in-flight requests may take to finish once the listener is
+    /// closed; what is left then is cancelled.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_delay: Duration::from_secs(5),
+            grace_period: Duration::from_secs(25),
+        }
+    }
+}
+
+/// Logging switches.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// One log line per request with method, route, status and duration.
+    pub access_log: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { access_log: true }
+    }
+}
+
+/// Settings every module inherits.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Defaults {
+    /// Resource limits for each request.
+    pub limits: Limits,
+}
+
+/// Resource limits applied to each request of a module.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Wall-clock budget of one request; over it the answer is 504.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Linear-memory cap of one instance; over it the answer is 500.
+    pub memory: ByteSize,
+    /// Requests served at once; more are shed with 503.
+    pub max_concurrency: u32,
+    /// Largest request body accepted; over it the answer is 413.
+    pub max_body: ByteSize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            memory: ByteSize(128 << 20),
+            max_concurrency: 1000,
+            max_body: ByteSize(16 << 20),
+        }
+    }
+}
+
+/// Per-module overrides of [`Limits`]; unset fields inherit the defaults.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsOverride {
+    /// See [`Limits::timeout`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// See [`Limits::memory`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteSize>,
+    /// See [`Limits::max_concurrency`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// See [`Limits::max_body`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body: Option<ByteSize>,
+}
+
+impl LimitsOverride {
+    /// These overrides applied on top of `base`.
+    pub fn over(&self, base: Limits) -> Limits {
+        Limits {
+            timeout: self.timeout.unwrap_or(base.timeout),
+            memory: self.memory.unwrap_or(base.memory),
+            max_concurrency: self.max_concurrency.unwrap_or(base.max_concurrency),
+            max_body: self.max_body.unwrap_or(base.max_body),
+        }
+    }
+}
+
+/// One module to serve.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleConfig {
+    /// The component file, relative to `runtime.modules_dir` unless absolute.
+    pub file: PathBuf,
+    /// Path prefix routed to this module; the longest matching prefix wins.
+    pub route: String,
+    /// Values the guest reads through `wasi:config/store`.
+    #[serde(default)]
+    pub config: BTreeMap<String, ConfigValue>,
+    /// Like `config`, but never printed: not in logs, not in `/info`.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, Secret>,
+    /// Overrides of `defaults.limits`.
+    #[serde(default)]
+    pub limits: LimitsOverride,
+    /// Outbound destinations this module may call, as `scheme://host[:port]`
+    /// (`*.example.com` matches subdomains, `*` as port any port). Empty
+    /// means no outbound calls at all.
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<String>,
+}
+
+/// A config value as the guest sees it: always a string. Numbers and
+/// booleans are accepted (environment variables arrive typed through
+/// figment) and kept in their textual form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct ConfigValue(pub String);
+
+impl<'de> Deserialize<'de> for ConfigValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Scalar {
+            S(String),
+            I(i64),
+            U(u64),
+            F(f64),
+            B(bool),
+        }
+        Ok(ConfigValue(
+            match Scalar::deserialize(d)
+                .map_err(|_| serde::de::Error::custom("expected a string, number or boolean"))?
+            {
+                Scalar::S(s) => s,
+                Scalar::I(i) => i.to_string(),
+                Scalar::U(u) => u.to_string(),
+                Scalar::F(f) => f.to_string(),
+                Scalar::B(b) => b.to_string(),
+            },
+        ))
+    }
+}
+
+/// A secret config value: handed to the guest like any other, printed as
+/// `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub ConfigValue);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// A size in bytes, written as a number or with a unit (`64KiB`, `128MiB`,
+/// `1GB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `"128MiB"`, `"10 kb"`, `"4096"`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (num, unit) = text.split_at(split);
+        let num: u64 = num
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size such as 128MiB"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            other => return Err(format!("unknown size unit `{other}` in `{text}`")),
+        };
+        num.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size `{text}` is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            n if n != 0 && n % (1 << 30) == 0 => write!(f, "{}GiB", n >> 30),
+            n if n != 0 && n % (1 << 20) == 0 => write!(f, "{}MiB", n >> 20),
+            n if n != 0 && n % (1 << 10) == 0 => write!(f, "{}KiB", n >> 10),
+            n => write!(f, "{n}B"),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a size such as 128MiB"))?
+        {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Values given on the command line, the top layer.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<SocketAddr>,
+    /// `--admin-listen`
+    pub admin_listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Builds the layered figment. `file` is `--config`; without it the
+    /// default file is read when present.
+    pub fn figment(file: Option<&Path>, overrides: &Overrides) -> Result<Figment, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) if !path.is_file() => {
+                return Err(ConfigError::MissingFile(path.to_path_buf()));
+            }
+            Some(path) => fig = fig.merge(Toml::file_exact(path)),
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+                fig = fig.merge(Toml::file_exact(DEFAULT_CONFIG_FILE))
+            }
+            None => {}
+        }
+        // `BERTH_CONFIG` names the file itself (see the CLI); it is not a key.
+        fig = fig.merge(Env::prefixed("BERTH_").split("__").ignore(&["config"]));
+        if let Some(addr) = overrides.listen {
+            fig = fig.merge(("server.listen", addr.to_string()));
+        }
+        if let Some(addr) = overrides.admin_listen {
+            fig = fig.merge(("admin.listen", addr.to_string()));
+        }
+        Ok(fig)
+    }
+
+    /// Loads and validates the configuration.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Self::figment(file, overrides)?
+            .extract::<Config>()?
+            .validate()
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        check_limits("defaults.limits", &self.defaults.limits)?;
+        if self.runtime.max_instances == 0 {
+            return Err(rejected("runtime.max_instances", "must be at least 1"));
+        }
+        if self.runtime.epoch_tick.is_zero() {
+            return Err(rejected("runtime.epoch_tick", "must be longer than 0s"));
+        }
+        let mut routes: BTreeMap<&str, &str> = BTreeMap::new();
+        for (name, module) in &self.modules {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(rejected(
+                    format!("modules.{name}"),
+                    "a module name may only hold letters, digits, `-` and `_`",
+                ));
+            }
+            let key = |k: &str| format!("modules.{name}.{k}");
+            if !module.route.starts_with('/') {
+                return Err(rejected(key("route"), "a route must start with `/`"));
+            }
+            if let Some(other) = routes.insert(normalize_route(&module.route), name) {
+                return Err(rejected(
+                    key("route"),
+                    format!(
+                        "route `{}` is already used by module `{other}`",
+                        module.route
+                    ),
+                ));
+            }
+            if module.file.as_os_str().is_empty() {
+                return Err(rejected(key("file"), "must name a .wasm file"));
+            }
+            check_limits(&key("limits"), &module.limits.over(self.defaults.limits))?;
+            for (i, host) in module.allowed_outbound_hosts.iter().enumerate() {
+                crate::outbound::AllowRule::parse(host).map_err(|reason| {
+                    rejected(format!("{}[{i}]", key("allowed_outbound_hosts")), reason)
+                })?;
+            }
+            if let Some(dup) = module
+                .secrets
+                .keys()
+                .find(|k| module.config.contains_key(*k))
+            {
+                return Err(rejected(
+                    key(&format!("secrets.{dup}")),
+                    "the same key is also set in `config`",
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    /// The folder relative module files are resolved against.
+    pub fn modules_dir(&self) -> PathBuf {
+        self.runtime.modules_dir.relative()
+    }
+
+    /// The effective limits of a module.
+    pub fn limits_of(&self, module: &ModuleConfig) -> Limits {
+        module.limits.over(self.defaults.limits)
+    }
+}
+
+fn check_limits(key: &str, limits: &Limits) -> Result<(), ConfigError> {
+    if limits.timeout.is_zero() {
+        return Err(rejected(format!("{key}.timeout"), "must be longer than 0s"));
+    }
+    if limits.max_concurrency == 0 {
+        return Err(rejected(
+            format!("{key}.max_concurrency"),
+            "must be at least 1",
+        ));
+    }
+    if limits.memory.0 < 64 << 10 {
+        return Err(rejected(
+            format!("{key}.memory"),
+            "must be at least 64KiB (one wasm page)",
+        ));
+    }
+    Ok(())
+}
+
+/// `/api/` and `/api` route the same way; routing compares without the
+/// trailing slash.
+pub fn normalize_route(route: &str) -> &str {
+    match route.trim_end_matches('/') {
+        "" => "/",
+        r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,131 @@
+use super::*;
+use figment::Jail;
+
+fn load(jail: &Jail) -> Result<Config, ConfigError> {
+    Config::load(
+        Some(&jail.directory().join("berth.toml")),
+        &Overrides::default(),
+    )
+}
+
+#[test]
+fn layers_file_then_env_then_flags() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "berth.toml",
+            r#"
+            [server]
+            listen = "127.0.0.1:1000"
+            [modules.hello]
+            file = "hello.wasm"
+            route = "/hello"
+            config = { greeting = "hello", count = 3 }
+            "#,
+        )?;
+        jail.set_env("BERTH_MODULES__HELLO__CONFIG__GREETING", "hola");
+        jail.set_env("BERTH_ADMIN__LISTEN", "127.0.0.1:2000");
+        let cfg = load(jail).unwrap();
+        let hello = &cfg.modules["hello"];
+        assert_eq!(hello.config["greeting"].0, "hola");
+        assert_eq!(hello.config["count"].0, "3");
+        assert_eq!(cfg.server.listen.port(), 1000);
+        assert_eq!(cfg.admin.listen.port(), 2000);
+        let flags = Overrides {
+            listen: Some("127.0.0.1:3000".parse().unwrap()),
+            admin_listen: None,
+        };
+        let cfg = Config::load(Some(&jail.directory().join("berth.toml")), &flags).unwrap();
+        assert_eq!(cfg.server.listen.port(), 3000);
+        // modules_dir defaults to /modules; relative ones resolve against
+        // the config file's folder.
+        assert_eq!(cfg.modules_dir(), PathBuf::from("/modules"));
+        Ok(())
+    });
+}
+
+#[test]
+fn relative_modules_dir_is_relative_to_the_file() {
+    Jail::expect_with(|jail| {
+        jail.create_file("berth.toml", "[runtime]\nmodules_dir = \"wasm\"\n")?;
+        let cfg = load(jail).unwrap();
+        assert_eq!(cfg.modules_dir(), jail.directory().join("wasm"));
+        Ok(())
+    });
+}
+
+#[test]
+fn errors_name_the_key() {
+    Jail::expect_with(|jail| {
+        jail.create_file("berth.toml", "[server]\nlisten = \"nope\"\n")?;
+        let err = load(jail).unwrap_err().to_string();
+        assert!(err.contains("server.listen"), "{err}");
+
+        jail.create_file("berth.toml", "[sever]\nlisten = \"127.0.0.1:1\"\n")?;
+        let err = load(jail).unwrap_err().to_string();
+        assert!(err.contains("sever"), "{err}");
+
+        jail.create_file(
+            "berth.toml",
+            "[modules.a]\nfile = \"a.wasm\"\nroute = \"a\"\n",
+        )?;
+        let err = load(jail).unwrap_err().to_string();
+        assert!(err.contains("modules.a.route"), "{err}");
+
+        jail.create_file(
+            "berth.toml",
+            "[modules.a]\nfile = \"a.wasm\"\nroute = \"/x\"\n[modules.b]\nfile = \"b.wasm\"\nroute = \"/x/\"\n",
+        )?;
+        let err = load(jail).unwrap_err().to_string();
+        assert!(err.contains("already used by module `a`"), "{err}");
+
+        jail.create_file(
+            "berth.toml",
+            "[modules.a]\nfile = \"a.wasm\"\nroute = \"/a\"\nlimits = { memory = \"12 parsecs\" }\n",
+        )?;
+        let err = load(jail).unwrap_err().to_string();
+        assert!(err.contains("parsecs") && err.contains("memory"), "{err}");
+
+        jail.create_file(
+            "berth.toml",
+            "[modules.a]\nfile = \"a.wasm\"\nroute = \"/a\"\nallowed_outbound_hosts = [\"example.com\"]\n",
+        )?;
+        let err = load(jail).unwrap_err().to_string();
+        assert!(err.contains("allowed_outbound_hosts[0]"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn missing_config_file_is_an_error() {
+    let err = Config::load(
+        Some(Path::new("/nonexistent/berth.toml")),
+        &Overrides::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/berth.toml"));
+}
+
+#[test]
+fn secrets_are_redacted_when_printed() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "berth.toml",
+            "[modules.a]\nfile = \"a.wasm\"\nroute = \"/a\"\nsecrets = { token = \"s3cr3t\" }\n",
+        )?;
+        let cfg = load(jail).unwrap();
+        assert_eq!(cfg.modules["a"].secrets["token"].0.0, "s3cr3t");
+        let printed = format!("{} {:?}", serde_json::to_string(&cfg).unwrap(), cfg);
+        assert!(!printed.contains("s3cr3t"), "{printed}");
+        Ok(())
+    });
+}
+
+#[test]
+fn byte_sizes() {
+    assert_eq!(ByteSize::parse("128MiB").unwrap().0, 128 << 20);
+    assert_eq!(ByteSize::parse("10 kb").unwrap().0, 10_000);
+    assert_eq!(ByteSize::parse("4096").unwrap().0, 4096);
+    assert!(ByteSize::parse("MiB").is_err());
+    assert!(ByteSize::parse("1 XB").is_err());
+    assert_eq!(ByteSize(64 << 20).to_string(), "64MiB");
+}

@@ -1,0 +1,139 @@
+//! The Wasm side of the host: one [`Engine`] with the pooling allocator and
+//! epoch interruption, one [`Linker`] holding the whole guest world, module
+//! loading and checking ([`module`]), and the per-request store state
+//! ([`host`]).
+
+mod check;
+mod host;
+mod module;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use wasmtime::component::Linker;
+use wasmtime::{
+    Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+};
+
+pub use check::{CheckReport, Unsatisfied, check_file};
+pub use host::{Host, MemoryLimitExceeded, RequestContext};
+pub use module::{LoadError, Module, ModuleSpec};
+
+/// Measured for Rust `wasm32-wasip2` components: each component instance
+/// holds three core instances and two tables (see WASMTIME.md). Other
+/// toolchains use a few more; leave headroom.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 4;
+const TABLES_PER_COMPONENT: u32 = 3;
+
+/// Engine-wide settings.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Component instances that may be live at once, across modules.
+    pub max_instances: u32,
+    /// Largest linear memory any guest may grow to; per-module limits are
+    /// enforced below it through `StoreLimits`.
+    pub max_memory: u64,
+    /// Period of the epoch ticker.
+    pub epoch_tick: Duration,
+}
+
+/// The shared engine and linker. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    linker: Linker<Host>,
+    epoch_tick: Duration,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Runtime {
+    /// Builds the engine and linker and starts the epoch ticker.
+    pub fn new(opts: &RuntimeOptions) -> anyhow::Result<Self> {
+        let engine = build_engine(opts)?;
+        let linker = build_linker(&engine)?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        spawn_epoch_ticker(engine.clone(), opts.epoch_tick, ticker_stop.clone());
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                epoch_tick: opts.epoch_tick,
+                ticker_stop,
+            }),
+        })
+    }
+
+    /// The engine every module is compiled with.
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The linker holding everything the host offers guests.
+    pub fn linker(&self) -> &Linker<Host> {
+        &self.inner.linker
+    }
+
+    /// How often the epoch advances: the granularity of guest deadlines.
+    pub fn epoch_tick(&self) -> Duration {
+        self.inner.epoch_tick
+    }
+}
+
+fn build_engine(opts: &RuntimeOptions) -> anyhow::Result<Engine> {
+    let n = opts.max_instances;
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+        .total_tables(n.saturating_mul(TABLES_PER_COMPONENT))
+        .total_memories(n)
+        // One fiber stack per guest call in flight.
+        .total_stacks(n)
+        .max_memory_size(usize::try_from(opts.max_memory).unwrap_or(usize::MAX))
+        // Warm slots keep a module's memory image mapped for the next
+        // instance of the same module; enough for a busy set of modules
+        // without pinning memory for every slot.
+        .max_unused_warm_slots(n.min(100));
+    let mut cfg = EngineConfig::new();
+    cfg.wasm_component_model(true)
+        .epoch_interruption(true)
+        .cranelift_opt_level(wasmtime::OptLevel::Speed)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&cfg).map_err(|e| anyhow::anyhow!("failed to create the wasm engine: {e:#}"))
+}
+
+fn build_linker(engine: &Engine) -> anyhow::Result<Linker<Host>> {
+    let mut linker = Linker::<Host>::new(engine);
+    let wrap = |e: wasmtime::Error| anyhow::anyhow!("failed to link host interfaces: {e:#}");
+    // All of WASI 0.2, so components built with a standard library load; the
+    // per-store context denies sockets and has no preopens, so the network
+    // is reachable only through wasi:http and its outbound policy.
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(wrap)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(wrap)?;
+    host::add_capabilities_to_linker(&mut linker).map_err(wrap)?;
+    Ok(linker)
+}
+
+/// One thread for the whole process advances the epoch; every store turns
+/// each tick into a yield point and checks its deadline there.
+fn spawn_epoch_ticker(engine: Engine, tick: Duration, stop: Arc<AtomicBool>) {
+    std::thread::Builder::new()
+        .name("berth-epoch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                engine.increment_epoch();
+            }
+        })
+        .expect("spawning the epoch ticker thread");
+}

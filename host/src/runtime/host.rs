@@ -1,0 +1,270 @@
+//! The state of one store, i.e. of one request: WASI contexts, the outbound
+//! hooks, memory limits, and what the guest's config and log calls need.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::AsyncWrite;
+use wasmtime::ResourceLimiter;
+use wasmtime::component::{HasData, Linker, ResourceTable};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::outbound::{OutboundHooks, OutboundPolicy};
+
+mod logging {
+    wasmtime::component::bindgen!({
+        path: "../guest-sdk/wit/deps/logging",
+        world: "wasi:logging/imports",
+    });
+}
+use logging::wasi::logging::logging as wasi_log;
+
+/// Who a request's log lines belong to.
+#[derive(Clone, Debug)]
+pub struct RequestContext {
+    /// The module serving the request.
+    pub module: Arc<str>,
+    /// The request id, echoed in `x-request-id`.
+    pub request_id: Arc<str>,
+}
+
+/// The data of one `Store`: one per request.
+pub struct Host {
+    table: ResourceTable,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    hooks: OutboundHooks,
+    config: Arc<WasiConfigVariables>,
+    pub(crate) limits: MemoryLimiter,
+    pub(crate) cx: RequestContext,
+}
+
+impl Host {
+    /// State for a fresh instance serving one request.
+    pub fn new(
+        cx: RequestContext,
+        config: Arc<WasiConfigVariables>,
+        outbound: Arc<OutboundPolicy>,
+        memory_limit: u64,
+    ) -> Self {
+        let wasi = WasiCtx::builder()
+            .stdout(GuestOutput::new(cx.clone(), "stdout"))
+            .stderr(GuestOutput::new(cx.clone(), "stderr"))
+            .build();
+        let limits = MemoryLimiter {
+            limit: usize::try_from(memory_limit).unwrap_or(usize::MAX),
+        };
+        Host {
+            table: ResourceTable::new(),
+            wasi,
+            http: WasiHttpCtx::new(),
+            hooks: OutboundHooks {
+                policy: outbound,
+                module: cx.module.clone(),
+            },
+            config,
+            limits,
+            cx,
+        }
+    }
+}
+
+/// The guest went over its memory limit; the trap carries this error so the
+/// server can tell it from a guest bug.
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit of {limit} bytes exceeded (the guest asked for {desired})")]
+pub struct MemoryLimitExceeded {
+    /// The module's limit.
+    pub limit: usize,
+    /// What the guest tried to grow to.
+    pub desired: usize,
+}
+
+/// Enforces the module's memory limit per instance by trapping on growth
+/// past it (rather than letting `memory.grow` return -1, which a Rust guest
+/// turns into an indistinguishable abort).
+pub(crate) struct MemoryLimiter {
+    limit: usize,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            return Err(wasmtime::Error::new(MemoryLimitExceeded {
+                limit: self.limit,
+                desired,
+            }));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(maximum.is_none_or(|max| desired <= max))
+    }
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// Links `wasi:config/store` and `wasi:logging/logging`.
+pub(super) fn add_capabilities_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
+    wasmtime_wasi_config::add_to_linker(linker, |h: &mut Host| WasiConfig::from(&*h.config))?;
+    wasi_log::add_to_linker::<Host, GuestLogger>(linker, |h: &mut Host| &h.cx)?;
+    Ok(())
+}
+
+struct GuestLogger;
+
+impl HasData for GuestLogger {
+    type Data<'a> = &'a RequestContext;
+}
+
+impl wasi_log::Host for &RequestContext {
+    fn log(&mut self, level: wasi_log::Level, context: String, message: String) {
+        use wasi_log::Level;
+        let (module, request_id) = (&*self.module, &*self.request_id);
+        // `tracing` levels are static per call site, hence one arm per level.
+        macro_rules! emit {
+            ($lvl:ident) => {
+                tracing::event!(
+                    target: "guest",
+                    tracing::Level::$lvl,
+                    module,
+                    request_id,
+                    context = context.as_str(),
+                    "{message}"
+                )
+            };
+        }
+        match level {
+            Level::Trace => emit!(TRACE),
+            Level::Debug => emit!(DEBUG),
+            Level::Info => emit!(INFO),
+            Level::Warn => emit!(WARN),
+            Level::Error | Level::Critical => emit!(ERROR),
+        }
+    }
+}
+
+/// Guest stdout/stderr: split into lines, each a log event.
+struct GuestOutput {
+    cx: RequestContext,
+    stream: &'static str,
+}
+
+impl GuestOutput {
+    fn new(cx: RequestContext, stream: &'static str) -> Self {
+        Self { cx, stream }
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(LineWriter {
+            cx: self.cx.clone(),
+            stream: self.stream,
+            buf: Vec::new(),
+        })
+    }
+}
+
+/// Longest line kept before it is logged in pieces, so a guest that never
+/// writes a newline cannot grow host memory.
+const MAX_LINE: usize = 16 << 10;
+
+struct LineWriter {
+    cx: RequestContext,
+    stream: &'static str,
+    buf: Vec<u8>,
+}
+
+impl LineWriter {
+    fn emit(&self, line: &[u8]) {
+        let line = String::from_utf8_lossy(line);
+        let line = line.trim_end_matches('\r');
+        tracing::info!(
+            target: "guest",
+            module = &*self.cx.module,
+            request_id = &*self.cx.request_id,
+            stream = self.stream,
+            "{line}"
+        );
+    }
+
+    fn flush_lines(&mut self) {
+        let mut start = 0;
+        while let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') {
+            self.emit(&self.buf[start..start + nl]);
+            start += nl + 1;
+        }
+        self.buf.drain(..start);
+        if self.buf.len() >= MAX_LINE {
+            self.emit(&self.buf);
+            self.buf.clear();
+        }
+    }
+}
+
+impl AsyncWrite for LineWriter {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.buf.extend_from_slice(data);
+        self.flush_lines();
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        if !self.buf.is_empty() {
+            self.emit(&self.buf);
+        }
+    }
+}

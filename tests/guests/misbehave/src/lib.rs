@@ -1,0 +1,69 @@
+//! A module that misbehaves on request, for the host's isolation and limit
+//! tests. `GET /<route>/<what>` picks the behaviour.
+
+use berth_sdk::{Request, Response, config, http, info};
+
+fn handle(req: Request) -> Response {
+    let what = req.segments().get(1).copied().unwrap_or("ok").to_owned();
+    let n = |key: &str, default: u64| {
+        req.query_param(key)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(default)
+    };
+    match what.as_str() {
+        "ok" => Response::text("ok\n"),
+        "panic" => panic!("misbehave: asked to panic"),
+        "loop" => {
+            let mut x: u64 = 0;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        "alloc" => {
+            let mb = n("mb", 256) as usize;
+            let mut v: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..mb {
+                v.push(vec![1u8; 1 << 20]);
+            }
+            Response::text(format!("allocated {}\n", v.len()))
+        }
+        "stack" => Response::text(format!("{}\n", recurse(std::hint::black_box(1)))),
+        "big" => Response::new(200).with_body(vec![b'x'; (n("mb", 1) << 20) as usize]),
+        "sleep" => {
+            std::thread::sleep(std::time::Duration::from_millis(n("ms", 1000)));
+            Response::text("slept\n")
+        }
+        "echo" => Response::json(&serde_json::json!({ "bytes": req.body().len() })),
+        "print" => {
+            println!("line one from stdout");
+            eprintln!("line two from stderr");
+            info!("a wasi:logging line");
+            Response::text("printed\n")
+        }
+        "config" => match config::get_all() {
+            Ok(all) => Response::json(&all.into_iter().collect::<std::collections::BTreeMap<_, _>>()),
+            Err(e) => Response::error(500, &e.to_string()),
+        },
+        "fetch" => {
+            let url = req.query_param("url").unwrap_or_default();
+            match http::get(&url) {
+                Ok(r) => Response::json(&serde_json::json!({
+                    "status": r.status(), "body": r.text_body()
+                })),
+                Err(e @ berth_sdk::Error::Denied { .. }) => Response::error(403, &e.to_string()),
+                Err(e) => Response::error(502, &e.to_string()),
+            }
+        }
+        _ => Response::not_found(),
+    }
+}
+
+fn recurse(depth: u64) -> u64 {
+    let pad = std::hint::black_box([depth; 64]);
+    if depth == u64::MAX {
+        return pad[0];
+    }
+    recurse(depth + 1) + pad[3]
+}
+
+berth_sdk::handler!(handle);
