@@ -31,7 +31,7 @@ run: guests build
 lint: setup
 	$(CARGO) fmt --all --check
 	@for ws in $(GUEST_WORKSPACES); do \
-	  $(CARGO) fmt --check --manifest-path $$ws || exit 1; \
+	  $(CARGO) fmt --all --check --manifest-path $$ws || exit 1; \
 	done
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	@for ws in $(GUEST_WORKSPACES); do \

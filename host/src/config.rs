@@ -382,7 +382,7 @@ impl Config {
     pub fn figment(file: Option<&Path>, overrides: &Overrides) -> Result<Figment, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         match file {
-            Some(path) if !path.is_file() => {
+            Some(path) if !path.exists() => {
                 return Err(ConfigError::MissingFile(path.to_path_buf()));
             }
             Some(path) => fig = fig.merge(Toml::file_exact(path)),

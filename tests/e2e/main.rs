@@ -1,1 +1,9 @@
+//! End-to-end tests: the real `berth` binary, real components built for
+//! wasm32-wasip2 (`make guests`), real HTTP on loopback.
 
+// Helpers are `pub` for the test modules of this one binary.
+#![allow(unreachable_pub)]
+
+mod core;
+mod lifecycle;
+mod support;

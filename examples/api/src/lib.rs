@@ -12,9 +12,21 @@ struct Product {
 }
 
 const CATALOGUE: &[Product] = &[
-    Product { id: 1, name: "anchor", price_cents: 12_900 },
-    Product { id: 2, name: "buoy", price_cents: 2_450 },
-    Product { id: 3, name: "hawser", price_cents: 8_000 },
+    Product {
+        id: 1,
+        name: "anchor",
+        price_cents: 12_900,
+    },
+    Product {
+        id: 2,
+        name: "buoy",
+        price_cents: 2_450,
+    },
+    Product {
+        id: 3,
+        name: "hawser",
+        price_cents: 8_000,
+    },
 ];
 
 #[derive(Deserialize)]

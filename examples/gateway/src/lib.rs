@@ -16,7 +16,9 @@ fn handle(req: Request) -> Result<Response, berth_sdk::Error> {
     info!("forwarding to {url}");
     let answer = match http::get(&url) {
         Ok(answer) => answer,
-        Err(e @ berth_sdk::Error::Denied { .. }) => return Ok(Response::error(403, &e.to_string())),
+        Err(e @ berth_sdk::Error::Denied { .. }) => {
+            return Ok(Response::error(403, &e.to_string()));
+        }
         Err(e) => return Ok(Response::error(502, &e.to_string())),
     };
     Ok(Response::json(&json!({

@@ -24,11 +24,11 @@ struct Hello;
 impl Guest for Hello {
     fn handle(req: IncomingRequest, out: ResponseOutparam) {
         // Drain the request body, as a well-behaved handler does.
-        if let Ok(body) = req.consume() {
-            if let Ok(mut stream) = body.stream() {
-                let mut sink = Vec::new();
-                let _ = stream.read_to_end(&mut sink);
-            }
+        if let Ok(body) = req.consume()
+            && let Ok(mut stream) = body.stream()
+        {
+            let mut sink = Vec::new();
+            let _ = stream.read_to_end(&mut sink);
         }
         let greeting = match store::get("greeting") {
             Ok(Some(g)) => g,
@@ -38,9 +38,9 @@ impl Guest for Hello {
             .path_with_query()
             .and_then(|pq| {
                 let (_, query) = pq.split_once('?')?;
-                query.split('&').find_map(|kv| {
-                    kv.strip_prefix("name=").map(|v| v.replace('+', " "))
-                })
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("name=").map(|v| v.replace('+', " ")))
             })
             .unwrap_or_else(|| "world".to_string());
         log(Level::Info, "hello_raw", &format!("greeting {name}"));

@@ -1,7 +1,7 @@
 //! Imports `berth-test:missing/teleport`, which no host provides.
 
 use wasi::exports::http::incoming_handler::Guest;
-use wasi::http::types::{IncomingRequest, OutgoingResponse, ResponseOutparam, Fields};
+use wasi::http::types::{Fields, IncomingRequest, OutgoingResponse, ResponseOutparam};
 
 mod bindings {
     wit_bindgen::generate!({ path: "wit", world: "needs-teleport" });

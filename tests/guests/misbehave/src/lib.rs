@@ -41,7 +41,10 @@ fn handle(req: Request) -> Response {
             Response::text("printed\n")
         }
         "config" => match config::get_all() {
-            Ok(all) => Response::json(&all.into_iter().collect::<std::collections::BTreeMap<_, _>>()),
+            Ok(all) => Response::json(
+                &all.into_iter()
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            ),
             Err(e) => Response::error(500, &e.to_string()),
         },
         "fetch" => {

@@ -1,0 +1,295 @@
+//! The core runtime: routing, config injection, isolation, probes, `/info`,
+//! start-up errors and `berth check`.
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::support::*;
+
+fn examples_config() -> String {
+    [
+        module("hello", "/", "hello", "config = { greeting = \"Hello\" }"),
+        module("api", "/api", "api", ""),
+        module("raw", "/raw", "hello_raw", "config = { greeting = \"Hi\" }"),
+        module(
+            "misbehave",
+            "/misbehave",
+            "misbehave",
+            "config = { plain = \"visible\" }\nsecrets = { token = \"hunter2-s3cr3t\" }",
+        ),
+    ]
+    .concat()
+}
+
+#[test]
+fn routes_by_longest_prefix() {
+    let berth = Berth::start(&examples_config());
+    // `/api` beats the catch-all `/`.
+    let r = get(&berth.url("/api/products/2"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["name"], "buoy");
+    // Anything else falls through to `/`.
+    let r = get(&berth.url("/elsewhere?name=Ada"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["message"], "Hello, Ada!");
+    // `/apix` is not under `/api`.
+    let r = get(&berth.url("/apix"));
+    assert_eq!(r.json()["message"], "Hello, world!");
+    // Routing inside a module, with a request body.
+    let r = post(
+        &berth.url("/api/quotes"),
+        r#"{"product_id": 2, "quantity": 3}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["total_cents"], 7350);
+    let r = post(&berth.url("/api/quotes"), "not json");
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn no_route_is_a_404_json() {
+    let berth = Berth::start(&module("api", "/api", "api", ""));
+    let r = get(&berth.url("/nothing/here"));
+    assert_eq!(r.status, 404);
+    let body = r.json();
+    assert_eq!(body["status"], 404);
+    let id = r.header("x-request-id").expect("x-request-id");
+    assert_eq!(body["request_id"], id);
+}
+
+#[test]
+fn config_is_injected_and_env_overrides_a_key() {
+    let config = module(
+        "hello",
+        "/hello",
+        "hello",
+        "config = { greeting = \"Hello\" }",
+    ) + &module(
+        "misbehave",
+        "/m",
+        "misbehave",
+        "config = { a = \"from-file\", b = 2 }",
+    );
+    let berth = Berth::start_with(
+        &config,
+        &[
+            ("BERTH_MODULES__HELLO__CONFIG__GREETING", "Hola"),
+            ("BERTH_MODULES__MISBEHAVE__CONFIG__C", "from-env"),
+        ],
+    );
+    let r = get(&berth.url("/hello?name=Ada"));
+    assert_eq!(r.json()["message"], "Hola, Ada!");
+    let all = get(&berth.url("/m/config")).json();
+    assert_eq!(all["a"], "from-file");
+    assert_eq!(all["b"], "2");
+    assert_eq!(all["c"], "from-env");
+}
+
+#[test]
+fn a_trapping_module_is_isolated() {
+    let berth = Berth::start(&examples_config());
+    for what in ["panic", "stack"] {
+        let r = get(&berth.url(&format!("/misbehave/{what}")));
+        assert_eq!(r.status, 500, "{what}: {}", r.body);
+        let id = r.header("x-request-id").unwrap().to_owned();
+        assert_eq!(r.json()["request_id"], id.as_str());
+        // The failure is logged with the module and request id.
+        let logged = berth.wait_for_log(Duration::from_secs(5), |l| {
+            l["message"] == "request failed" && l["request_id"] == id.as_str()
+        });
+        assert_eq!(logged.expect("failure logged")["module"], "misbehave");
+    }
+    // The same module and its neighbours keep serving.
+    assert_eq!(get(&berth.url("/misbehave/ok")).status, 200);
+    assert_eq!(get(&berth.url("/api/products")).status, 200);
+    assert_eq!(get(&berth.url("/?name=x")).status, 200);
+    assert_eq!(get(&berth.admin_url("/healthz")).status, 200);
+}
+
+#[test]
+fn a_component_built_without_the_sdk_serves() {
+    let berth = Berth::start(&examples_config());
+    let r = get(&berth.url("/raw?name=Bob"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["message"], "Hi, Bob!");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+}
+
+#[test]
+fn guest_logs_carry_module_and_request_id() {
+    let berth = Berth::start(&examples_config());
+    let r = get_with(&berth.url("/?name=Logan"), &[("x-request-id", "req-42")]);
+    assert_eq!(r.header("x-request-id"), Some("req-42"));
+    let line = berth
+        .wait_for_log(Duration::from_secs(5), |l| l["message"] == "greeting Logan")
+        .expect("guest log line");
+    assert_eq!(line["module"], "hello");
+    assert_eq!(line["request_id"], "req-42");
+    assert_eq!(line["level"], "INFO");
+
+    get_with(
+        &berth.url("/misbehave/print"),
+        &[("x-request-id", "req-43")],
+    );
+    for text in ["line one from stdout", "line two from stderr"] {
+        let line = berth
+            .wait_for_log(Duration::from_secs(5), |l| l["message"] == text)
+            .unwrap_or_else(|| panic!("`{text}` not logged"));
+        assert_eq!(line["module"], "misbehave");
+        assert_eq!(line["request_id"], "req-43");
+    }
+}
+
+#[test]
+fn probes_and_info() {
+    let berth = Berth::start(&examples_config());
+    assert_eq!(get(&berth.admin_url("/healthz")).status, 200);
+    assert_eq!(get(&berth.admin_url("/ready")).status, 200);
+    let info = get(&berth.admin_url("/info")).json();
+    assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+    let modules = info["modules"].as_array().unwrap();
+    assert_eq!(modules.len(), 4);
+    let api = modules.iter().find(|m| m["name"] == "api").unwrap();
+    let bytes = std::fs::read(wasm("api")).unwrap();
+    assert_eq!(api["route"], "/api");
+    assert_eq!(api["size"], bytes.len());
+    assert_eq!(api["sha256"], hex(&Sha256::digest(&bytes)));
+    assert!(api["file"].as_str().unwrap().ends_with("api.wasm"));
+    // The start-up log names each module with its digest.
+    let loaded = berth
+        .log_lines()
+        .into_iter()
+        .find(|l| l["message"] == "module loaded" && l["module"] == "api")
+        .expect("module loaded line");
+    assert_eq!(loaded["sha256"], api["sha256"]);
+}
+
+#[test]
+fn secrets_reach_the_guest_but_never_logs_or_info() {
+    let berth = Berth::start(&examples_config());
+    let all = get(&berth.url("/misbehave/config")).json();
+    assert_eq!(all["token"], "hunter2-s3cr3t");
+    assert_eq!(all["plain"], "visible");
+    let info = get(&berth.admin_url("/info")).body;
+    assert!(!info.contains("hunter2"), "{info}");
+    let logs = berth.log_text();
+    assert!(logs.contains("effective configuration"));
+    assert!(logs.contains("visible"), "plain config is logged");
+    assert!(!logs.contains("hunter2"), "a secret leaked into the logs");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// --- start-up errors: exit code 2 and one message naming the cause ---
+
+fn assert_config_error(config: &str, env: &[(&str, &str)], expected: &[&str]) {
+    let out = run_expecting_exit(config, env);
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", out.stderr);
+    // figment prints keys from env vars in their original (upper) case.
+    let stderr = out.stderr.to_lowercase();
+    for e in expected {
+        assert!(
+            stderr.contains(&e.to_lowercase()),
+            "stderr lacks `{e}`:\n{}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn invalid_config_values_name_the_key() {
+    assert_config_error(
+        "[runtime]\nepoch_tick = \"soon\"\n",
+        &[],
+        &["runtime.epoch_tick"],
+    );
+    assert_config_error("[runtime]\nmodule_dir = \"/x\"\n", &[], &["module_dir"]);
+    assert_config_error(
+        &module("a", "/a", "hello", "limits = { timeout = \"0s\" }"),
+        &[],
+        &["modules.a.limits.timeout"],
+    );
+    // A bad value from the environment names the variable's key too.
+    assert_config_error(
+        "",
+        &[("BERTH_RUNTIME__MAX_INSTANCES", "lots")],
+        &["runtime.max_instances"],
+    );
+}
+
+#[test]
+fn a_missing_module_file_is_named() {
+    assert_config_error(
+        "[modules.ghost]\nfile = \"/nonexistent/ghost.wasm\"\nroute = \"/g\"\n",
+        &[],
+        &["module `ghost`", "/nonexistent/ghost.wasm"],
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_component_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = dir.path().join("core.wasm");
+    // The smallest valid core module: magic and version 1.
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let text = dir.path().join("text.wasm");
+    std::fs::write(&text, "hello, I am not wasm").unwrap();
+    let cfg = |path: &std::path::Path| {
+        format!(
+            "[modules.m]\nfile = {:?}\nroute = \"/m\"\n",
+            path.display().to_string()
+        )
+    };
+    assert_config_error(&cfg(&core), &[], &["module `m`", "core WebAssembly module"]);
+    assert_config_error(&cfg(&text), &[], &["module `m`", "not a WebAssembly file"]);
+}
+
+#[test]
+fn a_component_with_unknown_imports_is_refused_at_load_time() {
+    assert_config_error(
+        &module("tele", "/t", "bad_import", ""),
+        &[],
+        &["module `tele`", "berth-test:missing/teleport@0.1.0"],
+    );
+}
+
+#[test]
+fn check_reports_good_and_bad_components() {
+    let good = wasm("hello");
+    let out = run_cli(&["check", good.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("wasi:http/incoming-handler@0.2"));
+    assert!(out.stdout.contains("wasi:config/store@0.2.0-rc.1"));
+    assert!(out.stdout.contains("ok: the host can serve this component"));
+
+    let bad = wasm("bad_import");
+    let out = run_cli(&["check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .contains("berth-test:missing/teleport@0.1.0  MISSING"),
+        "{}",
+        out.stdout
+    );
+
+    let out = run_cli(&["check", "--json", bad.to_str().unwrap()]);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        report["unsatisfied"][0]["name"],
+        "berth-test:missing/teleport@0.1.0"
+    );
+    assert_eq!(report["http_handler"], true);
+}
+
+#[test]
+fn version_prints_the_version() {
+    let out = run_cli(&["version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        out.stdout.trim(),
+        format!("berth {}", env!("CARGO_PKG_VERSION"))
+    );
+}

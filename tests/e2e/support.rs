@@ -1,0 +1,321 @@
+//! Test harness: starts the real `berth` binary on port 0, learns its
+//! addresses from the start-up log, waits for `/ready`, and talks HTTP.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of a guest component built by `make guests`.
+pub fn wasm(name: &str) -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = dir
+        .join("wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make guests` first",
+        path.display()
+    );
+    path
+}
+
+/// The modules section for a config, one `(name, route, wasm, extra)` each.
+pub fn module(name: &str, route: &str, wasm_name: &str, extra: &str) -> String {
+    format!(
+        "[modules.{name}]\nfile = {:?}\nroute = {route:?}\n{extra}\n",
+        wasm(wasm_name).display().to_string()
+    )
+}
+
+#[derive(Default)]
+struct Logs {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// A running `berth serve`, killed on drop.
+pub struct Berth {
+    child: Child,
+    logs: Arc<(Mutex<Logs>, Condvar)>,
+    pub addr: String,
+    pub admin: String,
+    _dir: tempfile::TempDir,
+}
+
+/// A `berth` run that ended.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn berth_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_berth")
+}
+
+fn command(config: &Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(berth_bin());
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .env("LOG_LEVEL", "info")
+        .env("LOG_FORMAT", "json");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+impl Berth {
+    /// Starts berth with this config and waits until it is ready.
+    pub fn start(config: &str) -> Berth {
+        Self::start_with(config, &[])
+    }
+
+    /// Same, with extra environment variables.
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Berth {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = command(&path, env)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning berth");
+        let logs = Arc::new((Mutex::new(Logs::default()), Condvar::new()));
+        let stdout = child.stdout.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let (lock, cv) = &*sink;
+                lock.lock().unwrap().lines.push(line);
+                cv.notify_all();
+            }
+            let (lock, cv) = &*sink;
+            lock.lock().unwrap().closed = true;
+            cv.notify_all();
+        });
+        let mut berth = Berth {
+            child,
+            logs,
+            addr: String::new(),
+            admin: String::new(),
+            _dir: dir,
+        };
+        let addr_of = |which: &str, b: &Berth| {
+            b.wait_for_log(Duration::from_secs(30), |l| {
+                l["message"] == "listening" && l["listener"] == which
+            })
+            .unwrap_or_else(|| panic!("berth never logged its {which} address"))["addr"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        berth.addr = addr_of("traffic", &berth);
+        berth.admin = addr_of("admin", &berth);
+        berth.wait_ready(Duration::from_secs(60));
+        berth
+    }
+
+    /// Polls `/ready` until it answers 200.
+    pub fn wait_ready(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if get(&self.admin_url("/ready")).status == 200 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "berth not ready after {limit:?}; logs:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// `http://ADDR/path` on the traffic port.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `http://ADMIN/path` on the admin port.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Every log line so far, parsed (non-JSON lines are skipped).
+    pub fn log_lines(&self) -> Vec<Value> {
+        let logs = self.logs.0.lock().unwrap();
+        logs.lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Every raw log line so far.
+    pub fn log_text(&self) -> String {
+        self.logs.0.lock().unwrap().lines.join("\n")
+    }
+
+    /// Waits for a log line matching `pred`.
+    pub fn wait_for_log(&self, limit: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let deadline = Instant::now() + limit;
+        let (lock, cv) = &*self.logs;
+        let mut logs = lock.lock().unwrap();
+        let mut seen = 0;
+        loop {
+            for line in &logs.lines[seen..] {
+                if let Ok(v) = serde_json::from_str::<Value>(line)
+                    && pred(&v)
+                {
+                    return Some(v);
+                }
+            }
+            seen = logs.lines.len();
+            let now = Instant::now();
+            if logs.closed || now >= deadline {
+                return None;
+            }
+            logs = cv.wait_timeout(logs, deadline - now).unwrap().0;
+        }
+    }
+
+    /// The process id, to send it signals.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- berth logs ---\n{}", self.log_text());
+        }
+    }
+}
+
+/// Runs `berth serve` with a config that is expected to fail at start-up.
+pub fn run_expecting_exit(config: &str, env: &[(&str, &str)]) -> Finished {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("berth.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = command(&path, env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("berth kept running although its config is bad");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    Finished {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs `berth ARGS...` to completion.
+pub fn run_cli(args: &[&str]) -> Finished {
+    let out = Command::new(berth_bin()).args(args).output().unwrap();
+    Finished {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+fn reply(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+    match resp {
+        Ok(mut r) => Reply {
+            status: r.status().as_u16(),
+            headers: r
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+                .collect(),
+            body: r.body_mut().read_to_string().unwrap_or_default(),
+        },
+        Err(e) => Reply {
+            status: 0,
+            headers: vec![],
+            body: e.to_string(),
+        },
+    }
+}
+
+/// `GET url`; status 0 when the connection failed.
+pub fn get(url: &str) -> Reply {
+    reply(agent().get(url).call())
+}
+
+/// `GET url` with headers.
+pub fn get_with(url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = agent().get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    reply(req.call())
+}
+
+/// `POST url` with a body.
+pub fn post(url: &str, body: &str) -> Reply {
+    reply(agent().post(url).send(body))
+}
