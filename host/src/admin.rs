@@ -153,8 +153,7 @@ fn info(shared: &Shared) -> Response<Full<Bytes>> {
 }
 
 fn metrics(shared: &Shared) -> Response<Full<Bytes>> {
-    let _ = shared;
-    let mut resp = Response::new(Full::new(Bytes::new()));
+    let mut resp = Response::new(Full::new(Bytes::from(shared.metrics.render())));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::outbound::OutboundPolicy;
 use crate::router::Router;
 use crate::runtime::{LoadError, Module, ModuleSpec, Runtime, RuntimeOptions};
@@ -31,6 +32,8 @@ pub struct Shared {
     pub started_at: SystemTime,
     /// Whether to write one log line per request.
     pub access_log: bool,
+    /// Every metric of the host.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shared {
@@ -82,17 +85,27 @@ pub fn module_specs(config: &Config) -> Result<Vec<ModuleSpec>, ServeError> {
 async fn load_all(
     runtime: &Runtime,
     specs: Vec<ModuleSpec>,
+    metrics: &Arc<Metrics>,
 ) -> Result<Vec<Arc<Module>>, ServeError> {
     let tasks: Vec<_> = specs
         .into_iter()
         .map(|spec| {
-            let runtime = runtime.clone();
-            tokio::task::spawn_blocking(move || Module::load(&runtime, spec))
+            let (runtime, metrics) = (runtime.clone(), metrics.clone());
+            let name = spec.name.clone();
+            let task = tokio::task::spawn_blocking(move || Module::load(&runtime, spec, &metrics));
+            (name, task)
         })
         .collect();
     let mut modules = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        let module = task.await.context("module loading task panicked")??;
+    for (name, task) in tasks {
+        let result = task.await.context("module loading task panicked")?;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics.loads.with_label_values(&[&name, outcome]).inc();
+        let module = result?;
+        metrics
+            .module_info
+            .with_label_values(&[&name, &module.sha256])
+            .set(1);
         modules.push(Arc::new(module));
     }
     Ok(modules)
@@ -136,10 +149,11 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         draining: AtomicBool::new(false),
         started_at: SystemTime::now(),
         access_log: config.log.access_log,
+        metrics: Arc::new(Metrics::new()),
     });
     let admin_thread = admin::spawn(admin_listener, shared.clone())?;
 
-    let modules = load_all(&runtime, module_specs(&config)?).await?;
+    let modules = load_all(&runtime, module_specs(&config)?, &shared.metrics).await?;
     for m in &modules {
         tracing::info!(
             module = &*m.name,

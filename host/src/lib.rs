@@ -11,12 +11,14 @@
 //! - [`admin`]: probes, `/info` and `/metrics` on their own port and thread.
 //! - [`outbound`]: the policy every outbound call of a guest goes through.
 //! - [`telemetry`]: logging set-up.
+//! - [`metrics`]: Prometheus metrics, resolved per module at load.
 //! - [`signal`]: shutdown signals.
 //! - [`app`]: wiring it all together for `berth serve`.
 
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod metrics;
 pub mod outbound;
 pub mod router;
 pub mod runtime;

@@ -130,6 +130,9 @@ async fn handle(
     let method = req.method().clone();
     let mut resp = invoke::invoke(&module, tracker, req, request_id.clone()).await;
     set_request_id(&mut resp, &request_id);
+    let metrics = &module.metrics;
+    metrics.duration.observe(started.elapsed().as_secs_f64());
+    metrics.count(&method, resp.status().as_u16());
     if shared.access_log {
         tracing::info!(
             target: "access",

@@ -15,6 +15,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use super::check::{self, Unsatisfied};
 use super::{Host, Runtime};
 use crate::config::Limits;
+use crate::metrics::{Metrics, ModuleMetrics};
 use crate::outbound::OutboundPolicy;
 
 /// Why a module could not be loaded.
@@ -130,12 +131,19 @@ pub struct Module {
     pub(crate) outbound: Arc<OutboundPolicy>,
     /// Concurrency limit: requests beyond it are shed, not queued.
     pub(crate) slots: Arc<Semaphore>,
+    /// Metric handles, resolved once.
+    pub(crate) metrics: ModuleMetrics,
 }
 
 impl Module {
     /// Reads, compiles, checks and pre-instantiates. Blocking: run it off
     /// the request path (`spawn_blocking`).
-    pub fn load(runtime: &Runtime, spec: ModuleSpec) -> Result<Module, LoadError> {
+    pub fn load(
+        runtime: &Runtime,
+        spec: ModuleSpec,
+        metrics: &Metrics,
+    ) -> Result<Module, LoadError> {
+        let started = std::time::Instant::now();
         let name = spec.name.clone();
         let file = spec.file.clone();
         let bytes = std::fs::read(&file).map_err(|source| LoadError::Read {
@@ -145,7 +153,12 @@ impl Module {
         })?;
         let component = compile(runtime, &name, &file, &bytes)?;
         let pre = instantiate_pre(runtime, &name, &file, &component)?;
+        metrics
+            .compile
+            .with_label_values(&[&name])
+            .observe(started.elapsed().as_secs_f64());
         Ok(Module {
+            metrics: metrics.for_module(&name, &spec.route),
             name: name.into(),
             route: spec.route,
             file,

@@ -80,6 +80,7 @@ pub(super) async fn invoke(
     let limits = module.limits;
     // Load shedding: a full module answers at once instead of queueing.
     let Ok(permit) = module.slots.clone().try_acquire_owned() else {
+        module.metrics.shed.inc();
         let mut resp = json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the module is at its concurrency limit",
@@ -150,15 +151,20 @@ pub(super) async fn invoke(
     let pre = module.pre.clone();
     let name = module.name.clone();
     let rid = request_id.clone();
+    let module2 = module.clone();
     // The guest keeps running after it sets the response head, to stream
     // the body, so it lives in its own task.
     let task = tracker.spawn(async move {
         let _permit = permit;
+        let metrics = &module2.metrics;
+        metrics.in_flight.inc();
         let work = async {
+            let started = Instant::now();
             let proxy = pre
                 .instantiate_async(&mut store)
                 .await
                 .map_err(|e| GuestError::Instantiate(format!("{e:#}")))?;
+            metrics.instantiate.observe(started.elapsed().as_secs_f64());
             proxy
                 .wasi_http_incoming_handler()
                 .call_handle(&mut store, wreq, out)
@@ -172,7 +178,14 @@ pub(super) async fn invoke(
             Ok(r) => r,
             Err(_) => Err(GuestError::Timeout(limits.timeout)),
         };
+        metrics.in_flight.dec();
         if let Err(err) = &result {
+            match err {
+                GuestError::Timeout(_) => metrics.timeouts.inc(),
+                GuestError::Memory(_) => metrics.memory.inc(),
+                GuestError::Trap(_) => metrics.traps.inc(),
+                _ => {}
+            }
             tracing::warn!(module = &*name, request_id = &*rid, error = %err, "request failed");
         }
         result

@@ -1,0 +1,313 @@
+//! Prometheus metrics, served as text on the admin port's `/metrics`.
+//!
+//! One [`Metrics`] owns the registry and every family. The request path
+//! never formats labels or looks families up: each module resolves its
+//! handles once, at load, into [`ModuleMetrics`], and per-status counters are
+//! created on first use and kept in fixed slots.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Buckets for request and call durations, in seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Buckets for instantiation, which takes microseconds.
+const INSTANTIATE_BUCKETS: &[f64] = &[
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.025,
+];
+/// Buckets for compilation, which takes up to seconds.
+const COMPILE_BUCKETS: &[f64] = &[0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Every metric family of the host.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    in_flight: IntGaugeVec,
+    instantiate: HistogramVec,
+    guest_failures: IntCounterVec,
+    shed: IntCounterVec,
+    /// Module compile time, by module.
+    pub compile: HistogramVec,
+    /// Module loads by module and result (`ok`/`error`), start-up included.
+    pub loads: IntCounterVec,
+    /// `berth_module_info{module,sha256}`.
+    pub module_info: IntGaugeVec,
+    /// Outbound calls by module, upstream and outcome.
+    pub outbound_requests: IntCounterVec,
+    /// Outbound call duration by module and upstream.
+    pub outbound_duration: HistogramVec,
+    /// Retries by module and upstream.
+    pub outbound_retries: IntCounterVec,
+    /// Calls refused by the allow-list, by module.
+    pub outbound_denied: IntCounterVec,
+    /// Breaker state by module and upstream: 0 closed, 1 half-open, 2 open.
+    pub breaker_state: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
+impl Metrics {
+    /// Registers every family, the build info and the process collector.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let build_info = gauge(
+            &r,
+            "berth_build_info",
+            "Build information; always 1.",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process collector");
+        let m = Metrics {
+            requests: counter(
+                &r,
+                "berth_http_server_requests_total",
+                "Inbound requests by module, route, method and status code.",
+                &["module", "route", "method", "status"],
+            ),
+            duration: histogram(
+                &r,
+                "berth_http_server_request_duration_seconds",
+                "Inbound request duration until the response head, by module and route.",
+                &["module", "route"],
+                LATENCY_BUCKETS,
+            ),
+            in_flight: gauge(
+                &r,
+                "berth_http_server_active_requests",
+                "Inbound requests in progress, by module and route.",
+                &["module", "route"],
+            ),
+            instantiate: histogram(
+                &r,
+                "berth_module_instantiation_duration_seconds",
+                "Time to create a fresh instance for a request, by module.",
+                &["module"],
+                INSTANTIATE_BUCKETS,
+            ),
+            guest_failures: counter(
+                &r,
+                "berth_guest_failures_total",
+                "Guest calls that failed, by module and kind (trap, timeout, memory_limit, no_response).",
+                &["module", "kind"],
+            ),
+            shed: counter(
+                &r,
+                "berth_http_server_shed_requests_total",
+                "Requests refused with 503 because the module was at its concurrency limit.",
+                &["module"],
+            ),
+            compile: histogram(
+                &r,
+                "berth_module_compile_duration_seconds",
+                "Time to compile and pre-instantiate a module, by module.",
+                &["module"],
+                COMPILE_BUCKETS,
+            ),
+            loads: counter(
+                &r,
+                "berth_module_loads_total",
+                "Module loads and reloads by module and result.",
+                &["module", "result"],
+            ),
+            module_info: gauge(
+                &r,
+                "berth_module_info",
+                "The module version being served; always 1.",
+                &["module", "sha256"],
+            ),
+            outbound_requests: counter(
+                &r,
+                "berth_http_client_requests_total",
+                "Outbound calls of guests by module, upstream and outcome (status code or error kind).",
+                &["module", "upstream", "outcome"],
+            ),
+            outbound_duration: histogram(
+                &r,
+                "berth_http_client_request_duration_seconds",
+                "Outbound call duration, retries included, by module and upstream.",
+                &["module", "upstream"],
+                LATENCY_BUCKETS,
+            ),
+            outbound_retries: counter(
+                &r,
+                "berth_http_client_retries_total",
+                "Outbound retries by module and upstream.",
+                &["module", "upstream"],
+            ),
+            outbound_denied: counter(
+                &r,
+                "berth_http_client_denied_total",
+                "Outbound calls refused by the allow-list, by module.",
+                &["module"],
+            ),
+            breaker_state: gauge(
+                &r,
+                "berth_http_client_circuit_state",
+                "Circuit breaker state by module and upstream: 0 closed, 1 half-open, 2 open.",
+                &["module", "upstream"],
+            ),
+            registry: r,
+        };
+        m
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 << 10);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    /// The handles one module's requests use.
+    pub fn for_module(&self, module: &str, route: &str) -> ModuleMetrics {
+        ModuleMetrics {
+            module: module.to_owned(),
+            route: route.to_owned(),
+            requests: self.requests.clone(),
+            by_status: Default::default(),
+            duration: self.duration.with_label_values(&[module, route]),
+            in_flight: self.in_flight.with_label_values(&[module, route]),
+            instantiate: self.instantiate.with_label_values(&[module]),
+            traps: self.guest_failures.with_label_values(&[module, "trap"]),
+            timeouts: self.guest_failures.with_label_values(&[module, "timeout"]),
+            memory: self
+                .guest_failures
+                .with_label_values(&[module, "memory_limit"]),
+            shed: self.shed.with_label_values(&[module]),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const METHODS: [&str; 8] = [
+    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "OTHER",
+];
+
+fn method_slot(method: &http::Method) -> usize {
+    match *method {
+        http::Method::GET => 0,
+        http::Method::POST => 1,
+        http::Method::PUT => 2,
+        http::Method::DELETE => 3,
+        http::Method::PATCH => 4,
+        http::Method::HEAD => 5,
+        http::Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+type StatusSlots = [OnceLock<IntCounter>; 500];
+
+/// One module's metric handles, resolved at load.
+pub struct ModuleMetrics {
+    module: String,
+    route: String,
+    requests: IntCounterVec,
+    /// Counters by method, then status code 100..=599, made on first use.
+    by_status: [OnceLock<Box<StatusSlots>>; METHODS.len()],
+    /// Request duration.
+    pub duration: Histogram,
+    /// Requests in progress.
+    pub in_flight: IntGauge,
+    /// Instantiation time.
+    pub instantiate: Histogram,
+    /// Guest traps.
+    pub traps: IntCounter,
+    /// Guest timeouts.
+    pub timeouts: IntCounter,
+    /// Memory-limit hits.
+    pub memory: IntCounter,
+    /// Requests shed at the concurrency limit.
+    pub shed: IntCounter,
+}
+
+impl ModuleMetrics {
+    /// Counts one finished request.
+    pub fn count(&self, method: &http::Method, status: u16) {
+        let m = method_slot(method);
+        let code = usize::from(status.clamp(100, 599)) - 100;
+        let slots =
+            self.by_status[m].get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
+        slots[code]
+            .get_or_init(|| {
+                let status = (code + 100).to_string();
+                self.requests
+                    .with_label_values(&[&self.module, &self.route, METHODS[m], &status])
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_land_in_the_right_series() {
+        let metrics = Metrics::new();
+        let m = metrics.for_module("hello", "/hello");
+        m.count(&http::Method::GET, 200);
+        m.count(&http::Method::GET, 200);
+        m.count(&http::Method::POST, 503);
+        m.count(&http::Method::from_bytes(b"BREW").unwrap(), 418);
+        let text = String::from_utf8(metrics.render()).unwrap();
+        for line in [
+            r#"berth_http_server_requests_total{method="GET",module="hello",route="/hello",status="200"} 2"#,
+            r#"berth_http_server_requests_total{method="POST",module="hello",route="/hello",status="503"} 1"#,
+            r#"berth_http_server_requests_total{method="OTHER",module="hello",route="/hello",status="418"} 1"#,
+            r#"berth_build_info{version=""#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+}
