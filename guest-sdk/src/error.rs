@@ -14,6 +14,12 @@ pub enum Error {
         /// The URL that timed out.
         url: String,
     },
+    /// The host is failing calls to this upstream fast: its circuit breaker
+    /// is open after repeated failures.
+    Unavailable {
+        /// The URL called.
+        url: String,
+    },
     /// The upstream could not be reached or answered badly.
     Upstream {
         /// The URL called.
@@ -40,6 +46,10 @@ impl fmt::Display for Error {
                  its destination is not in this module's allowed_outbound_hosts"
             ),
             Error::Timeout { url } => write!(f, "outbound request to {url} timed out"),
+            Error::Unavailable { url } => write!(
+                f,
+                "outbound request to {url} failed fast: the upstream is failing and its circuit is open"
+            ),
             Error::Upstream { url, reason } => {
                 write!(f, "outbound request to {url} failed: {reason}")
             }

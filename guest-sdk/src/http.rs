@@ -154,7 +154,8 @@ impl Client {
 fn from_code(url: &str, code: ErrorCode) -> Error {
     let url = url.to_owned();
     match code {
-        ErrorCode::HttpRequestDenied => Error::Denied { url },
+        ErrorCode::HttpRequestDenied | ErrorCode::DestinationIpProhibited => Error::Denied { url },
+        ErrorCode::DestinationUnavailable => Error::Unavailable { url },
         ErrorCode::ConnectionTimeout
         | ErrorCode::ConnectionReadTimeout
         | ErrorCode::ConnectionWriteTimeout

@@ -130,6 +130,7 @@ fn info(shared: &Shared) -> Response<Full<Bytes>> {
                     "memory": m.limits.memory.to_string(),
                     "max_concurrency": m.limits.max_concurrency,
                     "max_body": m.limits.max_body.to_string(),
+                    "max_response_body": m.limits.max_response_body.to_string(),
                 },
             })
         })

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::outbound::OutboundPolicy;
+use crate::outbound::{AllowList, OutboundSpec};
 use crate::router::Router;
 use crate::runtime::{LoadError, Module, ModuleSpec, Runtime, RuntimeOptions};
 use crate::server::ConnLimits;
@@ -57,6 +57,7 @@ pub enum ServeError {
 /// The module specs the config describes, with paths resolved.
 pub fn module_specs(config: &Config) -> Result<Vec<ModuleSpec>, ServeError> {
     let dir = config.modules_dir();
+    let upstreams = Arc::new(config.upstreams.clone());
     config
         .modules
         .iter()
@@ -67,8 +68,13 @@ pub fn module_specs(config: &Config) -> Result<Vec<ModuleSpec>, ServeError> {
                 .map(|(k, v)| (k.clone(), v.0.clone()))
                 .collect();
             values.extend(m.secrets.iter().map(|(k, v)| (k.clone(), v.0.0.clone())));
-            let outbound = OutboundPolicy::from_config(&m.allowed_outbound_hosts)
+            let allow = AllowList::parse(&m.allowed_outbound_hosts)
                 .map_err(|e| anyhow::anyhow!("module `{name}`: {e}"))?;
+            let outbound = OutboundSpec {
+                allow,
+                config: m.outbound.over(config.defaults.outbound),
+                upstreams: upstreams.clone(),
+            };
             Ok(ModuleSpec {
                 name: name.clone(),
                 route: m.route.clone(),

@@ -67,6 +67,9 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// The modules to serve, by name.
     pub modules: BTreeMap<String, ModuleConfig>,
+    /// Outbound policy overrides per upstream, keyed `host:port`; they
+    /// apply over the calling module's policy.
+    pub upstreams: BTreeMap<String, OutboundOverride>,
 }
 
 /// The traffic listener.
@@ -169,6 +172,174 @@ impl Default for LogConfig {
 pub struct Defaults {
     /// Resource limits for each request.
     pub limits: Limits,
+    /// Policy of outbound calls.
+    pub outbound: OutboundConfig,
+}
+
+/// How the host makes a guest's outbound calls.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// DNS, TCP connect and TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// From sending a request to the response head, per attempt.
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// Longest gap between two chunks of a response body.
+    #[serde(with = "humantime_serde")]
+    pub between_bytes_timeout: Duration,
+    /// The whole call to the response head, retries and back-off included.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Retries after the first attempt (connect errors always; 502, 503 and
+    /// 504 for idempotent methods).
+    pub retries: u32,
+    /// First back-off; doubles each retry, with full jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Longest back-off.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+    /// Retries allowed as a share of calls per upstream (0.2 = 20%), on top
+    /// of a reserve of one retry per second.
+    pub retry_budget: f32,
+    /// Also retry non-idempotent methods (POST, PATCH) on 502/503/504.
+    pub retry_non_idempotent: bool,
+    /// Largest request body the host buffers so it can replay it; larger
+    /// bodies are streamed and never retried.
+    pub max_retry_body: ByteSize,
+    /// Circuit breaker per upstream.
+    pub circuit_breaker: BreakerConfig,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            first_byte_timeout: Duration::from_secs(10),
+            between_bytes_timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
+            retries: 2,
+            retry_backoff: Duration::from_millis(50),
+            retry_backoff_max: Duration::from_secs(2),
+            retry_budget: 0.2,
+            retry_non_idempotent: false,
+            max_retry_body: ByteSize(64 << 10),
+            circuit_breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+/// Circuit breaker settings.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the circuit; 0 disables the breaker.
+    pub failures: u32,
+    /// How long the circuit stays open before probes are let through.
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
+    /// Calls let through at once while half-open.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            open_for: Duration::from_secs(30),
+            half_open_probes: 1,
+        }
+    }
+}
+
+/// Partial [`OutboundConfig`], for per-module and per-upstream overrides.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundOverride {
+    /// See [`OutboundConfig::connect_timeout`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Duration>,
+    /// See [`OutboundConfig::first_byte_timeout`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub first_byte_timeout: Option<Duration>,
+    /// See [`OutboundConfig::between_bytes_timeout`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub between_bytes_timeout: Option<Duration>,
+    /// See [`OutboundConfig::timeout`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// See [`OutboundConfig::retries`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// See [`OutboundConfig::retry_backoff`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub retry_backoff: Option<Duration>,
+    /// See [`OutboundConfig::retry_backoff_max`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub retry_backoff_max: Option<Duration>,
+    /// See [`OutboundConfig::retry_budget`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<f32>,
+    /// See [`OutboundConfig::retry_non_idempotent`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_non_idempotent: Option<bool>,
+    /// See [`OutboundConfig::max_retry_body`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retry_body: Option<ByteSize>,
+    /// See [`OutboundConfig::circuit_breaker`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<BreakerConfig>,
+}
+
+impl OutboundOverride {
+    /// These overrides applied on top of `base`.
+    pub fn over(&self, base: OutboundConfig) -> OutboundConfig {
+        OutboundConfig {
+            connect_timeout: self.connect_timeout.unwrap_or(base.connect_timeout),
+            first_byte_timeout: self.first_byte_timeout.unwrap_or(base.first_byte_timeout),
+            between_bytes_timeout: self
+                .between_bytes_timeout
+                .unwrap_or(base.between_bytes_timeout),
+            timeout: self.timeout.unwrap_or(base.timeout),
+            retries: self.retries.unwrap_or(base.retries),
+            retry_backoff: self.retry_backoff.unwrap_or(base.retry_backoff),
+            retry_backoff_max: self.retry_backoff_max.unwrap_or(base.retry_backoff_max),
+            retry_budget: self.retry_budget.unwrap_or(base.retry_budget),
+            retry_non_idempotent: self
+                .retry_non_idempotent
+                .unwrap_or(base.retry_non_idempotent),
+            max_retry_body: self.max_retry_body.unwrap_or(base.max_retry_body),
+            circuit_breaker: self.circuit_breaker.unwrap_or(base.circuit_breaker),
+        }
+    }
+}
+
+fn check_outbound(key: &str, o: &OutboundConfig) -> Result<(), ConfigError> {
+    for (name, d) in [
+        ("connect_timeout", o.connect_timeout),
+        ("first_byte_timeout", o.first_byte_timeout),
+        ("between_bytes_timeout", o.between_bytes_timeout),
+        ("timeout", o.timeout),
+    ] {
+        if d.is_zero() {
+            return Err(rejected(format!("{key}.{name}"), "must be longer than 0s"));
+        }
+    }
+    if !(0.0..=10.0).contains(&o.retry_budget) {
+        return Err(rejected(
+            format!("{key}.retry_budget"),
+            "must be a share between 0 and 10 (0.2 = 20% of calls)",
+        ));
+    }
+    if o.circuit_breaker.failures > 0 && o.circuit_breaker.half_open_probes == 0 {
+        return Err(rejected(
+            format!("{key}.circuit_breaker.half_open_probes"),
+            "must be at least 1",
+        ));
+    }
+    Ok(())
 }
 
 /// Resource limits applied to each request of a module.
@@ -184,6 +355,10 @@ pub struct Limits {
     pub max_concurrency: u32,
     /// Largest request body accepted; over it the answer is 413.
     pub max_body: ByteSize,
+    /// Largest response body a module may send; past it the response is
+    /// cut off (the head is already on its way, so the client sees an
+    /// aborted body).
+    pub max_response_body: ByteSize,
 }
 
 impl Default for Limits {
@@ -193,6 +368,7 @@ impl Default for Limits {
             memory: ByteSize(128 << 20),
             max_concurrency: 1000,
             max_body: ByteSize(16 << 20),
+            max_response_body: ByteSize(256 << 20),
         }
     }
 }
@@ -213,6 +389,9 @@ pub struct LimitsOverride {
     /// See [`Limits::max_body`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body: Option<ByteSize>,
+    /// See [`Limits::max_response_body`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_response_body: Option<ByteSize>,
 }
 
 impl LimitsOverride {
@@ -223,6 +402,7 @@ impl LimitsOverride {
             memory: self.memory.unwrap_or(base.memory),
             max_concurrency: self.max_concurrency.unwrap_or(base.max_concurrency),
             max_body: self.max_body.unwrap_or(base.max_body),
+            max_response_body: self.max_response_body.unwrap_or(base.max_response_body),
         }
     }
 }
@@ -244,6 +424,9 @@ pub struct ModuleConfig {
     /// Overrides of `defaults.limits`.
     #[serde(default)]
     pub limits: LimitsOverride,
+    /// Overrides of `defaults.outbound`.
+    #[serde(default)]
+    pub outbound: OutboundOverride,
     /// Outbound destinations this module may call, as `scheme://host[:port]`
     /// (`*.example.com` matches subdomains, `*` as port any port). Empty
     /// means no outbound calls at all.
@@ -412,6 +595,17 @@ impl Config {
     /// Checks what types alone cannot.
     pub fn validate(self) -> Result<Self, ConfigError> {
         check_limits("defaults.limits", &self.defaults.limits)?;
+        check_outbound("defaults.outbound", &self.defaults.outbound)?;
+        for (upstream, o) in &self.upstreams {
+            let key = format!("upstreams.\"{upstream}\"");
+            if upstream.contains('/') || upstream.is_empty() {
+                return Err(rejected(
+                    key,
+                    "an upstream key is `host:port`, without scheme or path",
+                ));
+            }
+            check_outbound(&key, &o.over(self.defaults.outbound))?;
+        }
         if self.runtime.max_instances == 0 {
             return Err(rejected("runtime.max_instances", "must be at least 1"));
         }
@@ -447,6 +641,10 @@ impl Config {
                 return Err(rejected(key("file"), "must name a .wasm file"));
             }
             check_limits(&key("limits"), &module.limits.over(self.defaults.limits))?;
+            check_outbound(
+                &key("outbound"),
+                &module.outbound.over(self.defaults.outbound),
+            )?;
             for (i, host) in module.allowed_outbound_hosts.iter().enumerate() {
                 crate::outbound::AllowRule::parse(host).map_err(|reason| {
                     rejected(format!("{}[{i}]", key("allowed_outbound_hosts")), reason)

@@ -1,221 +1,390 @@
-//! Outbound HTTP of guests: every `wasi:http/outgoing-handler` call passes
-//! through [`OutboundHooks::send_request`], which applies the module's
-//! allow-list (deny by default) and the host's timeouts before anything
-//! leaves the process.
+//! Outbound HTTP of guests. Every `wasi:http/outgoing-handler` call goes
+//! through [`OutboundHooks::send_request`], which applies, in order:
+//!
+//! 1. the module's allow-list, deny by default; loopback and link-local
+//!    destinations (as IP literals or as what a name resolves to) only
+//!    through an exact rule;
+//! 2. the circuit breaker of the upstream (fail fast while open);
+//! 3. timeouts: connect (per client), first byte (per attempt), between
+//!    bytes (response body) and total (the whole call), the guest's own
+//!    `request-options` honoured but capped by the host's;
+//! 4. retries with exponential back-off and full jitter, for connect errors
+//!    and for 502/503/504 on idempotent methods, honouring `Retry-After`,
+//!    within a retry budget per upstream (tower's `TpsBudget`);
+//! 5. pooled connections (hyper-util's client, one pool per connect
+//!    timeout).
+//!
+//! Each (module, upstream) pair keeps its own breaker, budget and metric
+//! handles, created on the first call.
 
-use std::sync::Arc;
-use std::time::Duration;
+mod body;
+mod breaker;
+mod policy;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http::uri::Scheme;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use prometheus::{Histogram, IntCounter};
+use tower::retry::budget::{Budget, TpsBudget};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
-use wasmtime_wasi_http::{RequestOptions, WasiHttpHooks};
+use wasmtime_wasi_http::{Error, RequestOptions, WasiHttpHooks};
 
-/// Host caps on a guest's outbound timeouts. A guest may ask for shorter
-/// ones through `request-options`, never for longer.
-#[derive(Debug, Clone, Copy)]
-pub struct OutboundTimeouts {
-    /// DNS, TCP connect and HTTP handshake.
-    pub connect: Duration,
-    /// From sending the request to the first byte of the response.
-    pub first_byte: Duration,
-    /// Gap allowed between two chunks of the response body.
-    pub between_bytes: Duration,
+use self::body::{BetweenBytes, RequestBody};
+use self::breaker::Breaker;
+pub use self::policy::{AllowList, AllowRule, Specificity};
+use crate::config::{OutboundConfig, OutboundOverride};
+use crate::metrics::Metrics;
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, HyperOutgoingBody>;
+type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
+
+/// How long a name's resolution is trusted for the loopback check.
+const RESOLVE_TTL: Duration = Duration::from_secs(30);
+
+/// Pooled HTTP clients, shared by every module: one per connect timeout,
+/// since the connect timeout belongs to the connector.
+#[derive(Default)]
+pub struct Clients {
+    by_connect_timeout: Mutex<HashMap<Duration, HttpsClient>>,
 }
 
-impl Default for OutboundTimeouts {
-    fn default() -> Self {
-        Self {
-            connect: Duration::from_secs(2),
-            first_byte: Duration::from_secs(10),
-            between_bytes: Duration::from_secs(10),
-        }
+impl Clients {
+    fn get(&self, connect_timeout: Duration) -> HttpsClient {
+        let mut clients = self.by_connect_timeout.lock().unwrap();
+        clients
+            .entry(connect_timeout)
+            .or_insert_with(|| {
+                let mut http = HttpConnector::new();
+                http.enforce_http(false);
+                http.set_nodelay(true);
+                http.set_connect_timeout(Some(connect_timeout));
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+                    .expect("ring offers the default protocol versions")
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http);
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .build(https)
+            })
+            .clone()
     }
 }
 
-impl OutboundTimeouts {
-    /// The guest's wishes, capped by the host.
-    fn cap(&self, guest: Option<RequestOptions>) -> RequestOptions {
-        let g = guest.unwrap_or_default();
-        let min = |asked: Option<Duration>, cap: Duration| Some(asked.map_or(cap, |a| a.min(cap)));
-        RequestOptions {
-            connect_timeout: min(g.connect_timeout, self.connect),
-            first_byte_timeout: min(g.first_byte_timeout, self.first_byte),
-            between_bytes_timeout: min(g.between_bytes_timeout, self.between_bytes),
+/// What a module's outbound calls are subject to.
+#[derive(Debug, Clone, Default)]
+pub struct OutboundSpec {
+    /// The allow-list.
+    pub allow: AllowList,
+    /// The module's policy (defaults with its overrides).
+    pub config: OutboundConfig,
+    /// Per-upstream overrides (`[upstreams."host:port"]`).
+    pub upstreams: Arc<BTreeMap<String, OutboundOverride>>,
+}
+
+/// The outbound side of one module, shared by all its instances.
+pub struct ModuleOutbound {
+    module: Arc<str>,
+    spec: OutboundSpec,
+    clients: Arc<Clients>,
+    metrics: Arc<Metrics>,
+    denied: IntCounter,
+    upstreams: Mutex<HashMap<String, Arc<Upstream>>>,
+}
+
+impl ModuleOutbound {
+    /// The outbound state of module `module`.
+    pub fn new(
+        module: Arc<str>,
+        spec: OutboundSpec,
+        clients: Arc<Clients>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        ModuleOutbound {
+            denied: metrics.outbound_denied.with_label_values(&[&module]),
+            module,
+            spec,
+            clients,
+            metrics,
+            upstreams: Mutex::new(HashMap::new()),
         }
     }
-}
 
-/// One entry of `allowed_outbound_hosts`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllowRule {
-    scheme: Option<Scheme>,
-    host: HostPattern,
-    port: PortPattern,
-}
+    fn deny(&self, uri: &http::Uri, why: &str) -> Error {
+        self.denied.inc();
+        tracing::warn!(module = &*self.module, uri = %uri, reason = why, "outbound request denied");
+        Error::HttpRequestDenied
+    }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum HostPattern {
-    Any,
-    /// `*.example.com`: stored as `.example.com`.
-    Suffix(String),
-    Exact(String),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PortPattern {
-    Any,
-    /// No port given: the scheme's default port.
-    Default,
-    Exact(u16),
-}
-
-impl AllowRule {
-    /// Parses `scheme://host[:port]`, where scheme is `http`, `https` or `*`,
-    /// host may be `*` or start with `*.`, and port may be `*`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (scheme, rest) = text
-            .split_once("://")
-            .ok_or_else(|| format!("`{text}` is not of the form scheme://host[:port]"))?;
-        let scheme = match scheme {
-            "*" => None,
-            "http" => Some(Scheme::HTTP),
-            "https" => Some(Scheme::HTTPS),
-            other => return Err(format!("unsupported scheme `{other}` in `{text}`")),
+    async fn send(
+        self: Arc<Self>,
+        request: Request<HyperOutgoingBody>,
+        guest: Option<RequestOptions>,
+    ) -> Result<(Response<HyperOutgoingBody>, IoFuture), Error> {
+        let uri = request.uri().clone();
+        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTPS);
+        let Some(host) = uri.host() else {
+            return Err(Error::HttpRequestUriInvalid);
         };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('/') {
-            return Err(format!("`{text}` must not have a path"));
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri
+            .port_u16()
+            .unwrap_or_else(|| policy::default_port(&scheme));
+        let Some(specificity) = self.spec.allow.matches(&scheme, host, port) else {
+            return Err(self.deny(&uri, "destination not in allowed_outbound_hosts"));
+        };
+        let upstream = self.upstream(&scheme, host, port);
+        if specificity != Specificity::Exact && upstream.reaches_restricted(host, port).await {
+            return Err(self.deny(
+                &uri,
+                "destination is a loopback or link-local address, allowed only by an exact rule",
+            ));
         }
-        let (host, port) = split_host_port(rest);
-        let port = match port {
-            None => PortPattern::Default,
-            Some("*") => PortPattern::Any,
-            Some(p) => PortPattern::Exact(
-                p.parse()
-                    .map_err(|_| format!("invalid port `{p}` in `{text}`"))?,
-            ),
-        };
-        let host = host.to_ascii_lowercase();
-        let host = if host == "*" {
-            HostPattern::Any
-        } else if let Some(suffix) = host.strip_prefix("*.") {
-            HostPattern::Suffix(format!(".{suffix}"))
-        } else if host.is_empty() || host.contains('*') {
-            return Err(format!("invalid host `{host}` in `{text}`"));
+        upstream.call(request, guest).await
+    }
+
+    fn upstream(&self, scheme: &Scheme, host: &str, port: u16) -> Arc<Upstream> {
+        let label = if host.contains(':') {
+            format!("[{host}]:{port}")
         } else {
-            HostPattern::Exact(host)
+            format!("{host}:{port}")
         };
-        Ok(AllowRule { scheme, host, port })
+        let key = format!("{scheme}://{label}");
+        let mut upstreams = self.upstreams.lock().unwrap();
+        upstreams
+            .entry(key)
+            .or_insert_with(|| {
+                let config = self
+                    .spec
+                    .upstreams
+                    .get(&label)
+                    .map_or(self.spec.config, |o| o.over(self.spec.config));
+                let m = &self.metrics;
+                let labels = [&*self.module, label.as_str()];
+                Arc::new(Upstream {
+                    client: self.clients.get(config.connect_timeout),
+                    breaker: Breaker::new(
+                        config.circuit_breaker,
+                        m.breaker_state.with_label_values(&labels),
+                    ),
+                    // 10 s window; a reserve of 1 retry per second so a
+                    // quiet upstream can still be retried.
+                    budget: TpsBudget::new(Duration::from_secs(10), 1, config.retry_budget),
+                    duration: m.outbound_duration.with_label_values(&labels),
+                    retries: m.outbound_retries.with_label_values(&labels),
+                    metrics: m.clone(),
+                    module: self.module.clone(),
+                    label,
+                    config,
+                    resolved: Mutex::new(None),
+                })
+            })
+            .clone()
+    }
+}
+
+/// One upstream as seen by one module.
+struct Upstream {
+    module: Arc<str>,
+    label: String,
+    config: OutboundConfig,
+    client: HttpsClient,
+    breaker: Breaker,
+    budget: TpsBudget,
+    metrics: Arc<Metrics>,
+    duration: Histogram,
+    retries: IntCounter,
+    /// When the host name was last resolved, and whether it reached a
+    /// restricted address.
+    resolved: Mutex<Option<(Instant, bool)>>,
+}
+
+/// How one attempt went, for the retry decision and the metrics.
+enum Attempt {
+    Response(Response<hyper::body::Incoming>),
+    Failed(Error, &'static str),
+}
+
+impl Upstream {
+    /// Whether this destination is (or resolves to) loopback/link-local.
+    async fn reaches_restricted(&self, host: &str, port: u16) -> bool {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return policy::is_restricted(ip);
+        }
+        if let Some((at, restricted)) = *self.resolved.lock().unwrap()
+            && at.elapsed() < RESOLVE_TTL
+        {
+            return restricted;
+        }
+        let restricted = match tokio::net::lookup_host((host, port)).await {
+            Ok(addrs) => addrs.into_iter().any(|a| policy::is_restricted(a.ip())),
+            // Unresolvable: let the call fail on its own with a DNS error.
+            Err(_) => false,
+        };
+        *self.resolved.lock().unwrap() = Some((Instant::now(), restricted));
+        restricted
     }
 
-    fn allows(&self, scheme: &Scheme, host: &str, port: u16) -> bool {
-        if self.scheme.as_ref().is_some_and(|s| s != scheme) {
-            return false;
-        }
-        let port_ok = match self.port {
-            PortPattern::Any => true,
-            PortPattern::Exact(p) => p == port,
-            PortPattern::Default => port == default_port(scheme),
-        };
-        port_ok
-            && match &self.host {
-                HostPattern::Any => true,
-                HostPattern::Exact(h) => h.eq_ignore_ascii_case(host),
-                HostPattern::Suffix(s) => {
-                    host.len() > s.len() && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+    fn count(&self, outcome: &str) {
+        self.metrics
+            .outbound_requests
+            .with_label_values(&[&*self.module, &self.label, outcome])
+            .inc();
+    }
+
+    async fn call(
+        &self,
+        request: Request<HyperOutgoingBody>,
+        guest: Option<RequestOptions>,
+    ) -> Result<(Response<HyperOutgoingBody>, IoFuture), Error> {
+        let cfg = &self.config;
+        let guest = guest.unwrap_or_default();
+        let cap = |asked: Option<Duration>, host: Duration| asked.map_or(host, |a| a.min(host));
+        let first_byte = cap(guest.first_byte_timeout, cfg.first_byte_timeout);
+        let between_bytes = cap(guest.between_bytes_timeout, cfg.between_bytes_timeout);
+        let started = Instant::now();
+        let deadline = started + cfg.timeout;
+
+        let (parts, body) = request.into_parts();
+        let mut body = RequestBody::read(body, cfg.max_retry_body.0).await?;
+        let idempotent = parts.method.is_idempotent() || cfg.retry_non_idempotent;
+        self.budget.deposit();
+
+        let mut attempt = 0u32;
+        let outcome = loop {
+            let Some(admission) = self.breaker.admit() else {
+                self.count("circuit_open");
+                tracing::warn!(
+                    module = &*self.module,
+                    upstream = self.label.as_str(),
+                    "outbound call failed fast: circuit open"
+                );
+                return Err(Error::DestinationUnavailable);
+            };
+            let req = Request::from_parts(parts.clone(), body.attempt());
+            let budget_left = deadline.saturating_duration_since(Instant::now());
+            let result =
+                match tokio::time::timeout(first_byte.min(budget_left), self.client.request(req))
+                    .await
+                {
+                    Ok(Ok(resp)) => Attempt::Response(resp),
+                    Ok(Err(e)) => {
+                        let (err, kind) = classify(&e);
+                        Attempt::Failed(err, kind)
+                    }
+                    Err(_) => Attempt::Failed(Error::ConnectionReadTimeout, "timeout"),
+                };
+            let retry_status = matches!(
+                &result,
+                Attempt::Response(r) if matches!(r.status(), StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
+            );
+            let failed = retry_status || matches!(result, Attempt::Failed(..));
+            self.breaker.record(admission, !failed);
+            let retryable = attempt < cfg.retries
+                && body.replayable()
+                && match &result {
+                    Attempt::Failed(_, kind) => *kind == "connect",
+                    Attempt::Response(_) => retry_status && idempotent,
+                };
+            if retryable {
+                let wait = backoff(cfg, attempt).max(retry_after(&result).unwrap_or_default());
+                if Instant::now() + wait < deadline && self.budget.withdraw() {
+                    attempt += 1;
+                    self.retries.inc();
+                    drop(result);
+                    tokio::time::sleep(wait).await;
+                    continue;
                 }
             }
-    }
-}
-
-fn split_host_port(authority: &str) -> (&str, Option<&str>) {
-    if let Some(rest) = authority.strip_prefix('[') {
-        // IPv6 literal: `[::1]:8080`
-        if let Some((host, after)) = rest.split_once(']') {
-            return (host, after.strip_prefix(':'));
+            break result;
+        };
+        self.duration.observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Attempt::Response(resp) => {
+                self.count(resp.status().as_str());
+                let resp = resp.map(|b| BetweenBytes::new(b, between_bytes).boxed_unsync());
+                Ok((resp, Box::new(async { Ok(()) }) as IoFuture))
+            }
+            Attempt::Failed(err, kind) => {
+                self.count(kind);
+                tracing::warn!(
+                    module = &*self.module,
+                    upstream = self.label.as_str(),
+                    error = %err,
+                    attempts = attempt + 1,
+                    "outbound call failed"
+                );
+                Err(err)
+            }
         }
     }
-    match authority.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => (h, Some(p)),
-        _ => (authority, None),
-    }
 }
 
-fn default_port(scheme: &Scheme) -> u16 {
-    if *scheme == Scheme::HTTPS { 443 } else { 80 }
+/// Exponential back-off with full jitter: uniform in
+/// `[0, min(max, base * 2^attempt)]`, so retrying clients spread out.
+fn backoff(cfg: &OutboundConfig, attempt: u32) -> Duration {
+    let cap = cfg
+        .retry_backoff
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(cfg.retry_backoff_max);
+    Duration::from_micros(fastrand::u64(0..=cap.as_micros() as u64))
 }
 
-/// A module's outbound policy, shared by all its instances.
-#[derive(Debug, Clone, Default)]
-pub struct OutboundPolicy {
-    /// The allow-list; empty denies everything.
-    pub allow: Vec<AllowRule>,
-    /// Timeout caps.
-    pub timeouts: OutboundTimeouts,
+/// `Retry-After` in seconds (the HTTP-date form is ignored).
+fn retry_after(attempt: &Attempt) -> Option<Duration> {
+    let Attempt::Response(resp) = attempt else {
+        return None;
+    };
+    let secs: u64 = resp
+        .headers()
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs))
 }
 
-impl OutboundPolicy {
-    /// Builds a policy from config entries already checked by validation.
-    pub fn from_config(entries: &[String]) -> Result<Self, String> {
-        Ok(Self {
-            allow: entries
-                .iter()
-                .map(|e| AllowRule::parse(e))
-                .collect::<Result<_, _>>()?,
-            timeouts: OutboundTimeouts::default(),
-        })
+/// Maps a client error to what the guest sees, and a metric label.
+fn classify(err: &hyper_util::client::legacy::Error) -> (Error, &'static str) {
+    if err.is_connect() {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::TimedOut
+            {
+                return (Error::ConnectionTimeout, "connect");
+            }
+            source = e.source();
+        }
+        return (Error::ConnectionRefused, "connect");
     }
-
-    /// Whether a request to this URI may leave the host.
-    pub fn allows(&self, uri: &http::Uri) -> bool {
-        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTPS);
-        let Some(host) = uri.host() else { return false };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or_else(|| default_port(&scheme));
-        self.allow.iter().any(|r| r.allows(&scheme, host, port))
-    }
+    (Error::HttpProtocolError, "protocol")
 }
 
 /// The per-store hook object wasmtime-wasi-http calls for outbound requests.
-pub struct OutboundHooks {
-    /// The module's policy.
-    pub policy: Arc<OutboundPolicy>,
-    /// The module name, for logs.
-    pub module: Arc<str>,
-}
-
-type IoFuture = Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>;
+pub struct OutboundHooks(pub Arc<ModuleOutbound>);
 
 impl WasiHttpHooks for OutboundHooks {
     fn send_request(
         &mut self,
-        request: http::Request<HyperOutgoingBody>,
+        request: Request<HyperOutgoingBody>,
         options: Option<RequestOptions>,
         _fut: IoFuture,
-    ) -> Box<
-        dyn Future<
-                Output = wasmtime_wasi_http::Result<(http::Response<HyperOutgoingBody>, IoFuture)>,
-            > + Send,
-    > {
-        let policy = self.policy.clone();
-        let module = self.module.clone();
-        Box::new(async move {
-            if !policy.allows(request.uri()) {
-                tracing::warn!(
-                    module = &*module,
-                    uri = %request.uri(),
-                    "outbound request denied: destination not in allowed_outbound_hosts"
-                );
-                return Err(wasmtime_wasi_http::Error::HttpRequestDenied);
-            }
-            let options = policy.timeouts.cap(options);
-            let (resp, io) =
-                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
-            Ok((
-                resp.map(http_body_util::BodyExt::boxed_unsync),
-                Box::new(io) as IoFuture,
-            ))
-        })
+    ) -> Box<dyn Future<Output = Result<(Response<HyperOutgoingBody>, IoFuture), Error>> + Send>
+    {
+        Box::new(self.0.clone().send(request, options))
     }
 }
 
@@ -223,78 +392,20 @@ impl WasiHttpHooks for OutboundHooks {
 mod tests {
     use super::*;
 
-    fn policy(rules: &[&str]) -> OutboundPolicy {
-        OutboundPolicy::from_config(&rules.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap()
-    }
-
-    fn allows(p: &OutboundPolicy, uri: &str) -> bool {
-        p.allows(&uri.parse().unwrap())
-    }
-
     #[test]
-    fn empty_list_denies_everything() {
-        let p = policy(&[]);
-        assert!(!allows(&p, "http://example.com/"));
-        assert!(!allows(&p, "http://127.0.0.1/"));
-    }
-
-    #[test]
-    fn exact_host_default_port() {
-        let p = policy(&["https://api.example.com"]);
-        assert!(allows(&p, "https://api.example.com/x"));
-        assert!(allows(&p, "https://API.example.com:443/x"));
-        assert!(!allows(&p, "http://api.example.com/x"));
-        assert!(!allows(&p, "https://api.example.com:8443/x"));
-        assert!(!allows(&p, "https://evil.com/x"));
-    }
-
-    #[test]
-    fn wildcards() {
-        let p = policy(&["http://*.svc.local:*", "*://127.0.0.1:8080"]);
-        assert!(allows(&p, "http://orders.svc.local:9000/"));
-        assert!(!allows(&p, "http://svc.local/"));
-        assert!(!allows(&p, "http://orders.svc.local.evil.com/"));
-        assert!(allows(&p, "http://127.0.0.1:8080/"));
-        assert!(allows(&p, "https://127.0.0.1:8080/"));
-        assert!(!allows(&p, "http://127.0.0.1:8081/"));
-    }
-
-    #[test]
-    fn ipv6_literal() {
-        let p = policy(&["http://[::1]:8080"]);
-        assert!(allows(&p, "http://[::1]:8080/"));
-        assert!(!allows(&p, "http://[::1]:80/"));
-    }
-
-    #[test]
-    fn bad_rules_are_rejected_with_the_reason() {
-        assert!(
-            AllowRule::parse("example.com")
-                .unwrap_err()
-                .contains("scheme://")
-        );
-        assert!(AllowRule::parse("ftp://x").unwrap_err().contains("ftp"));
-        assert!(
-            AllowRule::parse("http://x:port")
-                .unwrap_err()
-                .contains("port")
-        );
-        assert!(AllowRule::parse("http://a*b").is_err());
-        assert!(AllowRule::parse("http://x/path").is_err());
-    }
-
-    #[test]
-    fn guest_timeouts_are_capped() {
-        let t = OutboundTimeouts::default();
-        let asked = RequestOptions {
-            connect_timeout: Some(Duration::from_secs(600)),
-            first_byte_timeout: Some(Duration::from_millis(5)),
-            between_bytes_timeout: None,
+    fn backoff_is_jittered_and_capped() {
+        let cfg = OutboundConfig {
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_millis(250),
+            ..OutboundConfig::default()
         };
-        let got = t.cap(Some(asked));
-        assert_eq!(got.connect_timeout, Some(t.connect));
-        assert_eq!(got.first_byte_timeout, Some(Duration::from_millis(5)));
-        assert_eq!(got.between_bytes_timeout, Some(t.between_bytes));
+        for attempt in 0..20 {
+            let d = backoff(&cfg, attempt);
+            let cap =
+                Duration::from_millis(100 * (1 << attempt.min(16))).min(cfg.retry_backoff_max);
+            assert!(d <= cap, "attempt {attempt}: {d:?} > {cap:?}");
+        }
+        let spread: std::collections::HashSet<_> = (0..50).map(|_| backoff(&cfg, 3)).collect();
+        assert!(spread.len() > 10, "full jitter spreads the delays");
     }
 }

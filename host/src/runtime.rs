@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use wasmtime::component::Linker;
+
+use crate::outbound::Clients;
 use wasmtime::{
     Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
 };
@@ -46,6 +48,7 @@ pub struct Runtime {
 
 struct Inner {
     engine: Engine,
+    clients: Arc<Clients>,
     linker: Linker<Host>,
     epoch_tick: Duration,
     ticker_stop: Arc<AtomicBool>,
@@ -67,6 +70,7 @@ impl Runtime {
         Ok(Runtime {
             inner: Arc::new(Inner {
                 engine,
+                clients: Arc::default(),
                 linker,
                 epoch_tick: opts.epoch_tick,
                 ticker_stop,
@@ -82,6 +86,11 @@ impl Runtime {
     /// The linker holding everything the host offers guests.
     pub fn linker(&self) -> &Linker<Host> {
         &self.inner.linker
+    }
+
+    /// Pooled HTTP clients for guests' outbound calls.
+    pub fn clients(&self) -> &Arc<Clients> {
+        &self.inner.clients
     }
 
     /// How often the epoch advances: the granularity of guest deadlines.

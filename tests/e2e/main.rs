@@ -5,5 +5,7 @@
 #![allow(unreachable_pub)]
 
 mod core;
+mod downstream;
 mod lifecycle;
+mod resilience;
 mod support;

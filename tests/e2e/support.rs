@@ -319,3 +319,37 @@ pub fn get_with(url: &str, headers: &[(&str, &str)]) -> Reply {
 pub fn post(url: &str, body: &str) -> Reply {
     reply(agent().post(url).send(body))
 }
+
+/// The value of the sample `name{labels...}` in a Prometheus text page;
+/// labels not listed are not compared.
+pub fn metric(page: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            let Some(rest) = l.strip_prefix(name) else {
+                return false;
+            };
+            (rest.starts_with('{') || rest.starts_with(' '))
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+impl Berth {
+    /// The current `/metrics` page.
+    pub fn metrics(&self) -> String {
+        get(&self.admin_url("/metrics")).body
+    }
+
+    /// Resident memory of the process in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}

@@ -13,7 +13,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use crate::outbound::{OutboundHooks, OutboundPolicy};
+use crate::outbound::{ModuleOutbound, OutboundHooks};
 
 mod logging {
     wasmtime::component::bindgen!({
@@ -48,7 +48,7 @@ impl Host {
     pub fn new(
         cx: RequestContext,
         config: Arc<WasiConfigVariables>,
-        outbound: Arc<OutboundPolicy>,
+        outbound: Arc<ModuleOutbound>,
         memory_limit: u64,
     ) -> Self {
         let wasi = WasiCtx::builder()
@@ -62,10 +62,7 @@ impl Host {
             table: ResourceTable::new(),
             wasi,
             http: WasiHttpCtx::new(),
-            hooks: OutboundHooks {
-                policy: outbound,
-                module: cx.module.clone(),
-            },
+            hooks: OutboundHooks(outbound),
             config,
             limits,
             cx,

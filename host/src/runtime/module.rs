@@ -16,7 +16,7 @@ use super::check::{self, Unsatisfied};
 use super::{Host, Runtime};
 use crate::config::Limits;
 use crate::metrics::{Metrics, ModuleMetrics};
-use crate::outbound::OutboundPolicy;
+use crate::outbound::{ModuleOutbound, OutboundSpec};
 
 /// Why a module could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +104,7 @@ pub struct ModuleSpec {
     /// Effective limits.
     pub limits: Limits,
     /// Outbound policy.
-    pub outbound: OutboundPolicy,
+    pub outbound: OutboundSpec,
 }
 
 /// A loaded, pre-instantiated module, ready to serve.
@@ -127,8 +127,8 @@ pub struct Module {
     pub(crate) pre: ProxyPre<Host>,
     /// What `wasi:config/store` returns.
     pub(crate) config: Arc<WasiConfigVariables>,
-    /// Outbound policy.
-    pub(crate) outbound: Arc<OutboundPolicy>,
+    /// Outbound calls: policy and per-upstream state.
+    pub(crate) outbound: Arc<ModuleOutbound>,
     /// Concurrency limit: requests beyond it are shed, not queued.
     pub(crate) slots: Arc<Semaphore>,
     /// Metric handles, resolved once.
@@ -141,7 +141,7 @@ impl Module {
     pub fn load(
         runtime: &Runtime,
         spec: ModuleSpec,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
     ) -> Result<Module, LoadError> {
         let started = std::time::Instant::now();
         let name = spec.name.clone();
@@ -157,9 +157,10 @@ impl Module {
             .compile
             .with_label_values(&[&name])
             .observe(started.elapsed().as_secs_f64());
+        let name: Arc<str> = name.into();
         Ok(Module {
             metrics: metrics.for_module(&name, &spec.route),
-            name: name.into(),
+            name: name.clone(),
             route: spec.route,
             file,
             size: bytes.len() as u64,
@@ -168,7 +169,12 @@ impl Module {
             limits: spec.limits,
             pre,
             config: Arc::new(spec.config.into_iter().collect()),
-            outbound: Arc::new(spec.outbound),
+            outbound: Arc::new(ModuleOutbound::new(
+                name,
+                spec.outbound,
+                runtime.clients().clone(),
+                metrics.clone(),
+            )),
             slots: Arc::new(Semaphore::new(spec.limits.max_concurrency as usize)),
         })
     }

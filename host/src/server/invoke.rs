@@ -13,7 +13,9 @@ use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
-use super::body::LimitedBody;
+use http_body_util::BodyExt;
+
+use super::body::{CappedBody, LimitedBody};
 use super::json_error;
 use crate::runtime::{Host, MemoryLimitExceeded, Module, RequestContext};
 
@@ -208,7 +210,7 @@ pub(super) async fn invoke(
         );
     }
     match outcome {
-        Ok(resp) => resp,
+        Ok(resp) => resp.map(|b| CappedBody::new(b, limits.max_response_body.0).boxed_unsync()),
         Err(err) => json_error(err.status(), err.public_message(), &request_id),
     }
 }

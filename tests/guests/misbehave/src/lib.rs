@@ -57,6 +57,15 @@ fn handle(req: Request) -> Response {
                 Err(e) => Response::error(502, &e.to_string()),
             }
         }
+        "post" => {
+            let url = req.query_param("url").unwrap_or_default();
+            match http::Client::post(&url).body("payload").send() {
+                Ok(r) => Response::json(&serde_json::json!({
+                    "status": r.status(), "body": r.text_body()
+                })),
+                Err(e) => Response::error(502, &e.to_string()),
+            }
+        }
         _ => Response::not_found(),
     }
 }

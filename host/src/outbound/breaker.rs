@@ -1,0 +1,169 @@
+//! A circuit breaker per upstream: it opens after consecutive failures,
+//! fails calls fast while open, lets a few probes through once the
+//! cool-down is over, and closes on a successful probe.
+//!
+//! Written here rather than taken from a crate: the state machine is a few
+//! lines, and the crates on offer either tie it to a tower stack that does
+//! not fit the wasi-http hook or have gone unmaintained.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use prometheus::IntGauge;
+
+use crate::config::BreakerConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { probes: u32 },
+}
+
+/// The breaker of one upstream.
+pub(super) struct Breaker {
+    cfg: BreakerConfig,
+    state: Mutex<State>,
+    gauge: IntGauge,
+}
+
+/// A call admitted by the breaker; report how it went with
+/// [`Breaker::record`].
+#[must_use]
+pub(super) struct Admission {
+    probe: bool,
+}
+
+impl Breaker {
+    /// A closed breaker.
+    pub(super) fn new(cfg: BreakerConfig, gauge: IntGauge) -> Self {
+        gauge.set(0);
+        Breaker {
+            cfg,
+            state: Mutex::new(State::Closed { failures: 0 }),
+            gauge,
+        }
+    }
+
+    /// Whether a call may go out now.
+    pub(super) fn admit(&self) -> Option<Admission> {
+        if self.cfg.failures == 0 {
+            return Some(Admission { probe: false });
+        }
+        let mut state = self.state.lock().unwrap();
+        match *state {
+            State::Closed { .. } => Some(Admission { probe: false }),
+            State::Open { until } if Instant::now() < until => None,
+            State::Open { .. } => {
+                self.set(&mut state, State::HalfOpen { probes: 1 });
+                Some(Admission { probe: true })
+            }
+            State::HalfOpen { probes } if probes < self.cfg.half_open_probes => {
+                *state = State::HalfOpen { probes: probes + 1 };
+                Some(Admission { probe: true })
+            }
+            State::HalfOpen { .. } => None,
+        }
+    }
+
+    /// Reports the outcome of an admitted call.
+    pub(super) fn record(&self, admission: Admission, success: bool) {
+        if self.cfg.failures == 0 {
+            return;
+        }
+        let mut state = self.state.lock().unwrap();
+        let open = State::Open {
+            until: Instant::now() + self.cfg.open_for,
+        };
+        match (*state, success) {
+            (State::Closed { .. }, true) => *state = State::Closed { failures: 0 },
+            (State::Closed { failures }, false) if failures + 1 >= self.cfg.failures => {
+                self.set(&mut state, open)
+            }
+            (State::Closed { failures }, false) => {
+                *state = State::Closed {
+                    failures: failures + 1,
+                }
+            }
+            (State::HalfOpen { .. }, true) if admission.probe => {
+                self.set(&mut state, State::Closed { failures: 0 })
+            }
+            (State::HalfOpen { .. }, false) if admission.probe => self.set(&mut state, open),
+            // A call admitted before the circuit opened: its news is stale.
+            _ => {}
+        }
+    }
+
+    fn set(&self, state: &mut State, new: State) {
+        *state = new;
+        self.gauge.set(match new {
+            State::Closed { .. } => 0,
+            State::HalfOpen { .. } => 1,
+            State::Open { .. } => 2,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn breaker(failures: u32, open_for: Duration) -> Breaker {
+        Breaker::new(
+            BreakerConfig {
+                failures,
+                open_for,
+                half_open_probes: 1,
+            },
+            IntGauge::new("g", "g").unwrap(),
+        )
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_and_recovers() {
+        let b = breaker(3, Duration::from_millis(30));
+        for _ in 0..2 {
+            let a = b.admit().unwrap();
+            b.record(a, false);
+        }
+        // A success resets the count.
+        let a = b.admit().unwrap();
+        b.record(a, true);
+        for _ in 0..3 {
+            let a = b.admit().unwrap();
+            b.record(a, false);
+        }
+        assert!(b.admit().is_none(), "open after 3 failures");
+        assert_eq!(b.gauge.get(), 2);
+        std::thread::sleep(Duration::from_millis(40));
+        let probe = b.admit().expect("half-open lets a probe through");
+        assert!(b.admit().is_none(), "only one probe at a time");
+        assert_eq!(b.gauge.get(), 1);
+        b.record(probe, true);
+        assert_eq!(b.gauge.get(), 0);
+        assert!(b.admit().is_some());
+    }
+
+    #[test]
+    fn a_failed_probe_reopens() {
+        let b = breaker(1, Duration::from_millis(20));
+        let a = b.admit().unwrap();
+        b.record(a, false);
+        std::thread::sleep(Duration::from_millis(30));
+        let probe = b.admit().unwrap();
+        b.record(probe, false);
+        assert!(b.admit().is_none());
+    }
+
+    #[test]
+    fn zero_failures_disables_it() {
+        let b = breaker(0, Duration::from_secs(1));
+        for _ in 0..10 {
+            let a = b.admit().unwrap();
+            b.record(a, false);
+        }
+        assert!(b.admit().is_some());
+    }
+}

@@ -1,0 +1,121 @@
+//! A real HTTP server for outbound tests that misbehaves on purpose.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+/// How the server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// 200 `downstream ok`.
+    Ok,
+    /// 503 for the next `n` requests, then 200; with `Retry-After` seconds
+    /// when given.
+    FailFirst(usize, Option<u64>),
+    /// Always 503.
+    AlwaysFail,
+    /// Never answers.
+    Hang,
+}
+
+/// The server; it stops with the test process.
+pub struct Downstream {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    mode: Arc<Mutex<Mode>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Downstream {
+    pub fn start(mode: Mode) -> Downstream {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let mode = Arc::new(Mutex::new(mode));
+        let (h, m) = (hits.clone(), mode.clone());
+        runtime.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (h, m) = (h.clone(), m.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| answer(req, h.clone(), m.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Downstream {
+            addr,
+            hits,
+            mode,
+            _runtime: runtime,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+}
+
+async fn answer(
+    _req: Request<hyper::body::Incoming>,
+    hits: Arc<AtomicUsize>,
+    mode: Arc<Mutex<Mode>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    hits.fetch_add(1, Ordering::SeqCst);
+    let now = {
+        let mut m = mode.lock().unwrap();
+        let now = *m;
+        if let Mode::FailFirst(n, after) = now {
+            *m = if n <= 1 {
+                Mode::Ok
+            } else {
+                Mode::FailFirst(n - 1, after)
+            };
+        }
+        now
+    };
+    let unavailable = |retry_after: Option<u64>| {
+        let mut r = Response::builder().status(503);
+        if let Some(secs) = retry_after {
+            r = r.header("retry-after", secs.to_string());
+        }
+        r.body(Full::new(Bytes::from_static(b"unavailable")))
+            .unwrap()
+    };
+    Ok(match now {
+        Mode::Ok => Response::new(Full::new(Bytes::from_static(b"downstream ok"))),
+        Mode::FailFirst(_, after) => unavailable(after),
+        Mode::AlwaysFail => unavailable(None),
+        Mode::Hang => {
+            tokio::time::sleep(Duration::from_secs(300)).await;
+            Response::new(Full::new(Bytes::new()))
+        }
+    })
+}

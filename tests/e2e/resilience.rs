@@ -1,0 +1,475 @@
+//! Host-enforced limits and the outbound policy, with misbehaving guests
+//! and a real downstream server that fails on purpose.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::downstream::{Downstream, Mode};
+use crate::support::*;
+
+fn misbehave(limits: &str) -> String {
+    module("m", "/m", "misbehave", &format!("limits = {{ {limits} }}"))
+        + &module("hello", "/hello", "hello", "")
+}
+
+#[test]
+fn a_spinning_guest_gets_504_and_probes_keep_answering() {
+    let berth = Berth::start(&misbehave("timeout = \"500ms\""));
+    let spinners: Vec<_> = (0..3)
+        .map(|_| {
+            let url = berth.url("/m/loop");
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                (get(&url), started.elapsed())
+            })
+        })
+        .collect();
+    // While they spin, the admin port and other modules answer.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(get(&berth.admin_url("/healthz")).status, 200);
+    assert_eq!(get(&berth.url("/hello")).status, 200);
+    for s in spinners {
+        let (r, took) = s.join().unwrap();
+        assert_eq!(r.status, 504, "{}", r.body);
+        assert!(
+            took >= Duration::from_millis(500),
+            "answered before the timeout: {took:?}"
+        );
+        // Generous bound: the timeout plus ticks, on a loaded machine.
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+    }
+    let page = berth.metrics();
+    assert_eq!(
+        metric(
+            &page,
+            "berth_guest_failures_total",
+            &[("module", "m"), ("kind", "timeout")]
+        ),
+        Some(3.0)
+    );
+}
+
+#[test]
+fn memory_hogs_panics_and_stack_overflows_get_500() {
+    let berth = Berth::start(&misbehave("memory = \"32MiB\""));
+    let r = get(&berth.url("/m/alloc?mb=100"));
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert!(r.body.contains("memory"), "{}", r.body);
+    // Within the limit it works.
+    assert_eq!(get(&berth.url("/m/alloc?mb=4")).status, 200);
+    assert_eq!(get(&berth.url("/m/panic")).status, 500);
+    assert_eq!(get(&berth.url("/m/stack")).status, 500);
+    let page = berth.metrics();
+    let failures = |kind| {
+        metric(
+            &page,
+            "berth_guest_failures_total",
+            &[("module", "m"), ("kind", kind)],
+        )
+    };
+    assert_eq!(
+        failures("memory_limit"),
+        Some(1.0),
+        "memory hits are counted apart"
+    );
+    assert_eq!(failures("trap"), Some(2.0));
+}
+
+#[test]
+fn huge_responses_are_capped() {
+    let berth = Berth::start(&misbehave("max_response_body = \"1MiB\""));
+    let r = get(&berth.url("/m/big?mb=8"));
+    assert!(r.body.len() < 8 << 20, "got the whole 8 MiB");
+    // A response under the cap is whole.
+    let r = get(&berth.url("/m/big?mb=0"));
+    assert_eq!(r.status, 200);
+    assert_eq!(get(&berth.url("/hello")).status, 200);
+}
+
+#[test]
+fn two_hundred_bad_requests_leave_the_host_healthy() {
+    let berth = Berth::start(&misbehave(
+        "timeout = \"200ms\", memory = \"32MiB\", max_response_body = \"1MiB\"",
+    ));
+    // Warm up, then take the baseline.
+    for _ in 0..20 {
+        assert_eq!(get(&berth.url("/hello")).status, 200);
+    }
+    let rss_before = berth.rss_kib();
+    let healthy = Arc::new(AtomicBool::new(true));
+    let stop = Arc::new(AtomicBool::new(false));
+    let probe = {
+        let (url, healthy, stop) = (berth.admin_url("/healthz"), healthy.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if get(&url).status != 200 {
+                    healthy.store(false, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let bad = ["panic", "stack", "alloc?mb=100", "loop", "big?mb=4"];
+    for i in 0..200 {
+        let what = bad[i % bad.len()];
+        let r = get(&berth.url(&format!("/m/{what}")));
+        if !what.starts_with("big") {
+            assert!(r.status == 500 || r.status == 504, "{what}: {}", r.status);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    probe.join().unwrap();
+    assert!(
+        healthy.load(Ordering::Relaxed),
+        "/healthz failed during the abuse"
+    );
+    for _ in 0..20 {
+        let r = get(&berth.url("/hello?name=after"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["message"], "Hello, after!");
+    }
+    let rss_after = berth.rss_kib();
+    // Pool slots and compiled code account for some growth; unbounded
+    // growth (a leak per request) would be far past this.
+    assert!(
+        rss_after < rss_before + 128 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+}
+
+#[test]
+fn over_the_concurrency_limit_requests_are_shed_with_503() {
+    let (n, k) = (2, 3);
+    let berth = Berth::start(&misbehave(&format!("max_concurrency = {n}")));
+    let barrier = Arc::new(std::sync::Barrier::new(n + k));
+    let handles: Vec<_> = (0..n + k)
+        .map(|_| {
+            let (url, barrier) = (berth.url("/m/sleep?ms=1500"), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                get(&url)
+            })
+        })
+        .collect();
+    let replies: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let shed: Vec<_> = replies.iter().filter(|r| r.status == 503).collect();
+    let served = replies.iter().filter(|r| r.status == 200).count();
+    assert_eq!(
+        shed.len(),
+        k,
+        "statuses: {:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert_eq!(served, n);
+    for r in shed {
+        assert_eq!(r.header("retry-after"), Some("1"));
+    }
+}
+
+#[test]
+fn request_bodies_over_the_limit_get_413_even_when_streamed() {
+    let berth = Berth::start(&misbehave("max_body = \"1KiB\""));
+    let r = post(&berth.url("/m/echo"), &"x".repeat(4096));
+    assert_eq!(r.status, 413, "{}", r.body);
+    let r = post(&berth.url("/m/echo"), &"x".repeat(512));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["bytes"], 512);
+    // Chunked, so no Content-Length tells the size up front.
+    let mut conn = TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut req = String::from(
+        "POST /m/echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+    );
+    for _ in 0..8 {
+        req.push_str(&format!("200\r\n{}\r\n", "y".repeat(0x200)));
+    }
+    req.push_str("0\r\n\r\n");
+    conn.write_all(req.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+}
+
+#[test]
+fn slow_and_oversized_clients_are_cut_off_and_garbage_gets_4xx() {
+    let berth = Berth::start(&misbehave("timeout = \"5s\""));
+    // Oversized header block.
+    let mut conn = TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let big = format!(
+        "GET /hello HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
+    let _ = conn.write_all(big.as_bytes());
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+
+    // Garbage of many shapes: a 4xx or a closed connection, never a crash.
+    let samples: [&[u8]; 8] = [
+        b"\x00\x01\x02\x03\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET /hello HTTP/1.1\r\nhost: x\r\ncontent-length: -1\r\n\r\n",
+        b"GET /hello HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
+        b"POST /m/echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        b"G\xffT /\xff HTTP/1.1\r\n\r\n",
+        b"GET /hello HTTP/1.1\r\nbad header line\r\n\r\n",
+    ];
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut inputs: Vec<Vec<u8>> = samples.iter().map(|s| s.to_vec()).collect();
+    for _ in 0..100 {
+        // xorshift: random bytes appended to a valid request line.
+        let mut junk = b"GET /hello HTTP/1.1\r\n".to_vec();
+        for _ in 0..64 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            junk.push(rng as u8);
+        }
+        junk.extend_from_slice(b"\r\n\r\n");
+        inputs.push(junk);
+    }
+    for input in &inputs {
+        let mut conn = TcpStream::connect(&berth.addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let _ = conn.write_all(input);
+        let mut answer = Vec::new();
+        let _ = conn.read_to_end(&mut answer);
+        let head = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || head.starts_with("HTTP/1.1 4") || head.starts_with("HTTP/1.1 200"),
+            "{:?} -> {head}",
+            String::from_utf8_lossy(input)
+        );
+    }
+    assert_eq!(get(&berth.url("/hello")).status, 200, "host survived");
+
+    // Slowloris: a request head that never ends is cut off by the header
+    // read timeout (10 s) rather than held forever.
+    let mut conn = TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "slow client held the connection for {:?}",
+        started.elapsed()
+    );
+}
+
+// --- outbound ---
+
+fn caller(downstream: &Downstream, outbound: &str) -> String {
+    module(
+        "m",
+        "/m",
+        "misbehave",
+        &format!(
+            "allowed_outbound_hosts = [\"http://{}\"]\noutbound = {{ {outbound} }}",
+            downstream.addr
+        ),
+    )
+}
+
+fn fetch(berth: &Berth, target: &str) -> Reply {
+    get(&berth.url(&format!("/m/fetch?url={target}")))
+}
+
+#[test]
+fn outbound_retries_a_failing_upstream_until_it_answers() {
+    let down = Downstream::start(Mode::FailFirst(2, None));
+    let berth = Berth::start(&caller(&down, "retries = 3, retry_backoff = \"10ms\""));
+    let r = fetch(&berth, &down.url("/x"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["status"], 200);
+    assert_eq!(r.json()["body"], "downstream ok");
+    assert_eq!(down.hits(), 3);
+    let upstream = down.addr.to_string();
+    let page = berth.metrics();
+    let labels = [("module", "m"), ("upstream", upstream.as_str())];
+    assert_eq!(
+        metric(&page, "berth_http_client_retries_total", &labels),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "berth_http_client_requests_total",
+            &[labels[0], labels[1], ("outcome", "200")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn outbound_honours_retry_after() {
+    let down = Downstream::start(Mode::FailFirst(1, Some(1)));
+    let berth = Berth::start(&caller(&down, "retries = 1, retry_backoff = \"1ms\""));
+    let started = Instant::now();
+    let r = fetch(&berth, &down.url("/"));
+    assert_eq!(r.json()["status"], 200, "{}", r.body);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 was not waited for"
+    );
+}
+
+#[test]
+fn the_breaker_opens_fails_fast_and_closes_after_the_cool_down() {
+    let down = Downstream::start(Mode::AlwaysFail);
+    let berth = Berth::start(&caller(
+        &down,
+        "retries = 0, circuit_breaker = { failures = 3, open_for = \"1s\", half_open_probes = 1 }",
+    ));
+    for _ in 0..3 {
+        let r = fetch(&berth, &down.url("/"));
+        assert_eq!(r.json()["status"], 503, "{}", r.body);
+    }
+    assert_eq!(down.hits(), 3);
+    let upstream = down.addr.to_string();
+    let labels = [("module", "m"), ("upstream", upstream.as_str())];
+    assert_eq!(
+        metric(&berth.metrics(), "berth_http_client_circuit_state", &labels),
+        Some(2.0)
+    );
+    // Open: calls fail fast without reaching the server.
+    for _ in 0..5 {
+        let r = fetch(&berth, &down.url("/"));
+        assert_eq!(r.status, 502);
+        assert!(r.body.contains("circuit is open"), "{}", r.body);
+    }
+    assert_eq!(
+        down.hits(),
+        3,
+        "calls reached the server while the circuit was open"
+    );
+    // The upstream recovers; after the cool-down a probe closes the circuit.
+    down.set_mode(Mode::Ok);
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = fetch(&berth, &down.url("/"));
+    assert_eq!(r.json()["status"], 200, "{}", r.body);
+    assert_eq!(
+        metric(&berth.metrics(), "berth_http_client_circuit_state", &labels),
+        Some(0.0)
+    );
+    assert_eq!(fetch(&berth, &down.url("/")).json()["status"], 200);
+}
+
+#[test]
+fn a_hanging_upstream_times_out_within_the_bound() {
+    let down = Downstream::start(Mode::Hang);
+    let berth = Berth::start(&caller(
+        &down,
+        "first_byte_timeout = \"300ms\", retries = 0",
+    ));
+    let started = Instant::now();
+    let r = fetch(&berth, &down.url("/"));
+    let took = started.elapsed();
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.body.contains("timed out"), "{}", r.body);
+    assert!(took >= Duration::from_millis(300));
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[test]
+fn a_post_is_not_retried_unless_configured() {
+    let down = Downstream::start(Mode::FailFirst(1, None));
+    let berth = Berth::start(&caller(&down, "retries = 2, retry_backoff = \"1ms\""));
+    let r = get(&berth.url(&format!("/m/post?url={}", down.url("/"))));
+    assert_eq!(r.json()["status"], 503, "{}", r.body);
+    assert_eq!(down.hits(), 1);
+
+    let down = Downstream::start(Mode::FailFirst(1, None));
+    let berth = Berth::start(&caller(
+        &down,
+        "retries = 2, retry_backoff = \"1ms\", retry_non_idempotent = true",
+    ));
+    let r = get(&berth.url(&format!("/m/post?url={}", down.url("/"))));
+    assert_eq!(r.json()["status"], 200, "{}", r.body);
+    assert_eq!(down.hits(), 2);
+}
+
+#[test]
+fn the_allow_list_denies_by_default() {
+    let down = Downstream::start(Mode::Ok);
+    let port = down.addr.port();
+    let config = caller(&down, "retries = 0")
+        + &module(
+            "wild",
+            "/wild",
+            "misbehave",
+            "allowed_outbound_hosts = [\"http://*:*\"]",
+        );
+    let berth = Berth::start(&config);
+    // Listed: allowed.
+    assert_eq!(fetch(&berth, &down.url("/")).json()["status"], 200);
+    // Not listed: a name, another IP, localhost.
+    for target in [
+        format!("http://example.com:{port}/"),
+        format!("http://127.0.0.2:{port}/"),
+        format!("http://localhost:{port}/"),
+        format!("http://127.0.0.1:{}/", port.wrapping_add(1)),
+    ] {
+        let r = fetch(&berth, &target);
+        assert_eq!(r.status, 403, "{target}: {}", r.body);
+        assert!(r.body.contains("allowed_outbound_hosts"), "{}", r.body);
+    }
+    // A wildcard rule does not open loopback, by IP or by name.
+    for target in [down.url("/"), format!("http://localhost:{port}/")] {
+        let r = get(&berth.url(&format!("/wild/fetch?url={target}")));
+        assert_eq!(r.status, 403, "{target}: {}", r.body);
+    }
+    assert_eq!(down.hits(), 1, "a denied call reached the server");
+    let page = berth.metrics();
+    assert_eq!(
+        metric(&page, "berth_http_client_denied_total", &[("module", "m")]),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "berth_http_client_denied_total",
+            &[("module", "wild")]
+        ),
+        Some(2.0)
+    );
+    assert!(berth.log_text().contains("outbound request denied"));
+}
+
+#[test]
+fn connections_to_an_upstream_are_pooled() {
+    let down = Downstream::start(Mode::Ok);
+    let berth = Berth::start(&caller(&down, ""));
+    for _ in 0..10 {
+        assert_eq!(fetch(&berth, &down.url("/")).json()["status"], 200);
+    }
+    // Count the host's TCP connections to the downstream port.
+    let port = format!("{:04X}", down.addr.port());
+    let tcp = std::fs::read_to_string(format!("/proc/{}/net/tcp", berth.pid())).unwrap();
+    let established_to_down = tcp
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let cols: Vec<_> = l.split_whitespace().collect();
+            cols.len() > 3 && cols[2].ends_with(&format!(":{port}")) && cols[3] == "01"
+        })
+        .count();
+    assert_eq!(
+        established_to_down, 1,
+        "10 calls should share one connection"
+    );
+}
