@@ -8,6 +8,7 @@
 //! | `GET /ready`   | 200 once every module is loaded, 503 before and when draining |
 //! | `GET /info`    | JSON: version, uptime, modules (route, file, size, sha256) |
 //! | `GET /metrics` | Prometheus text format                                     |
+//! | `POST /admin/reload` | re-read config and modules now; JSON report (422 if something failed) |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -65,6 +66,7 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>) -> anyhow::Result<Admin
 }
 
 async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    // Reloads answer after the new modules compiled; probes must not wait.
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -85,15 +87,16 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationTok
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, &req)) }
+                async move { Ok::<_, Infallible>(route(&shared, &req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
-fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
+        (&Method::POST, "/admin/reload") => reload(shared).await,
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/ready") => {
             if shared.is_ready() {
@@ -106,22 +109,54 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         (&Method::GET | &Method::HEAD, "/info") => info(shared),
         (&Method::GET | &Method::HEAD, "/metrics") => metrics(shared),
-        (_, "/healthz" | "/ready" | "/info" | "/metrics") => {
+        (_, "/healthz" | "/ready" | "/info" | "/metrics" | "/admin/reload") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
+async fn reload(shared: &Shared) -> Response<Full<Bytes>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if shared.reload.send(tx).await.is_err() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    match rx.await {
+        Ok(report) => {
+            let status = if report.errors.is_empty() && report.config_error.is_none() {
+                StatusCode::OK
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            let mut resp = json_response(&serde_json::to_value(&report).unwrap_or_default());
+            *resp.status_mut() = status;
+            resp
+        }
+        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+    }
+}
+
+fn json_response(body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 fn info(shared: &Shared) -> Response<Full<Bytes>> {
     let router = shared.router.load();
-    let modules: Vec<_> = router
+    let errors = shared.errors.lock().unwrap().clone();
+    let mut modules: Vec<_> = router
         .modules()
         .map(|m| {
             json!({
                 "name": &*m.name,
+                "serving": true,
+                "last_error": errors.get(&*m.name),
                 "route": m.route,
-                "file": m.file.display().to_string(),
+                "file": m.origin,
                 "size": m.size,
                 "sha256": m.sha256,
                 "loaded_at": humantime::format_rfc3339_seconds(m.loaded_at).to_string(),
@@ -135,6 +170,12 @@ fn info(shared: &Shared) -> Response<Full<Bytes>> {
             })
         })
         .collect();
+    // Modules added by a reload that failed to load: nothing serves them.
+    for (name, error) in &errors {
+        if !router.modules().any(|m| &*m.name == name) {
+            modules.push(json!({ "name": name, "serving": false, "last_error": error }));
+        }
+    }
     let uptime = SystemTime::now()
         .duration_since(shared.started_at)
         .unwrap_or_default();
@@ -144,13 +185,9 @@ fn info(shared: &Shared) -> Response<Full<Bytes>> {
         "ready": shared.is_ready(),
         "uptime_seconds": uptime.as_secs(),
         "modules": modules,
+        "config_error": *shared.config_error.lock().unwrap(),
     });
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
+    json_response(&body)
 }
 
 fn metrics(shared: &Shared) -> Response<Full<Bytes>> {

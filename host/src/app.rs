@@ -1,22 +1,24 @@
 //! Wiring: config → engine → bound ports → loaded modules → serving →
 //! graceful shutdown. [`run`] is what `berth serve` does.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::outbound::{AllowList, OutboundSpec};
+use crate::reload::{ConfigSource, Modules, ReloadRequest};
 use crate::router::Router;
-use crate::runtime::{LoadError, Module, ModuleSpec, Runtime, RuntimeOptions};
+use crate::runtime::{LoadError, Runtime, RuntimeOptions};
 use crate::server::ConnLimits;
 use crate::{admin, server, signal};
 
@@ -34,6 +36,12 @@ pub struct Shared {
     pub access_log: bool,
     /// Every metric of the host.
     pub metrics: Arc<Metrics>,
+    /// The last load error of each module that has one.
+    pub errors: Mutex<BTreeMap<String, String>>,
+    /// Why the config file on disk is not the one running, if it is not.
+    pub config_error: Mutex<Option<String>>,
+    /// Asks for a reload (`POST /admin/reload`).
+    pub reload: mpsc::Sender<ReloadRequest>,
 }
 
 impl Shared {
@@ -54,69 +62,6 @@ pub enum ServeError {
     Other(#[from] anyhow::Error),
 }
 
-/// The module specs the config describes, with paths resolved.
-pub fn module_specs(config: &Config) -> Result<Vec<ModuleSpec>, ServeError> {
-    let dir = config.modules_dir();
-    let upstreams = Arc::new(config.upstreams.clone());
-    config
-        .modules
-        .iter()
-        .map(|(name, m)| {
-            let mut values: Vec<(String, String)> = m
-                .config
-                .iter()
-                .map(|(k, v)| (k.clone(), v.0.clone()))
-                .collect();
-            values.extend(m.secrets.iter().map(|(k, v)| (k.clone(), v.0.0.clone())));
-            let allow = AllowList::parse(&m.allowed_outbound_hosts)
-                .map_err(|e| anyhow::anyhow!("module `{name}`: {e}"))?;
-            let outbound = OutboundSpec {
-                allow,
-                config: m.outbound.over(config.defaults.outbound),
-                upstreams: upstreams.clone(),
-            };
-            Ok(ModuleSpec {
-                name: name.clone(),
-                route: m.route.clone(),
-                file: dir.join(&m.file),
-                config: values,
-                limits: config.limits_of(m),
-                outbound,
-            })
-        })
-        .collect()
-}
-
-/// Compiles every module in parallel, off the async workers.
-async fn load_all(
-    runtime: &Runtime,
-    specs: Vec<ModuleSpec>,
-    metrics: &Arc<Metrics>,
-) -> Result<Vec<Arc<Module>>, ServeError> {
-    let tasks: Vec<_> = specs
-        .into_iter()
-        .map(|spec| {
-            let (runtime, metrics) = (runtime.clone(), metrics.clone());
-            let name = spec.name.clone();
-            let task = tokio::task::spawn_blocking(move || Module::load(&runtime, spec, &metrics));
-            (name, task)
-        })
-        .collect();
-    let mut modules = Vec::with_capacity(tasks.len());
-    for (name, task) in tasks {
-        let result = task.await.context("module loading task panicked")?;
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        metrics.loads.with_label_values(&[&name, outcome]).inc();
-        let module = result?;
-        metrics
-            .module_info
-            .with_label_values(&[&name, &module.sha256])
-            .set(1);
-        modules.push(Arc::new(module));
-    }
-    Ok(modules)
-}
-
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -124,7 +69,7 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves until SIGTERM/SIGINT, then shuts down gracefully.
-pub async fn run(config: Config) -> Result<(), ServeError> {
+pub async fn run(config: Config, source: ConfigSource) -> Result<(), ServeError> {
     let started = Instant::now();
     tracing::info!(config = %effective_config(&config), "effective configuration");
     let mut signals = signal::Signals::install().context("installing signal handlers")?;
@@ -134,10 +79,11 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
             .modules
             .values()
             .map(|m| config.limits_of(m).memory.0)
+            .chain([config.defaults.limits.memory.0])
             .max()
-            .unwrap_or(config.defaults.limits.memory.0)
-            .max(config.defaults.limits.memory.0),
+            .unwrap_or_default(),
         epoch_tick: config.runtime.epoch_tick,
+        cache_dir: config.cache_dir().map(Into::into),
     })?;
 
     let listener = bind(config.server.listen, "server.listen").await?;
@@ -149,6 +95,7 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     tracing::info!(listener = "traffic", addr = %traffic_addr, "listening");
     tracing::info!(listener = "admin", addr = %admin_addr, "listening");
 
+    let (reload_tx, reload_rx) = mpsc::channel(8);
     let shared = Arc::new(Shared {
         router: ArcSwap::from_pointee(Router::default()),
         ready: AtomicBool::new(false),
@@ -156,21 +103,23 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
         started_at: SystemTime::now(),
         access_log: config.log.access_log,
         metrics: Arc::new(Metrics::new()),
+        errors: Mutex::default(),
+        config_error: Mutex::default(),
+        reload: reload_tx,
     });
     let admin_thread = admin::spawn(admin_listener, shared.clone())?;
 
-    let modules = load_all(&runtime, module_specs(&config)?, &shared.metrics).await?;
-    for m in &modules {
+    let modules = Modules::start(runtime, shared.clone(), source, config.clone()).await?;
+    for m in shared.router.load().modules() {
         tracing::info!(
             module = &*m.name,
             route = m.route.as_str(),
-            file = %m.file.display(),
+            file = m.origin.as_str(),
             size = m.size,
             sha256 = m.sha256.as_str(),
             "module loaded"
         );
     }
-    shared.router.store(Arc::new(Router::new(modules)));
     shared.ready.store(true, Ordering::Release);
     tracing::info!(
         modules = config.modules.len(),
@@ -179,7 +128,9 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     );
 
     let stop_accepting = CancellationToken::new();
+    let stop_watching = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let watcher = tokio::spawn(modules.watch(reload_rx, stop_watching.clone()));
     let server = tokio::spawn(server::serve(
         listener,
         shared.clone(),
@@ -192,12 +143,14 @@ pub async fn run(config: Config) -> Result<(), ServeError> {
     tracing::info!(signal = first, "shutting down: readiness now fails");
     shared.draining.store(true, Ordering::Release);
     signals.exit_on_next();
+    stop_watching.cancel();
 
     let shutdown = &config.shutdown;
     tokio::time::sleep(shutdown.drain_delay).await;
     tracing::info!("drain delay over: closing the listener");
     stop_accepting.cancel();
     let _ = server.await;
+    let _ = watcher.await;
     tracker.close();
     if tokio::time::timeout(shutdown.grace_period, tracker.wait())
         .await

@@ -50,7 +50,7 @@ fn rejected(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 }
 
 /// The whole host configuration.
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The traffic listener.
@@ -73,7 +73,7 @@ pub struct Config {
 }
 
 /// The traffic listener.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address to accept traffic on; port 0 picks a free port.
@@ -89,7 +89,7 @@ impl Default for ServerConfig {
 }
 
 /// The admin listener.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin endpoints; port 0 picks a free port.
@@ -105,7 +105,7 @@ impl Default for AdminConfig {
 }
 
 /// Engine and module-loading settings.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Folder that relative module `file`s are resolved against. A relative
@@ -117,6 +117,14 @@ pub struct RuntimeConfig {
     /// Period of the shared epoch ticker that enforces guest deadlines.
     #[serde(with = "humantime_serde")]
     pub epoch_tick: Duration,
+    /// Folder for precompiled modules and downloaded ones, keyed by
+    /// content hash and engine; empty disables the cache.
+    pub cache_dir: PathBuf,
+    /// Watch `modules_dir` and the config file, and swap in what changes.
+    pub watch: bool,
+    /// Backstop for the watcher: look for changes this often anyway.
+    #[serde(with = "humantime_serde")]
+    pub rescan_interval: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -125,12 +133,15 @@ impl Default for RuntimeConfig {
             modules_dir: RelativePathBuf::from("/modules"),
             max_instances: 1000,
             epoch_tick: Duration::from_millis(10),
+            cache_dir: std::env::temp_dir().join("berth-cache"),
+            watch: true,
+            rescan_interval: Duration::from_secs(30),
         }
     }
 }
 
 /// Graceful shutdown on SIGTERM/SIGINT.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// How long traffic is still served after `/ready` turns 503, while
@@ -153,7 +164,7 @@ impl Default for ShutdownConfig {
 }
 
 /// Logging switches.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// One log line per request with method, route, status and duration.
@@ -167,7 +178,7 @@ impl Default for LogConfig {
 }
 
 /// Settings every module inherits.
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Defaults {
     /// Resource limits for each request.
@@ -408,11 +419,19 @@ impl LimitsOverride {
 }
 
 /// One module to serve.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModuleConfig {
     /// The component file, relative to `runtime.modules_dir` unless absolute.
-    pub file: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// Or: where to download the component (`https://` or `http://`), for
+    /// modules too large for a ConfigMap. Requires `sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The hex sha256 the downloaded component must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     /// Path prefix routed to this module; the longest matching prefix wins.
     pub route: String,
     /// Values the guest reads through `wasi:config/store`.
@@ -612,6 +631,12 @@ impl Config {
         if self.runtime.epoch_tick.is_zero() {
             return Err(rejected("runtime.epoch_tick", "must be longer than 0s"));
         }
+        if self.runtime.rescan_interval.is_zero() {
+            return Err(rejected(
+                "runtime.rescan_interval",
+                "must be longer than 0s",
+            ));
+        }
         let mut routes: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, module) in &self.modules {
             if name.is_empty()
@@ -637,8 +662,43 @@ impl Config {
                     ),
                 ));
             }
-            if module.file.as_os_str().is_empty() {
-                return Err(rejected(key("file"), "must name a .wasm file"));
+            match (&module.file, &module.url) {
+                (Some(_), Some(_)) => {
+                    return Err(rejected(
+                        key("url"),
+                        "give either `file` or `url`, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(rejected(
+                        key("file"),
+                        "missing: give `file` (or `url` and `sha256`)",
+                    ));
+                }
+                (Some(file), None) if file.as_os_str().is_empty() => {
+                    return Err(rejected(key("file"), "must name a .wasm file"));
+                }
+                (None, Some(url)) => {
+                    if !(url.starts_with("https://") || url.starts_with("http://"))
+                        || url.parse::<http::Uri>().is_err()
+                    {
+                        return Err(rejected(
+                            key("url"),
+                            format!("`{url}` is not an http(s) URL"),
+                        ));
+                    }
+                    let digest_ok = module
+                        .sha256
+                        .as_deref()
+                        .is_some_and(|d| d.len() == 64 && d.chars().all(|c| c.is_ascii_hexdigit()));
+                    if !digest_ok {
+                        return Err(rejected(
+                            key("sha256"),
+                            "a module from a `url` needs the 64-hex-digit sha256 of its content",
+                        ));
+                    }
+                }
+                _ => {}
             }
             check_limits(&key("limits"), &module.limits.over(self.defaults.limits))?;
             check_outbound(
@@ -667,6 +727,30 @@ impl Config {
     /// The folder relative module files are resolved against.
     pub fn modules_dir(&self) -> PathBuf {
         self.runtime.modules_dir.relative()
+    }
+
+    /// The compile cache folder, if caching is on.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        let dir = &self.runtime.cache_dir;
+        (!dir.as_os_str().is_empty()).then_some(dir.as_path())
+    }
+
+    /// The sections that changed between `self` and `new` and that only a
+    /// restart applies (ports, runtime, logging, shutdown timings).
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        fn differs<T: Serialize>(a: &T, b: &T) -> bool {
+            serde_json::to_value(a).ok() != serde_json::to_value(b).ok()
+        }
+        [
+            ("server", differs(&self.server, &new.server)),
+            ("admin", differs(&self.admin, &new.admin)),
+            ("runtime", differs(&self.runtime, &new.runtime)),
+            ("log", differs(&self.log, &new.log)),
+            ("shutdown", differs(&self.shutdown, &new.shutdown)),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
     }
 
     /// The effective limits of a module.

@@ -7,6 +7,8 @@
 //! - [`runtime`]: the wasmtime engine, the linker holding the guest world,
 //!   module loading and checking, the per-request store state.
 //! - [`router`]: path-prefix routing to modules.
+//! - [`reload`]: loading modules and hot-swapping them (watcher, rescan,
+//!   `SIGHUP`, `POST /admin/reload`).
 //! - [`server`]: the traffic listener; one fresh instance per request.
 //! - [`admin`]: probes, `/info` and `/metrics` on their own port and thread.
 //! - [`outbound`]: the policy every outbound call of a guest goes through.
@@ -20,6 +22,7 @@ pub mod app;
 pub mod config;
 pub mod metrics;
 pub mod outbound;
+pub mod reload;
 pub mod router;
 pub mod runtime;
 pub mod server;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use berth_host::app::{self, ServeError};
-use berth_host::config::{Config, Overrides};
+use berth_host::config::Overrides;
+use berth_host::reload::ConfigSource;
 use berth_host::runtime::{Runtime, RuntimeOptions};
 use berth_host::telemetry;
 
@@ -82,7 +83,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         admin_listen: args.admin_listen,
     };
-    let config = match Config::load(args.config.as_deref(), &overrides) {
+    let source = ConfigSource {
+        file: args.config,
+        overrides,
+    };
+    let config = match source.load() {
         Ok(c) => c,
         Err(e) => return fail(EXIT_CONFIG, e),
     };
@@ -94,7 +99,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, format!("cannot start the async runtime: {e}")),
     };
-    let result = rt.block_on(app::run(config));
+    let result = rt.block_on(app::run(config, source));
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -119,6 +124,7 @@ fn check(file: &std::path::Path, json: bool) -> ExitCode {
         max_instances: 1,
         max_memory: 4 << 30,
         epoch_tick: std::time::Duration::from_secs(1),
+        cache_dir: None,
     }) {
         Ok(r) => r,
         Err(e) => return fail(1, format!("{e:#}")),

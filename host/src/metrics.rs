@@ -36,6 +36,10 @@ pub struct Metrics {
     pub compile: HistogramVec,
     /// Module loads by module and result (`ok`/`error`), start-up included.
     pub loads: IntCounterVec,
+    /// Module reloads by module and result (`ok`/`error`).
+    pub reloads: IntCounterVec,
+    /// Config file reloads by result.
+    pub config_reloads: IntCounterVec,
     /// `berth_module_info{module,sha256}`.
     pub module_info: IntGaugeVec,
     /// Outbound calls by module, upstream and outcome.
@@ -151,8 +155,20 @@ impl Metrics {
             loads: counter(
                 &r,
                 "berth_module_loads_total",
-                "Module loads and reloads by module and result.",
+                "Module loads at start-up, by module and result.",
                 &["module", "result"],
+            ),
+            reloads: counter(
+                &r,
+                "berth_module_reloads_total",
+                "Module reloads while serving (hot-swaps), by module and result.",
+                &["module", "result"],
+            ),
+            config_reloads: counter(
+                &r,
+                "berth_config_reloads_total",
+                "Config file changes applied or rejected, by result.",
+                &["result"],
             ),
             module_info: gauge(
                 &r,

@@ -80,8 +80,38 @@ impl Clients {
     }
 }
 
+impl Clients {
+    /// Downloads `url` whole (for URL-sourced modules), at most `limit`
+    /// bytes, within a minute. Errors are ready to show to an operator.
+    pub async fn download(&self, url: &str, limit: usize) -> Result<Vec<u8>, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
+        let client = self.get(Duration::from_secs(10));
+        let req = Request::get(uri)
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .map_err(|e| e.to_string())?;
+        let fetch = async {
+            let resp = client.request(req).await.map_err(|e| format!("{e:#}"))?;
+            if !resp.status().is_success() {
+                return Err(format!("the server answered {}", resp.status()));
+            }
+            let body = http_body_util::Limited::new(resp.into_body(), limit)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the body: {e}"))?;
+            Ok(body.to_bytes().to_vec())
+        };
+        tokio::time::timeout(Duration::from_secs(60), fetch)
+            .await
+            .map_err(|_| "download timed out after 60s".to_owned())?
+    }
+}
+
 /// What a module's outbound calls are subject to.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct OutboundSpec {
     /// The allow-list.
     pub allow: AllowList,

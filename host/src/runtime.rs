@@ -3,6 +3,7 @@
 //! loading and checking ([`module`]), and the per-request store state
 //! ([`host`]).
 
+mod cache;
 mod check;
 mod host;
 mod module;
@@ -18,9 +19,10 @@ use wasmtime::{
     Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
 };
 
+pub use cache::CompileCache;
 pub use check::{CheckReport, Unsatisfied, check_file};
 pub use host::{Host, MemoryLimitExceeded, RequestContext};
-pub use module::{LoadError, Module, ModuleSpec};
+pub use module::{Fetched, LoadError, Module, ModuleSource, ModuleSpec};
 
 /// Measured for Rust `wasm32-wasip2` components: each component instance
 /// holds three core instances and two tables (see WASMTIME.md). Other
@@ -38,6 +40,8 @@ pub struct RuntimeOptions {
     pub max_memory: u64,
     /// Period of the epoch ticker.
     pub epoch_tick: Duration,
+    /// Folder of the compile cache, if caching is on.
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 /// The shared engine and linker. Cheap to clone.
@@ -49,6 +53,7 @@ pub struct Runtime {
 struct Inner {
     engine: Engine,
     clients: Arc<Clients>,
+    cache: Option<CompileCache>,
     linker: Linker<Host>,
     epoch_tick: Duration,
     ticker_stop: Arc<AtomicBool>,
@@ -65,12 +70,23 @@ impl Runtime {
     pub fn new(opts: &RuntimeOptions) -> anyhow::Result<Self> {
         let engine = build_engine(opts)?;
         let linker = build_linker(&engine)?;
+        let cache = match &opts.cache_dir {
+            Some(dir) => match CompileCache::open(dir, &engine) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "compile cache disabled: cannot use its folder");
+                    None
+                }
+            },
+            None => None,
+        };
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_epoch_ticker(engine.clone(), opts.epoch_tick, ticker_stop.clone());
         Ok(Runtime {
             inner: Arc::new(Inner {
                 engine,
                 clients: Arc::default(),
+                cache,
                 linker,
                 epoch_tick: opts.epoch_tick,
                 ticker_stop,
@@ -91,6 +107,11 @@ impl Runtime {
     /// Pooled HTTP clients for guests' outbound calls.
     pub fn clients(&self) -> &Arc<Clients> {
         &self.inner.clients
+    }
+
+    /// The compile cache, when on.
+    pub fn cache(&self) -> Option<&CompileCache> {
+        self.inner.cache.as_ref()
     }
 
     /// How often the epoch advances: the granularity of guest deadlines.

@@ -90,6 +90,17 @@ fn errors_name_the_key() {
 
         jail.create_file(
             "berth.toml",
+            "[modules.a]\nurl = \"https://x/a.wasm\"\nroute = \"/a\"\n",
+        )?;
+        let err = load(jail).unwrap_err().to_string();
+        assert!(err.contains("modules.a.sha256"), "{err}");
+
+        jail.create_file("berth.toml", "[modules.a]\nroute = \"/a\"\n")?;
+        let err = load(jail).unwrap_err().to_string();
+        assert!(err.contains("modules.a.file"), "{err}");
+
+        jail.create_file(
+            "berth.toml",
             "[modules.a]\nfile = \"a.wasm\"\nroute = \"/a\"\nallowed_outbound_hosts = [\"example.com\"]\n",
         )?;
         let err = load(jail).unwrap_err().to_string();

@@ -101,7 +101,7 @@ impl AllowRule {
 }
 
 /// A module's allow-list; empty denies everything.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AllowList(Vec<AllowRule>);
 
 impl AllowList {

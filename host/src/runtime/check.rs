@@ -7,7 +7,7 @@ use serde::Serialize;
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, Linker, ResourceType};
 
-use super::module::{compile, instantiate_pre};
+use super::module::{Fetched, compile, instantiate_pre};
 use super::{Host, Runtime};
 
 /// An import the host cannot satisfy.
@@ -48,7 +48,12 @@ pub fn check_file(runtime: &Runtime, file: &Path) -> anyhow::Result<CheckReport>
     let name = file
         .file_stem()
         .map_or_else(|| "module".into(), |s| s.to_string_lossy().into_owned());
-    let component = match compile(runtime, &name, file, &bytes) {
+    let origin = file.display().to_string();
+    let fetched = Fetched {
+        sha256: String::new(),
+        bytes,
+    };
+    let component = match compile(runtime, &name, &origin, &fetched) {
         Ok(c) => c,
         Err(e) => {
             return Ok(CheckReport {
@@ -67,7 +72,7 @@ pub fn check_file(runtime: &Runtime, file: &Path) -> anyhow::Result<CheckReport>
     let http_handler = exports
         .iter()
         .any(|e| e.starts_with("wasi:http/incoming-handler@0.2."));
-    let (unsatisfied, error) = match instantiate_pre(runtime, &name, file, &component) {
+    let (unsatisfied, error) = match instantiate_pre(runtime, &name, &origin, &component) {
         Ok(_) => (vec![], None),
         Err(e) => {
             let missing = match &e {

@@ -1,8 +1,8 @@
 //! Loading a module: read the file, make sure it is a component, compile
 //! it, check its imports against what the host links, and pre-instantiate
-//! it. Every failure names the module and the file.
+//! it. Every failure names the module and the file or URL.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -22,83 +22,118 @@ use crate::outbound::{ModuleOutbound, OutboundSpec};
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The file could not be read.
-    #[error("module `{module}`: cannot read {}: {source}", file.display())]
+    #[error("module `{module}`: cannot read {origin}: {reason}")]
     Read {
         /// Module name.
         module: String,
-        /// The file.
-        file: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The file or URL.
+        origin: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A downloaded module does not have the configured digest.
+    #[error(
+        "module `{module}`: {origin} has sha256 {actual}, but the config expects {expected}; \
+         refusing it"
+    )]
+    Digest {
+        /// Module name.
+        module: String,
+        /// The URL.
+        origin: String,
+        /// `sha256` from the config.
+        expected: String,
+        /// What was downloaded.
+        actual: String,
     },
     /// The file is not WebAssembly at all.
-    #[error("module `{module}`: {} is not a WebAssembly file", file.display())]
+    #[error("module `{module}`: {origin} is not a WebAssembly file")]
     NotWasm {
         /// Module name.
         module: String,
-        /// The file.
-        file: PathBuf,
+        /// The file or URL.
+        origin: String,
     },
     /// The file is a core module, not a component.
     #[error(
-        "module `{module}`: {} is a core WebAssembly module, not a component \
-         (build it for wasm32-wasip2, or wrap it with `wasm-tools component new`)",
-        file.display()
+        "module `{module}`: {origin} is a core WebAssembly module, not a component \
+         (build it for wasm32-wasip2, or wrap it with `wasm-tools component new`)"
     )]
     CoreModule {
         /// Module name.
         module: String,
-        /// The file.
-        file: PathBuf,
+        /// The file or URL.
+        origin: String,
     },
     /// Cranelift or the validator rejected it.
-    #[error("module `{module}`: {} failed to compile: {reason}", file.display())]
+    #[error("module `{module}`: {origin} failed to compile: {reason}")]
     Compile {
         /// Module name.
         module: String,
-        /// The file.
-        file: PathBuf,
+        /// The file or URL.
+        origin: String,
         /// The compiler's message.
         reason: String,
     },
     /// It imports things the host does not provide.
     #[error(
-        "module `{module}`: {} imports what the host does not provide: {}",
-        file.display(),
+        "module `{module}`: {origin} imports what the host does not provide: {}",
         missing.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
     )]
     MissingImports {
         /// Module name.
         module: String,
-        /// The file.
-        file: PathBuf,
+        /// The file or URL.
+        origin: String,
         /// The unsatisfied imports.
         missing: Vec<Unsatisfied>,
     },
     /// It does not export `wasi:http/incoming-handler`.
     #[error(
-        "module `{module}`: {} does not export wasi:http/incoming-handler@0.2.x: {reason}",
-        file.display()
+        "module `{module}`: {origin} does not export wasi:http/incoming-handler@0.2.x: {reason}"
     )]
     NoHandler {
         /// Module name.
         module: String,
-        /// The file.
-        file: PathBuf,
+        /// The file or URL.
+        origin: String,
         /// The linker's message.
         reason: String,
     },
 }
 
+/// Where a module's component comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModuleSource {
+    /// A file (typically in the module ConfigMap's volume).
+    File(PathBuf),
+    /// A download, pinned to a digest.
+    Url {
+        /// `http://` or `https://`.
+        url: String,
+        /// Lower-case hex sha256.
+        sha256: String,
+    },
+}
+
+impl std::fmt::Display for ModuleSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModuleSource::File(p) => write!(f, "{}", p.display()),
+            ModuleSource::Url { url, .. } => f.write_str(url),
+        }
+    }
+}
+
 /// What the config says about a module, resolved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModuleSpec {
     /// Module name.
     pub name: String,
     /// Route prefix.
     pub route: String,
-    /// Absolute or working-directory-relative path of the component.
-    pub file: PathBuf,
+    /// Where the component comes from.
+    pub source: ModuleSource,
     /// `wasi:config` values (config and secrets merged).
     pub config: Vec<(String, String)>,
     /// Effective limits.
@@ -113,16 +148,18 @@ pub struct Module {
     pub name: Arc<str>,
     /// Route prefix.
     pub route: String,
-    /// The component file.
-    pub file: PathBuf,
-    /// Size of the file in bytes.
+    /// The file or URL it was loaded from.
+    pub origin: String,
+    /// Size of the component in bytes.
     pub size: u64,
-    /// Hex sha256 of the file.
+    /// Hex sha256 of the component.
     pub sha256: String,
     /// When this version was loaded.
     pub loaded_at: SystemTime,
     /// Effective limits.
     pub limits: Limits,
+    /// The spec it was built from, to tell what a reload changes.
+    pub(crate) spec: ModuleSpec,
     /// Pre-instantiated handle: a fresh instance per request costs microseconds.
     pub(crate) pre: ProxyPre<Host>,
     /// What `wasi:config/store` returns.
@@ -135,76 +172,181 @@ pub struct Module {
     pub(crate) metrics: ModuleMetrics,
 }
 
-impl Module {
-    /// Reads, compiles, checks and pre-instantiates. Blocking: run it off
-    /// the request path (`spawn_blocking`).
-    pub fn load(
-        runtime: &Runtime,
-        spec: ModuleSpec,
-        metrics: &Arc<Metrics>,
-    ) -> Result<Module, LoadError> {
-        let started = std::time::Instant::now();
-        let name = spec.name.clone();
-        let file = spec.file.clone();
-        let bytes = std::fs::read(&file).map_err(|source| LoadError::Read {
-            module: name.clone(),
-            file: file.clone(),
-            source,
-        })?;
-        let component = compile(runtime, &name, &file, &bytes)?;
-        let pre = instantiate_pre(runtime, &name, &file, &component)?;
-        metrics
-            .compile
-            .with_label_values(&[&name])
-            .observe(started.elapsed().as_secs_f64());
-        let name: Arc<str> = name.into();
-        Ok(Module {
-            metrics: metrics.for_module(&name, &spec.route),
-            name: name.clone(),
-            route: spec.route,
-            file,
-            size: bytes.len() as u64,
-            sha256: hex::encode(Sha256::digest(&bytes)),
-            loaded_at: SystemTime::now(),
-            limits: spec.limits,
-            pre,
-            config: Arc::new(spec.config.into_iter().collect()),
-            outbound: Arc::new(ModuleOutbound::new(
-                name,
-                spec.outbound,
-                runtime.clients().clone(),
-                metrics.clone(),
-            )),
-            slots: Arc::new(Semaphore::new(spec.limits.max_concurrency as usize)),
-        })
+/// A component's bytes and digest.
+pub struct Fetched {
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// Their hex sha256.
+    pub sha256: String,
+}
+
+impl ModuleSpec {
+    /// Reads the file, or downloads (through the cache) and verifies.
+    pub async fn fetch(&self, runtime: &Runtime) -> Result<Fetched, LoadError> {
+        let origin = self.source.to_string();
+        let read_err = |reason: String| LoadError::Read {
+            module: self.name.clone(),
+            origin: origin.clone(),
+            reason,
+        };
+        match &self.source {
+            ModuleSource::File(path) => {
+                let bytes = tokio::fs::read(path)
+                    .await
+                    .map_err(|e| read_err(e.to_string()))?;
+                let sha256 = hex::encode(Sha256::digest(&bytes));
+                Ok(Fetched { bytes, sha256 })
+            }
+            ModuleSource::Url { url, sha256 } => {
+                let cached = runtime
+                    .cache()
+                    .map(|c| c.dir().join("downloads").join(format!("{sha256}.wasm")));
+                if let Some(path) = &cached
+                    && let Ok(bytes) = tokio::fs::read(path).await
+                    && hex::encode(Sha256::digest(&bytes)) == *sha256
+                {
+                    return Ok(Fetched {
+                        bytes,
+                        sha256: sha256.clone(),
+                    });
+                }
+                let bytes = runtime
+                    .clients()
+                    .download(url, MAX_DOWNLOAD)
+                    .await
+                    .map_err(read_err)?;
+                let actual = hex::encode(Sha256::digest(&bytes));
+                if actual != *sha256 {
+                    return Err(LoadError::Digest {
+                        module: self.name.clone(),
+                        origin,
+                        expected: sha256.clone(),
+                        actual,
+                    });
+                }
+                if let Some(path) = cached {
+                    let _ = std::fs::create_dir_all(path.parent().unwrap_or(&path));
+                    let tmp = path.with_extension("part");
+                    if tokio::fs::write(&tmp, &bytes).await.is_ok() {
+                        let _ = tokio::fs::rename(&tmp, &path).await;
+                    }
+                }
+                Ok(Fetched {
+                    bytes,
+                    sha256: actual,
+                })
+            }
+        }
     }
 }
 
-/// Checks the header, then compiles.
+/// Largest component accepted from a URL.
+const MAX_DOWNLOAD: usize = 512 << 20;
+
+impl Module {
+    /// Compiles (or takes from the cache), checks and pre-instantiates.
+    /// Blocking: run it off the request path (`spawn_blocking`).
+    pub fn load(
+        runtime: &Runtime,
+        spec: ModuleSpec,
+        fetched: Fetched,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Module, LoadError> {
+        let started = std::time::Instant::now();
+        let origin = spec.source.to_string();
+        let component = compile(runtime, &spec.name, &origin, &fetched)?;
+        let pre = instantiate_pre(runtime, &spec.name, &origin, &component)?;
+        metrics
+            .compile
+            .with_label_values(&[&spec.name])
+            .observe(started.elapsed().as_secs_f64());
+        Ok(Self::build(
+            runtime,
+            spec,
+            pre,
+            fetched.bytes.len() as u64,
+            fetched.sha256,
+            metrics,
+        ))
+    }
+
+    /// The same code under a changed spec (config, route, limits, policy):
+    /// no compilation.
+    pub fn respec(&self, runtime: &Runtime, spec: ModuleSpec, metrics: &Arc<Metrics>) -> Module {
+        Self::build(
+            runtime,
+            spec,
+            self.pre.clone(),
+            self.size,
+            self.sha256.clone(),
+            metrics,
+        )
+    }
+
+    fn build(
+        runtime: &Runtime,
+        spec: ModuleSpec,
+        pre: ProxyPre<Host>,
+        size: u64,
+        sha256: String,
+        metrics: &Arc<Metrics>,
+    ) -> Module {
+        let name: Arc<str> = spec.name.as_str().into();
+        Module {
+            metrics: metrics.for_module(&name, &spec.route),
+            outbound: Arc::new(ModuleOutbound::new(
+                name.clone(),
+                spec.outbound.clone(),
+                runtime.clients().clone(),
+                metrics.clone(),
+            )),
+            name,
+            route: spec.route.clone(),
+            origin: spec.source.to_string(),
+            size,
+            sha256,
+            loaded_at: SystemTime::now(),
+            limits: spec.limits,
+            pre,
+            config: Arc::new(spec.config.iter().cloned().collect()),
+            slots: Arc::new(Semaphore::new(spec.limits.max_concurrency as usize)),
+            spec,
+        }
+    }
+}
+
+/// Checks the header, then compiles (through the cache when it is on).
 pub(super) fn compile(
     runtime: &Runtime,
     name: &str,
-    file: &Path,
-    bytes: &[u8],
+    origin: &str,
+    fetched: &Fetched,
 ) -> Result<Component, LoadError> {
     const MAGIC: &[u8] = b"\0asm";
     // The version field: components are layer 1, core modules layer 0.
     const COMPONENT: &[u8] = &[0x0d, 0x00, 0x01, 0x00];
+    let bytes = &fetched.bytes;
     if bytes.len() < 8 || &bytes[..4] != MAGIC {
         return Err(LoadError::NotWasm {
             module: name.into(),
-            file: file.into(),
+            origin: origin.into(),
         });
     }
     if &bytes[4..8] != COMPONENT {
         return Err(LoadError::CoreModule {
             module: name.into(),
-            file: file.into(),
+            origin: origin.into(),
         });
     }
-    Component::new(runtime.engine(), bytes).map_err(|e| LoadError::Compile {
+    let compiled = match runtime.cache() {
+        Some(cache) => cache
+            .get_or_compile(runtime.engine(), name, &fetched.sha256, bytes)
+            .map(|(c, _)| c),
+        None => Component::new(runtime.engine(), bytes),
+    };
+    compiled.map_err(|e| LoadError::Compile {
         module: name.into(),
-        file: file.into(),
+        origin: origin.into(),
         reason: format!("{e:#}"),
     })
 }
@@ -213,7 +355,7 @@ pub(super) fn compile(
 pub(super) fn instantiate_pre(
     runtime: &Runtime,
     name: &str,
-    file: &Path,
+    origin: &str,
     component: &Component,
 ) -> Result<ProxyPre<Host>, LoadError> {
     let pre = match runtime.linker().instantiate_pre(component) {
@@ -221,14 +363,14 @@ pub(super) fn instantiate_pre(
         Err(_) => {
             return Err(LoadError::MissingImports {
                 module: name.into(),
-                file: file.into(),
+                origin: origin.into(),
                 missing: check::unsatisfied_imports(runtime.linker(), component),
             });
         }
     };
     ProxyPre::new(pre).map_err(|e| LoadError::NoHandler {
         module: name.into(),
-        file: file.into(),
+        origin: origin.into(),
         reason: format!("{e:#}"),
     })
 }
