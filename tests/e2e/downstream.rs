@@ -13,8 +13,10 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 /// How the server answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
+    /// 200 with these bytes.
+    Serve(Bytes),
     /// 200 `downstream ok`.
     Ok,
     /// 503 for the next `n` requests, then 200; with `Retry-After` seconds
@@ -35,6 +37,11 @@ pub struct Downstream {
 }
 
 impl Downstream {
+    /// A static file server for `bytes`.
+    pub fn serving(bytes: Vec<u8>) -> Downstream {
+        Self::start(Mode::Serve(Bytes::from(bytes)))
+    }
+
     pub fn start(mode: Mode) -> Downstream {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -91,7 +98,7 @@ async fn answer(
     hits.fetch_add(1, Ordering::SeqCst);
     let now = {
         let mut m = mode.lock().unwrap();
-        let now = *m;
+        let now = m.clone();
         if let Mode::FailFirst(n, after) = now {
             *m = if n <= 1 {
                 Mode::Ok
@@ -111,6 +118,7 @@ async fn answer(
     };
     Ok(match now {
         Mode::Ok => Response::new(Full::new(Bytes::from_static(b"downstream ok"))),
+        Mode::Serve(bytes) => Response::new(Full::new(bytes)),
         Mode::FailFirst(_, after) => unavailable(after),
         Mode::AlwaysFail => unavailable(None),
         Mode::Hang => {

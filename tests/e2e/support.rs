@@ -45,7 +45,7 @@ pub struct Berth {
     logs: Arc<(Mutex<Logs>, Condvar)>,
     pub addr: String,
     pub admin: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 /// A `berth` run that ended.
@@ -109,7 +109,7 @@ impl Berth {
             logs,
             addr: String::new(),
             admin: String::new(),
-            _dir: dir,
+            dir,
         };
         let addr_of = |which: &str, b: &Berth| {
             b.wait_for_log(Duration::from_secs(30), |l| {
@@ -186,6 +186,11 @@ impl Berth {
             }
             logs = cv.wait_timeout(logs, deadline - now).unwrap().0;
         }
+    }
+
+    /// The config file berth was started with; tests may rewrite it.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("berth.toml")
     }
 
     /// The process id, to send it signals.
@@ -352,4 +357,9 @@ impl Berth {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
     }
+}
+
+/// `POST url` with no body.
+pub fn post_empty(url: &str) -> Reply {
+    reply(agent().post(url).send_empty())
 }

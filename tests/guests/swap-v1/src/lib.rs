@@ -1,0 +1,7 @@
+//! Version 1 of a module, for hot-swap tests.
+
+fn handle(_req: berth_sdk::Request) -> berth_sdk::Response {
+    berth_sdk::Response::text("v1\n")
+}
+
+berth_sdk::handler!(handle);
