@@ -12,7 +12,8 @@
 //! - [`server`]: the traffic listener; one fresh instance per request.
 //! - [`admin`]: probes, `/info` and `/metrics` on their own port and thread.
 //! - [`outbound`]: the policy every outbound call of a guest goes through.
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logging and OTLP trace export set-up.
+//! - [`trace`]: W3C trace context: extraction, ids in logs, injection.
 //! - [`metrics`]: Prometheus metrics, resolved per module at load.
 //! - [`signal`]: shutdown signals.
 //! - [`app`]: wiring it all together for `berth serve`.
@@ -28,3 +29,4 @@ pub mod runtime;
 pub mod server;
 pub mod signal;
 pub mod telemetry;
+pub mod trace;

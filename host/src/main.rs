@@ -91,7 +91,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(EXIT_CONFIG, e),
     };
-    let _guard = telemetry::init(filter, format);
+    let _guard = match telemetry::init(filter, format) {
+        Ok(g) => g,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

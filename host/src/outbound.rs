@@ -42,6 +42,7 @@ use self::breaker::Breaker;
 pub use self::policy::{AllowList, AllowRule, Specificity};
 use crate::config::{OutboundConfig, OutboundOverride};
 use crate::metrics::Metrics;
+use crate::trace::TraceContext;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, HyperOutgoingBody>;
 type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
@@ -159,6 +160,7 @@ impl ModuleOutbound {
         self: Arc<Self>,
         request: Request<HyperOutgoingBody>,
         guest: Option<RequestOptions>,
+        trace: TraceContext,
     ) -> Result<(Response<HyperOutgoingBody>, IoFuture), Error> {
         let uri = request.uri().clone();
         let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTPS);
@@ -179,7 +181,23 @@ impl ModuleOutbound {
                 "destination is a loopback or link-local address, allowed only by an exact rule",
             ));
         }
-        upstream.call(request, guest).await
+        let trace = trace.child(|parent| {
+            tracing::info_span!(
+                target: "berth::outbound",
+                parent: parent,
+                "outbound",
+                otel.name = %format_args!("{} {}", request.method(), upstream.label),
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                http.request.method = %request.method(),
+                server.address = host,
+                server.port = port,
+                url.full = %uri,
+                http.response.status_code = tracing::field::Empty,
+                module = &*self.module,
+            )
+        });
+        upstream.call(request, guest, trace).await
     }
 
     fn upstream(&self, scheme: &Scheme, host: &str, port: u16) -> Arc<Upstream> {
@@ -275,6 +293,7 @@ impl Upstream {
         &self,
         request: Request<HyperOutgoingBody>,
         guest: Option<RequestOptions>,
+        trace: TraceContext,
     ) -> Result<(Response<HyperOutgoingBody>, IoFuture), Error> {
         let cfg = &self.config;
         let guest = guest.unwrap_or_default();
@@ -284,7 +303,8 @@ impl Upstream {
         let started = Instant::now();
         let deadline = started + cfg.timeout;
 
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        trace.inject(&mut parts.headers);
         let mut body = RequestBody::read(body, cfg.max_retry_body.0).await?;
         let idempotent = parts.method.is_idempotent() || cfg.retry_non_idempotent;
         self.budget.deposit();
@@ -293,9 +313,11 @@ impl Upstream {
         let outcome = loop {
             let Some(admission) = self.breaker.admit() else {
                 self.count("circuit_open");
+                trace.span.record("otel.status_code", "ERROR");
                 tracing::warn!(
                     module = &*self.module,
                     upstream = self.label.as_str(),
+                    trace_id = %trace,
                     "outbound call failed fast: circuit open"
                 );
                 return Err(Error::DestinationUnavailable);
@@ -342,15 +364,23 @@ impl Upstream {
         match outcome {
             Attempt::Response(resp) => {
                 self.count(resp.status().as_str());
+                trace
+                    .span
+                    .record("http.response.status_code", resp.status().as_u16());
+                if resp.status().is_server_error() {
+                    trace.span.record("otel.status_code", "ERROR");
+                }
                 let resp = resp.map(|b| BetweenBytes::new(b, between_bytes).boxed_unsync());
                 Ok((resp, Box::new(async { Ok(()) }) as IoFuture))
             }
             Attempt::Failed(err, kind) => {
                 self.count(kind);
+                trace.span.record("otel.status_code", "ERROR");
                 tracing::warn!(
                     module = &*self.module,
                     upstream = self.label.as_str(),
                     error = %err,
+                    trace_id = %trace,
                     attempts = attempt + 1,
                     "outbound call failed"
                 );
@@ -404,7 +434,12 @@ fn classify(err: &hyper_util::client::legacy::Error) -> (Error, &'static str) {
 }
 
 /// The per-store hook object wasmtime-wasi-http calls for outbound requests.
-pub struct OutboundHooks(pub Arc<ModuleOutbound>);
+pub struct OutboundHooks {
+    /// The module's outbound state.
+    pub outbound: Arc<ModuleOutbound>,
+    /// The request's trace, continued by each call.
+    pub trace: TraceContext,
+}
 
 impl WasiHttpHooks for OutboundHooks {
     fn send_request(
@@ -414,7 +449,11 @@ impl WasiHttpHooks for OutboundHooks {
         _fut: IoFuture,
     ) -> Box<dyn Future<Output = Result<(Response<HyperOutgoingBody>, IoFuture), Error>> + Send>
     {
-        Box::new(self.0.clone().send(request, options))
+        Box::new(
+            self.outbound
+                .clone()
+                .send(request, options, self.trace.clone()),
+        )
     }
 }
 

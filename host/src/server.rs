@@ -33,6 +33,8 @@ use tokio_util::task::TaskTracker;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use crate::app::Shared;
+use crate::runtime::RequestContext;
+use crate::trace::TraceContext;
 pub use invoke::GuestError;
 
 const REQUEST_ID: &str = "x-request-id";
@@ -128,19 +130,45 @@ async fn handle(
     };
     drop(router);
     let method = req.method().clone();
-    let mut resp = invoke::invoke(&module, tracker, req, request_id.clone()).await;
+    let trace = TraceContext::server(req.headers(), || {
+        tracing::info_span!(
+            target: "berth::request",
+            "request",
+            otel.name = %format_args!("{} {}", req.method(), module.route),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %req.method(),
+            url.path = req.uri().path(),
+            http.route = module.route.as_str(),
+            http.response.status_code = tracing::field::Empty,
+            module = &*module.name,
+            request_id = &*request_id,
+        )
+    });
+    let cx = RequestContext {
+        module: module.name.clone(),
+        request_id: request_id.clone(),
+        trace,
+    };
+    let mut resp = invoke::invoke(&module, tracker, req, &cx).await;
     set_request_id(&mut resp, &request_id);
+    let status = resp.status().as_u16();
+    cx.trace.span.record("http.response.status_code", status);
+    if status >= 500 {
+        cx.trace.span.record("otel.status_code", "ERROR");
+    }
     let metrics = &module.metrics;
     metrics.duration.observe(started.elapsed().as_secs_f64());
-    metrics.count(&method, resp.status().as_u16());
+    metrics.count(&method, status);
     if shared.access_log {
         tracing::info!(
             target: "access",
             module = &*module.name,
             request_id = &*request_id,
+            trace_id = %cx.trace,
             method = method.as_str(),
             route = module.route.as_str(),
-            status = resp.status().as_u16(),
+            status,
             duration_ms = started.elapsed().as_secs_f64() * 1e3,
             "request"
         );

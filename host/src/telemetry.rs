@@ -1,15 +1,51 @@
-//! Logging set-up: JSON lines on stdout (or a human format with
-//! `LOG_FORMAT=pretty`), filtered by `LOG_LEVEL` (a level or `RUST_LOG`-style
-//! directives; `RUST_LOG` is read when `LOG_LEVEL` is unset). Lines are
-//! written by a background thread so a slow stdout does not stall requests.
+//! Logging and tracing set-up.
+//!
+//! Logs: JSON lines on stdout (or a human format with `LOG_FORMAT=pretty`),
+//! filtered by `LOG_LEVEL` (a level or `RUST_LOG`-style directives;
+//! `RUST_LOG` is read when `LOG_LEVEL` is unset), written by a background
+//! thread so a slow stdout does not stall requests.
+//!
+//! Traces: exported with OTLP over HTTP/protobuf when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set, in
+//! batches, configured by the standard `OTEL_*` variables
+//! (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
+//! `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*`). Without an endpoint no span is
+//! made at all (see [`tracing_enabled`]).
 
+use std::sync::OnceLock;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-/// Keeps the log writer alive; dropping it flushes what is buffered.
-#[must_use = "dropping the guard stops the log writer"]
+static TRACING: OnceLock<bool> = OnceLock::new();
+
+/// Whether spans are exported; the request path makes none otherwise.
+pub fn tracing_enabled() -> bool {
+    TRACING.get().copied().unwrap_or(false)
+}
+
+/// Keeps the log writer and the span exporter alive; dropping it flushes
+/// both.
+#[must_use = "dropping the guard stops the log writer and the exporter"]
 pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
     _writer: WorkerGuard,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("berth: flushing traces failed: {e}");
+        }
+    }
 }
 
 /// The output format of log lines.
@@ -43,24 +79,73 @@ pub fn settings_from_env() -> Result<(EnvFilter, LogFormat), String> {
     Ok((filter, format))
 }
 
-/// Installs the global subscriber.
-pub fn init(filter: EnvFilter, format: LogFormat) -> TelemetryGuard {
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
+}
+
+/// The span exporter the environment asks for, if any.
+fn tracer_provider() -> Result<Option<SdkTracerProvider>, String> {
+    let wanted =
+        env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+        || std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v == "none");
+    if !wanted || disabled {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+        .map_err(|e| format!("cannot set up the OTLP exporter: {e}"))?;
+    // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are read by the
+    // resource's detectors; only the default name is ours.
+    let mut resource = Resource::builder();
+    if !env_set("OTEL_SERVICE_NAME") {
+        resource = resource.with_service_name("berth");
+    }
+    Ok(Some(
+        SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource.build())
+            .build(),
+    ))
+}
+
+/// Installs the global subscriber. Call it before starting any async
+/// runtime: the exporter's HTTP client runs its own.
+pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, String> {
     let (writer, guard) = NonBlockingBuilder::default()
         // Block rather than drop lines if stdout falls this far behind.
         .lossy(false)
         .buffered_lines_limit(64 * 1024)
         .finish(std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    match format {
-        LogFormat::Json => builder
+    let logs = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
-            .init(),
-        LogFormat::Pretty => builder.init(),
-    }
-    TelemetryGuard { _writer: guard }
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let provider = tracer_provider()?;
+    // Spans have their own filter: LOG_LEVEL=warn must not drop traces.
+    let traces = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("berth"))
+            .with_filter(LevelFilter::INFO)
+    });
+    let _ = TRACING.set(provider.is_some());
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
+        .init();
+    Ok(TelemetryGuard {
+        provider,
+        _writer: guard,
+    })
 }

@@ -14,6 +14,7 @@ use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::outbound::{ModuleOutbound, OutboundHooks};
+use crate::trace::TraceContext;
 
 mod logging {
     wasmtime::component::bindgen!({
@@ -30,6 +31,8 @@ pub struct RequestContext {
     pub module: Arc<str>,
     /// The request id, echoed in `x-request-id`.
     pub request_id: Arc<str>,
+    /// The trace; displays as the trace id.
+    pub trace: TraceContext,
 }
 
 /// The data of one `Store`: one per request.
@@ -62,7 +65,10 @@ impl Host {
             table: ResourceTable::new(),
             wasi,
             http: WasiHttpCtx::new(),
-            hooks: OutboundHooks(outbound),
+            hooks: OutboundHooks {
+                outbound,
+                trace: cx.trace.clone(),
+            },
             config,
             limits,
             cx,
@@ -149,7 +155,7 @@ impl HasData for GuestLogger {
 impl wasi_log::Host for &RequestContext {
     fn log(&mut self, level: wasi_log::Level, context: String, message: String) {
         use wasi_log::Level;
-        let (module, request_id) = (&*self.module, &*self.request_id);
+        let (module, request_id, trace_id) = (&*self.module, &*self.request_id, &self.trace);
         // `tracing` levels are static per call site, hence one arm per level.
         macro_rules! emit {
             ($lvl:ident) => {
@@ -158,6 +164,7 @@ impl wasi_log::Host for &RequestContext {
                     tracing::Level::$lvl,
                     module,
                     request_id,
+                    trace_id = %trace_id,
                     context = context.as_str(),
                     "{message}"
                 )
@@ -219,6 +226,7 @@ impl LineWriter {
             target: "guest",
             module = &*self.cx.module,
             request_id = &*self.cx.request_id,
+            trace_id = %self.cx.trace,
             stream = self.stream,
             "{line}"
         );

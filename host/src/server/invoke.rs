@@ -17,6 +17,8 @@ use http_body_util::BodyExt;
 
 use super::body::{CappedBody, LimitedBody};
 use super::json_error;
+use tracing::Instrument;
+
 use crate::runtime::{Host, MemoryLimitExceeded, Module, RequestContext};
 
 /// How a guest call failed.
@@ -77,8 +79,9 @@ pub(super) async fn invoke(
     module: &Arc<Module>,
     tracker: &TaskTracker,
     req: Request<Incoming>,
-    request_id: Arc<str>,
+    cx: &RequestContext,
 ) -> Response<HyperOutgoingBody> {
+    let request_id = &cx.request_id;
     let limits = module.limits;
     // Load shedding: a full module answers at once instead of queueing.
     let Ok(permit) = module.slots.clone().try_acquire_owned() else {
@@ -86,7 +89,7 @@ pub(super) async fn invoke(
         let mut resp = json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the module is at its concurrency limit",
-            &request_id,
+            request_id,
         );
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -101,16 +104,12 @@ pub(super) async fn invoke(
         return json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request body exceeds the module's max_body",
-            &request_id,
+            request_id,
         );
     }
 
-    let cx = RequestContext {
-        module: module.name.clone(),
-        request_id: request_id.clone(),
-    };
     let host = Host::new(
-        cx,
+        cx.clone(),
         module.config.clone(),
         module.outbound.clone(),
         limits.memory.0,
@@ -145,53 +144,72 @@ pub(super) async fn invoke(
             return json_error(
                 StatusCode::BAD_REQUEST,
                 &format!("malformed request: {err}"),
-                &request_id,
+                request_id,
             );
         }
     };
 
     let pre = module.pre.clone();
-    let name = module.name.clone();
-    let rid = request_id.clone();
     let module2 = module.clone();
+    let task_cx = cx.clone();
+    let guest_span = if cx.trace.span.is_none() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(
+            target: "berth::request",
+            parent: &cx.trace.span,
+            "guest",
+            otel.name = %format_args!("guest {}", module.name),
+            module = &*module.name,
+        )
+    };
     // The guest keeps running after it sets the response head, to stream
     // the body, so it lives in its own task.
-    let task = tracker.spawn(async move {
-        let _permit = permit;
-        let metrics = &module2.metrics;
-        metrics.in_flight.inc();
-        let work = async {
-            let started = Instant::now();
-            let proxy = pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(|e| GuestError::Instantiate(format!("{e:#}")))?;
-            metrics.instantiate.observe(started.elapsed().as_secs_f64());
-            proxy
-                .wasi_http_incoming_handler()
-                .call_handle(&mut store, wreq, out)
-                .await
-                .map_err(|e| GuestError::classify(e, limits.timeout))
-        };
-        // Epochs cannot interrupt a guest blocked in a host call, so the
-        // budget is also enforced from outside; dropping the future drops
-        // the store and tears the instance down.
-        let result = match tokio::time::timeout(limits.timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(GuestError::Timeout(limits.timeout)),
-        };
-        metrics.in_flight.dec();
-        if let Err(err) = &result {
-            match err {
-                GuestError::Timeout(_) => metrics.timeouts.inc(),
-                GuestError::Memory(_) => metrics.memory.inc(),
-                GuestError::Trap(_) => metrics.traps.inc(),
-                _ => {}
+    let task = tracker.spawn(
+        async move {
+            let _permit = permit;
+            let metrics = &module2.metrics;
+            metrics.in_flight.inc();
+            let work = async {
+                let started = Instant::now();
+                let proxy = pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(|e| GuestError::Instantiate(format!("{e:#}")))?;
+                metrics.instantiate.observe(started.elapsed().as_secs_f64());
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, wreq, out)
+                    .await
+                    .map_err(|e| GuestError::classify(e, limits.timeout))
+            };
+            // Epochs cannot interrupt a guest blocked in a host call, so the
+            // budget is also enforced from outside; dropping the future drops
+            // the store and tears the instance down.
+            let result = match tokio::time::timeout(limits.timeout, work).await {
+                Ok(r) => r,
+                Err(_) => Err(GuestError::Timeout(limits.timeout)),
+            };
+            metrics.in_flight.dec();
+            if let Err(err) = &result {
+                match err {
+                    GuestError::Timeout(_) => metrics.timeouts.inc(),
+                    GuestError::Memory(_) => metrics.memory.inc(),
+                    GuestError::Trap(_) => metrics.traps.inc(),
+                    _ => {}
+                }
+                tracing::warn!(
+                    module = &*task_cx.module,
+                    request_id = &*task_cx.request_id,
+                    trace_id = %task_cx.trace,
+                    error = %err,
+                    "request failed"
+                );
             }
-            tracing::warn!(module = &*name, request_id = &*rid, error = %err, "request failed");
+            result
         }
-        result
-    });
+        .instrument(guest_span),
+    );
 
     let outcome = match rx.await {
         Ok(Ok(resp)) => Ok(resp),
@@ -206,11 +224,11 @@ pub(super) async fn invoke(
         return json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request body exceeds the module's max_body",
-            &request_id,
+            request_id,
         );
     }
     match outcome {
         Ok(resp) => resp.map(|b| CappedBody::new(b, limits.max_response_body.0).boxed_unsync()),
-        Err(err) => json_error(err.status(), err.public_message(), &request_id),
+        Err(err) => json_error(err.status(), err.public_message(), request_id),
     }
 }
