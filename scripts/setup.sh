@@ -12,3 +12,14 @@ for comp in rustfmt clippy; do
     rustup component add "$comp"
   fi
 done
+
+# Test peers: a real Prometheus server (and promtool) from Debian.
+apt_packages=()
+command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_packages+=(prometheus)
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  echo "setup: installing ${apt_packages[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+fi

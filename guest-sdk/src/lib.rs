@@ -4,8 +4,8 @@
 //! HTTP requests. The host does everything operational — routing, limits,
 //! retries, logs, metrics, traces — so a module is only business logic.
 //! This crate turns the component plumbing into a function from
-//! [`Request`] to [`Response`], plus [`config`], [`log`](crate::info) and
-//! outbound [`http`].
+//! [`Request`] to [`Response`], plus [`config`], [`log`](crate::info),
+//! [`metrics`] and outbound [`http`].
 //!
 //! ```no_run
 //! use berth_sdk::{Request, Response, config, info};
@@ -28,12 +28,14 @@
 //! answer (and an error log line).
 //!
 //! The world the host implements is in this crate's `wit/` folder:
-//! `wasi:http/proxy` plus `wasi:config/store` and `wasi:logging/logging`.
+//! `wasi:http/proxy` plus `wasi:config/store`, `wasi:logging/logging` and
+//! `berth:metrics/metrics`.
 #![deny(missing_docs)]
 
 mod error;
 pub mod http;
 mod message;
+pub mod metrics;
 
 pub use error::Error;
 pub use message::{IntoResponse, Request, Response};

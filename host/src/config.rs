@@ -370,6 +370,8 @@ pub struct Limits {
     /// cut off (the head is already on its way, so the client sees an
     /// aborted body).
     pub max_response_body: ByteSize,
+    /// Series the module's own metrics may create; more are dropped.
+    pub metric_series: u32,
 }
 
 impl Default for Limits {
@@ -380,6 +382,7 @@ impl Default for Limits {
             max_concurrency: 1000,
             max_body: ByteSize(16 << 20),
             max_response_body: ByteSize(256 << 20),
+            metric_series: 1000,
         }
     }
 }
@@ -403,6 +406,9 @@ pub struct LimitsOverride {
     /// See [`Limits::max_response_body`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_response_body: Option<ByteSize>,
+    /// See [`Limits::metric_series`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metric_series: Option<u32>,
 }
 
 impl LimitsOverride {
@@ -414,6 +420,7 @@ impl LimitsOverride {
             max_concurrency: self.max_concurrency.unwrap_or(base.max_concurrency),
             max_body: self.max_body.unwrap_or(base.max_body),
             max_response_body: self.max_response_body.unwrap_or(base.max_response_body),
+            metric_series: self.metric_series.unwrap_or(base.metric_series),
         }
     }
 }

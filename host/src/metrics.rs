@@ -52,6 +52,8 @@ pub struct Metrics {
     pub outbound_denied: IntCounterVec,
     /// Breaker state by module and upstream: 0 closed, 1 half-open, 2 open.
     pub breaker_state: IntGaugeVec,
+    guest_dropped: IntCounterVec,
+    guest: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<GuestMetrics>>>,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -106,7 +108,7 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))
         .expect("process collector");
-        let m = Metrics {
+        Metrics {
             requests: counter(
                 &r,
                 "berth_http_server_requests_total",
@@ -207,9 +209,15 @@ impl Metrics {
                 "Circuit breaker state by module and upstream: 0 closed, 1 half-open, 2 open.",
                 &["module", "upstream"],
             ),
+            guest_dropped: counter(
+                &r,
+                "berth_guest_metrics_dropped_total",
+                "Guest metric updates dropped, by module and reason (invalid, mismatch, series_limit).",
+                &["module", "reason"],
+            ),
+            guest: Default::default(),
             registry: r,
-        };
-        m
+        }
     }
 
     /// The text exposition of every metric.
@@ -325,5 +333,265 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn guest_metrics_are_prefixed_validated_and_capped() {
+        let metrics = Metrics::new();
+        let g = metrics.guest("shop-api", 3);
+        let l = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        g.counter_add("orders", 2, &l("kind", "book"));
+        g.counter_add("orders", 1, &l("kind", "book"));
+        g.gauge_set("queue_depth", 7.5, &[]);
+        g.histogram_observe("lookup_seconds", 0.02, &[]);
+        // Invalid names and labels, a kind mismatch, other label names.
+        g.counter_add("bad name", 1, &[]);
+        g.counter_add("orders", 1, &l("module", "x"));
+        g.gauge_set("orders", 1.0, &l("kind", "book"));
+        g.counter_add("orders", 1, &l("other", "x"));
+        // Over the cap of 3 series.
+        g.counter_add("orders", 1, &l("kind", "pen"));
+        let text = String::from_utf8(metrics.render()).unwrap();
+        for line in [
+            r#"berth_guest_shop_api_orders_total{kind="book",module="shop-api"} 3"#,
+            r#"berth_guest_shop_api_queue_depth{module="shop-api"} 7.5"#,
+            r#"berth_guest_shop_api_lookup_seconds_count{module="shop-api"} 1"#,
+            r#"berth_guest_metrics_dropped_total{module="shop-api",reason="invalid"} 2"#,
+            r#"berth_guest_metrics_dropped_total{module="shop-api",reason="mismatch"} 2"#,
+            r#"berth_guest_metrics_dropped_total{module="shop-api",reason="series_limit"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(!text.contains(r#"kind="pen""#));
+    }
+}
+
+/// Why a guest metric update was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// The name or a label is not valid.
+    Invalid,
+    /// Used before with another kind or other label names.
+    Mismatch,
+    /// The module is at its series cap.
+    SeriesLimit,
+}
+
+impl Dropped {
+    fn label(self) -> &'static str {
+        match self {
+            Dropped::Invalid => "invalid",
+            Dropped::Mismatch => "mismatch",
+            Dropped::SeriesLimit => "series_limit",
+        }
+    }
+}
+
+enum GuestFamily {
+    Counter(prometheus::IntCounterVec),
+    Gauge(prometheus::GaugeVec),
+    Histogram(HistogramVec),
+}
+
+impl GuestFamily {
+    fn kind(&self) -> &'static str {
+        match self {
+            GuestFamily::Counter(_) => "counter",
+            GuestFamily::Gauge(_) => "gauge",
+            GuestFamily::Histogram(_) => "histogram",
+        }
+    }
+}
+
+struct GuestFamilies {
+    /// By guest name: the family and its label names (after `module`).
+    families: std::collections::HashMap<String, (GuestFamily, Vec<String>)>,
+    /// Every series made, by family name and label values.
+    series: std::collections::HashSet<(String, Vec<String>)>,
+}
+
+/// The metrics one module defines through `berth:metrics`, exported as
+/// `berth_guest_<module>_<name>{module=..., ...}`. They outlive reloads of
+/// the module.
+pub struct GuestMetrics {
+    module: String,
+    prefix: String,
+    registry: Registry,
+    max_series: std::sync::atomic::AtomicUsize,
+    state: std::sync::Mutex<GuestFamilies>,
+    dropped: IntCounterVec,
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 100
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with("__")
+}
+
+impl GuestMetrics {
+    /// Adds to a counter.
+    pub fn counter_add(&self, name: &str, value: u64, labels: &[(String, String)]) {
+        self.update(name, labels, "counter", |family, values| match family {
+            GuestFamily::Counter(c) => c.with_label_values(values).inc_by(value),
+            _ => unreachable!("kind checked"),
+        });
+    }
+
+    /// Sets a gauge.
+    pub fn gauge_set(&self, name: &str, value: f64, labels: &[(String, String)]) {
+        self.update(name, labels, "gauge", |family, values| match family {
+            GuestFamily::Gauge(g) => g.with_label_values(values).set(value),
+            _ => unreachable!("kind checked"),
+        });
+    }
+
+    /// Observes a histogram value.
+    pub fn histogram_observe(&self, name: &str, value: f64, labels: &[(String, String)]) {
+        self.update(name, labels, "histogram", |family, values| match family {
+            GuestFamily::Histogram(h) => h.with_label_values(values).observe(value),
+            _ => unreachable!("kind checked"),
+        });
+    }
+
+    fn drop_update(&self, name: &str, why: Dropped) {
+        let counter = self.dropped.with_label_values(&[&self.module, why.label()]);
+        // Warn on the first drop of each kind only; the counter says the rest.
+        if counter.get() == 0 {
+            tracing::warn!(
+                module = self.module.as_str(),
+                metric = name,
+                reason = why.label(),
+                "guest metric update dropped"
+            );
+        }
+        counter.inc();
+    }
+
+    fn update(
+        &self,
+        name: &str,
+        labels: &[(String, String)],
+        kind: &str,
+        apply: impl FnOnce(&GuestFamily, &[&str]),
+    ) {
+        let labels_ok = labels.len() <= 10
+            && labels
+                .iter()
+                .all(|(k, v)| valid_name(k) && k != "module" && v.len() <= 256);
+        if !valid_name(name) || !labels_ok {
+            return self.drop_update(name, Dropped::Invalid);
+        }
+        let mut sorted: Vec<&(String, String)> = labels.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let keys: Vec<String> = sorted.iter().map(|(k, _)| k.clone()).collect();
+        let mut values: Vec<&str> = vec![&self.module];
+        values.extend(sorted.iter().map(|(_, v)| v.as_str()));
+
+        let mut state = self.state.lock().unwrap();
+        if !state.families.contains_key(name) {
+            match self.create(name, kind, &keys) {
+                Some(family) => {
+                    state
+                        .families
+                        .insert(name.to_owned(), (family, keys.clone()));
+                }
+                None => return self.drop_update(name, Dropped::Mismatch),
+            }
+        }
+        let (family, family_keys) = &state.families[name];
+        if *family_keys != keys || family.kind() != kind {
+            return self.drop_update(name, Dropped::Mismatch);
+        }
+        let series_key = (
+            name.to_owned(),
+            values.iter().map(|v| v.to_string()).collect(),
+        );
+        let is_new = !state.series.contains(&series_key);
+        let max = self.max_series.load(std::sync::atomic::Ordering::Relaxed);
+        if is_new && state.series.len() >= max {
+            return self.drop_update(name, Dropped::SeriesLimit);
+        }
+        apply(&state.families[name].0, &values);
+        if is_new {
+            state.series.insert(series_key);
+        }
+    }
+
+    fn create(&self, name: &str, kind: &str, keys: &[String]) -> Option<GuestFamily> {
+        let mut label_names: Vec<&str> = vec!["module"];
+        label_names.extend(keys.iter().map(String::as_str));
+        let full = format!("{}{name}", self.prefix);
+        let help = format!("Defined by module {}.", self.module);
+        let family = match kind {
+            "counter" => {
+                let full = if full.ends_with("_total") {
+                    full
+                } else {
+                    full + "_total"
+                };
+                GuestFamily::Counter(
+                    prometheus::IntCounterVec::new(Opts::new(full, help), &label_names).ok()?,
+                )
+            }
+            "gauge" => GuestFamily::Gauge(
+                prometheus::GaugeVec::new(Opts::new(full, help), &label_names).ok()?,
+            ),
+            _ => GuestFamily::Histogram(
+                HistogramVec::new(
+                    HistogramOpts::new(full, help).buckets(LATENCY_BUCKETS.to_vec()),
+                    &label_names,
+                )
+                .ok()?,
+            ),
+        };
+        let collector: Box<dyn prometheus::core::Collector> = match &family {
+            GuestFamily::Counter(c) => Box::new(c.clone()),
+            GuestFamily::Gauge(g) => Box::new(g.clone()),
+            GuestFamily::Histogram(h) => Box::new(h.clone()),
+        };
+        // Fails when the name is taken (e.g. by another kind): a mismatch.
+        self.registry.register(collector).ok()?;
+        Some(family)
+    }
+}
+
+impl Metrics {
+    /// The guest-defined metrics of `module` (made on first use, kept
+    /// across reloads), with its series cap.
+    pub fn guest(&self, module: &str, max_series: usize) -> std::sync::Arc<GuestMetrics> {
+        let mut all = self.guest.lock().unwrap();
+        let gm = all
+            .entry(module.to_owned())
+            .or_insert_with(|| {
+                let sanitized: String = module
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() {
+                            c.to_ascii_lowercase()
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                std::sync::Arc::new(GuestMetrics {
+                    module: module.to_owned(),
+                    prefix: format!("berth_guest_{sanitized}_"),
+                    registry: self.registry.clone(),
+                    max_series: max_series.into(),
+                    state: std::sync::Mutex::new(GuestFamilies {
+                        families: Default::default(),
+                        series: Default::default(),
+                    }),
+                    dropped: self.guest_dropped.clone(),
+                })
+            })
+            .clone();
+        gm.max_series
+            .store(max_series, std::sync::atomic::Ordering::Relaxed);
+        gm
     }
 }

@@ -7,5 +7,7 @@
 mod core;
 mod downstream;
 mod lifecycle;
+mod observability;
+mod otlp;
 mod resilience;
 mod support;

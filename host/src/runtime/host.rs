@@ -13,6 +13,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use crate::metrics::GuestMetrics;
 use crate::outbound::{ModuleOutbound, OutboundHooks};
 use crate::trace::TraceContext;
 
@@ -23,6 +24,14 @@ mod logging {
     });
 }
 use logging::wasi::logging::logging as wasi_log;
+
+mod guest_metrics {
+    wasmtime::component::bindgen!({
+        path: "../guest-sdk/wit/deps/berth-metrics",
+        world: "berth:metrics/imports",
+    });
+}
+use guest_metrics::berth::metrics::metrics as berth_metrics;
 
 /// Who a request's log lines belong to.
 #[derive(Clone, Debug)]
@@ -42,6 +51,7 @@ pub struct Host {
     http: WasiHttpCtx,
     hooks: OutboundHooks,
     config: Arc<WasiConfigVariables>,
+    guest_metrics: Arc<GuestMetrics>,
     pub(crate) limits: MemoryLimiter,
     pub(crate) cx: RequestContext,
 }
@@ -52,6 +62,7 @@ impl Host {
         cx: RequestContext,
         config: Arc<WasiConfigVariables>,
         outbound: Arc<ModuleOutbound>,
+        guest_metrics: Arc<GuestMetrics>,
         memory_limit: u64,
     ) -> Self {
         let wasi = WasiCtx::builder()
@@ -70,6 +81,7 @@ impl Host {
                 trace: cx.trace.clone(),
             },
             config,
+            guest_metrics,
             limits,
             cx,
         }
@@ -143,7 +155,30 @@ impl WasiHttpView for Host {
 pub(super) fn add_capabilities_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
     wasmtime_wasi_config::add_to_linker(linker, |h: &mut Host| WasiConfig::from(&*h.config))?;
     wasi_log::add_to_linker::<Host, GuestLogger>(linker, |h: &mut Host| &h.cx)?;
+    berth_metrics::add_to_linker::<Host, GuestMetricsData>(linker, |h: &mut Host| {
+        &*h.guest_metrics
+    })?;
     Ok(())
+}
+
+struct GuestMetricsData;
+
+impl HasData for GuestMetricsData {
+    type Data<'a> = &'a GuestMetrics;
+}
+
+impl berth_metrics::Host for &GuestMetrics {
+    fn counter_add(&mut self, name: String, value: u64, labels: Vec<(String, String)>) {
+        GuestMetrics::counter_add(self, &name, value, &labels);
+    }
+
+    fn gauge_set(&mut self, name: String, value: f64, labels: Vec<(String, String)>) {
+        GuestMetrics::gauge_set(self, &name, value, &labels);
+    }
+
+    fn histogram_observe(&mut self, name: String, value: f64, labels: Vec<(String, String)>) {
+        GuestMetrics::histogram_observe(self, &name, value, &labels);
+    }
 }
 
 struct GuestLogger;

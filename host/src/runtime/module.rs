@@ -15,7 +15,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use super::check::{self, Unsatisfied};
 use super::{Host, Runtime};
 use crate::config::Limits;
-use crate::metrics::{Metrics, ModuleMetrics};
+use crate::metrics::{GuestMetrics, Metrics, ModuleMetrics};
 use crate::outbound::{ModuleOutbound, OutboundSpec};
 
 /// Why a module could not be loaded.
@@ -170,6 +170,8 @@ pub struct Module {
     pub(crate) slots: Arc<Semaphore>,
     /// Metric handles, resolved once.
     pub(crate) metrics: ModuleMetrics,
+    /// The metrics the module defines itself.
+    pub(crate) guest_metrics: Arc<GuestMetrics>,
 }
 
 /// A component's bytes and digest.
@@ -294,6 +296,7 @@ impl Module {
         let name: Arc<str> = spec.name.as_str().into();
         Module {
             metrics: metrics.for_module(&name, &spec.route),
+            guest_metrics: metrics.guest(&name, spec.limits.metric_series as usize),
             outbound: Arc::new(ModuleOutbound::new(
                 name.clone(),
                 spec.outbound.clone(),

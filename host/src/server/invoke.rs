@@ -112,6 +112,7 @@ pub(super) async fn invoke(
         cx.clone(),
         module.config.clone(),
         module.outbound.clone(),
+        module.guest_metrics.clone(),
         limits.memory.0,
     );
     let mut store = Store::new(module.pre.engine(), host);

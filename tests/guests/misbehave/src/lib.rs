@@ -1,7 +1,7 @@
 //! A module that misbehaves on request, for the host's isolation and limit
 //! tests. `GET /<route>/<what>` picks the behaviour.
 
-use berth_sdk::{Request, Response, config, http, info};
+use berth_sdk::{Request, Response, config, http, info, metrics};
 
 fn handle(req: Request) -> Response {
     let what = req.segments().get(1).copied().unwrap_or("ok").to_owned();
@@ -34,6 +34,18 @@ fn handle(req: Request) -> Response {
             Response::text("slept\n")
         }
         "echo" => Response::json(&serde_json::json!({ "bytes": req.body().len() })),
+        "metrics" => {
+            // `n` distinct label values of one counter, to test the cap.
+            static HITS: metrics::Counter = metrics::Counter::new("hits");
+            static DEPTH: metrics::Gauge = metrics::Gauge::new("queue_depth");
+            static TOOK: metrics::Histogram = metrics::Histogram::new("work_seconds");
+            for i in 0..n("n", 1) {
+                HITS.add_with(1, &[("shard", &i.to_string())]);
+            }
+            DEPTH.set(4.0);
+            TOOK.observe(0.25);
+            Response::text("counted\n")
+        }
         "print" => {
             println!("line one from stdout");
             eprintln!("line two from stderr");

@@ -1,0 +1,401 @@
+//! Logs, Prometheus metrics (scraped by a real Prometheus server) and
+//! OpenTelemetry traces (received by a real OTLP receiver).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::otlp::{KIND_CLIENT, KIND_SERVER, Receiver};
+use crate::support::*;
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT: &str = "00f067aa0ba902b7";
+
+fn traceparent() -> String {
+    format!("00-{TRACE_ID}-{PARENT}-01")
+}
+
+#[test]
+fn log_lines_are_json_and_request_lines_carry_ids() {
+    let berth = Berth::start(
+        &(module("hello", "/hello", "hello", "") + &module("m", "/m", "misbehave", "")),
+    );
+    let tp = traceparent();
+    let r = get_with(
+        &berth.url("/hello?name=Json"),
+        &[("x-request-id", "rid-1"), ("traceparent", &tp)],
+    );
+    assert_eq!(r.status, 200);
+    get_with(&berth.url("/m/print"), &[("x-request-id", "rid-2")]);
+    let access = berth
+        .wait_for_log(Duration::from_secs(5), |l| {
+            l["target"] == "access" && l["request_id"] == "rid-2"
+        })
+        .expect("access log line");
+    assert_eq!(access["method"], "GET");
+    assert_eq!(access["route"], "/m");
+    assert_eq!(access["status"], 200);
+    assert!(access["duration_ms"].as_f64().is_some());
+
+    // Every line parses; every request-scoped one carries the three ids.
+    let text = berth.log_text();
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        if v["request_id"].is_string() {
+            assert!(v["module"].is_string(), "no module: {line}");
+            let trace = v["trace_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no trace_id: {line}"));
+            assert_eq!(trace.len(), 32, "{line}");
+        }
+    }
+    // The incoming traceparent's trace id is the one logged.
+    let guest = berth
+        .log_lines()
+        .into_iter()
+        .find(|l| l["message"] == "greeting Json")
+        .expect("guest log line");
+    assert_eq!(guest["trace_id"], TRACE_ID);
+    assert_eq!(guest["request_id"], "rid-1");
+    assert_eq!(guest["target"], "guest");
+    // Guest levels are kept: stdout is info, wasi:logging keeps its level.
+    let lines = berth.log_lines();
+    let from = |msg: &str| lines.iter().find(|l| l["message"] == msg).cloned().unwrap();
+    assert_eq!(from("a wasi:logging line")["level"], "INFO");
+    assert_eq!(from("line two from stderr")["stream"], "stderr");
+}
+
+#[test]
+fn the_access_log_can_be_turned_off() {
+    let berth = Berth::start(
+        &("[log]\naccess_log = false\n".to_owned() + &module("hello", "/hello", "hello", "")),
+    );
+    assert_eq!(get(&berth.url("/hello?name=quiet")).status, 200);
+    berth
+        .wait_for_log(Duration::from_secs(5), |l| l["message"] == "greeting quiet")
+        .expect("guest line");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!berth.log_lines().iter().any(|l| l["target"] == "access"));
+}
+
+#[test]
+fn log_level_filters_lines() {
+    let out = run_expecting_exit(
+        &module("hello", "/hello", "hello", ""),
+        &[("LOG_LEVEL", "berth=loud")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stderr.contains("LOG_LEVEL"), "{}", out.stderr);
+
+    // RUST_LOG-style directives: host lines at info, guest lines at warn.
+    let berth = Berth::start_with(
+        &module("hello", "/hello", "hello", ""),
+        &[("LOG_LEVEL", "info,guest=warn")],
+    );
+    let r = get_with(
+        &berth.url("/hello?name=hidden"),
+        &[("x-request-id", "quiet-1")],
+    );
+    assert_eq!(r.status, 200);
+    berth
+        .wait_for_log(Duration::from_secs(5), |l| {
+            l["request_id"] == "quiet-1" && l["target"] == "access"
+        })
+        .expect("access line still logged");
+    assert!(!berth.log_text().contains("greeting hidden"));
+}
+
+#[test]
+fn guest_metrics_show_up_and_the_series_cap_holds() {
+    let berth = Berth::start(&module(
+        "m",
+        "/m",
+        "misbehave",
+        "limits = { metric_series = 5 }",
+    ));
+    assert_eq!(get(&berth.url("/m/metrics?n=10")).status, 200);
+    let page = berth.metrics();
+    let hits = page
+        .lines()
+        .filter(|l| l.starts_with("berth_guest_m_hits_total{"))
+        .count();
+    assert_eq!(hits, 5, "{page}");
+    assert!(
+        metric(
+            &page,
+            "berth_guest_metrics_dropped_total",
+            &[("module", "m"), ("reason", "series_limit")]
+        )
+        .unwrap()
+            >= 5.0
+    );
+    // Under the cap every kind is exported.
+    let berth = Berth::start(&module("m", "/m", "misbehave", ""));
+    get(&berth.url("/m/metrics?n=2"));
+    get(&berth.url("/m/metrics?n=2"));
+    let page = berth.metrics();
+    assert_eq!(
+        metric(
+            &page,
+            "berth_guest_m_hits_total",
+            &[("module", "m"), ("shard", "1")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&page, "berth_guest_m_queue_depth", &[("module", "m")]),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "berth_guest_m_work_seconds_count",
+            &[("module", "m")]
+        ),
+        Some(2.0)
+    );
+}
+
+#[test]
+fn metrics_pass_promtool() {
+    let down = crate::downstream::Downstream::start(crate::downstream::Mode::Ok);
+    let berth = Berth::start(
+        &(module("hello", "/hello", "hello", "")
+            + &module(
+                "shop",
+                "/m",
+                "misbehave",
+                &format!("allowed_outbound_hosts = [\"http://{}\"]", down.addr),
+            )),
+    );
+    for path in ["/hello", "/m/panic", "/m/metrics?n=3", "/nope"] {
+        get(&berth.url(path));
+    }
+    get(&berth.url(&format!("/m/fetch?url={}", down.url("/"))));
+    // Named `shop`, not `m`: promtool reads a lone `m` as an abbreviated unit.
+    let page = berth.metrics();
+    for family in [
+        "berth_http_server_requests_total",
+        "berth_http_server_request_duration_seconds_bucket",
+        "berth_http_server_active_requests",
+        "berth_module_instantiation_duration_seconds_bucket",
+        "berth_module_compile_duration_seconds_bucket",
+        "berth_module_loads_total",
+        "berth_guest_failures_total",
+        "berth_http_client_requests_total",
+        "berth_http_client_request_duration_seconds_bucket",
+        "berth_build_info",
+        "berth_module_info",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(page.contains(family), "{family} missing");
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (installed by scripts/setup.sh)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}"
+    );
+}
+
+struct Prometheus {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_prometheus(target: &str) -> Prometheus {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: berth\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (installed by scripts/setup.sh)");
+    Prometheus {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        _dir: dir,
+    }
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_red_metrics() {
+    let berth = Berth::start(&module("hello", "/hello", "hello", ""));
+    let prom = start_prometheus(&berth.admin);
+    for _ in 0..10 {
+        assert_eq!(get(&berth.url("/hello")).status, 200);
+    }
+    let query = |q: &str| {
+        let url = format!("{}/api/v1/query?query={}", prom.url, q);
+        let r = get(&url);
+        if r.status != 200 {
+            return None;
+        }
+        let v = r.json();
+        let result = v["data"]["result"].as_array()?.clone();
+        result
+            .first()
+            .map(|s| s["value"][1].as_str().unwrap_or("").to_owned())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (count, histogram) = loop {
+        let count = query(
+            "berth_http_server_requests_total%7Bmodule%3D%22hello%22%2Cstatus%3D%22200%22%7D",
+        );
+        let histogram =
+            query("berth_http_server_request_duration_seconds_count%7Bmodule%3D%22hello%22%7D");
+        if let (Some(c), Some(h)) = (&count, &histogram)
+            && c == "10"
+            && h == "10"
+        {
+            break (c.clone(), h.clone());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never saw the metrics: {count:?} {histogram:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!((count.as_str(), histogram.as_str()), ("10", "10"));
+    let up = query("up%7Bjob%3D%22berth%22%7D");
+    assert_eq!(up.as_deref(), Some("1"));
+}
+
+fn otel_env<'a>(receiver: &'a str, service: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver),
+        ("OTEL_SERVICE_NAME", service),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test"),
+    ]
+}
+
+#[test]
+fn one_trace_spans_two_hosts() {
+    let receiver = Receiver::start();
+    let endpoint = receiver.endpoint();
+    let downstream = Berth::start_with(
+        &module("hello", "/hello", "hello", ""),
+        &otel_env(&endpoint, "berth-b"),
+    );
+    let upstream = Berth::start_with(
+        &module(
+            "m",
+            "/m",
+            "misbehave",
+            &format!("allowed_outbound_hosts = [\"http://{}\"]", downstream.addr),
+        ),
+        &otel_env(&endpoint, "berth-a"),
+    );
+    let tp = traceparent();
+    let target = downstream.url("/hello?name=traced");
+    let r = get_with(
+        &upstream.url(&format!("/m/fetch?url={target}")),
+        &[("traceparent", &tp)],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["status"], 200);
+
+    let spans = receiver.wait_for(Duration::from_secs(30), |spans| {
+        let server = |svc: &str| {
+            spans
+                .iter()
+                .any(|s| s.service == svc && s.kind == KIND_SERVER && s.trace_id == TRACE_ID)
+        };
+        server("berth-a") && server("berth-b")
+    });
+    let ours: Vec<_> = spans.iter().filter(|s| s.trace_id == TRACE_ID).collect();
+    let a_server = ours
+        .iter()
+        .find(|s| s.service == "berth-a" && s.kind == KIND_SERVER)
+        .unwrap();
+    assert_eq!(
+        a_server.parent_span_id, PARENT,
+        "continues the caller's span"
+    );
+    assert_eq!(a_server.attr("http.request.method"), Some("GET"));
+    assert_eq!(a_server.attr("http.route"), Some("/m"));
+    assert_eq!(a_server.attr("http.response.status_code"), Some("200"));
+    let a_guest = ours
+        .iter()
+        .find(|s| s.service == "berth-a" && s.name.starts_with("guest"))
+        .expect("a child span for the guest call");
+    assert_eq!(a_guest.parent_span_id, a_server.span_id);
+    let a_client = ours
+        .iter()
+        .find(|s| s.service == "berth-a" && s.kind == KIND_CLIENT)
+        .expect("a client span for the outbound call");
+    assert_eq!(a_client.parent_span_id, a_server.span_id);
+    assert_eq!(a_client.attr("http.response.status_code"), Some("200"));
+    let b_server = ours
+        .iter()
+        .find(|s| s.service == "berth-b" && s.kind == KIND_SERVER)
+        .unwrap();
+    assert_eq!(
+        b_server.parent_span_id, a_client.span_id,
+        "the downstream continues from the client span"
+    );
+    let b_guest = ours
+        .iter()
+        .find(|s| s.service == "berth-b" && s.name.starts_with("guest"))
+        .expect("guest span on b");
+    assert!(
+        b_guest.events.iter().any(|e| e.contains("greeting traced")),
+        "guest log attached to its span: {:?}",
+        b_guest.events
+    );
+}
