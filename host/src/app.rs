@@ -134,7 +134,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), ServeError>
     let server = tokio::spawn(server::serve(
         listener,
         shared.clone(),
-        ConnLimits::default(),
+        ConnLimits::from_config(&config.server),
         stop_accepting.clone(),
         tracker.clone(),
     ));

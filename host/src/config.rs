@@ -78,12 +78,23 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address to accept traffic on; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Time a client has to send a request head; also how long an idle
+    /// keep-alive connection is kept (slowloris protection).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers); more gets 431.
+    pub max_header_bytes: ByteSize,
+    /// Most headers in a request; more gets 431.
+    pub max_headers: u32,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: ByteSize(64 << 10),
+            max_headers: 100,
         }
     }
 }
@@ -637,6 +648,18 @@ impl Config {
         }
         if self.runtime.epoch_tick.is_zero() {
             return Err(rejected("runtime.epoch_tick", "must be longer than 0s"));
+        }
+        if self.server.header_read_timeout.is_zero() {
+            return Err(rejected(
+                "server.header_read_timeout",
+                "must be longer than 0s",
+            ));
+        }
+        if self.server.max_header_bytes.0 < 1024 || self.server.max_headers == 0 {
+            return Err(rejected(
+                "server.max_header_bytes",
+                "must allow at least 1KiB and one header",
+            ));
         }
         if self.runtime.rescan_interval.is_zero() {
             return Err(rejected(

@@ -42,17 +42,22 @@ const REQUEST_ID: &str = "x-request-id";
 /// Connection-level protections against slow or abusive clients.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
-    /// Time allowed to send the request head.
+    /// Time allowed to send a request head; hyper starts it whenever it
+    /// waits for one, so it also closes idle keep-alive connections.
     pub header_read_timeout: Duration,
     /// Largest request head (bytes).
     pub max_header_bytes: usize,
+    /// Most headers in a request.
+    pub max_headers: usize,
 }
 
-impl Default for ConnLimits {
-    fn default() -> Self {
-        Self {
-            header_read_timeout: Duration::from_secs(10),
-            max_header_bytes: 64 << 10,
+impl ConnLimits {
+    /// The limits of `[server]`.
+    pub fn from_config(server: &crate::config::ServerConfig) -> Self {
+        ConnLimits {
+            header_read_timeout: server.header_read_timeout,
+            max_header_bytes: usize::try_from(server.max_header_bytes.0).unwrap_or(usize::MAX),
+            max_headers: server.max_headers as usize,
         }
     }
 }
@@ -70,8 +75,14 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
+    // hyper's default is 100 on the stack; any explicit value moves the
+    // header array to the heap for every request, so set it only if asked.
+    if limits.max_headers != 100 {
+        builder.max_headers(limits.max_headers);
+    }
     loop {
         let (stream, _peer) = tokio::select! {
             _ = stop.cancelled() => break,

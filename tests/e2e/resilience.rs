@@ -196,7 +196,22 @@ fn request_bodies_over_the_limit_get_413_even_when_streamed() {
 
 #[test]
 fn slow_and_oversized_clients_are_cut_off_and_garbage_gets_4xx() {
-    let berth = Berth::start(&misbehave("timeout = \"5s\""));
+    let berth = Berth::start(
+        &("[server]\nheader_read_timeout = \"1s\"\n".to_owned() + &misbehave("timeout = \"5s\"")),
+    );
+    // Too many headers.
+    let mut conn = TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut many = String::from("GET /hello HTTP/1.1\r\nhost: x\r\n");
+    for i in 0..150 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    conn.write_all(many.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     // Oversized header block.
     let mut conn = TcpStream::connect(&berth.addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
@@ -254,8 +269,23 @@ fn slow_and_oversized_clients_are_cut_off_and_garbage_gets_4xx() {
     }
     assert_eq!(get(&berth.url("/hello")).status, 200, "host survived");
 
+    // An idle keep-alive connection is closed after the header timeout.
+    let mut conn = TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "idle connection kept open"
+    );
+
     // Slowloris: a request head that never ends is cut off by the header
-    // read timeout (10 s) rather than held forever.
+    // read timeout rather than held forever.
     let mut conn = TcpStream::connect(&berth.addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
