@@ -447,7 +447,8 @@ pub struct ModuleConfig {
     /// modules too large for a ConfigMap. Requires `sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
-    /// The hex sha256 the downloaded component must have.
+    /// The hex sha256 the component must have: required with `url`,
+    /// optional with `file` (pins the ConfigMap's content to a digest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     /// Path prefix routed to this module; the longest matching prefix wins.

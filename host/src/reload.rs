@@ -92,13 +92,19 @@ pub fn module_specs(config: &Config) -> Vec<ModuleSpec> {
                 .map(|(k, v)| (k.clone(), v.0.clone()))
                 .collect();
             values.extend(m.secrets.iter().map(|(k, v)| (k.clone(), v.0.0.clone())));
+            let pin = m.sha256.as_ref().map(|d| d.to_ascii_lowercase());
             let source = match (&m.file, &m.url) {
                 (_, Some(url)) => ModuleSource::Url {
                     url: url.clone(),
-                    sha256: m.sha256.clone().unwrap_or_default().to_ascii_lowercase(),
+                    sha256: pin.unwrap_or_default(),
                 },
-                (Some(file), None) => ModuleSource::File(dir.join(file)),
-                (None, None) => ModuleSource::File(dir.join(format!("{name}.wasm"))),
+                (file, None) => ModuleSource::File {
+                    path: match file {
+                        Some(file) => dir.join(file),
+                        None => dir.join(format!("{name}.wasm")),
+                    },
+                    sha256: pin,
+                },
             };
             ModuleSpec {
                 name: name.clone(),

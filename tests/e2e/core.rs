@@ -293,3 +293,22 @@ fn version_prints_the_version() {
         format!("berth {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn a_pinned_file_with_another_digest_is_refused() {
+    let wrong = "ab".repeat(32);
+    assert_config_error(
+        &module("hello", "/hello", "hello", &format!("sha256 = \"{wrong}\"")),
+        &[],
+        &["module `hello`", &wrong, "refusing it"],
+    );
+    let bytes = std::fs::read(wasm("hello")).unwrap();
+    let right = hex(&Sha256::digest(&bytes));
+    let berth = Berth::start(&module(
+        "hello",
+        "/hello",
+        "hello",
+        &format!("sha256 = \"{right}\""),
+    ));
+    assert_eq!(get(&berth.url("/hello")).status, 200);
+}

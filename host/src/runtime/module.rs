@@ -31,7 +31,7 @@ pub enum LoadError {
         /// What went wrong.
         reason: String,
     },
-    /// A downloaded module does not have the configured digest.
+    /// The module does not have the configured digest.
     #[error(
         "module `{module}`: {origin} has sha256 {actual}, but the config expects {expected}; \
          refusing it"
@@ -105,8 +105,14 @@ pub enum LoadError {
 /// Where a module's component comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModuleSource {
-    /// A file (typically in the module ConfigMap's volume).
-    File(PathBuf),
+    /// A file (typically in the module ConfigMap's volume), optionally
+    /// pinned to a digest.
+    File {
+        /// The path.
+        path: PathBuf,
+        /// Lower-case hex sha256 the file must have, if pinned.
+        sha256: Option<String>,
+    },
     /// A download, pinned to a digest.
     Url {
         /// `http://` or `https://`.
@@ -119,7 +125,7 @@ pub enum ModuleSource {
 impl std::fmt::Display for ModuleSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ModuleSource::File(p) => write!(f, "{}", p.display()),
+            ModuleSource::File { path, .. } => write!(f, "{}", path.display()),
             ModuleSource::Url { url, .. } => f.write_str(url),
         }
     }
@@ -192,11 +198,21 @@ impl ModuleSpec {
             reason,
         };
         match &self.source {
-            ModuleSource::File(path) => {
+            ModuleSource::File { path, sha256: pin } => {
                 let bytes = tokio::fs::read(path)
                     .await
                     .map_err(|e| read_err(e.to_string()))?;
                 let sha256 = hex::encode(Sha256::digest(&bytes));
+                if let Some(expected) = pin
+                    && *expected != sha256
+                {
+                    return Err(LoadError::Digest {
+                        module: self.name.clone(),
+                        origin,
+                        expected: expected.clone(),
+                        actual: sha256,
+                    });
+                }
                 Ok(Fetched { bytes, sha256 })
             }
             ModuleSource::Url { url, sha256 } => {
