@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR ?= $(CURDIR)/target
 WASM_DIR := $(CARGO_TARGET_DIR)/wasm32-wasip2/release
 GUEST_WORKSPACES := examples/Cargo.toml tests/guests/Cargo.toml
 
-.PHONY: setup guests build run test lint unit e2e clean
+.PHONY: setup k8s-tools guests build run test lint chart-check image-check smoke_test clean
 
 ## setup: install the toolchain pieces the build needs (idempotent)
 setup:
@@ -38,9 +38,26 @@ lint: setup
 	  $(CARGO) clippy --locked --target wasm32-wasip2 --manifest-path $$ws -- -D warnings || exit 1; \
 	done
 
-## test: everything CI runs: lint, unit and end-to-end tests
+## k8s-tools: helm, checkov, kubernetes-validate, hadolint into .tools/
+k8s-tools:
+	@./scripts/k8s-tools.sh
+
+## chart-check: helm lint/template, Kubernetes schemas, security scans, chart tests
+chart-check: k8s-tools build
+	.tools/venv/bin/pytest -q tests/chart
+
+## image-check: run the Dockerfile's build and entrypoint against the examples
+image-check: guests
+	python3 scripts/image_check.py
+
+## smoke_test: check a running deployment (TARGET_URL=... ADMIN_URL=... [SMOKE_PATH=/hello])
+smoke_test:
+	@./scripts/smoke_test.sh
+
+## test: everything CI runs: lint, unit and end-to-end tests, chart and image checks
 test: guests lint
 	$(CARGO) test --locked --workspace
+	$(MAKE) chart-check image-check
 
 clean:
 	$(CARGO) clean

@@ -13,9 +13,11 @@ for comp in rustfmt clippy; do
   fi
 done
 
-# Test peers: a real Prometheus server (and promtool) from Debian.
+# Test peers: a real Prometheus server (and promtool) from Debian; curl for
+# the smoke test.
 apt_packages=()
 command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_packages+=(prometheus)
+command -v curl >/dev/null || apt_packages+=(curl)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "setup: installing ${apt_packages[*]}"
   SUDO=""

