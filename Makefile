@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR ?= $(CURDIR)/target
 WASM_DIR := $(CARGO_TARGET_DIR)/wasm32-wasip2/release
 GUEST_WORKSPACES := examples/Cargo.toml tests/guests/Cargo.toml
 
-.PHONY: setup k8s-tools guests build run test lint chart-check image-check smoke_test clean
+.PHONY: setup k8s-tools guests build run test lint chart-check image-check smoke_test bench clean
 
 ## setup: install the toolchain pieces the build needs (idempotent)
 setup:
@@ -58,6 +58,10 @@ smoke_test:
 test: guests lint
 	$(CARGO) test --locked --workspace
 	$(MAKE) chart-check image-check
+
+## bench: berth against wasmtime serve and native hyper; writes bench/RESULTS.md
+bench: setup
+	./bench/run.sh
 
 clean:
 	$(CARGO) clean

@@ -136,6 +136,15 @@ pub struct RuntimeConfig {
     /// Backstop for the watcher: look for changes this often anyway.
     #[serde(with = "humantime_serde")]
     pub rescan_interval: Duration,
+    /// Memory of a finished instance reset in place (memset) instead of
+    /// returned to the kernel, saving page faults on the next request.
+    pub keep_resident: ByteSize,
+    /// Finished instances whose memory is returned to the kernel together.
+    pub decommit_batch: u32,
+    /// Map module memory images copy-on-write (best for large guests) rather
+    /// than copying their data into each instance (~13% less CPU per request
+    /// for small guests, see bench/NOTES.md).
+    pub memory_cow: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -147,6 +156,9 @@ impl Default for RuntimeConfig {
             cache_dir: std::env::temp_dir().join("berth-cache"),
             watch: true,
             rescan_interval: Duration::from_secs(30),
+            keep_resident: ByteSize(0),
+            decommit_batch: 1,
+            memory_cow: true,
         }
     }
 }

@@ -128,6 +128,9 @@ fn check(file: &std::path::Path, json: bool) -> ExitCode {
         max_memory: 4 << 30,
         epoch_tick: std::time::Duration::from_secs(1),
         cache_dir: None,
+        keep_resident: 0,
+        decommit_batch: 1,
+        memory_cow: true,
     }) {
         Ok(r) => r,
         Err(e) => return fail(1, format!("{e:#}")),

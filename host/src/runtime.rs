@@ -42,6 +42,13 @@ pub struct RuntimeOptions {
     pub epoch_tick: Duration,
     /// Folder of the compile cache, if caching is on.
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Bytes of each freed instance's memory reset in place rather than
+    /// returned to the kernel.
+    pub keep_resident: usize,
+    /// Freed slots whose memory is returned to the kernel in one batch.
+    pub decommit_batch: usize,
+    /// Map memory images copy-on-write instead of copying data segments.
+    pub memory_cow: bool,
 }
 
 /// The shared engine and linker. Cheap to clone.
@@ -133,11 +140,20 @@ fn build_engine(opts: &RuntimeOptions) -> anyhow::Result<Engine> {
         // Warm slots keep a module's memory image mapped for the next
         // instance of the same module; enough for a busy set of modules
         // without pinning memory for every slot.
-        .max_unused_warm_slots(n.min(100));
+        .max_unused_warm_slots(n.min(100))
+        // Reset the first pages of a freed instance with memset instead of
+        // madvise, and return the rest to the kernel in batches: madvise,
+        // page faults and decommit flushes were ~15% of server CPU for a
+        // hello component (see bench/NOTES.md for the settings measured).
+        .linear_memory_keep_resident(opts.keep_resident)
+        .table_keep_resident(opts.keep_resident.min(64 << 10))
+        .async_stack_keep_resident(opts.keep_resident.min(64 << 10))
+        .decommit_batch_size(opts.decommit_batch);
     let mut cfg = EngineConfig::new();
     cfg.wasm_component_model(true)
         .epoch_interruption(true)
         .cranelift_opt_level(wasmtime::OptLevel::Speed)
+        .memory_init_cow(opts.memory_cow)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&cfg).map_err(|e| anyhow::anyhow!("failed to create the wasm engine: {e:#}"))
 }

@@ -13,7 +13,7 @@
 //! Every response carries `x-request-id`, taken from the request when it
 //! has a sane one.
 
-mod body;
+pub(crate) mod body;
 mod invoke;
 
 use std::convert::Infallible;

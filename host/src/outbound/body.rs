@@ -13,6 +13,8 @@ use tokio::time::{Instant, Sleep};
 use wasmtime_wasi_http::Error;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
+use crate::server::body::Prefixed;
+
 /// A request body, replayable when it was small enough to buffer.
 pub(super) enum RequestBody {
     /// Whole and replayable.
@@ -35,10 +37,7 @@ impl RequestBody {
             };
             if (buf.len() + data.len()) as u64 > limit {
                 buf.extend_from_slice(&data);
-                let prefixed = Prefixed {
-                    prefix: Some(buf.freeze()),
-                    rest: body,
-                };
+                let prefixed = Prefixed::new(buf.freeze(), body);
                 return Ok(RequestBody::Streaming(Some(prefixed.boxed_unsync())));
             }
             buf.extend_from_slice(&data);
@@ -63,27 +62,6 @@ impl RequestBody {
                     .boxed_unsync()
             }),
         }
-    }
-}
-
-/// Bytes already read, then the rest of the stream.
-struct Prefixed {
-    prefix: Option<Bytes>,
-    rest: HyperOutgoingBody,
-}
-
-impl Body for Prefixed {
-    type Data = Bytes;
-    type Error = Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
-        if let Some(prefix) = self.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(prefix))));
-        }
-        Pin::new(&mut self.rest).poll_frame(cx)
     }
 }
 

@@ -127,3 +127,100 @@ impl Body for CappedBody {
         self.inner.size_hint()
     }
 }
+
+/// Bytes already read, then the rest of the stream.
+pub(crate) struct Prefixed {
+    prefix: Option<Bytes>,
+    rest: HyperOutgoingBody,
+}
+
+impl Prefixed {
+    pub(crate) fn new(prefix: Bytes, rest: HyperOutgoingBody) -> Self {
+        Prefixed {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            rest,
+        }
+    }
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(prefix) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+}
+
+/// Most a response may hold to leave whole, in one write.
+const COALESCE_LIMIT: usize = 64 << 10;
+
+/// Small guest responses leave in one write with a `Content-Length`
+/// instead of a chunked stream of a head and several body writes: waits
+/// for the first body frame, then takes what the guest has already written
+/// without waiting again. If that is the whole body it is sent whole;
+/// otherwise what was read goes first and the rest streams.
+pub(super) async fn coalesce(body: HyperOutgoingBody) -> HyperOutgoingBody {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    let mut first = true;
+    loop {
+        let frame = if first {
+            first = false;
+            body.frame().await
+        } else {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => break,
+            }
+        };
+        match frame {
+            None => {
+                return http_body_util::Full::new(buf.freeze())
+                    .map_err(|never| match never {})
+                    .boxed_unsync();
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    buf.extend_from_slice(&data);
+                    if buf.len() > COALESCE_LIMIT {
+                        break;
+                    }
+                }
+                Err(trailers) => {
+                    // Trailers end the body; keep them behind the data.
+                    let last = OneFrame(Some(Ok(trailers))).boxed_unsync();
+                    return Prefixed::new(buf.freeze(), last).boxed_unsync();
+                }
+            },
+            Some(Err(e)) => {
+                let last = OneFrame(Some(Err(e))).boxed_unsync();
+                return Prefixed::new(buf.freeze(), last).boxed_unsync();
+            }
+        }
+    }
+    Prefixed::new(buf.freeze(), body).boxed_unsync()
+}
+
+/// A body of one last frame (trailers, or the error that ended a body).
+struct OneFrame(Option<Result<Frame<Bytes>, wasmtime_wasi_http::Error>>);
+
+impl Body for OneFrame {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.take())
+    }
+}

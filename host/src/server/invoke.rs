@@ -229,7 +229,12 @@ pub(super) async fn invoke(
         );
     }
     match outcome {
-        Ok(resp) => resp.map(|b| CappedBody::new(b, limits.max_response_body.0).boxed_unsync()),
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            let body = super::body::coalesce(body).await;
+            let capped = CappedBody::new(body, limits.max_response_body.0).boxed_unsync();
+            Response::from_parts(parts, capped)
+        }
         Err(err) => json_error(err.status(), err.public_message(), request_id),
     }
 }

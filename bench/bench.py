@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Berth benchmarks: side by side with `wasmtime serve` and a native hyper
+server, in one run, as ratios. See bench/README.md; `make bench` runs it.
+
+Throughput runs pin the server to CPU 0 and wrk to CPU 1 (64 keep-alive
+connections, 1 thread), alternate the servers round by round, and report
+the median (min-max) of the rounds. Server CPU time per request comes from
+/proc/<pid>/stat (utime + stime) around each run.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+BERTH = os.path.join(TARGET, "release", "berth")
+NATIVE = os.path.join(TARGET, "release", "native-hello")
+WASMTIME = os.environ.get("WASMTIME", os.path.join(ROOT, ".tools", "wasmtime", "bin", "wasmtime"))
+WASM = os.path.join(TARGET, "wasm32-wasip2", "release")
+HELLO = os.path.join(WASM, "plain_hello.wasm")
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+DURATION = os.environ.get("DURATION", "10s")
+CONNS = 64
+TICK = os.sysconf("SC_CLK_TCK")
+SERVER_CPU, LOAD_CPU = "0", "1"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_http(url, limit=120):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.005)
+    raise SystemExit(f"bench: {url} never answered")
+
+
+class OtlpSink(BaseHTTPRequestHandler):
+    """A local OTLP/HTTP receiver that accepts and drops spans."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+class Server:
+    def __init__(self, name, argv, url, env=None, ready=None):
+        self.name, self.url = name, url
+        full_env = dict(os.environ)
+        # RUST_BACKTRACE=1 makes every error capture a backtrace (~8% CPU).
+        for k in ("RUST_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT", "RUST_BACKTRACE", "RUST_LIB_BACKTRACE"):
+            full_env.pop(k, None)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU] + argv,
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_http(ready or url)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wrk(url, duration=DURATION):
+    out = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{CONNS}", f"-d{duration}", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p99.group(2)]
+    return rps, total, float(p99.group(1)) * scale, int(errors.group(1)) if errors else 0
+
+
+def measure(server, path="/"):
+    before = cpu_seconds(server.proc.pid)
+    rss = []
+    sampler_stop = threading.Event()
+
+    def sample():
+        while not sampler_stop.wait(0.5):
+            rss.append(rss_mib(server.proc.pid))
+
+    t = threading.Thread(target=sample)
+    t.start()
+    rps, total, p99, errors = wrk(server.url.rstrip("/") + path)
+    sampler_stop.set()
+    t.join()
+    cpu = cpu_seconds(server.proc.pid) - before
+    return {
+        "rps": rps,
+        "cpu_us": cpu * 1e6 / max(total, 1),
+        "p99_ms": p99,
+        "errors": errors,
+        "rss_mib": max(rss) if rss else rss_mib(server.proc.pid),
+    }
+
+
+def berth_config(modules, access_log=False, cache_dir="", runtime=""):
+    lines = [
+        f'[runtime]\ncache_dir = "{cache_dir}"\nwatch = false\n{runtime}',
+        f"[log]\naccess_log = {'true' if access_log else 'false'}\n",
+        '[shutdown]\ndrain_delay = "0s"\ngrace_period = "5s"\n',
+    ]
+    for name, route, file in modules:
+        lines.append(f'[modules.{name}]\nfile = "{file}"\nroute = "{route}"\n')
+    path = tempfile.mktemp(suffix=".toml", prefix="berth-bench-")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def start_berth(name, modules, env=None, access_log=False, cache_dir="", runtime=""):
+    port, admin = free_port(), free_port()
+    config = berth_config(modules, access_log, cache_dir, runtime)
+    s = Server(
+        name,
+        [BERTH, "serve", "--config", config, "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"],
+        f"http://127.0.0.1:{port}/",
+        env={"LOG_LEVEL": "info", **(env or {})},
+        ready=f"http://127.0.0.1:{admin}/ready",
+    )
+    s.admin = f"http://127.0.0.1:{admin}"
+    return s
+
+
+def summary(values):
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt(values, unit="", digits=0):
+    med, lo, hi = summary(values)
+    return f"{med:.{digits}f}{unit} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def cold_start(modules, cache_dir):
+    """Seconds from exec to /ready 200."""
+    port, admin = free_port(), free_port()
+    config = berth_config(modules, cache_dir=cache_dir)
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [BERTH, "serve", "--config", config, "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_http(f"http://127.0.0.1:{admin}/ready")
+    took = time.perf_counter() - started
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=10)
+    return took
+
+
+def main():
+    for tool, path in (("wrk", shutil.which("wrk")), ("berth", BERTH), ("native-hello", NATIVE), ("wasmtime", WASMTIME)):
+        if not path or not os.path.exists(path):
+            raise SystemExit(f"bench: {tool} missing; run `make bench` (bench/run.sh) to install and build")
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    otlp = f"http://127.0.0.1:{sink.server_address[1]}"
+    twenty = [(f"m{i}", f"/m{i}", HELLO) for i in range(20)]
+
+    scenarios = [
+        ("wasmtime serve", lambda: (lambda p: Server(
+            "wasmtime", [WASMTIME, "serve", f"--addr=127.0.0.1:{p}", HELLO], f"http://127.0.0.1:{p}/"))(free_port()), "/"),
+        ("berth (metrics on)", lambda: start_berth("berth", [("hello", "/", HELLO)]), "/"),
+        ("berth (metrics on, memory_cow = false)", lambda: start_berth(
+            "berth-nocow", [("hello", "/", HELLO)], runtime="memory_cow = false\n"), "/"),
+        ("berth (metrics, JSON access log, OTLP traces)", lambda: start_berth(
+            "berth-full", [("hello", "/", HELLO)], access_log=True,
+            env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp, "OTEL_SERVICE_NAME": "bench"}), "/"),
+        ("berth, 20 modules (last route)", lambda: start_berth("berth-20", twenty), "/m19"),
+        ("native hyper", lambda: (lambda p: Server(
+            "native", [NATIVE, f"127.0.0.1:{p}"], f"http://127.0.0.1:{p}/"))(free_port()), "/"),
+    ]
+    results = {name: [] for name, _, _ in scenarios}
+    instantiation = []
+    for rnd in range(ROUNDS):
+        order = scenarios if rnd % 2 == 0 else list(reversed(scenarios))
+        for name, start, path in order:
+            server = start()
+            try:
+                wrk(server.url.rstrip("/") + path, "2s")  # warm-up
+                r = measure(server, path)
+                if name == "berth (metrics on)":
+                    page = urllib.request.urlopen(server.admin + "/metrics").read().decode()
+                    s = float(re.search(r"berth_module_instantiation_duration_seconds_sum\{[^}]*\} ([\d.e-]+)", page).group(1))
+                    c = float(re.search(r"berth_module_instantiation_duration_seconds_count\{[^}]*\} ([\d.e-]+)", page).group(1))
+                    instantiation.append(s / c * 1e6)
+                results[name].append(r)
+                print(f"round {rnd + 1} {name}: {r['rps']:.0f} req/s, {r['cpu_us']:.1f} us CPU/req, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}", flush=True)
+            finally:
+                server.stop()
+
+    # Cold starts, 1 and 20 modules, cold and warm compile cache.
+    starts = {}
+    for label, modules in (("1 module", [("hello", "/", HELLO)]), ("20 modules", twenty)):
+        for cache in ("cold", "warm"):
+            times = []
+            for _ in range(ROUNDS):
+                cache_dir = tempfile.mkdtemp(prefix="berth-cache-")
+                if cache == "warm":
+                    cold_start(modules, cache_dir)
+                times.append(cold_start(modules, cache_dir))
+                shutil.rmtree(cache_dir, ignore_errors=True)
+            starts[(label, cache)] = times
+            print(f"cold start to /ready, {label}, {cache} cache: {fmt([t * 1e3 for t in times], ' ms')}", flush=True)
+
+    # Idle RSS with the examples loaded.
+    examples = [(n, r, os.path.join(WASM, f)) for n, r, f in (
+        ("hello", "/hello", "hello.wasm"), ("api", "/api", "api.wasm"),
+        ("gateway", "/gateway", "gateway.wasm"), ("hello-raw", "/hello-raw", "hello_raw.wasm"))]
+    idle = start_berth("berth-idle", examples)
+    time.sleep(1)
+    idle_rss = rss_mib(idle.proc.pid)
+    idle.stop()
+    print(f"idle RSS with the examples loaded: {idle_rss:.1f} MiB", flush=True)
+    write_results(results, starts, instantiation, idle_rss)
+
+
+def version(argv):
+    try:
+        return subprocess.run(argv, capture_output=True, text=True).stdout.strip().splitlines()[0]
+    except Exception:
+        return "unknown"
+
+
+def write_results(results, starts, instantiation, idle_rss):
+    col = lambda name, key: [r[key] for r in results[name]]
+    ws, bm, bf, b20, nat = (
+        "wasmtime serve", "berth (metrics on)", "berth (metrics, JSON access log, OTLP traces)",
+        "berth, 20 modules (last route)", "native hyper")
+    nocow = "berth (metrics on, memory_cow = false)"
+    med = lambda name, key: statistics.median(col(name, key))
+    best = max((bm, nocow), key=lambda n: med(n, "rps"))
+    ratio = med(best, "rps") / med(ws, "rps")
+    ratio_full = med(bf, "rps") / med(ws, "rps")
+    routing = 1 - med(b20, "rps") / med(bm, "rps")
+    warm20 = statistics.median(starts[("20 modules", "warm")]) * 1e3
+    cpu = med(best, "cpu_us")
+    p99_ok = med(best, "p99_ms") <= med(ws, "p99_ms")
+    yes = lambda ok: "met" if ok else "**missed**"
+    cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `make bench` (bench/bench.py) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        f"- Machine: {os.cpu_count()} vCPU ({cpu_model}), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; shared and noisy, so compare ratios within this run.",
+        f"- Versions: {version([BERTH, 'version'])}, {version([WASMTIME, '--version'])}, {version(['wrk', '--version']) or 'wrk'}, {version(['rustc', '--version'])}.",
+        f"- Load: `taskset -c {LOAD_CPU} wrk -t1 -c{CONNS} -d{DURATION} --latency`, server pinned with `taskset -c {SERVER_CPU}`; {ROUNDS} rounds, servers alternating order each round, 2 s warm-up each; median (min-max).",
+        "- Component: `tests/guests/plain-hello` (bare `wasi:http/proxy`, answers `hello`), the same file for every Wasm server; a fresh instance per request everywhere (`wasmtime serve` defaults to that for p2 components).",
+        "",
+        "| server | req/s | server CPU per request | p99 latency | peak RSS under load |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in (ws, bm, nocow, bf, b20, nat):
+        lines.append(
+            f"| {name} | {fmt(col(name, 'rps'))} | {fmt(col(name, 'cpu_us'), ' µs', 1)} | {fmt(col(name, 'p99_ms'), ' ms', 2)} | {fmt(col(name, 'rss_mib'), ' MiB', 1)} |"
+        )
+    lines += [
+        "",
+        f"Per-request instantiation (host histogram, berth metrics-on runs): {fmt(instantiation, ' µs', 1)}.",
+        "",
+        "| cold start to `/ready` | cold compile cache | warm compile cache |",
+        "| --- | --- | --- |",
+    ]
+    for label in ("1 module", "20 modules"):
+        lines.append(
+            f"| {label} | {fmt([t * 1e3 for t in starts[(label, 'cold')]], ' ms')} | {fmt([t * 1e3 for t in starts[(label, 'warm')]], ' ms')} |"
+        )
+    lines += [
+        "",
+        f"Idle RSS with the four examples loaded: {idle_rss:.1f} MiB.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | |",
+        "| --- | --- | --- |",
+        f"| fresh instance, metrics on ({best}): >= 2.0x `wasmtime serve` req/s | {ratio:.2f}x | {yes(ratio >= 2.0)} |",
+        f"| ... and <= 25 µs server CPU per request | {cpu:.1f} µs | {yes(cpu <= 25)} |",
+        f"| ... and p99 no worse than `wasmtime serve` | {med(best, 'p99_ms'):.2f} ms vs {med(ws, 'p99_ms'):.2f} ms | {yes(p99_ok)} |",
+        f"| full telemetry: >= 1.5x `wasmtime serve` | {ratio_full:.2f}x | {yes(ratio_full >= 1.5)} |",
+        f"| routing across 20 modules costs < 5% | {routing * 100:.1f}% | {yes(routing < 0.05)} |",
+        f"| cold start to `/ready`, warm cache, 20 modules: < 100 ms | {warm20:.0f} ms | {yes(warm20 < 100)} |",
+        f"| idle RSS < 40 MiB with the examples loaded | {idle_rss:.1f} MiB | {yes(idle_rss < 40)} |",
+        "",
+    ]
+    notes = os.path.join(ROOT, "bench", "NOTES.md")
+    if os.path.exists(notes):
+        lines += [open(notes).read()]
+    with open(os.path.join(ROOT, "bench", "RESULTS.md"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# `make bench`: installs what the benchmark needs (wrk from Debian,
+# wasmtime-cli 48.0.8 from crates.io into .tools/), builds everything in
+# release mode, and runs bench/bench.py, which writes bench/RESULTS.md.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+if ! command -v wrk >/dev/null; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk >/dev/null
+fi
+if ! .tools/wasmtime/bin/wasmtime --version 2>/dev/null | grep -q "48.0.8"; then
+  echo "bench: building wasmtime-cli 48.0.8 (takes a while on 2 cores)"
+  cargo install wasmtime-cli --version 48.0.8 --locked --root .tools/wasmtime
+fi
+make guests
+cargo build --release --locked --bin berth -p native-hello
+exec python3 bench/bench.py
