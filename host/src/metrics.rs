@@ -41,7 +41,9 @@ pub struct Metrics {
     /// Config file reloads by result.
     pub config_reloads: IntCounterVec,
     /// `berth_module_info{module,sha256}`.
-    pub module_info: IntGaugeVec,
+    module_info: IntGaugeVec,
+    /// When the serving version of each module was loaded.
+    module_loaded: IntGaugeVec,
     /// Outbound calls by module, upstream and outcome.
     pub outbound_requests: IntCounterVec,
     /// Outbound call duration by module and upstream.
@@ -178,6 +180,12 @@ impl Metrics {
                 "The module version being served; always 1.",
                 &["module", "sha256"],
             ),
+            module_loaded: gauge(
+                &r,
+                "berth_module_loaded_timestamp_seconds",
+                "Unix time the serving version of the module was loaded.",
+                &["module"],
+            ),
             outbound_requests: counter(
                 &r,
                 "berth_http_client_requests_total",
@@ -218,6 +226,34 @@ impl Metrics {
             guest: Default::default(),
             registry: r,
         }
+    }
+
+    /// Records that `module` now serves the version `sha256` (replacing
+    /// `previous`, if any), loaded at `loaded_at`.
+    pub fn module_serving(
+        &self,
+        module: &str,
+        sha256: &str,
+        previous: Option<&str>,
+        loaded_at: std::time::SystemTime,
+    ) {
+        if let Some(prev) = previous {
+            let _ = self.module_info.remove_label_values(&[module, prev]);
+        }
+        self.module_info.with_label_values(&[module, sha256]).set(1);
+        let secs = loaded_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.module_loaded
+            .with_label_values(&[module])
+            .set(i64::try_from(secs).unwrap_or(i64::MAX));
+    }
+
+    /// Records that `module` (serving `sha256`) is no longer served.
+    pub fn module_removed(&self, module: &str, sha256: &str) {
+        let _ = self.module_info.remove_label_values(&[module, sha256]);
+        let _ = self.module_loaded.remove_label_values(&[module]);
     }
 
     /// The text exposition of every metric.

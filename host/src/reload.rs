@@ -158,10 +158,7 @@ impl Modules {
                 .with_label_values(&[&spec.name, outcome])
                 .inc();
             let module = result?;
-            metrics
-                .module_info
-                .with_label_values(&[&spec.name, &module.sha256])
-                .set(1);
+            metrics.module_serving(&spec.name, &module.sha256, None, module.loaded_at);
             loaded.push(module);
         }
         modules.shared.router.store(Arc::new(Router::new(loaded)));
@@ -261,15 +258,12 @@ impl Modules {
                     let unchanged = prev.is_some_and(|p| Arc::ptr_eq(p, &module));
                     if !unchanged {
                         metrics.reloads.with_label_values(&[&spec.name, "ok"]).inc();
-                        if let Some(p) = prev {
-                            let _ = metrics
-                                .module_info
-                                .remove_label_values(&[&spec.name, &p.sha256]);
-                        }
-                        metrics
-                            .module_info
-                            .with_label_values(&[&spec.name, &module.sha256])
-                            .set(1);
+                        metrics.module_serving(
+                            &spec.name,
+                            &module.sha256,
+                            prev.map(|p| p.sha256.as_str()),
+                            module.loaded_at,
+                        );
                         tracing::info!(
                             trigger,
                             module = spec.name.as_str(),
@@ -309,7 +303,7 @@ impl Modules {
         for name in current.keys() {
             if !serving.iter().any(|m| &*m.name == name) {
                 if let Some(p) = current.get(name) {
-                    let _ = metrics.module_info.remove_label_values(&[name, &p.sha256]);
+                    metrics.module_removed(name, &p.sha256);
                 }
                 tracing::info!(trigger, module = name.as_str(), "module removed");
                 report.removed.push(name.clone());

@@ -251,6 +251,27 @@ fn kubelet_style_swaps_under_load_fail_no_request() {
         ),
         Some(20.0)
     );
+    // The serving version (v1 after an even number of swaps), and only it.
+    use sha2::{Digest, Sha256};
+    let sha_v1: String = Sha256::digest(&v1)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        metric(
+            &page,
+            "berth_module_info",
+            &[("module", "svc"), ("sha256", &sha_v1)]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(page.matches("berth_module_info{").count(), 1, "{page}");
+    let loaded = metric(
+        &page,
+        "berth_module_loaded_timestamp_seconds",
+        &[("module", "svc")],
+    );
+    assert!(loaded.unwrap() > 1.7e9);
 }
 
 #[test]
