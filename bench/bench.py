@@ -209,7 +209,7 @@ def main():
 
     scenarios = [
         ("wasmtime serve", lambda: (lambda p: Server(
-            "wasmtime", [WASMTIME, "serve", f"--addr=127.0.0.1:{p}", HELLO], f"http://127.0.0.1:{p}/"))(free_port()), "/"),
+            "wasmtime", [WASMTIME, "serve", "-Scli", f"--addr=127.0.0.1:{p}", HELLO], f"http://127.0.0.1:{p}/"))(free_port()), "/"),
         ("berth (metrics on)", lambda: start_berth("berth", [("hello", "/", HELLO)]), "/"),
         ("berth (metrics on, memory_cow = false)", lambda: start_berth(
             "berth-nocow", [("hello", "/", HELLO)], runtime="memory_cow = false\n"), "/"),
@@ -296,7 +296,7 @@ def write_results(results, starts, instantiation, idle_rss):
         f"- Machine: {os.cpu_count()} vCPU ({cpu_model}), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; shared and noisy, so compare ratios within this run.",
         f"- Versions: {version([BERTH, 'version'])}, {version([WASMTIME, '--version'])}, {version(['wrk', '--version']) or 'wrk'}, {version(['rustc', '--version'])}.",
         f"- Load: `taskset -c {LOAD_CPU} wrk -t1 -c{CONNS} -d{DURATION} --latency`, server pinned with `taskset -c {SERVER_CPU}`; {ROUNDS} rounds, servers alternating order each round, 2 s warm-up each; median (min-max).",
-        "- Component: `tests/guests/plain-hello` (bare `wasi:http/proxy`, answers `hello`), the same file for every Wasm server; a fresh instance per request everywhere (`wasmtime serve` defaults to that for p2 components).",
+        "- Component: `tests/guests/plain-hello` (bare `wasi:http/proxy` plus the `wasi:cli` imports of Rust std, answers `hello`), the same file for every Wasm server (`wasmtime serve -Scli`); a fresh instance per request everywhere (`wasmtime serve` defaults to that for p2 components).",
         "",
         "| server | req/s | server CPU per request | p99 latency | peak RSS under load |",
         "| --- | --- | --- | --- | --- |",

@@ -16,5 +16,6 @@ if ! .tools/wasmtime/bin/wasmtime --version 2>/dev/null | grep -q "48.0.8"; then
   cargo install wasmtime-cli --version 48.0.8 --locked --root .tools/wasmtime
 fi
 make guests
-cargo build --release --locked --bin berth -p native-hello
+cargo build --release --locked --bin berth
+cargo build --release --locked -p native-hello
 exec python3 bench/bench.py
