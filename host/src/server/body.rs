@@ -1,5 +1,6 @@
-//! The request body as the guest reads it: streamed, with the module's size
-//! limit enforced as bytes arrive rather than after buffering.
+//! Bodies between clients and guests: size limits enforced as bytes pass
+//! (never by buffering everything), and small responses gathered into one
+//! write.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,85 +12,53 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
-/// `Incoming` that fails once more than `limit` bytes have arrived, and
-/// records that it did so the host can answer 413 whatever the guest does
-/// with the error.
-pub(super) struct LimitedBody {
-    inner: Incoming,
+/// A body that fails once more than `limit` bytes have passed through it,
+/// without buffering anything. Used both ways: on the request body (the
+/// guest reads it streamed; `exceeded` lets the host answer 413 whatever the
+/// guest does with the error) and on the guest's response body (cut off
+/// past `max_response_body`).
+pub(super) struct Limited<B> {
+    inner: B,
     remaining: u64,
     limit: u64,
-    exceeded: Arc<AtomicBool>,
+    exceeded: Option<Arc<AtomicBool>>,
+    error: fn(u64) -> wasmtime_wasi_http::Error,
 }
 
-impl LimitedBody {
-    pub(super) fn new(inner: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
-        Self {
+impl Limited<Incoming> {
+    /// The request body, over `limit` an `HttpRequestBodySize` error.
+    pub(super) fn request(inner: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
+        Limited {
             inner,
             remaining: limit,
             limit,
-            exceeded,
+            exceeded: Some(exceeded),
+            error: |limit| wasmtime_wasi_http::Error::HttpRequestBodySize(Some(limit)),
         }
     }
 }
 
-impl Body for LimitedBody {
-    type Data = Bytes;
-    type Error = wasmtime_wasi_http::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    if len > this.remaining {
-                        this.exceeded.store(true, Ordering::Relaxed);
-                        this.remaining = 0;
-                        return Poll::Ready(Some(Err(
-                            wasmtime_wasi_http::Error::HttpRequestBodySize(Some(this.limit)),
-                        )));
-                    }
-                    this.remaining -= len;
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            other => other.map(|_| None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The guest's response body, cut off past the module's
-/// `max_response_body`. Bodies stream through without being buffered; this
-/// only counts.
-pub(super) struct CappedBody {
-    inner: HyperOutgoingBody,
-    remaining: u64,
-    limit: u64,
-}
-
-impl CappedBody {
-    pub(super) fn new(inner: HyperOutgoingBody, limit: u64) -> Self {
-        Self {
+impl Limited<HyperOutgoingBody> {
+    /// The guest's response body, over `limit` an `HttpResponseBodySize` error.
+    pub(super) fn response(inner: HyperOutgoingBody, limit: u64) -> Self {
+        Limited {
             inner,
             remaining: limit,
             limit,
+            exceeded: None,
+            error: |limit| {
+                tracing::warn!(limit, "response body over max_response_body: cut off");
+                wasmtime_wasi_http::Error::HttpResponseBodySize(Some(limit))
+            },
         }
     }
 }
 
-impl Body for CappedBody {
+impl<B> Body for Limited<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<wasmtime_wasi_http::Error>,
+{
     type Data = Bytes;
     type Error = wasmtime_wasi_http::Error;
 
@@ -100,19 +69,18 @@ impl Body for CappedBody {
         let this = &mut *self;
         let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
-            other => return other,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
         };
         if let Some(data) = frame.data_ref() {
             let len = data.len() as u64;
             if len > this.remaining {
                 this.remaining = 0;
-                tracing::warn!(
-                    limit = this.limit,
-                    "response body over max_response_body: cut off"
-                );
-                return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseBodySize(
-                    Some(this.limit),
-                ))));
+                if let Some(flag) = &this.exceeded {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                return Poll::Ready(Some(Err((this.error)(this.limit))));
             }
             this.remaining -= len;
         }

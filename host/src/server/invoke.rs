@@ -15,7 +15,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use http_body_util::BodyExt;
 
-use super::body::{CappedBody, LimitedBody};
+use super::body::Limited;
 use super::json_error;
 use tracing::Instrument;
 
@@ -131,7 +131,7 @@ pub(super) async fn invoke(
 
     let too_big = Arc::new(AtomicBool::new(false));
     let (parts, body) = req.into_parts();
-    let body = LimitedBody::new(body, limits.max_body.0, too_big.clone());
+    let body = Limited::request(body, limits.max_body.0, too_big.clone());
     let (tx, rx) = tokio::sync::oneshot::channel();
     let prepared = (|| {
         let mut http = store.data_mut().http();
@@ -232,7 +232,7 @@ pub(super) async fn invoke(
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
             let body = super::body::coalesce(body).await;
-            let capped = CappedBody::new(body, limits.max_response_body.0).boxed_unsync();
+            let capped = Limited::response(body, limits.max_response_body.0).boxed_unsync();
             Response::from_parts(parts, capped)
         }
         Err(err) => json_error(err.status(), err.public_message(), request_id),
