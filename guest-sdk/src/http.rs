@@ -34,6 +34,7 @@ pub struct Client {
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     timeout: Option<Duration>,
+    connect_timeout: Option<Duration>,
 }
 
 impl Client {
@@ -45,6 +46,7 @@ impl Client {
             headers: Vec::new(),
             body: Vec::new(),
             timeout: None,
+            connect_timeout: None,
         }
     }
 
@@ -93,6 +95,13 @@ impl Client {
         self
     }
 
+    /// Asks for a shorter connect timeout than the host's (which still
+    /// applies when it is shorter).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
     /// Sends the request and reads the whole response.
     pub fn send(self) -> Result<Response, Error> {
         let url = self.url.clone();
@@ -123,11 +132,16 @@ impl Client {
         req.set_path_with_query(Some(&path))
             .map_err(|()| invalid("path"))?;
         let body = req.body().map_err(|()| invalid("body"))?;
-        let options = self.timeout.map(|t| {
+        let nanos = |t: Duration| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
+        let options = (self.timeout.is_some() || self.connect_timeout.is_some()).then(|| {
             let o = RequestOptions::new();
-            let nanos = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
-            let _ = o.set_first_byte_timeout(Some(nanos));
-            let _ = o.set_between_bytes_timeout(Some(nanos));
+            if let Some(t) = self.timeout {
+                let _ = o.set_first_byte_timeout(Some(nanos(t)));
+                let _ = o.set_between_bytes_timeout(Some(nanos(t)));
+            }
+            if let Some(t) = self.connect_timeout {
+                let _ = o.set_connect_timeout(Some(nanos(t)));
+            }
             o
         });
         let pending = outgoing_handler::handle(req, options).map_err(|c| from_code(&url, c))?;

@@ -220,6 +220,7 @@ impl ModuleOutbound {
                 let labels = [&*self.module, label.as_str()];
                 Arc::new(Upstream {
                     client: self.clients.get(config.connect_timeout),
+                    clients: self.clients.clone(),
                     breaker: Breaker::new(
                         config.circuit_breaker,
                         m.breaker_state.with_label_values(&labels),
@@ -246,6 +247,8 @@ struct Upstream {
     label: String,
     config: OutboundConfig,
     client: HttpsClient,
+    /// For guests that ask for a shorter connect timeout than the host's.
+    clients: Arc<Clients>,
     breaker: Breaker,
     budget: TpsBudget,
     metrics: Arc<Metrics>,
@@ -299,6 +302,15 @@ impl Upstream {
         let guest = guest.unwrap_or_default();
         let cap = |asked: Option<Duration>, host: Duration| asked.map_or(host, |a| a.min(host));
         let first_byte = cap(guest.first_byte_timeout, cfg.first_byte_timeout);
+        // The connect timeout lives in the connector, so a shorter one from
+        // the guest picks another pooled client, rounded up to 100 ms so
+        // guests cannot make one pool per nanosecond.
+        let client = match guest.connect_timeout {
+            Some(asked) if asked < cfg.connect_timeout => self
+                .clients
+                .get(round_up_100ms(asked).min(cfg.connect_timeout)),
+            _ => self.client.clone(),
+        };
         let between_bytes = cap(guest.between_bytes_timeout, cfg.between_bytes_timeout);
         let started = Instant::now();
         let deadline = started + cfg.timeout;
@@ -310,56 +322,57 @@ impl Upstream {
         self.budget.deposit();
 
         let mut attempt = 0u32;
-        let outcome = loop {
-            let Some(admission) = self.breaker.admit() else {
-                self.count("circuit_open");
-                trace.span.record("otel.status_code", "ERROR");
-                tracing::warn!(
-                    module = &*self.module,
-                    upstream = self.label.as_str(),
-                    trace_id = %trace,
-                    "outbound call failed fast: circuit open"
+        let outcome =
+            loop {
+                let Some(admission) = self.breaker.admit() else {
+                    self.count("circuit_open");
+                    trace.span.record("otel.status_code", "ERROR");
+                    tracing::warn!(
+                        module = &*self.module,
+                        upstream = self.label.as_str(),
+                        trace_id = %trace,
+                        "outbound call failed fast: circuit open"
+                    );
+                    return Err(Error::DestinationUnavailable);
+                };
+                let req = Request::from_parts(parts.clone(), body.attempt());
+                let budget_left = deadline.saturating_duration_since(Instant::now());
+                let result =
+                    match tokio::time::timeout(first_byte.min(budget_left), client.request(req))
+                        .await
+                    {
+                        Ok(Ok(resp)) => Attempt::Response(resp),
+                        Ok(Err(e)) => {
+                            let (err, kind) = classify(&e);
+                            Attempt::Failed(err, kind)
+                        }
+                        Err(_) => Attempt::Failed(Error::ConnectionReadTimeout, "timeout"),
+                    };
+                let retry_status = matches!(
+                    &result,
+                    Attempt::Response(r) if matches!(r.status(), StatusCode::BAD_GATEWAY
+                        | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
                 );
-                return Err(Error::DestinationUnavailable);
-            };
-            let req = Request::from_parts(parts.clone(), body.attempt());
-            let budget_left = deadline.saturating_duration_since(Instant::now());
-            let result =
-                match tokio::time::timeout(first_byte.min(budget_left), self.client.request(req))
-                    .await
-                {
-                    Ok(Ok(resp)) => Attempt::Response(resp),
-                    Ok(Err(e)) => {
-                        let (err, kind) = classify(&e);
-                        Attempt::Failed(err, kind)
+                let failed = retry_status || matches!(result, Attempt::Failed(..));
+                self.breaker.record(admission, !failed);
+                let retryable = attempt < cfg.retries
+                    && body.replayable()
+                    && match &result {
+                        Attempt::Failed(_, kind) => *kind == "connect",
+                        Attempt::Response(_) => retry_status && idempotent,
+                    };
+                if retryable {
+                    let wait = backoff(cfg, attempt).max(retry_after(&result).unwrap_or_default());
+                    if Instant::now() + wait < deadline && self.budget.withdraw() {
+                        attempt += 1;
+                        self.retries.inc();
+                        drop(result);
+                        tokio::time::sleep(wait).await;
+                        continue;
                     }
-                    Err(_) => Attempt::Failed(Error::ConnectionReadTimeout, "timeout"),
-                };
-            let retry_status = matches!(
-                &result,
-                Attempt::Response(r) if matches!(r.status(), StatusCode::BAD_GATEWAY
-                    | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
-            );
-            let failed = retry_status || matches!(result, Attempt::Failed(..));
-            self.breaker.record(admission, !failed);
-            let retryable = attempt < cfg.retries
-                && body.replayable()
-                && match &result {
-                    Attempt::Failed(_, kind) => *kind == "connect",
-                    Attempt::Response(_) => retry_status && idempotent,
-                };
-            if retryable {
-                let wait = backoff(cfg, attempt).max(retry_after(&result).unwrap_or_default());
-                if Instant::now() + wait < deadline && self.budget.withdraw() {
-                    attempt += 1;
-                    self.retries.inc();
-                    drop(result);
-                    tokio::time::sleep(wait).await;
-                    continue;
                 }
-            }
-            break result;
-        };
+                break result;
+            };
         self.duration.observe(started.elapsed().as_secs_f64());
         match outcome {
             Attempt::Response(resp) => {
@@ -388,6 +401,11 @@ impl Upstream {
             }
         }
     }
+}
+
+fn round_up_100ms(d: Duration) -> Duration {
+    let steps = d.as_millis().div_ceil(100).max(1);
+    Duration::from_millis(u64::try_from(steps * 100).unwrap_or(u64::MAX))
 }
 
 /// Exponential back-off with full jitter: uniform in
@@ -460,6 +478,22 @@ impl WasiHttpHooks for OutboundHooks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_connect_timeouts_round_up() {
+        assert_eq!(
+            round_up_100ms(Duration::from_nanos(1)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            round_up_100ms(Duration::from_millis(250)),
+            Duration::from_millis(300)
+        );
+        assert_eq!(
+            round_up_100ms(Duration::from_millis(300)),
+            Duration::from_millis(300)
+        );
+    }
 
     #[test]
     fn backoff_is_jittered_and_capped() {
