@@ -28,6 +28,38 @@ pub enum Mode {
     Hang,
 }
 
+/// Serves HTTP/1 on a free loopback port from a runtime of its own; the
+/// server lives as long as the returned runtime.
+pub fn serve_http<F, Fut>(handler: F) -> (SocketAddr, tokio::runtime::Runtime)
+where
+    F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service_fn(handler))
+                    .await;
+            });
+        }
+    });
+    (addr, runtime)
+}
+
 /// The server; it stops with the test process.
 pub struct Downstream {
     pub addr: SocketAddr,
@@ -43,32 +75,10 @@ impl Downstream {
     }
 
     pub fn start(mode: Mode) -> Downstream {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let mode = Arc::new(Mutex::new(mode));
         let (h, m) = (hits.clone(), mode.clone());
-        runtime.spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (h, m) = (h.clone(), m.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| answer(req, h.clone(), m.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let (addr, runtime) = serve_http(move |req| answer(req, h.clone(), m.clone()));
         Downstream {
             addr,
             hits,
