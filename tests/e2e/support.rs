@@ -59,6 +59,14 @@ pub fn berth_bin() -> &'static str {
     env!("CARGO_BIN_EXE_berth")
 }
 
+/// Writes `config` as `berth.toml` in a fresh folder.
+fn write_config(config: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("berth.toml");
+    std::fs::write(&path, config).unwrap();
+    (dir, path)
+}
+
 fn command(config: &Path, env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(berth_bin());
     cmd.arg("serve")
@@ -82,9 +90,7 @@ impl Berth {
 
     /// Same, with extra environment variables.
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Berth {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("berth.toml");
-        std::fs::write(&path, config).unwrap();
+        let (dir, path) = write_config(config);
         let mut child = command(&path, env)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -223,9 +229,7 @@ impl Drop for Berth {
 
 /// Runs `berth serve` with a config that is expected to fail at start-up.
 pub fn run_expecting_exit(config: &str, env: &[(&str, &str)]) -> Finished {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("berth.toml");
-    std::fs::write(&path, config).unwrap();
+    let (_dir, path) = write_config(config);
     let mut child = command(&path, env)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

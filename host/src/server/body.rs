@@ -96,18 +96,32 @@ where
     }
 }
 
-/// Bytes already read, then the rest of the stream.
+/// Frames already read, then the rest of the stream (if any).
 pub(crate) struct Prefixed {
-    prefix: Option<Bytes>,
-    rest: HyperOutgoingBody,
+    frames: std::collections::VecDeque<Result<Frame<Bytes>, wasmtime_wasi_http::Error>>,
+    rest: Option<HyperOutgoingBody>,
 }
 
 impl Prefixed {
+    /// `prefix` (when not empty), then `rest`.
     pub(crate) fn new(prefix: Bytes, rest: HyperOutgoingBody) -> Self {
-        Prefixed {
-            prefix: (!prefix.is_empty()).then_some(prefix),
-            rest,
-        }
+        let mut me = Self::ending(prefix, None);
+        me.rest = Some(rest);
+        me
+    }
+
+    /// `prefix` (when not empty), then `last` (trailers, or the error that
+    /// ended the body), then the end.
+    fn ending(
+        prefix: Bytes,
+        last: Option<Result<Frame<Bytes>, wasmtime_wasi_http::Error>>,
+    ) -> Self {
+        let frames = (!prefix.is_empty())
+            .then(|| Ok(Frame::data(prefix)))
+            .into_iter()
+            .chain(last)
+            .collect();
+        Prefixed { frames, rest: None }
     }
 }
 
@@ -119,10 +133,13 @@ impl Body for Prefixed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if let Some(prefix) = self.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        if let Some(frame) = self.frames.pop_front() {
+            return Poll::Ready(Some(frame));
         }
-        Pin::new(&mut self.rest).poll_frame(cx)
+        match &mut self.rest {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
     }
 }
 
@@ -165,30 +182,13 @@ pub(super) async fn coalesce(body: HyperOutgoingBody) -> HyperOutgoingBody {
                 }
                 Err(trailers) => {
                     // Trailers end the body; keep them behind the data.
-                    let last = OneFrame(Some(Ok(trailers))).boxed_unsync();
-                    return Prefixed::new(buf.freeze(), last).boxed_unsync();
+                    return Prefixed::ending(buf.freeze(), Some(Ok(trailers))).boxed_unsync();
                 }
             },
             Some(Err(e)) => {
-                let last = OneFrame(Some(Err(e))).boxed_unsync();
-                return Prefixed::new(buf.freeze(), last).boxed_unsync();
+                return Prefixed::ending(buf.freeze(), Some(Err(e))).boxed_unsync();
             }
         }
     }
     Prefixed::new(buf.freeze(), body).boxed_unsync()
-}
-
-/// A body of one last frame (trailers, or the error that ended a body).
-struct OneFrame(Option<Result<Frame<Bytes>, wasmtime_wasi_http::Error>>);
-
-impl Body for OneFrame {
-    type Data = Bytes;
-    type Error = wasmtime_wasi_http::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Poll::Ready(self.0.take())
-    }
 }
