@@ -84,7 +84,10 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), ServeError>
             .unwrap_or_default(),
         epoch_tick: config.runtime.epoch_tick,
         cache_dir: config.cache_dir().map(Into::into),
-        keep_resident: usize::try_from(config.runtime.keep_resident.0).unwrap_or(usize::MAX),
+        keep_resident: config
+            .runtime
+            .keep_resident
+            .map(|b| usize::try_from(b.0).unwrap_or(usize::MAX)),
         decommit_batch: config.runtime.decommit_batch.max(1) as usize,
         memory_cow: config.runtime.memory_cow,
     })?;

@@ -30,6 +30,11 @@ pub use module::{Fetched, LoadError, Module, ModuleSource, ModuleSpec};
 const CORE_INSTANCES_PER_COMPONENT: u32 = 4;
 const TABLES_PER_COMPONENT: u32 = 3;
 
+/// Dirty pages of a freed instance's memory reset with `memcpy`/`memset`
+/// when `PAGEMAP_SCAN` finds them; more than a small Rust or TinyGo guest
+/// touches per request, so such guests never fault or `madvise`.
+pub const DEFAULT_KEEP_RESIDENT: usize = 1 << 20;
+
 /// Engine-wide settings.
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
@@ -43,8 +48,9 @@ pub struct RuntimeOptions {
     /// Folder of the compile cache, if caching is on.
     pub cache_dir: Option<std::path::PathBuf>,
     /// Bytes of each freed instance's memory reset in place rather than
-    /// returned to the kernel.
-    pub keep_resident: usize,
+    /// returned to the kernel; `None` picks [`DEFAULT_KEEP_RESIDENT`] where
+    /// the kernel can find the dirty pages, else 0.
+    pub keep_resident: Option<usize>,
     /// Freed slots whose memory is returned to the kernel in one batch.
     pub decommit_batch: usize,
     /// Map memory images copy-on-write instead of copying data segments.
@@ -129,6 +135,11 @@ impl Runtime {
 
 fn build_engine(opts: &RuntimeOptions) -> anyhow::Result<Engine> {
     let n = opts.max_instances;
+    let pagemap = PoolingAllocationConfig::is_pagemap_scan_available();
+    let keep_resident =
+        opts.keep_resident
+            .unwrap_or(if pagemap { DEFAULT_KEEP_RESIDENT } else { 0 });
+    tracing::info!(pagemap_scan = pagemap, keep_resident, "instance pool");
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(n)
         .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
@@ -141,16 +152,22 @@ fn build_engine(opts: &RuntimeOptions) -> anyhow::Result<Engine> {
         // instance of the same module; enough for a busy set of modules
         // without pinning memory for every slot.
         .max_unused_warm_slots(n.min(100))
-        // Reset the first pages of a freed instance with memset instead of
-        // madvise, and return the rest to the kernel in batches: madvise,
-        // page faults and decommit flushes were ~15% of server CPU for a
-        // hello component (see bench/NOTES.md for the settings measured).
-        .linear_memory_keep_resident(opts.keep_resident)
-        .table_keep_resident(opts.keep_resident.min(64 << 10))
-        .async_stack_keep_resident(opts.keep_resident.min(64 << 10))
+        // Resetting a freed instance by `madvise` costs the next request a
+        // page fault for every page it touches, plus TLB shootdowns: with
+        // PAGEMAP_SCAN only the pages the guest dirtied are reset in place
+        // (56 -> 26 µs per hello request, see bench/NOTES.md).
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        .linear_memory_keep_resident(keep_resident)
+        .table_keep_resident(keep_resident.min(64 << 10))
+        .async_stack_keep_resident(keep_resident.min(64 << 10))
         .decommit_batch_size(opts.decommit_batch);
     let mut cfg = EngineConfig::new();
     cfg.wasm_component_model(true)
+        // Guests speak wasi:http 0.2, whose calls are synchronous at the
+        // component level; without the component-model-async bookkeeping
+        // (a guest task, scopes and a waitable set per call) a hello request
+        // costs ~40% less CPU.
+        .concurrency_support(false)
         .epoch_interruption(true)
         .cranelift_opt_level(wasmtime::OptLevel::Speed)
         .memory_init_cow(opts.memory_cow)

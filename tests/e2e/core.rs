@@ -340,3 +340,39 @@ fn the_smoke_test_passes_against_berth_and_fails_clearly_elsewhere() {
     );
     assert!(said.contains("smoke test FAILED"), "{said}");
 }
+
+/// A fresh instance per request, however the pool resets a finished one:
+/// only its dirty pages in place (the default where the kernel has
+/// `PAGEMAP_SCAN`), everything returned to the kernel, or data segments
+/// copied rather than mapped.
+#[test]
+fn no_state_survives_from_one_request_to_the_next() {
+    let resets: [&[(&str, &str)]; 3] = [
+        &[],
+        &[("BERTH_RUNTIME__KEEP_RESIDENT", "0")],
+        &[("BERTH_RUNTIME__MEMORY_COW", "false")],
+    ];
+    for env in resets {
+        let berth = Berth::start_with(&module("misbehave", "/m", "misbehave", ""), env);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let berth = &berth;
+                s.spawn(move || {
+                    for i in 0..20 {
+                        let r = get(&berth.url(&format!("/m/state?mb={}", 1 + (t + i) % 6)));
+                        assert_eq!(r.status, 200, "{env:?}: {}", r.body);
+                        assert_eq!(r.json()["calls"], 42, "{env:?}: a global kept its value");
+                        assert_eq!(
+                            r.json()["dirty_bytes"],
+                            0,
+                            "{env:?}: grown memory not zeroed"
+                        );
+                        if i % 5 == 0 {
+                            assert_eq!(get(&berth.url("/m/alloc?mb=3")).status, 200);
+                        }
+                    }
+                });
+            }
+        });
+    }
+}

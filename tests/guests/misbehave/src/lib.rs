@@ -33,6 +33,19 @@ fn handle(req: Request) -> Response {
             std::thread::sleep(std::time::Duration::from_millis(n("ms", 1000)));
             Response::text("slept\n")
         }
+        "state" => {
+            // What a previous request left behind must be gone: globals back
+            // to their initial values, and memory grown by an earlier
+            // instance zeroed (the allocator trusts fresh pages to be zero).
+            use std::sync::atomic::{AtomicU64, Ordering};
+            static CALLS: AtomicU64 = AtomicU64::new(41);
+            let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut fresh = vec![0u8; (n("mb", 4) << 20) as usize];
+            let dirty = fresh.iter().filter(|b| **b != 0).count();
+            fresh.fill(0xAA);
+            std::hint::black_box(&fresh);
+            Response::json(&serde_json::json!({ "calls": calls, "dirty_bytes": dirty }))
+        }
         "echo" => Response::json(&serde_json::json!({ "bytes": req.body().len() })),
         "metrics" => {
             // `n` distinct label values of one counter, to test the cap.
