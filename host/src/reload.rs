@@ -180,15 +180,19 @@ impl Modules {
             tasks.spawn(async move {
                 let fetched = match spec.fetch(&runtime).await {
                     Ok(f) => f,
-                    Err(e) => return (i, Err(e)),
+                    Err(e) => return (i, Err(e), false),
                 };
                 if let Some(prev) = prev
                     && prev.sha256 == fetched.sha256
                 {
                     if prev.spec == spec {
-                        return (i, Ok(prev));
+                        return (i, Ok(prev), false);
                     }
-                    return (i, Ok(Arc::new(prev.respec(&runtime, spec, &metrics))));
+                    return (
+                        i,
+                        Ok(Arc::new(prev.respec(&runtime, spec, &metrics))),
+                        false,
+                    );
                 }
                 let result = tokio::task::spawn_blocking(move || {
                     Module::load(&runtime, spec, fetched, &metrics).map(Arc::new)
@@ -197,14 +201,19 @@ impl Modules {
                 .unwrap_or_else(|panic| {
                     std::panic::resume_unwind(panic.into_panic());
                 });
-                (i, result)
+                (i, result, true)
             });
         }
         let mut results: Vec<Option<Result<Arc<Module>, LoadError>>> =
             specs.iter().map(|_| None).collect();
+        let mut compiled = false;
         while let Some(joined) = tasks.join_next().await {
-            let (i, result) = joined.expect("module loading task panicked");
+            let (i, result, loaded) = joined.expect("module loading task panicked");
             results[i] = Some(result);
+            compiled |= loaded;
+        }
+        if compiled {
+            return_freed_memory();
         }
         specs
             .into_iter()
@@ -393,4 +402,17 @@ fn watcher(dirs: &[PathBuf], tx: mpsc::Sender<()>) -> Option<notify::Recommended
         }
     }
     Some(watcher)
+}
+
+/// Compiling leaves megabytes freed but still held by the allocator's
+/// per-thread arenas (idle RSS with the four examples, compiled at start-up:
+/// 45 MiB before this, 32 after); give them back to the kernel.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: `malloc_trim` only walks glibc's own arenas under their locks
+    // and may be called from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
