@@ -145,8 +145,8 @@ pub struct RuntimeConfig {
     /// Finished instances whose memory is returned to the kernel together.
     pub decommit_batch: u32,
     /// Map module memory images copy-on-write (best for large guests) rather
-    /// than copying their data into each instance (~13% less CPU per request
-    /// for small guests, see bench/NOTES.md).
+    /// than copying their data into each instance, which only helps small
+    /// guests on kernels without `PAGEMAP_SCAN` (see bench/NOTES.md).
     pub memory_cow: bool,
 }
 
