@@ -212,6 +212,11 @@ fn invalid_config_values_name_the_key() {
         &[],
         &["modules.a.limits.timeout"],
     );
+    assert_config_error(
+        "[runtime]\nworker_threads = 0\n",
+        &[],
+        &["runtime.worker_threads", "at least 1"],
+    );
     // A bad value from the environment names the variable's key too.
     assert_config_error(
         "",

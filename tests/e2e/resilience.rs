@@ -15,41 +15,54 @@ fn misbehave(limits: &str) -> String {
         + &module("hello", "/hello", "hello", "")
 }
 
+/// Also on one worker thread (what a pod with a CPU limit of 1 gets): the
+/// epoch ticks make spinning guests yield to everything else.
 #[test]
 fn a_spinning_guest_gets_504_and_probes_keep_answering() {
-    let berth = Berth::start(&misbehave("timeout = \"500ms\""));
-    let spinners: Vec<_> = (0..3)
-        .map(|_| {
-            let url = berth.url("/m/loop");
-            std::thread::spawn(move || {
-                let started = Instant::now();
-                (get(&url), started.elapsed())
-            })
-        })
-        .collect();
-    // While they spin, the admin port and other modules answer.
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(get(&berth.admin_url("/healthz")).status, 200);
-    assert_eq!(get(&berth.url("/hello")).status, 200);
-    for s in spinners {
-        let (r, took) = s.join().unwrap();
-        assert_eq!(r.status, 504, "{}", r.body);
+    for (threads, scheduler) in [
+        ("[runtime]\nworker_threads = 2\n", "multi-thread"),
+        ("[runtime]\nworker_threads = 1\n", "current-thread"),
+    ] {
+        let berth = Berth::start(&(threads.to_owned() + &misbehave("timeout = \"500ms\"")));
         assert!(
-            took >= Duration::from_millis(500),
-            "answered before the timeout: {took:?}"
+            berth
+                .wait_for_log(Duration::from_secs(5), |l| l["scheduler"] == scheduler)
+                .is_some(),
+            "berth did not log the {scheduler} scheduler"
         );
-        // Generous bound: the timeout plus ticks, on a loaded machine.
-        assert!(took < Duration::from_secs(5), "took {took:?}");
+        let spinners: Vec<_> = (0..3)
+            .map(|_| {
+                let url = berth.url("/m/loop");
+                std::thread::spawn(move || {
+                    let started = Instant::now();
+                    (get(&url), started.elapsed())
+                })
+            })
+            .collect();
+        // While they spin, the admin port and other modules answer.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(get(&berth.admin_url("/healthz")).status, 200);
+        assert_eq!(get(&berth.url("/hello")).status, 200);
+        for s in spinners {
+            let (r, took) = s.join().unwrap();
+            assert_eq!(r.status, 504, "{scheduler}: {}", r.body);
+            assert!(
+                took >= Duration::from_millis(500),
+                "{scheduler}: answered before the timeout: {took:?}"
+            );
+            // Generous bound: the timeout plus ticks, on a loaded machine.
+            assert!(took < Duration::from_secs(5), "{scheduler}: took {took:?}");
+        }
+        let page = berth.metrics();
+        assert_eq!(
+            metric(
+                &page,
+                "berth_guest_failures_total",
+                &[("module", "m"), ("kind", "timeout")]
+            ),
+            Some(3.0)
+        );
     }
-    let page = berth.metrics();
-    assert_eq!(
-        metric(
-            &page,
-            "berth_guest_failures_total",
-            &[("module", "m"), ("kind", "timeout")]
-        ),
-        Some(3.0)
-    );
 }
 
 #[test]
