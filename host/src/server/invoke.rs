@@ -118,7 +118,6 @@ pub(super) async fn invoke(
     let mut store = Store::new(module.pre.engine(), host);
     store.limiter(|h| &mut h.limits);
     let deadline = Instant::now() + limits.timeout;
-    store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
         Ok(if Instant::now() >= deadline {
             UpdateDeadline::Interrupt
@@ -172,6 +171,10 @@ pub(super) async fn invoke(
             let metrics = &module2.metrics;
             metrics.in_flight.inc();
             let work = async {
+                // Counted from here, not from when the store was made: a
+                // tick that passed while this task waited for its turn
+                // would make the guest yield at once and queue again.
+                store.set_epoch_deadline(1);
                 let started = Instant::now();
                 let proxy = pre
                     .instantiate_async(&mut store)
