@@ -97,23 +97,19 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     // On one CPU, the multi-threaded scheduler's cross-thread wake-ups and
     // work-stealing bookkeeping buy nothing and cost 10-30% per request.
-    let mut builder = match config.worker_threads() {
-        1 => tokio::runtime::Builder::new_current_thread(),
+    let threads = config.worker_threads();
+    let (mut builder, scheduler) = match threads {
+        1 => (
+            tokio::runtime::Builder::new_current_thread(),
+            "current-thread",
+        ),
         n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(n);
-            b
+            (b, "multi-thread")
         }
     };
-    tracing::info!(
-        worker_threads = config.worker_threads(),
-        scheduler = if config.worker_threads() == 1 {
-            "current-thread"
-        } else {
-            "multi-thread"
-        },
-        "async runtime"
-    );
+    tracing::info!(worker_threads = threads, scheduler, "async runtime");
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(1, format!("cannot start the async runtime: {e}")),
