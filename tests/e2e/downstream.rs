@@ -64,6 +64,7 @@ where
 pub struct Downstream {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
+    bodies: Arc<Mutex<Vec<usize>>>,
     mode: Arc<Mutex<Mode>>,
     _runtime: tokio::runtime::Runtime,
 }
@@ -76,12 +77,14 @@ impl Downstream {
 
     pub fn start(mode: Mode) -> Downstream {
         let hits = Arc::new(AtomicUsize::new(0));
+        let bodies = Arc::new(Mutex::new(Vec::new()));
         let mode = Arc::new(Mutex::new(mode));
-        let (h, m) = (hits.clone(), mode.clone());
-        let (addr, runtime) = serve_http(move |req| answer(req, h.clone(), m.clone()));
+        let (h, b, m) = (hits.clone(), bodies.clone(), mode.clone());
+        let (addr, runtime) = serve_http(move |req| answer(req, h.clone(), b.clone(), m.clone()));
         Downstream {
             addr,
             hits,
+            bodies,
             mode,
             _runtime: runtime,
         }
@@ -95,17 +98,29 @@ impl Downstream {
         self.hits.load(Ordering::SeqCst)
     }
 
+    /// The length of each request body received, in order.
+    pub fn bodies(&self) -> Vec<usize> {
+        self.bodies.lock().unwrap().clone()
+    }
+
     pub fn set_mode(&self, mode: Mode) {
         *self.mode.lock().unwrap() = mode;
     }
 }
 
 async fn answer(
-    _req: Request<hyper::body::Incoming>,
+    req: Request<hyper::body::Incoming>,
     hits: Arc<AtomicUsize>,
+    bodies: Arc<Mutex<Vec<usize>>>,
     mode: Arc<Mutex<Mode>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     hits.fetch_add(1, Ordering::SeqCst);
+    use http_body_util::BodyExt;
+    let len = match req.into_body().collect().await {
+        Ok(body) => body.to_bytes().len(),
+        Err(_) => usize::MAX,
+    };
+    bodies.lock().unwrap().push(len);
     let now = {
         let mut m = mode.lock().unwrap();
         let now = m.clone();

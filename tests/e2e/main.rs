@@ -10,4 +10,5 @@ mod lifecycle;
 mod observability;
 mod otlp;
 mod resilience;
+mod streaming;
 mod support;

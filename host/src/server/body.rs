@@ -25,11 +25,11 @@ pub(super) struct Limited<B> {
     error: fn(u64) -> wasmtime_wasi_http::Error,
 }
 
-impl Limited<Incoming> {
+impl Limited<Lingering> {
     /// The request body, over `limit` an `HttpRequestBodySize` error.
     pub(super) fn request(inner: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
         Limited {
-            inner,
+            inner: Lingering::new(inner),
             remaining: limit,
             limit,
             exceeded: Some(exceeded),
@@ -96,6 +96,76 @@ where
     }
 }
 
+/// Most of an unread request body drained after the guest answered.
+const LINGER_BYTES: usize = 8 << 20;
+/// Longest a drain of an unread request body may take.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The request body as the guest gets it. Dropped unread (the guest
+/// answered without reading it all: an early 413, a redirect), the rest is
+/// read and discarded in the background, up to [`LINGER_BYTES`] and
+/// [`LINGER_TIME`], so the client can finish sending and read the answer.
+/// Closing a socket with unread bytes makes the kernel send a reset that
+/// can destroy the response in flight; nginx's "lingering close" does the
+/// same for the same reason.
+pub(super) struct Lingering(Option<Incoming>);
+
+impl Lingering {
+    pub(super) fn new(body: Incoming) -> Self {
+        Lingering(Some(body))
+    }
+}
+
+impl Body for Lingering {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.0.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.as_ref().map(|b| b.size_hint()).unwrap_or_default()
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(mut body) = self.0.take() else {
+            return;
+        };
+        if body.is_end_stream() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            use http_body_util::BodyExt;
+            let drain = async {
+                let mut drained = 0;
+                while let Some(Ok(frame)) = body.frame().await {
+                    drained += frame.data_ref().map_or(0, |d| d.len());
+                    if drained > LINGER_BYTES {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+        });
+    }
+}
+
 /// Frames already read, then the rest of the stream (if any).
 pub(crate) struct Prefixed {
     frames: std::collections::VecDeque<Result<Frame<Bytes>, wasmtime_wasi_http::Error>>,
@@ -147,25 +217,22 @@ impl Body for Prefixed {
 const COALESCE_LIMIT: usize = 64 << 10;
 
 /// Small guest responses leave in one write with a `Content-Length`
-/// instead of a chunked stream of a head and several body writes: waits
-/// for the first body frame, then takes what the guest has already written
-/// without waiting again. If that is the whole body it is sent whole;
-/// otherwise what was read goes first and the rest streams.
+/// instead of a chunked stream of a head and several body writes. Nothing
+/// is waited for: after one turn of the scheduler (in which a guest that
+/// answers at once writes and finishes its body), only the frames already
+/// there are taken. If that is the whole body it is sent whole; otherwise
+/// the head leaves now with what was read, and the rest streams, so
+/// server-sent events and long polls get their head at once.
 pub(super) async fn coalesce(body: HyperOutgoingBody) -> HyperOutgoingBody {
     use http_body_util::BodyExt;
+    tokio::task::yield_now().await;
     let mut body = body;
     let mut buf = bytes::BytesMut::new();
-    let mut first = true;
+    let mut cx = Context::from_waker(std::task::Waker::noop());
     loop {
-        let frame = if first {
-            first = false;
-            body.frame().await
-        } else {
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            match Pin::new(&mut body).poll_frame(&mut cx) {
-                Poll::Ready(frame) => frame,
-                Poll::Pending => break,
-            }
+        let frame = match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => break,
         };
         match frame {
             None => {

@@ -59,6 +59,13 @@ fn handle(req: Request) -> Response {
             TOOK.observe(0.25);
             Response::text("counted\n")
         }
+        "spam" => {
+            let line = "x".repeat(n("bytes", 100) as usize);
+            for _ in 0..n("n", 100) {
+                info!("{line}");
+            }
+            Response::text("spammed\n")
+        }
         "print" => {
             println!("line one from stdout");
             eprintln!("line two from stderr");
@@ -85,6 +92,16 @@ fn handle(req: Request) -> Response {
         "post" => {
             let url = req.query_param("url").unwrap_or_default();
             match http::Client::post(&url).body("payload").send() {
+                Ok(r) => Response::json(&serde_json::json!({
+                    "status": r.status(), "body": r.text_body()
+                })),
+                Err(e) => Response::error(502, &e.to_string()),
+            }
+        }
+        "put" => {
+            let url = req.query_param("url").unwrap_or_default();
+            let body = vec![b'p'; n("bytes", 7) as usize];
+            match http::Client::put(&url).body(body).send() {
                 Ok(r) => Response::json(&serde_json::json!({
                     "status": r.status(), "body": r.text_body()
                 })),
