@@ -14,10 +14,11 @@
 //! when its target is replaced). Events are debounced; the rescan is the
 //! backstop for anything a watch misses.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -30,7 +31,15 @@ use crate::router::Router;
 use crate::runtime::{LoadError, Module, ModuleSource, ModuleSpec, Runtime};
 
 /// How long the watcher waits for a burst of file events to settle.
-const DEBOUNCE: Duration = Duration::from_millis(150);
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// The most a reload waits after the first event of a burst, however many
+/// follow: a file that never stops changing cannot postpone it for good.
+const DEBOUNCE_MAX: Duration = Duration::from_millis(250);
+
+/// The kubelet's link to the current version of a ConfigMap volume; every
+/// update of the volume renames a new link over it.
+const KUBELET_DATA_LINK: &str = "..data";
 
 /// Where the configuration comes from, to read it again on reload.
 #[derive(Debug, Clone, Default)]
@@ -178,6 +187,20 @@ impl Modules {
             let prev = current.get(&spec.name).cloned();
             let (runtime, metrics) = (self.runtime.clone(), self.shared.metrics.clone());
             tasks.spawn(async move {
+                // Unchanged on disk (by stat) or pinned by digest: no read,
+                // no hash, no download.
+                if let Some(prev) = &prev
+                    && spec.unchanged_since(prev)
+                {
+                    if prev.spec == spec {
+                        return (i, Ok(prev.clone()), false);
+                    }
+                    return (
+                        i,
+                        Ok(Arc::new(prev.respec(&runtime, spec, &metrics))),
+                        false,
+                    );
+                }
                 let fetched = match spec.fetch(&runtime).await {
                     Ok(f) => f,
                     Err(e) => return (i, Err(e), false),
@@ -185,6 +208,7 @@ impl Modules {
                 if let Some(prev) = prev
                     && prev.sha256 == fetched.sha256
                 {
+                    prev.restamp(&fetched);
                     if prev.spec == spec {
                         return (i, Ok(prev), false);
                     }
@@ -223,7 +247,8 @@ impl Modules {
     }
 
     /// Re-reads the config and every module, and swaps in what changed.
-    pub async fn reload(&self, trigger: &'static str) -> ReloadReport {
+    /// `since` is when the change that set it off was first seen.
+    pub async fn reload(&self, trigger: &'static str, since: Option<Instant>) -> ReloadReport {
         let mut running = self.config.lock().await;
         let mut report = ReloadReport {
             trigger,
@@ -278,6 +303,7 @@ impl Modules {
                             module = spec.name.as_str(),
                             sha256 = module.sha256.as_str(),
                             previous = prev.map(|p| p.sha256.as_str()),
+                            since_change_ms = since.map(|t| t.elapsed().as_millis() as u64),
                             "module swapped in"
                         );
                         report.changed.push(spec.name.clone());
@@ -340,17 +366,19 @@ impl Modules {
         stop: CancellationToken,
     ) {
         let config = self.config.lock().await.clone();
-        let (tx, mut events) = mpsc::channel::<()>(64);
+        let config_path = self.source.path();
+        let names = Arc::new(RwLock::new(watched_names(&config, config_path.as_deref())));
+        let (tx, mut events) = mpsc::channel::<Instant>(64);
         let _watcher = if config.runtime.watch {
             let mut dirs = vec![config.modules_dir()];
-            if let Some(parent) = self.source.path().as_deref().and_then(Path::parent) {
+            if let Some(parent) = config_path.as_deref().and_then(Path::parent) {
                 dirs.push(if parent.as_os_str().is_empty() {
                     PathBuf::from(".")
                 } else {
                     parent.to_path_buf()
                 });
             }
-            watcher(&dirs, tx)
+            watcher(&dirs, names.clone(), tx)
         } else {
             None
         };
@@ -359,36 +387,80 @@ impl Modules {
         let mut rescan = tokio::time::interval(config.runtime.rescan_interval);
         rescan.tick().await;
         loop {
-            let trigger = tokio::select! {
+            let (trigger, since) = tokio::select! {
                 _ = stop.cancelled() => return,
-                Some(()) = events.recv() => {
-                    // Let a burst (new folder, symlink swap, old folder
-                    // removed) settle into one reload.
-                    while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
-                    "watch"
+                Some(first) = events.recv() => {
+                    settle(&mut events, first).await;
+                    ("watch", Some(first))
                 }
-                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => "SIGHUP",
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => ("SIGHUP", None),
                 Some(reply) = admin.recv() => {
-                    let report = self.reload("admin").await;
+                    let report = self.reload("admin", None).await;
                     let _ = reply.send(report);
                     continue;
                 }
-                _ = rescan.tick() => "rescan",
+                _ = rescan.tick() => ("rescan", None),
             };
-            self.reload(trigger).await;
+            self.reload(trigger, since).await;
+            let config = self.config.lock().await;
+            *names.write().unwrap() = watched_names(&config, config_path.as_deref());
         }
     }
 }
 
-/// Watches `dirs` (not recursively); every change sends on `tx`.
-fn watcher(dirs: &[PathBuf], tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+/// Lets a burst of file events (new folder, symlink swap, old folder
+/// removed) settle into one reload: waits for `DEBOUNCE` of quiet, but never
+/// past `DEBOUNCE_MAX` after the `first` event.
+async fn settle(events: &mut mpsc::Receiver<Instant>, first: Instant) {
+    let latest = tokio::time::Instant::from_std(first + DEBOUNCE_MAX);
+    loop {
+        let quiet = (tokio::time::Instant::now() + DEBOUNCE).min(latest);
+        match tokio::time::timeout_at(quiet, events.recv()).await {
+            Ok(Some(_)) if tokio::time::Instant::now() < latest => continue,
+            _ => return,
+        }
+    }
+}
+
+/// The file names in the watched folders whose changes matter: the config
+/// file, each module file, and the kubelet's `..data` link. Anything else
+/// there (a log file, an editor's swap file) is ignored, so it cannot keep
+/// postponing a reload.
+fn watched_names(config: &Config, config_path: Option<&Path>) -> HashSet<OsString> {
+    let mut names: HashSet<OsString> = module_specs(config)
+        .iter()
+        .filter_map(|spec| match &spec.source {
+            ModuleSource::File { path, .. } => path.file_name().map(OsString::from),
+            ModuleSource::Url { .. } => None,
+        })
+        .collect();
+    names.extend(config_path.and_then(Path::file_name).map(OsString::from));
+    names.insert(OsString::from(KUBELET_DATA_LINK));
+    names
+}
+
+/// Watches `dirs` (not recursively); a change to an entry named in `names`
+/// sends the time it was seen on `tx`.
+fn watcher(
+    dirs: &[PathBuf],
+    names: Arc<RwLock<HashSet<OsString>>>,
+    tx: mpsc::Sender<Instant>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::{EventKind, RecursiveMode, Watcher};
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event
-            && !matches!(event.kind, EventKind::Access(_))
+        let Ok(event) = event else { return };
+        if matches!(event.kind, EventKind::Access(_)) {
+            return;
+        }
+        let names = names.read().unwrap();
+        if event
+            .paths
+            .iter()
+            .filter_map(|p| p.file_name())
+            .any(|n| names.contains(n))
         {
             // A full channel already holds a pending reload.
-            let _ = tx.try_send(());
+            let _ = tx.try_send(Instant::now());
         }
     })
     .map_err(|e| tracing::warn!(error = %e, "file watching unavailable; relying on the rescan"))

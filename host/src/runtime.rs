@@ -21,8 +21,8 @@ use wasmtime::{
 
 pub use cache::CompileCache;
 pub use check::{CheckReport, Unsatisfied, check_file};
-pub use host::{Host, MemoryLimitExceeded, RequestContext};
-pub use module::{Fetched, LoadError, Module, ModuleSource, ModuleSpec};
+pub use host::{Host, LogBudget, MemoryLimitExceeded, RequestContext};
+pub use module::{Fetched, FileStamp, LoadError, Module, ModuleSource, ModuleSpec};
 
 /// Measured for Rust `wasm32-wasip2` components: each component instance
 /// holds three core instances and two tables (see WASMTIME.md). Other

@@ -87,6 +87,72 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
 }
 
 #[test]
+fn sigterm_during_start_up_exits_without_waiting_for_the_modules() {
+    let hanging = crate::downstream::Downstream::start(crate::downstream::Mode::Hang);
+    let mut berth = Berth::spawn(
+        &format!(
+            "[shutdown]\ndrain_delay = \"0s\"\ngrace_period = \"1s\"\n\n\
+             [modules.slow]\nurl = \"{}\"\nsha256 = \"{}\"\nroute = \"/slow\"\n",
+            hanging.url("/slow.wasm"),
+            "0".repeat(64)
+        ),
+        &[],
+    );
+    assert_eq!(get(&berth.admin_url("/ready")).status, 503);
+    let started = Instant::now();
+    signal(&berth, "TERM");
+    let status = berth
+        .wait_exit(Duration::from_secs(10))
+        .expect("SIGTERM during start-up was ignored");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn sigterm_during_a_slow_reload_still_exits_within_the_grace_period() {
+    let hanging = crate::downstream::Downstream::start(crate::downstream::Mode::Hang);
+    let base =
+        "[runtime]\nwatch = false\n\n[shutdown]\ndrain_delay = \"0s\"\ngrace_period = \"1s\"\n\n"
+            .to_owned()
+            + &module("misbehave", "/m", "misbehave", "");
+    let mut berth = Berth::start(&base);
+    // A reload that hangs on a download (up to a minute).
+    std::fs::write(
+        berth.config_path(),
+        format!(
+            "{base}\n[modules.slow]\nurl = \"{}\"\nsha256 = \"{}\"\nroute = \"/slow\"\n",
+            hanging.url("/slow.wasm"),
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    signal(&berth, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hanging.hits() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the reload never started its download"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    signal(&berth, "TERM");
+    let status = berth
+        .wait_exit(Duration::from_secs(20))
+        .expect("berth did not exit");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the reload held the exit for {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
 fn a_second_signal_exits_at_once() {
     let config = "[shutdown]\ndrain_delay = \"30s\"\n".to_owned()
         + &module("misbehave", "/m", "misbehave", "");
@@ -275,6 +341,94 @@ fn kubelet_style_swaps_under_load_fail_no_request() {
 }
 
 #[test]
+fn swaps_take_effect_while_a_log_file_beside_the_config_keeps_changing() {
+    let v1 = std::fs::read(wasm("swap_v1")).unwrap();
+    let v2 = std::fs::read(wasm("swap_v2")).unwrap();
+    let mut dir = ConfigMapDir::new(&[("svc.wasm", &v1)]);
+    let berth = Berth::start(&swap_config(dir.path(), ""));
+    assert_eq!(get(&berth.url("/svc")).body, "v1\n");
+
+    // `berth >> berth.log` next to the config, as in a local run, and an
+    // editor's swap file in the modules folder: both change every 10 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let noise: Vec<_> = [
+        berth.config_path().with_file_name("berth.log"),
+        dir.path().join(".svc.wasm.swp"),
+    ]
+    .into_iter()
+    .map(|path| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::File::create(path).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                writeln!(f, "{{\"message\":\"a log line\"}}").unwrap();
+                f.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    })
+    .collect();
+    let failures = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (url, stop, failures, served) = (
+            berth.url("/svc"),
+            stop.clone(),
+            failures.clone(),
+            served.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let r = get(&url);
+                if r.status == 200 {
+                    served.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+
+    // Ten swaps, 0.7 s apart; each must be served within its own window.
+    let mut late = Vec::new();
+    for i in 0..10 {
+        let (bytes, want) = if i % 2 == 0 {
+            (&v2, "v2\n")
+        } else {
+            (&v1, "v1\n")
+        };
+        let window = Instant::now() + Duration::from_millis(700);
+        dir.update(&[("svc.wasm", bytes)]);
+        let mut switched = false;
+        while Instant::now() < window {
+            if !switched && get(&berth.url("/svc")).body == want {
+                switched = true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !switched {
+            late.push(i);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    for t in noise {
+        t.join().unwrap();
+    }
+    assert!(late.is_empty(), "swaps {late:?} not served within 0.7 s");
+    assert_eq!(failures.load(Ordering::Relaxed), 0);
+    assert!(served.load(Ordering::Relaxed) > 10);
+    // The reload line says how long each change took to take effect.
+    let line = berth
+        .wait_for_log(Duration::from_secs(1), |l| {
+            l["message"] == "module swapped in" && l["since_change_ms"].is_u64()
+        })
+        .expect("a swap logged with the time since the change");
+    assert!(line["since_change_ms"].as_u64().unwrap() < 700, "{line}");
+}
+
+#[test]
 fn a_broken_module_is_refused_and_the_old_version_keeps_serving() {
     let v1 = std::fs::read(wasm("swap_v1")).unwrap();
     let mut dir = ConfigMapDir::new(&[("svc.wasm", &v1)]);
@@ -353,7 +507,7 @@ fn a_config_edit_reaches_the_guest_without_a_restart() {
 
     // A bad edit keeps the running config and says why.
     std::fs::write(berth.config_path(), "[modules.m]\nroute = 42\n").unwrap();
-    let r = post_empty(&berth.admin_url("/admin/reload"));
+    let r = admin_post(&berth.admin_url("/admin/reload"));
     assert_eq!(r.status, 422, "{}", r.body);
     assert!(
         r.json()["config_error"].as_str().unwrap().contains("route"),
@@ -376,6 +530,66 @@ fn a_config_edit_reaches_the_guest_without_a_restart() {
 }
 
 #[test]
+fn admin_endpoints_that_change_state_need_the_bearer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("swap_v1"), dir.path().join("svc.wasm")).unwrap();
+    let config = swap_config(dir.path(), "").replace("[runtime]\n", "[runtime]\nwatch = false\n");
+
+    // No token configured: off for everyone; probes, /info and /metrics
+    // stay open.
+    let berth = Berth::start_with(&config, &[("BERTH_ADMIN__TOKEN", "")]);
+    std::fs::copy(wasm("swap_v2"), dir.path().join("svc.wasm")).unwrap();
+    let r = admin_post(&berth.admin_url("/admin/reload"));
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("admin.token_file"), "{}", r.body);
+    assert_eq!(get(&berth.url("/svc")).body, "v1\n", "nothing reloaded");
+    for open in ["/healthz", "/ready", "/info", "/metrics"] {
+        assert_eq!(get(&berth.admin_url(open)).status, 200, "{open}");
+    }
+    drop(berth);
+
+    // A token in a file (a mounted Secret), re-read on every use.
+    std::fs::copy(wasm("swap_v1"), dir.path().join("svc.wasm")).unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, "first-token\n").unwrap();
+    let berth = Berth::start_with(
+        &config.replace(
+            "[runtime]\n",
+            &format!(
+                "[admin]\ntoken_file = {:?}\n\n[runtime]\n",
+                token_file.display().to_string()
+            ),
+        ),
+        &[],
+    );
+    std::fs::copy(wasm("swap_v2"), dir.path().join("svc.wasm")).unwrap();
+    let url = berth.admin_url("/admin/reload");
+    for bad in [
+        "",
+        "Bearer ",
+        "Bearer wrong",
+        "Basic Zmlyc3QtdG9rZW4=",
+        "Bearer first-token-and-more",
+    ] {
+        let r = post_authorized(&url, bad);
+        assert_eq!(r.status, 401, "`{bad}`: {}", r.body);
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    }
+    assert_eq!(
+        get(&berth.url("/svc")).body,
+        "v1\n",
+        "refused calls changed nothing"
+    );
+    let r = post_authorized(&url, "Bearer first-token");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(get(&berth.url("/svc")).body, "v2\n");
+    // The Secret rotates: the old token stops working at once.
+    std::fs::write(&token_file, "second-token\n").unwrap();
+    assert_eq!(post_authorized(&url, "Bearer first-token").status, 401);
+    assert_eq!(post_authorized(&url, "Bearer second-token").status, 200);
+}
+
+#[test]
 fn admin_reload_and_sighup_work_without_the_watcher() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(wasm("swap_v1"), dir.path().join("svc.wasm")).unwrap();
@@ -388,7 +602,7 @@ fn admin_reload_and_sighup_work_without_the_watcher() {
         "v1\n",
         "nothing watches, nothing changes yet"
     );
-    let r = post_empty(&berth.admin_url("/admin/reload"));
+    let r = admin_post(&berth.admin_url("/admin/reload"));
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["changed"][0], "svc");
     assert_eq!(get(&berth.url("/svc")).body, "v2\n");
@@ -440,6 +654,34 @@ fn the_compile_cache_is_used_and_a_truncated_entry_is_rebuilt() {
 }
 
 #[test]
+fn rescans_neither_download_nor_reread_what_has_not_changed() {
+    let bytes = std::fs::read(wasm("hello")).unwrap();
+    use sha2::{Digest, Sha256};
+    let digest = hex::encode(Sha256::digest(&bytes));
+    let server = crate::downstream::Downstream::serving(bytes);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(wasm("swap_v1"), dir.path().join("svc.wasm")).unwrap();
+    let berth = Berth::start(&format!(
+        "[runtime]\ncache_dir = \"\"\nwatch = false\nrescan_interval = \"50ms\"\nmodules_dir = {:?}\n\n\
+         [modules.remote]\nurl = \"{}\"\nsha256 = \"{digest}\"\nroute = \"/remote\"\n\n\
+         [modules.svc]\nfile = \"svc.wasm\"\nroute = \"/svc\"\n",
+        dir.path().display().to_string(),
+        server.url("/hello.wasm"),
+    ));
+    assert_eq!(server.hits(), 1);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        server.hits(),
+        1,
+        "rescans downloaded a module pinned by digest again"
+    );
+    // A file changed in place (same inode) is still noticed by its stamp.
+    std::fs::copy(wasm("swap_v2"), dir.path().join("svc.wasm")).unwrap();
+    wait_for_body(&berth, "/svc", "v2\n", Duration::from_secs(10));
+    assert_eq!(server.hits(), 1);
+}
+
+#[test]
 fn url_modules_are_verified_against_their_digest() {
     use sha2::{Digest, Sha256};
     let bytes = std::fs::read(wasm("hello")).unwrap();
@@ -453,7 +695,10 @@ fn url_modules_are_verified_against_their_digest() {
         format!(
             "[runtime]\ncache_dir = {:?}\n\n[modules.remote]\nurl = \"{}\"\nsha256 = \"{sha}\"\nroute = \"/remote\"\n",
             cache.path().display().to_string(),
-            server.url("/hello.wasm")
+            // A presigned URL: credentials in the userinfo and the query.
+            server
+                .url("/hello.wasm?X-Amz-Signature=sekrit-sig&token=sekrit-token")
+                .replace("http://", "http://alice:sekrit-pass@")
         )
     };
     let berth = Berth::start(&config(&digest));
@@ -463,6 +708,16 @@ fn url_modules_are_verified_against_their_digest() {
     );
     let info = get(&berth.admin_url("/info")).json();
     assert_eq!(info["modules"][0]["sha256"], digest.as_str());
+    assert!(
+        info["modules"][0]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("/hello.wasm?X-Amz-Signature=REDACTED&token=REDACTED"),
+        "{info}"
+    );
+    for shown in [info.to_string(), berth.log_text()] {
+        assert!(!shown.contains("sekrit"), "a credential leaked: {shown}");
+    }
     drop(berth);
 
     let wrong = "0".repeat(64);

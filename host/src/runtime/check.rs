@@ -52,6 +52,7 @@ pub fn check_file(runtime: &Runtime, file: &Path) -> anyhow::Result<CheckReport>
     let fetched = Fetched {
         sha256: String::new(),
         bytes,
+        stamp: None,
     };
     let component = match compile(runtime, &name, &origin, &fetched) {
         Ok(c) => c,

@@ -13,7 +13,7 @@ use wasmtime_wasi_config::WasiConfigVariables;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use super::check::{self, Unsatisfied};
-use super::{Host, Runtime};
+use super::{Host, LogBudget, Runtime};
 use crate::config::Limits;
 use crate::metrics::{GuestMetrics, Metrics, ModuleMetrics};
 use crate::outbound::{ModuleOutbound, OutboundSpec};
@@ -126,7 +126,7 @@ impl std::fmt::Display for ModuleSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ModuleSource::File { path, .. } => write!(f, "{}", path.display()),
-            ModuleSource::Url { url, .. } => f.write_str(url),
+            ModuleSource::Url { url, .. } => f.write_str(&crate::redact::url(url)),
         }
     }
 }
@@ -178,6 +178,11 @@ pub struct Module {
     pub(crate) metrics: ModuleMetrics,
     /// The metrics the module defines itself.
     pub(crate) guest_metrics: Arc<GuestMetrics>,
+    /// What the file looked like when it was last read (file modules);
+    /// updated when a read finds the same content under a new stamp.
+    stamp: std::sync::Mutex<Option<FileStamp>>,
+    /// The module's allowance of log lines.
+    pub logs: Arc<LogBudget>,
 }
 
 /// A component's bytes and digest.
@@ -186,6 +191,52 @@ pub struct Fetched {
     pub bytes: Vec<u8>,
     /// Their hex sha256.
     pub sha256: String,
+    /// For a file: what it looked like when it was read.
+    pub stamp: Option<FileStamp>,
+}
+
+/// What tells a file's content changed without reading it: a kubelet
+/// ConfigMap swap (new folder, so a new inode and link target), an
+/// editor's save by rename (new inode) and a copy over the file (new
+/// mtime, usually a new size) all change it. Rescans compare stamps
+/// instead of hashing every module every time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    /// Where the symlinks lead (`..data/x.wasm` -> `..2026_.../x.wasm`).
+    target: Option<PathBuf>,
+}
+
+impl FileStamp {
+    /// The stamp of `path` now.
+    pub fn of(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        Ok(FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            target: std::fs::canonicalize(path).ok(),
+        })
+    }
+}
+
+/// Reads and hashes a file; blocking, so it runs off the async threads.
+fn read_hashed(path: &std::path::Path) -> std::io::Result<(Vec<u8>, String, FileStamp)> {
+    let stamp = FileStamp::of(path)?;
+    let bytes = std::fs::read(path)?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    Ok((bytes, sha256, stamp))
+}
+
+async fn read_hashed_async(path: PathBuf) -> std::io::Result<(Vec<u8>, String, FileStamp)> {
+    tokio::task::spawn_blocking(move || read_hashed(&path))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 impl ModuleSpec {
@@ -199,10 +250,9 @@ impl ModuleSpec {
         };
         match &self.source {
             ModuleSource::File { path, sha256: pin } => {
-                let bytes = tokio::fs::read(path)
+                let (bytes, sha256, stamp) = read_hashed_async(path.clone())
                     .await
                     .map_err(|e| read_err(e.to_string()))?;
-                let sha256 = hex::encode(Sha256::digest(&bytes));
                 if let Some(expected) = pin
                     && *expected != sha256
                 {
@@ -213,19 +263,24 @@ impl ModuleSpec {
                         actual: sha256,
                     });
                 }
-                Ok(Fetched { bytes, sha256 })
+                Ok(Fetched {
+                    bytes,
+                    sha256,
+                    stamp: Some(stamp),
+                })
             }
             ModuleSource::Url { url, sha256 } => {
                 let cached = runtime
                     .cache()
                     .map(|c| c.dir().join("downloads").join(format!("{sha256}.wasm")));
                 if let Some(path) = &cached
-                    && let Ok(bytes) = tokio::fs::read(path).await
-                    && hex::encode(Sha256::digest(&bytes)) == *sha256
+                    && let Ok((bytes, actual, _)) = read_hashed_async(path.clone()).await
+                    && actual == *sha256
                 {
                     return Ok(Fetched {
                         bytes,
-                        sha256: sha256.clone(),
+                        sha256: actual,
+                        stamp: None,
                     });
                 }
                 let bytes = runtime
@@ -233,7 +288,12 @@ impl ModuleSpec {
                     .download(url, MAX_DOWNLOAD)
                     .await
                     .map_err(read_err)?;
-                let actual = hex::encode(Sha256::digest(&bytes));
+                let (bytes, actual) = tokio::task::spawn_blocking(move || {
+                    let actual = hex::encode(Sha256::digest(&bytes));
+                    (bytes, actual)
+                })
+                .await
+                .map_err(|e| read_err(e.to_string()))?;
                 if actual != *sha256 {
                     return Err(LoadError::Digest {
                         module: self.name.clone(),
@@ -252,8 +312,26 @@ impl ModuleSpec {
                 Ok(Fetched {
                     bytes,
                     sha256: actual,
+                    stamp: None,
                 })
             }
+        }
+    }
+
+    /// Whether `prev`, loaded from this same source, still has the content
+    /// the source would give now, judged without reading it: a file whose
+    /// stamp is unchanged, or a URL (pinned to its digest, so its content
+    /// cannot change).
+    pub fn unchanged_since(&self, prev: &Module) -> bool {
+        if prev.spec.source != self.source {
+            return false;
+        }
+        match &self.source {
+            ModuleSource::File { path, .. } => {
+                let stamp = prev.stamp.lock().unwrap();
+                stamp.is_some() && FileStamp::of(path).ok() == *stamp
+            }
+            ModuleSource::Url { .. } => true,
         }
     }
 }
@@ -284,8 +362,14 @@ impl Module {
             pre,
             fetched.bytes.len() as u64,
             fetched.sha256,
+            fetched.stamp,
             metrics,
         ))
+    }
+
+    /// Notes that the source was read again and held the same content.
+    pub fn restamp(&self, fetched: &Fetched) {
+        *self.stamp.lock().unwrap() = fetched.stamp.clone();
     }
 
     /// The same code under a changed spec (config, route, limits, policy):
@@ -297,6 +381,7 @@ impl Module {
             self.pre.clone(),
             self.size,
             self.sha256.clone(),
+            self.stamp.lock().unwrap().clone(),
             metrics,
         )
     }
@@ -307,12 +392,19 @@ impl Module {
         pre: ProxyPre<Host>,
         size: u64,
         sha256: String,
+        stamp: Option<FileStamp>,
         metrics: &Arc<Metrics>,
     ) -> Module {
         let name: Arc<str> = spec.name.as_str().into();
         Module {
             metrics: metrics.for_module(&name, &spec.route),
             guest_metrics: metrics.guest(&name, spec.limits.metric_series as usize),
+            logs: Arc::new(LogBudget::new(
+                spec.limits.log_rate,
+                metrics
+                    .guest_logs_dropped
+                    .with_label_values(&[&*name, "rate_limit"]),
+            )),
             outbound: Arc::new(ModuleOutbound::new(
                 name.clone(),
                 spec.outbound.clone(),
@@ -329,6 +421,7 @@ impl Module {
             pre,
             config: Arc::new(spec.config.iter().cloned().collect()),
             slots: Arc::new(Semaphore::new(spec.limits.max_concurrency as usize)),
+            stamp: std::sync::Mutex::new(stamp),
             spec,
         }
     }
