@@ -4,15 +4,22 @@
 //!
 //! | endpoint       | answer                                                     |
 //! |----------------|------------------------------------------------------------|
-//! | `GET /healthz` | 200 while the process can serve                            |
+//! | `GET /healthz` | 200 while the traffic side makes progress (heartbeat, log writer) |
 //! | `GET /ready`   | 200 once every module is loaded, 503 before and when draining |
 //! | `GET /info`    | JSON: version, uptime, modules (route, file, size, sha256) |
 //! | `GET /metrics` | Prometheus text format                                     |
 //! | `POST /admin/reload` | re-read config and modules now; JSON report (422 if something failed) |
+//!
+//! Probes, `/info` and `/metrics` are read-only and open, for the kubelet
+//! and Prometheus. Endpoints that change state (`POST /admin/...`) need
+//! `Authorization: Bearer <admin.token>`; with no token configured they
+//! are off (403), so a neighbour pod that reaches the port changes nothing.
 
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -25,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Shared;
+use crate::config::AdminConfig;
 
 /// A running admin thread.
 pub struct AdminThread {
@@ -42,8 +50,143 @@ impl AdminThread {
     }
 }
 
+/// Proof of life from the traffic runtime: a task there stamps it five
+/// times per stall timeout (at most once a second), and `/healthz` fails
+/// once the stamp is older than the stall timeout. A runtime whose threads are all blocked (a wedged guest call,
+/// a lock held forever) stops stamping; the admin thread, on a runtime of
+/// its own, still answers and tells the kubelet.
+#[derive(Clone)]
+pub struct Heartbeat(Arc<(Instant, AtomicU64)>);
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat(Arc::new((Instant::now(), AtomicU64::new(0))))
+    }
+}
+
+impl Heartbeat {
+    /// Stamps the heartbeat every `every`, for as long as the runtime runs
+    /// it.
+    pub async fn run(self, every: Duration) {
+        loop {
+            self.beat();
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    fn beat(&self) {
+        let (epoch, last) = &*self.0;
+        last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Time since the last stamp.
+    fn age(&self) -> Duration {
+        let (epoch, last) = &*self.0;
+        epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)))
+    }
+}
+
+/// What liveness checks.
+#[derive(Clone)]
+pub struct Liveness {
+    /// The traffic runtime's heartbeat.
+    pub heartbeat: Heartbeat,
+    /// How stale the heartbeat, or how long a blocked log write, may get.
+    pub stall_timeout: Duration,
+}
+
+impl Liveness {
+    fn check(&self) -> Result<(), String> {
+        let age = self.heartbeat.age();
+        if age > self.stall_timeout {
+            return Err(format!(
+                "the traffic runtime has made no progress for {age:?}"
+            ));
+        }
+        if let Some(blocked) = crate::telemetry::log_writer_stalled(self.stall_timeout) {
+            return Err(format!("the log writer has been blocked for {blocked:?}"));
+        }
+        Ok(())
+    }
+}
+
+/// Who may call the state-changing endpoints.
+#[derive(Debug, Clone)]
+pub enum AdminAuth {
+    /// No token configured: those endpoints are off.
+    Off,
+    /// This token.
+    Token(String),
+    /// The token in this file, read on every use (a rotated Secret).
+    File(PathBuf),
+}
+
+impl AdminAuth {
+    /// What `[admin]` asks for.
+    pub fn from_config(admin: &AdminConfig) -> Self {
+        match (&admin.token_file, &admin.token) {
+            (Some(file), _) => AdminAuth::File(file.clone()),
+            (None, Some(token)) => AdminAuth::Token(token.0.0.clone()),
+            (None, None) => AdminAuth::Off,
+        }
+    }
+
+    /// `None` when the request carries the token, else the answer to give.
+    fn refusal(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+        let expected = match self {
+            AdminAuth::Off => {
+                return Some(text(
+                    StatusCode::FORBIDDEN,
+                    "admin endpoints are off: set admin.token_file or BERTH_ADMIN__TOKEN\n",
+                ));
+            }
+            AdminAuth::Token(token) => token.clone(),
+            AdminAuth::File(path) => match std::fs::read_to_string(path) {
+                Ok(token) if !token.trim().is_empty() => token.trim().to_owned(),
+                _ => {
+                    tracing::error!(file = %path.display(), "admin.token_file is missing or empty: admin endpoints refused");
+                    return Some(text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the admin token file cannot be read\n",
+                    ));
+                }
+            },
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        // Compared as digests, so the time taken says nothing about how
+        // much of the token a guess got right.
+        use sha2::{Digest, Sha256};
+        if Sha256::digest(given.trim()) == Sha256::digest(&expected) {
+            return None;
+        }
+        tracing::warn!(
+            path = req.uri().path(),
+            "admin request refused: bad or missing bearer token"
+        );
+        let mut resp = text(
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is required\n",
+        );
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        Some(resp)
+    }
+}
+
 /// Starts serving the admin endpoints on `listener` in a thread of its own.
-pub fn spawn(listener: TcpListener, shared: Arc<Shared>) -> anyhow::Result<AdminThread> {
+pub fn spawn(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    auth: AdminAuth,
+    liveness: Liveness,
+) -> anyhow::Result<AdminThread> {
     let listener = listener.into_std()?;
     let stop = CancellationToken::new();
     let token = stop.clone();
@@ -56,7 +199,7 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>) -> anyhow::Result<Admin
                 .expect("building the admin runtime");
             rt.block_on(async move {
                 let listener = TcpListener::from_std(listener).expect("admin listener");
-                serve(listener, shared, token).await;
+                serve(listener, shared, Arc::new((auth, liveness)), token).await;
             });
         })?;
     Ok(AdminThread {
@@ -65,7 +208,12 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>) -> anyhow::Result<Admin
     })
 }
 
-async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    auth: Arc<(AdminAuth, Liveness)>,
+    stop: CancellationToken,
+) {
     // Reloads answer after the new modules compiled; probes must not wait.
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -82,22 +230,41 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationTok
                 }
             },
         };
-        let shared = shared.clone();
+        let (shared, auth) = (shared.clone(), auth.clone());
         let builder = builder.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, &req).await) }
+                let (shared, auth) = (shared.clone(), auth.clone());
+                async move { Ok::<_, Infallible>(route(&shared, &auth.0, &auth.1, &req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
-async fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(
+    shared: &Shared,
+    auth: &AdminAuth,
+    liveness: &Liveness,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if req.method() == Method::POST
+        && req.uri().path().starts_with("/admin/")
+        && let Some(refused) = auth.refusal(req)
+    {
+        return refused;
+    }
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/admin/reload") => reload(shared).await,
-        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET | &Method::HEAD, "/healthz") => match liveness.check() {
+            Ok(()) => text(StatusCode::OK, "ok\n"),
+            Err(why) => {
+                tracing::error!(reason = why.as_str(), "liveness failing");
+                let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, "stalled\n");
+                *resp.body_mut() = Full::new(Bytes::from(format!("stalled: {why}\n")));
+                resp
+            }
+        },
         (&Method::GET | &Method::HEAD, "/ready") => {
             if shared.is_ready() {
                 text(StatusCode::OK, "ready\n")

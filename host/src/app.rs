@@ -71,6 +71,7 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// Serves until SIGTERM/SIGINT, then shuts down gracefully.
 pub async fn run(config: Config, source: ConfigSource) -> Result<(), ServeError> {
     let started = Instant::now();
+    crate::redact::keep_query_values(!config.log.redact_query);
     tracing::info!(config = %effective_config(&config), "effective configuration");
     let mut signals = signal::Signals::install().context("installing signal handlers")?;
     let runtime = Runtime::new(&RuntimeOptions {
@@ -113,9 +114,31 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), ServeError>
         config_error: Mutex::default(),
         reload: reload_tx,
     });
-    let admin_thread = admin::spawn(admin_listener, shared.clone())?;
+    let heartbeat = admin::Heartbeat::default();
+    tokio::spawn(
+        heartbeat
+            .clone()
+            .run((config.admin.stall_timeout / 5).min(std::time::Duration::from_secs(1))),
+    );
+    let admin_thread = admin::spawn(
+        admin_listener,
+        shared.clone(),
+        admin::AdminAuth::from_config(&config.admin),
+        admin::Liveness {
+            heartbeat,
+            stall_timeout: config.admin.stall_timeout,
+        },
+    )?;
 
-    let modules = Modules::start(runtime, shared.clone(), source, config.clone()).await?;
+    // A pod deleted while it starts must not wait for every module to load.
+    let modules = tokio::select! {
+        loaded = Modules::start(runtime, shared.clone(), source, config.clone()) => loaded?,
+        signal = signals.next() => {
+            tracing::info!(signal, "shutting down during start-up");
+            admin_thread.stop();
+            return Ok(());
+        }
+    };
     for m in shared.router.load().modules() {
         tracing::info!(
             module = &*m.name,
@@ -150,6 +173,9 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), ServeError>
     shared.draining.store(true, Ordering::Release);
     signals.exit_on_next();
     stop_watching.cancel();
+    // A reload in progress (a download, a compile) must not hold up the
+    // exit, and its result would never serve anyway.
+    watcher.abort();
 
     let shutdown = &config.shutdown;
     tokio::time::sleep(shutdown.drain_delay).await;
@@ -177,5 +203,10 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), ServeError>
 fn effective_config(config: &Config) -> serde_json::Value {
     let mut value = serde_json::to_value(config).unwrap_or_default();
     value["runtime"]["modules_dir"] = config.modules_dir().display().to_string().into();
+    for (name, m) in &config.modules {
+        if let Some(url) = &m.url {
+            value["modules"][name]["url"] = crate::redact::url(url).into();
+        }
+    }
     value
 }

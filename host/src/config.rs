@@ -105,12 +105,26 @@ impl Default for ServerConfig {
 pub struct AdminConfig {
     /// Address of the admin endpoints; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// The bearer token that state-changing endpoints (`POST /admin/...`)
+    /// require. Without it (or `token_file`) those endpoints are off.
+    /// `BERTH_ADMIN__TOKEN` sets it from the environment.
+    pub token: Option<Secret>,
+    /// A file holding the token (a mounted Secret), read on every use so a
+    /// rotated Secret takes effect at once. Wins over `token`.
+    pub token_file: Option<PathBuf>,
+    /// How long the traffic side may make no progress (its runtime's
+    /// heartbeat, or a write of the log writer) before `/healthz` fails.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            token: None,
+            token_file: None,
+            stall_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -202,11 +216,17 @@ impl Default for ShutdownConfig {
 pub struct LogConfig {
     /// One log line per request with method, route, status and duration.
     pub access_log: bool,
+    /// Replace query values of URLs in logs, spans and `/info` with
+    /// `REDACTED` (they often carry tokens); userinfo is always dropped.
+    pub redact_query: bool,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { access_log: true }
+        Self {
+            access_log: true,
+            redact_query: true,
+        }
     }
 }
 
@@ -371,6 +391,17 @@ fn check_outbound(key: &str, o: &OutboundConfig) -> Result<(), ConfigError> {
             return Err(rejected(format!("{key}.{name}"), "must be longer than 0s"));
         }
     }
+    for (name, d) in [
+        ("connect_timeout", o.connect_timeout),
+        ("first_byte_timeout", o.first_byte_timeout),
+        ("between_bytes_timeout", o.between_bytes_timeout),
+        ("timeout", o.timeout),
+        ("retry_backoff", o.retry_backoff),
+        ("retry_backoff_max", o.retry_backoff_max),
+        ("circuit_breaker.open_for", o.circuit_breaker.open_for),
+    ] {
+        check_duration(&format!("{key}.{name}"), d, MAX_REQUEST_DURATION)?;
+    }
     if !(0.0..=10.0).contains(&o.retry_budget) {
         return Err(rejected(
             format!("{key}.retry_budget"),
@@ -405,6 +436,10 @@ pub struct Limits {
     pub max_response_body: ByteSize,
     /// Series the module's own metrics may create; more are dropped.
     pub metric_series: u32,
+    /// Log lines per second the module may write (wasi:logging, stdout
+    /// and stderr together), with bursts of up to five seconds' worth;
+    /// more are dropped and counted.
+    pub log_rate: u32,
 }
 
 impl Default for Limits {
@@ -416,6 +451,7 @@ impl Default for Limits {
             max_body: ByteSize(16 << 20),
             max_response_body: ByteSize(256 << 20),
             metric_series: 1000,
+            log_rate: 200,
         }
     }
 }
@@ -442,6 +478,9 @@ pub struct LimitsOverride {
     /// See [`Limits::metric_series`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metric_series: Option<u32>,
+    /// See [`Limits::log_rate`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_rate: Option<u32>,
 }
 
 impl LimitsOverride {
@@ -454,6 +493,7 @@ impl LimitsOverride {
             max_body: self.max_body.unwrap_or(base.max_body),
             max_response_body: self.max_response_body.unwrap_or(base.max_response_body),
             metric_series: self.metric_series.unwrap_or(base.metric_series),
+            log_rate: self.log_rate.unwrap_or(base.log_rate),
         }
     }
 }
@@ -610,6 +650,53 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// The top-level sections that `BERTH_` variables may set. Only these are
+/// read from the environment: the kubelet injects service links such as
+/// `BERTH_SERVICE_HOST` and `BERTH_PORT_80_TCP_ADDR` for any Service whose
+/// name starts with `berth`, and those must not stop the pod.
+const ENV_SECTIONS: &[&str] = &[
+    "server",
+    "admin",
+    "runtime",
+    "defaults",
+    "log",
+    "shutdown",
+    "modules",
+    "upstreams",
+];
+
+/// The section a `BERTH_` variable's key (after the prefix, `__` split into
+/// dots, lower case) would set, when it is one of ours.
+fn env_section(key: &str) -> Option<&str> {
+    let section = key.split('.').next()?;
+    ENV_SECTIONS.contains(&section).then_some(section)
+}
+
+/// `BERTH_*` variables, `__` for nesting, for the known sections only.
+/// `BERTH_CONFIG` names the file itself (see the CLI); it is not a key.
+fn env_layer() -> Env {
+    Env::prefixed("BERTH_")
+        .split("__")
+        // Keys are still in the variable's case here.
+        .filter(|key| env_section(&key.as_str().to_ascii_lowercase()).is_some())
+}
+
+/// `BERTH_` variables that the config ignores because they name no section
+/// (service links, mostly), to name them in one warning at start-up.
+pub fn ignored_env_vars() -> Vec<String> {
+    let mut names: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| {
+            name.strip_prefix("BERTH_").is_some_and(|rest| {
+                let key = rest.to_ascii_lowercase().replace("__", ".");
+                key != "config" && env_section(&key).is_none()
+            })
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 /// Values given on the command line, the top layer.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -634,8 +721,7 @@ impl Config {
             }
             None => {}
         }
-        // `BERTH_CONFIG` names the file itself (see the CLI); it is not a key.
-        fig = fig.merge(Env::prefixed("BERTH_").split("__").ignore(&["config"]));
+        fig = fig.merge(env_layer());
         if let Some(addr) = overrides.listen {
             fig = fig.merge(("server.listen", addr.to_string()));
         }
@@ -666,11 +752,56 @@ impl Config {
             }
             check_outbound(&key, &o.over(self.defaults.outbound))?;
         }
+        if self
+            .admin
+            .token
+            .as_ref()
+            .is_some_and(|t| t.0.0.trim().is_empty())
+        {
+            return Err(rejected("admin.token", "must not be empty"));
+        }
         if self.runtime.max_instances == 0 {
             return Err(rejected("runtime.max_instances", "must be at least 1"));
         }
         if self.runtime.worker_threads == Some(0) {
             return Err(rejected("runtime.worker_threads", "must be at least 1"));
+        }
+        for (key, d, max) in [
+            (
+                "runtime.epoch_tick",
+                self.runtime.epoch_tick,
+                Duration::from_secs(1),
+            ),
+            (
+                "runtime.rescan_interval",
+                self.runtime.rescan_interval,
+                MAX_REQUEST_DURATION,
+            ),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+                MAX_REQUEST_DURATION,
+            ),
+            (
+                "shutdown.drain_delay",
+                self.shutdown.drain_delay,
+                MAX_SHUTDOWN_STEP,
+            ),
+            (
+                "admin.stall_timeout",
+                self.admin.stall_timeout,
+                MAX_SHUTDOWN_STEP,
+            ),
+            (
+                "shutdown.grace_period",
+                self.shutdown.grace_period,
+                MAX_SHUTDOWN_STEP,
+            ),
+        ] {
+            check_duration(key, d, max)?;
+        }
+        if self.admin.stall_timeout < Duration::from_secs(1) {
+            return Err(rejected("admin.stall_timeout", "must be at least 1s"));
         }
         if self.runtime.epoch_tick.is_zero() {
             return Err(rejected("runtime.epoch_tick", "must be longer than 0s"));
@@ -834,10 +965,41 @@ fn check_limits(key: &str, limits: &Limits) -> Result<(), ConfigError> {
             "must be at least 1",
         ));
     }
+    if limits.log_rate == 0 {
+        return Err(rejected(format!("{key}.log_rate"), "must be at least 1"));
+    }
+    check_duration(
+        &format!("{key}.timeout"),
+        limits.timeout,
+        MAX_REQUEST_DURATION,
+    )?;
     if limits.memory.0 < 64 << 10 {
         return Err(rejected(
             format!("{key}.memory"),
             "must be at least 64KiB (one wasm page)",
+        ));
+    }
+    Ok(())
+}
+
+/// The longest a request or an outbound call may be given: far beyond any
+/// sane setting, and far from where `Instant + Duration` overflows.
+const MAX_REQUEST_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest drain delay or grace period: Kubernetes kills the pod long
+/// before.
+const MAX_SHUTDOWN_STEP: Duration = Duration::from_secs(3600);
+
+/// Rejects `value` past `max`, naming the key.
+fn check_duration(key: &str, value: Duration, max: Duration) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(rejected(
+            key,
+            format!(
+                "{} is too long (at most {})",
+                humantime::format_duration(value),
+                humantime::format_duration(max)
+            ),
         ));
     }
     Ok(())

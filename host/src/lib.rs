@@ -15,6 +15,7 @@
 //! - [`telemetry`]: logging and OTLP trace export set-up.
 //! - [`trace`]: W3C trace context: extraction, ids in logs, injection.
 //! - [`metrics`]: Prometheus metrics, resolved per module at load.
+//! - [`redact`]: URLs without the credentials they may carry.
 //! - [`signal`]: shutdown signals.
 //! - [`app`]: wiring it all together for `berth serve`.
 
@@ -23,6 +24,7 @@ pub mod app;
 pub mod config;
 pub mod metrics;
 pub mod outbound;
+pub mod redact;
 pub mod reload;
 pub mod router;
 pub mod runtime;

@@ -95,6 +95,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(g) => g,
         Err(e) => return fail(EXIT_CONFIG, e),
     };
+    let ignored = berth_host::config::ignored_env_vars();
+    if !ignored.is_empty() {
+        tracing::warn!(
+            variables = ?ignored,
+            "ignoring BERTH_ variables that name no config section (Kubernetes service links?)"
+        );
+    }
     // On one CPU, the multi-threaded scheduler's cross-thread wake-ups and
     // work-stealing bookkeeping buy nothing and cost 10-30% per request.
     let threads = config.worker_threads();

@@ -55,6 +55,10 @@ pub struct Metrics {
     /// Breaker state by module and upstream: 0 closed, 1 half-open, 2 open.
     pub breaker_state: IntGaugeVec,
     guest_dropped: IntCounterVec,
+    /// Guest log lines dropped, by module and reason (`rate_limit`).
+    pub guest_logs_dropped: IntCounterVec,
+    /// Log lines the writer dropped because stdout fell behind.
+    log_dropped: IntCounter,
     guest: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<GuestMetrics>>>,
 }
 
@@ -223,6 +227,19 @@ impl Metrics {
                 "Guest metric updates dropped, by module and reason (invalid, mismatch, series_limit).",
                 &["module", "reason"],
             ),
+            guest_logs_dropped: counter(
+                &r,
+                "berth_guest_log_lines_dropped_total",
+                "Guest log lines (wasi:logging, stdout, stderr) dropped, by module and reason.",
+                &["module", "reason"],
+            ),
+            log_dropped: counter(
+                &r,
+                "berth_log_lines_dropped_total",
+                "Log lines dropped because stdout could not keep up.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
             guest: Default::default(),
             registry: r,
         }
@@ -258,6 +275,9 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
+        let dropped = crate::telemetry::dropped_log_lines();
+        self.log_dropped
+            .inc_by(dropped.saturating_sub(self.log_dropped.get()));
         let mut out = Vec::with_capacity(16 << 10);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
@@ -400,6 +420,27 @@ mod tests {
         }
         assert!(!text.contains(r#"kind="pen""#));
     }
+
+    #[test]
+    fn new_guest_families_past_the_cap_are_never_registered() {
+        let metrics = Metrics::new();
+        let g = metrics.guest("m", 2);
+        g.counter_add("a", 1, &[]);
+        g.counter_add("b", 1, &[]);
+        for i in 0..100 {
+            g.counter_add(&format!("invented_{i}"), 1, &[]);
+        }
+        assert_eq!(g.state.lock().unwrap().families.len(), 2);
+        let families = metrics.registry.gather();
+        assert!(!families.iter().any(|f| f.name().contains("invented")));
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            text.contains(
+                r#"berth_guest_metrics_dropped_total{module="m",reason="series_limit"} 100"#
+            ),
+            "{text}"
+        );
+    }
 }
 
 /// Why a guest metric update was dropped.
@@ -528,7 +569,14 @@ impl GuestMetrics {
         values.extend(sorted.iter().map(|(_, v)| v.as_str()));
 
         let mut state = self.state.lock().unwrap();
+        let max = self.max_series.load(std::sync::atomic::Ordering::Relaxed);
         if !state.families.contains_key(name) {
+            // Every family needs a series, so the series cap bounds them
+            // too, checked before registering: a guest inventing names
+            // must not grow the registry with empty families.
+            if state.series.len() >= max || state.families.len() >= max {
+                return self.drop_update(name, Dropped::SeriesLimit);
+            }
             match self.create(name, kind, &keys) {
                 Some(family) => {
                     state
@@ -547,7 +595,6 @@ impl GuestMetrics {
             values.iter().map(|v| v.to_string()).collect(),
         );
         let is_new = !state.series.contains(&series_key);
-        let max = self.max_series.load(std::sync::atomic::Ordering::Relaxed);
         if is_new && state.series.len() >= max {
             return self.drop_update(name, Dropped::SeriesLimit);
         }

@@ -1,9 +1,10 @@
 //! Outbound HTTP of guests. Every `wasi:http/outgoing-handler` call goes
 //! through [`OutboundHooks::send_request`], which applies, in order:
 //!
-//! 1. the module's allow-list, deny by default; loopback and link-local
-//!    destinations (as IP literals or as what a name resolves to) only
-//!    through an exact rule;
+//! 1. the module's allow-list, deny by default; loopback, link-local and
+//!    metadata destinations only through an exact rule: IP literals are
+//!    checked here, names in the resolver the connector uses (see
+//!    [`resolve`]), on the addresses it actually connects to;
 //! 2. the circuit breaker of the upstream (fail fast while open);
 //! 3. timeouts: connect (per client), first byte (per attempt), between
 //!    bytes (response body) and total (the whole call), the guest's own
@@ -12,7 +13,8 @@
 //!    and for 502/503/504 on idempotent methods, honouring `Retry-After`,
 //!    within a retry budget per upstream (tower's `TpsBudget`);
 //! 5. pooled connections (hyper-util's client, one pool per connect
-//!    timeout).
+//!    timeout and guard setting, so a connection made under one policy is
+//!    never reused under another).
 //!
 //! Each (module, upstream) pair keeps its own breaker, budget and metric
 //! handles, created on the first call.
@@ -20,6 +22,7 @@
 mod body;
 mod breaker;
 mod policy;
+mod resolve;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -37,33 +40,56 @@ use tower::retry::budget::{Budget, TpsBudget};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiHttpHooks};
 
-use self::body::{BetweenBytes, RequestBody};
+use self::body::{BetweenBytes, ReplayBody};
 use self::breaker::Breaker;
-pub use self::policy::{AllowList, AllowRule, Specificity};
+pub use self::policy::{AllowList, AllowRule, Specificity, is_restricted};
+use self::resolve::{GuardedResolver, Lookup};
 use crate::config::{OutboundConfig, OutboundOverride};
 use crate::metrics::Metrics;
 use crate::trace::TraceContext;
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, HyperOutgoingBody>;
+type HttpsClient =
+    Client<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>, HyperOutgoingBody>;
 type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
 
-/// How long a name's resolution is trusted for the loopback check.
-const RESOLVE_TTL: Duration = Duration::from_secs(30);
-
-/// Pooled HTTP clients, shared by every module: one per connect timeout,
-/// since the connect timeout belongs to the connector.
-#[derive(Default)]
+/// Pooled HTTP clients, shared by every module: one per connect timeout
+/// (it belongs to the connector) and per guard setting (whether restricted
+/// addresses are filtered out of name lookups).
 pub struct Clients {
-    by_connect_timeout: Mutex<HashMap<Duration, HttpsClient>>,
+    lookup: Lookup,
+    pools: Mutex<HashMap<(Duration, Guard), HttpsClient>>,
+}
+
+/// Whether a client may connect to restricted addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Guard {
+    /// Restricted addresses are filtered out (wildcard rules).
+    On,
+    /// An exact rule names the host: whatever it resolves to is allowed.
+    Off,
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Clients::with_lookup(resolve::system_lookup())
+    }
 }
 
 impl Clients {
-    fn get(&self, connect_timeout: Duration) -> HttpsClient {
-        let mut clients = self.by_connect_timeout.lock().unwrap();
+    fn with_lookup(lookup: Lookup) -> Self {
+        Clients {
+            lookup,
+            pools: Mutex::default(),
+        }
+    }
+
+    fn get(&self, connect_timeout: Duration, guard: Guard) -> HttpsClient {
+        let mut clients = self.pools.lock().unwrap();
         clients
-            .entry(connect_timeout)
+            .entry((connect_timeout, guard))
             .or_insert_with(|| {
-                let mut http = HttpConnector::new();
+                let resolver = GuardedResolver::new(self.lookup.clone(), guard == Guard::On);
+                let mut http = HttpConnector::new_with_resolver(resolver);
                 http.enforce_http(false);
                 http.set_nodelay(true);
                 http.set_connect_timeout(Some(connect_timeout));
@@ -86,7 +112,8 @@ impl Clients {
     /// bytes, within a minute. Errors are ready to show to an operator.
     pub async fn download(&self, url: &str, limit: usize) -> Result<Vec<u8>, String> {
         let uri: http::Uri = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
-        let client = self.get(Duration::from_secs(10));
+        // The operator wrote the URL: no guard.
+        let client = self.get(Duration::from_secs(10), Guard::Off);
         let req = Request::get(uri)
             .body(
                 http_body_util::Empty::new()
@@ -129,7 +156,7 @@ pub struct ModuleOutbound {
     clients: Arc<Clients>,
     metrics: Arc<Metrics>,
     denied: IntCounter,
-    upstreams: Mutex<HashMap<String, Arc<Upstream>>>,
+    upstreams: Mutex<Upstreams>,
 }
 
 impl ModuleOutbound {
@@ -146,13 +173,18 @@ impl ModuleOutbound {
             spec,
             clients,
             metrics,
-            upstreams: Mutex::new(HashMap::new()),
+            upstreams: Mutex::default(),
         }
     }
 
     fn deny(&self, uri: &http::Uri, why: &str) -> Error {
         self.denied.inc();
-        tracing::warn!(module = &*self.module, uri = %uri, reason = why, "outbound request denied");
+        tracing::warn!(
+            module = &*self.module,
+            uri = %crate::redact::url(&uri.to_string()),
+            reason = why,
+            "outbound request denied"
+        );
         Error::HttpRequestDenied
     }
 
@@ -162,25 +194,32 @@ impl ModuleOutbound {
         guest: Option<RequestOptions>,
         trace: TraceContext,
     ) -> Result<(Response<HyperOutgoingBody>, IoFuture), Error> {
-        let uri = request.uri().clone();
-        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTPS);
-        let Some(host) = uri.host() else {
+        let mut request = request;
+        let Some(host) = normalize(&mut request) else {
             return Err(Error::HttpRequestUriInvalid);
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let host = host.as_str();
+        let uri = request.uri().clone();
+        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTPS);
         let port = uri
             .port_u16()
             .unwrap_or_else(|| policy::default_port(&scheme));
         let Some(specificity) = self.spec.allow.matches(&scheme, host, port) else {
             return Err(self.deny(&uri, "destination not in allowed_outbound_hosts"));
         };
-        let upstream = self.upstream(&scheme, host, port);
-        if specificity != Specificity::Exact && upstream.reaches_restricted(host, port).await {
-            return Err(self.deny(
-                &uri,
-                "destination is a loopback or link-local address, allowed only by an exact rule",
-            ));
+        let guard = if specificity == Specificity::Exact {
+            Guard::Off
+        } else {
+            Guard::On
+        };
+        // Names are judged by the resolver; literals never reach it.
+        if guard == Guard::On
+            && let Ok(ip) = host.parse::<IpAddr>()
+            && is_restricted(ip)
+        {
+            return Err(self.deny(&uri, RESTRICTED));
         }
+        let upstream = self.upstream(&scheme, host, port, guard);
         let trace = trace.child(|parent| {
             tracing::info_span!(
                 target: "berth::outbound",
@@ -192,7 +231,7 @@ impl ModuleOutbound {
                 http.request.method = %request.method(),
                 server.address = host,
                 server.port = port,
-                url.full = %uri,
+                url.full = %crate::redact::url(&uri.to_string()),
                 http.response.status_code = tracing::field::Empty,
                 module = &*self.module,
             )
@@ -200,26 +239,47 @@ impl ModuleOutbound {
         upstream.call(request, guest, trace).await
     }
 
-    fn upstream(&self, scheme: &Scheme, host: &str, port: u16) -> Arc<Upstream> {
-        let label = if host.contains(':') {
+    /// The state of one upstream, made on its first allowed call. At most
+    /// [`MAX_UPSTREAMS`] upstreams of a module get their own entry and
+    /// metric label; calls to any further one share the `other` entry,
+    /// whose breaker is off (it would mix unrelated hosts). Entries idle
+    /// for [`UPSTREAM_IDLE`] are dropped; their labels stay reserved, so
+    /// the module's series stay bounded.
+    fn upstream(&self, scheme: &Scheme, host: &str, port: u16, guard: Guard) -> Arc<Upstream> {
+        let mut label = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
             format!("{host}:{port}")
         };
-        let key = format!("{scheme}://{label}");
         let mut upstreams = self.upstreams.lock().unwrap();
+        let now = Instant::now();
         upstreams
+            .entries
+            .retain(|_, u| now.duration_since(*u.last_used.lock().unwrap()) < UPSTREAM_IDLE);
+        let known = upstreams.labels.contains(&label);
+        if !known && upstreams.labels.len() >= MAX_UPSTREAMS {
+            label = OTHER.to_owned();
+        } else if !known {
+            upstreams.labels.insert(label.clone());
+        }
+        let key = format!("{scheme}://{label}/{guard:?}");
+        let upstream = upstreams
+            .entries
             .entry(key)
             .or_insert_with(|| {
-                let config = self
+                let mut config = self
                     .spec
                     .upstreams
                     .get(&label)
                     .map_or(self.spec.config, |o| o.over(self.spec.config));
+                if label == OTHER {
+                    config.circuit_breaker.failures = 0;
+                }
                 let m = &self.metrics;
                 let labels = [&*self.module, label.as_str()];
                 Arc::new(Upstream {
-                    client: self.clients.get(config.connect_timeout),
+                    client: self.clients.get(config.connect_timeout, guard),
+                    guard,
                     clients: self.clients.clone(),
                     breaker: Breaker::new(
                         config.circuit_breaker,
@@ -234,11 +294,68 @@ impl ModuleOutbound {
                     module: self.module.clone(),
                     label,
                     config,
-                    resolved: Mutex::new(None),
+                    denied: self.denied.clone(),
+                    last_used: Mutex::new(now),
                 })
             })
-            .clone()
+            .clone();
+        *upstream.last_used.lock().unwrap() = now;
+        upstream
     }
+}
+
+/// The most upstreams one module keeps apart; see [`ModuleOutbound::upstream`].
+const MAX_UPSTREAMS: usize = 64;
+
+/// How long an upstream entry (breaker, budget, pooled client) is kept
+/// after its last call.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(600);
+
+/// The label of the upstreams past [`MAX_UPSTREAMS`].
+const OTHER: &str = "other";
+
+/// A module's upstream entries, and every label it has used.
+#[derive(Default)]
+struct Upstreams {
+    entries: HashMap<String, Arc<Upstream>>,
+    labels: std::collections::HashSet<String>,
+}
+
+/// Brings the request's host to one spelling (lower case, no trailing dot,
+/// IDNA's ASCII form, no userinfo), so the allow-list, the upstream entries,
+/// the metric labels and hyper's pool all see the same name however the
+/// guest wrote it. Returns the host (without brackets), or `None` when it is
+/// not a valid host.
+fn normalize(request: &mut Request<HyperOutgoingBody>) -> Option<String> {
+    let uri = request.uri();
+    let raw = uri.host()?;
+    let host = match raw
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        Ok(ip) => ip.to_string(),
+        Err(_) => {
+            let ascii = idna::domain_to_ascii(raw.trim_end_matches('.')).ok()?;
+            if ascii.is_empty() {
+                return None;
+            }
+            ascii
+        }
+    };
+    let shown = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
+    let authority = match uri.port_u16() {
+        Some(port) => format!("{shown}:{port}"),
+        None => shown,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.authority = Some(authority.parse().ok()?);
+    *request.uri_mut() = http::Uri::from_parts(parts).ok()?;
+    Some(host)
 }
 
 /// One upstream as seen by one module.
@@ -254,10 +371,17 @@ struct Upstream {
     metrics: Arc<Metrics>,
     duration: Histogram,
     retries: IntCounter,
-    /// When the host name was last resolved, and whether it reached a
-    /// restricted address.
-    resolved: Mutex<Option<(Instant, bool)>>,
+    /// Whether this upstream's connections filter restricted addresses.
+    guard: Guard,
+    /// The module's count of denied calls.
+    denied: IntCounter,
+    /// When a call last used this entry.
+    last_used: Mutex<Instant>,
 }
+
+/// Why a call to a restricted address is refused.
+const RESTRICTED: &str =
+    "destination is a loopback, link-local or metadata address, allowed only by an exact rule";
 
 /// How one attempt went, for the retry decision and the metrics.
 enum Attempt {
@@ -266,25 +390,6 @@ enum Attempt {
 }
 
 impl Upstream {
-    /// Whether this destination is (or resolves to) loopback/link-local.
-    async fn reaches_restricted(&self, host: &str, port: u16) -> bool {
-        if let Ok(ip) = host.parse::<IpAddr>() {
-            return policy::is_restricted(ip);
-        }
-        if let Some((at, restricted)) = *self.resolved.lock().unwrap()
-            && at.elapsed() < RESOLVE_TTL
-        {
-            return restricted;
-        }
-        let restricted = match tokio::net::lookup_host((host, port)).await {
-            Ok(addrs) => addrs.into_iter().any(|a| policy::is_restricted(a.ip())),
-            // Unresolvable: let the call fail on its own with a DNS error.
-            Err(_) => false,
-        };
-        *self.resolved.lock().unwrap() = Some((Instant::now(), restricted));
-        restricted
-    }
-
     fn count(&self, outcome: &str) {
         self.metrics
             .outbound_requests
@@ -308,7 +413,7 @@ impl Upstream {
         let client = match guest.connect_timeout {
             Some(asked) if asked < cfg.connect_timeout => self
                 .clients
-                .get(round_up_100ms(asked).min(cfg.connect_timeout)),
+                .get(round_up_100ms(asked).min(cfg.connect_timeout), self.guard),
             _ => self.client.clone(),
         };
         let between_bytes = cap(guest.between_bytes_timeout, cfg.between_bytes_timeout);
@@ -317,7 +422,9 @@ impl Upstream {
 
         let (mut parts, body) = request.into_parts();
         trace.inject(&mut parts.headers);
-        let mut body = RequestBody::read(body, cfg.max_retry_body.0).await?;
+        // Streamed from the first byte, never read ahead: the guest may be
+        // waiting for the response head before it writes its body.
+        let body = ReplayBody::new(body, cfg.max_retry_body.0);
         let idempotent = parts.method.is_idempotent() || cfg.retry_non_idempotent;
         self.budget.deposit();
 
@@ -335,7 +442,7 @@ impl Upstream {
                     );
                     return Err(Error::DestinationUnavailable);
                 };
-                let req = Request::from_parts(parts.clone(), body.attempt());
+                let req = Request::from_parts(parts.clone(), body.replay().boxed_unsync());
                 let budget_left = deadline.saturating_duration_since(Instant::now());
                 let result =
                     match tokio::time::timeout(first_byte.min(budget_left), client.request(req))
@@ -354,7 +461,7 @@ impl Upstream {
                         | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
                 );
                 let failed = retry_status || matches!(result, Attempt::Failed(..));
-                self.breaker.record(admission, !failed);
+                admission.record(!failed);
                 let retryable = attempt < cfg.retries
                     && body.replayable()
                     && match &result {
@@ -388,6 +495,17 @@ impl Upstream {
             }
             Attempt::Failed(err, kind) => {
                 self.count(kind);
+                if kind == "denied" {
+                    self.denied.inc();
+                    tracing::warn!(
+                        module = &*self.module,
+                        upstream = self.label.as_str(),
+                        trace_id = %trace,
+                        reason = RESTRICTED,
+                        "outbound request denied"
+                    );
+                    return Err(Error::HttpRequestDenied);
+                }
                 trace.span.record("otel.status_code", "ERROR");
                 tracing::warn!(
                     module = &*self.module,
@@ -436,6 +554,9 @@ fn retry_after(attempt: &Attempt) -> Option<Duration> {
 
 /// Maps a client error to what the guest sees, and a metric label.
 fn classify(err: &hyper_util::client::legacy::Error) -> (Error, &'static str) {
+    if resolve::is_restricted_error(err) {
+        return (Error::HttpRequestDenied, "denied");
+    }
     if err.is_connect() {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
         while let Some(e) = source {
@@ -477,7 +598,185 @@ impl WasiHttpHooks for OutboundHooks {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+
+    /// A real HTTP server on 127.0.0.1 that counts the requests it gets.
+    async fn local_server() -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+                    hyper_util::rt::TokioIo::new(stream),
+                    hyper::service::service_fn(move |_req| {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        async {
+                            Ok::<_, std::convert::Infallible>(Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"hi")),
+                            ))
+                        }
+                    }),
+                ));
+            }
+        });
+        (port, hits)
+    }
+
+    /// Each lookup gets the next answer; the script ends in failures.
+    fn scripted(answers: Vec<Option<&'static str>>) -> Lookup {
+        let answers = Arc::new(Mutex::new(answers.into_iter()));
+        Arc::new(move |_| {
+            let next = answers.lock().unwrap().next().flatten();
+            Box::pin(async move {
+                next.map(|ip| vec![ip.parse().unwrap()])
+                    .ok_or_else(|| std::io::Error::other("SERVFAIL"))
+            })
+        })
+    }
+
+    fn outbound(rules: &[&str], lookup: Lookup) -> Arc<ModuleOutbound> {
+        let spec = OutboundSpec {
+            allow: AllowList::parse(&rules.iter().map(|r| r.to_string()).collect::<Vec<_>>())
+                .unwrap(),
+            config: OutboundConfig {
+                retries: 0,
+                ..OutboundConfig::default()
+            },
+            upstreams: Arc::default(),
+        };
+        Arc::new(ModuleOutbound::new(
+            "m".into(),
+            spec,
+            Arc::new(Clients::with_lookup(lookup)),
+            Arc::new(Metrics::new()),
+        ))
+    }
+
+    async fn call(m: &Arc<ModuleOutbound>, url: &str) -> Result<StatusCode, Error> {
+        let req = Request::get(url)
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .unwrap();
+        let trace = TraceContext::server(&http::HeaderMap::new(), tracing::Span::none);
+        m.clone()
+            .send(req, None, trace)
+            .await
+            .map(|(resp, _)| resp.status())
+    }
+
+    #[tokio::test]
+    async fn a_wildcard_never_reaches_loopback_whatever_the_name_answers() {
+        let (port, hits) = local_server().await;
+        // Fails once, then rebinds to loopback, then to metadata, then
+        // fails for good: no answer may reach the local server.
+        let m = outbound(
+            &["http://*:*"],
+            scripted(vec![
+                None,
+                Some("127.0.0.1"),
+                Some("::ffff:127.0.0.1"),
+                None,
+            ]),
+        );
+        let url = format!("http://rebind.example:{port}/");
+        for _ in 0..4 {
+            assert!(call(&m, &url).await.is_err());
+        }
+        for literal in ["127.0.0.1", "[::ffff:127.0.0.1]", "[::127.0.0.1]"] {
+            let url = format!("http://{literal}:{port}/");
+            assert!(
+                matches!(call(&m, &url).await, Err(Error::HttpRequestDenied)),
+                "{literal}"
+            );
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 0);
+        let denied = m.denied.get();
+        assert!(denied >= 5, "denials counted: {denied}");
+    }
+
+    #[tokio::test]
+    async fn an_exact_rule_reaches_what_its_name_resolves_to_in_its_own_pool() {
+        let (port, hits) = local_server().await;
+        let lookup = scripted(vec![Some("127.0.0.1"), Some("127.0.0.1")]);
+        let exact = outbound(&["http://svc.internal:*"], lookup.clone());
+        let url = format!("http://svc.internal:{port}/");
+        assert_eq!(call(&exact, &url).await.unwrap(), StatusCode::OK);
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        // A wildcard module sharing the client set gets no pooled
+        // connection made under the exact rule.
+        let wildcard = ModuleOutbound::new(
+            "w".into(),
+            OutboundSpec {
+                allow: AllowList::parse(&["http://*:*".to_owned()]).unwrap(),
+                ..exact.spec.clone()
+            },
+            exact.clients.clone(),
+            exact.metrics.clone(),
+        );
+        assert!(call(&Arc::new(wildcard), &url).await.is_err());
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn hosts_are_brought_to_one_spelling() {
+        let norm = |uri: &str| {
+            let mut req = Request::get(uri)
+                .body(
+                    http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                )
+                .unwrap();
+            normalize(&mut req).map(|h| (h, req.uri().to_string()))
+        };
+        assert_eq!(
+            norm("http://API.Example.COM./x?q=1").unwrap(),
+            (
+                "api.example.com".into(),
+                "http://api.example.com/x?q=1".into()
+            )
+        );
+        assert_eq!(
+            norm("http://user:pw@Shop.Example:8080/").unwrap(),
+            ("shop.example".into(), "http://shop.example:8080/".into())
+        );
+        assert_eq!(
+            norm("http://[::FFFF:7F00:1]:81/").unwrap().0,
+            "::ffff:127.0.0.1"
+        );
+        assert_eq!(
+            norm("http://XN--BCHER-KVA.example/").unwrap().0,
+            "xn--bcher-kva.example"
+        );
+    }
+
+    #[tokio::test]
+    async fn upstream_entries_and_labels_are_capped_per_module() {
+        let m = outbound(&["http://*:*"], resolve::system_lookup());
+        let mut labels = std::collections::HashSet::new();
+        for i in 0..(MAX_UPSTREAMS + 36) {
+            let u = m.upstream(&Scheme::HTTP, &format!("h{i}.example"), 80, Guard::On);
+            labels.insert(u.label.clone());
+        }
+        assert_eq!(labels.len(), MAX_UPSTREAMS + 1, "the cap, plus `other`");
+        assert!(labels.contains(OTHER));
+        let state = m.upstreams.lock().unwrap();
+        assert_eq!(state.entries.len(), MAX_UPSTREAMS + 1);
+        // An upstream seen before the cap keeps its own entry.
+        drop(state);
+        assert_eq!(
+            m.upstream(&Scheme::HTTP, "h0.example", 80, Guard::On).label,
+            "h0.example:80"
+        );
+    }
 
     #[test]
     fn guest_connect_timeouts_round_up() {

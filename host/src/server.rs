@@ -157,6 +157,7 @@ async fn handle(
         )
     });
     let cx = RequestContext {
+        logs: module.logs.clone(),
         module: module.name.clone(),
         request_id: request_id.clone(),
         trace,

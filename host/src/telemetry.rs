@@ -3,7 +3,10 @@
 //! Logs: JSON lines on stdout (or a human format with `LOG_FORMAT=pretty`),
 //! filtered by `LOG_LEVEL` (a level or `RUST_LOG`-style directives;
 //! `RUST_LOG` is read when `LOG_LEVEL` is unset), written by a background
-//! thread so a slow stdout does not stall requests.
+//! thread so a slow stdout does not stall requests: when it falls 64k lines
+//! behind, lines are dropped and counted (`berth_log_lines_dropped_total`)
+//! rather than blocking the traffic threads. A write to stdout that stays
+//! blocked fails liveness ([`log_writer_stalled`]).
 //!
 //! Traces: exported with OTLP over HTTP/protobuf when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set, in
@@ -12,18 +15,66 @@
 //! `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*`). Without an endpoint no span is
 //! made at all (see [`tracing_enabled`]).
 
+use std::io::Write;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::filter::{FilterExt, LevelFilter, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 static TRACING: OnceLock<bool> = OnceLock::new();
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+/// When the write to stdout in progress began, in ms since [`EPOCH`]; 0
+/// while none is.
+static WRITE_SINCE: AtomicU64 = AtomicU64::new(0);
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+fn now_ms() -> u64 {
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    (epoch.elapsed().as_millis() as u64).max(1)
+}
+
+/// Log lines dropped so far because stdout fell behind.
+pub fn dropped_log_lines() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
+/// How long the current write to stdout has been blocked, if longer than
+/// `limit` (a full pipe nobody drains: the log collector is gone).
+pub fn log_writer_stalled(limit: Duration) -> Option<Duration> {
+    let since = WRITE_SINCE.load(Ordering::Relaxed);
+    if since == 0 {
+        return None;
+    }
+    let blocked = Duration::from_millis(now_ms().saturating_sub(since));
+    (blocked > limit).then_some(blocked)
+}
+
+/// Stdout, noting when each write starts and ends.
+struct WatchedStdout(std::io::Stdout);
+
+impl Write for WatchedStdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        WRITE_SINCE.store(now_ms(), Ordering::Relaxed);
+        let written = self.0.write(buf);
+        WRITE_SINCE.store(0, Ordering::Relaxed);
+        written
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        WRITE_SINCE.store(now_ms(), Ordering::Relaxed);
+        let flushed = self.0.flush();
+        WRITE_SINCE.store(0, Ordering::Relaxed);
+        flushed
+    }
+}
 
 /// Whether spans are exported; the request path makes none otherwise.
 pub fn tracing_enabled() -> bool {
@@ -114,15 +165,19 @@ fn tracer_provider() -> Result<Option<SdkTracerProvider>, String> {
 /// runtime: the exporter's HTTP client runs its own.
 pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, String> {
     let (writer, guard) = NonBlockingBuilder::default()
-        // Block rather than drop lines if stdout falls this far behind.
-        .lossy(false)
+        // Drop (and count) rather than block the traffic threads when
+        // stdout falls this far behind: a guest that logs in a loop, or a
+        // stuck log collector, must not stall every request.
+        .lossy(true)
         .buffered_lines_limit(64 * 1024)
         // The worker drains every queued line before it flushes, so under
         // load many lines leave in one write(2) instead of one each.
         .finish(std::io::BufWriter::with_capacity(
             64 << 10,
-            std::io::stdout(),
+            WatchedStdout(std::io::stdout()),
         ));
+    let _ = DROPPED.set(writer.error_counter());
+    now_ms();
     // Log lines carry their ids as fields and never print span context, so
     // the log layer skips spans: formatting every span's fields to JSON
     // just in case cost ~4 µs a request with tracing on.

@@ -226,6 +226,42 @@ fn invalid_config_values_name_the_key() {
 }
 
 #[test]
+fn service_link_variables_are_ignored_with_one_warning_and_typos_still_fail() {
+    // What the kubelet injects into every pod of the namespace for a
+    // Service named `berth` (and `berth-admin`), as `helm install berth`
+    // creates: these must not stop the pod.
+    let links = [
+        ("BERTH_SERVICE_HOST", "10.96.0.10"),
+        ("BERTH_SERVICE_PORT", "80"),
+        ("BERTH_SERVICE_PORT_HTTP", "80"),
+        ("BERTH_PORT", "tcp://10.96.0.10:80"),
+        ("BERTH_PORT_80_TCP", "tcp://10.96.0.10:80"),
+        ("BERTH_PORT_80_TCP_PROTO", "tcp"),
+        ("BERTH_PORT_80_TCP_PORT", "80"),
+        ("BERTH_PORT_80_TCP_ADDR", "10.96.0.10"),
+        ("BERTH_ADMIN_SERVICE_HOST", "10.96.0.11"),
+    ];
+    let berth = Berth::start_with(&module("hello", "/hello", "hello", ""), &links);
+    assert_eq!(get(&berth.url("/hello")).status, 200);
+    let warnings: Vec<_> = berth
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["level"] == "WARN" && l["variables"].is_string())
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning: {warnings:?}");
+    for (name, _) in links {
+        assert!(
+            warnings[0]["variables"].as_str().unwrap().contains(name),
+            "{name} not named: {}",
+            warnings[0]
+        );
+    }
+
+    // A typo inside a known section is still an error naming the key.
+    assert_config_error("", &[("BERTH_DEFAULTS__LIMITS__TIMOUT", "1s")], &["timout"]);
+}
+
+#[test]
 fn a_missing_module_file_is_named() {
     assert_config_error(
         "[modules.ghost]\nfile = \"/nonexistent/ghost.wasm\"\nroute = \"/g\"\n",

@@ -66,6 +66,97 @@ fn a_spinning_guest_gets_504_and_probes_keep_answering() {
 }
 
 #[test]
+fn a_blocked_log_writer_fails_liveness_without_stalling_traffic() {
+    let berth = Berth::start(&format!(
+        "[admin]\nstall_timeout = \"1s\"\n\n{}",
+        module("hello", "/hello", "hello", "")
+    ));
+    assert_eq!(get(&berth.admin_url("/healthz")).status, 200);
+    // Nobody drains stdout any more: the pipe and the writer's buffer fill.
+    berth.pause_logs(true);
+    let started = Instant::now();
+    let mut healthz = get(&berth.admin_url("/healthz"));
+    while started.elapsed() < Duration::from_secs(30) {
+        // Every request still gets its answer: lines are dropped instead.
+        let r = get(&berth.url("/hello?name=a-rather-long-name-to-fill-the-pipe-faster"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        healthz = get(&berth.admin_url("/healthz"));
+        if healthz.status == 503 {
+            break;
+        }
+    }
+    assert_eq!(
+        healthz.status, 503,
+        "liveness never noticed the blocked writer"
+    );
+    assert!(healthz.body.contains("log writer"), "{}", healthz.body);
+    // Still failing a while later: the writer is stuck, not slow.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(get(&berth.admin_url("/healthz")).status, 503);
+    // The collector comes back: liveness recovers.
+    berth.pause_logs(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&berth.admin_url("/healthz")).status != 200 {
+        assert!(Instant::now() < deadline, "liveness did not recover");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_guest_that_logs_in_a_loop_is_rate_limited_and_its_lines_capped() {
+    let berth = Berth::start(&module(
+        "m",
+        "/m",
+        "misbehave",
+        "limits = { log_rate = 10 }",
+    ));
+    let r = get(&berth.url("/m/spam?n=500&bytes=100000"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let page = berth.metrics();
+    let dropped = metric(
+        &page,
+        "berth_guest_log_lines_dropped_total",
+        &[("module", "m"), ("reason", "rate_limit")],
+    )
+    .unwrap_or(0.0);
+    // Five seconds' worth (50 lines) may pass in a burst; the rest drop.
+    assert!(dropped >= 400.0, "dropped {dropped}");
+    berth
+        .wait_for_log(Duration::from_secs(5), |l| {
+            l["level"] == "WARN"
+                && l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("log_rate"))
+        })
+        .expect("one warning about the rate limit");
+    let spam: Vec<_> = berth
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["target"] == "guest" && l["module"] == "m")
+        .collect();
+    assert!(spam.len() <= 60, "{} guest lines passed", spam.len());
+    for line in &spam {
+        let message = line["message"].as_str().unwrap();
+        assert!(message.len() < 17 << 10, "a {} byte line", message.len());
+        assert!(
+            message.ends_with("bytes cut]"),
+            "{}",
+            &message[message.len() - 40..]
+        );
+    }
+    let warnings = berth
+        .log_lines()
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("log_rate"))
+        })
+        .count();
+    assert_eq!(warnings, 1);
+}
+
+#[test]
 fn memory_hogs_panics_and_stack_overflows_get_500() {
     let berth = Berth::start(&misbehave("memory = \"32MiB\""));
     let r = get(&berth.url("/m/alloc?mb=100"));
@@ -413,6 +504,31 @@ fn the_breaker_opens_fails_fast_and_closes_after_the_cool_down() {
 }
 
 #[test]
+fn a_probe_cut_off_by_the_module_timeout_does_not_wedge_the_breaker() {
+    let down = Downstream::start(Mode::AlwaysFail);
+    let berth = Berth::start(&format!(
+        "{}limits = {{ timeout = \"1s\" }}\n",
+        caller(
+            &down,
+            "retries = 0, first_byte_timeout = \"30s\", circuit_breaker = { failures = 1, open_for = \"300ms\", half_open_probes = 1 }",
+        )
+    ));
+    assert_eq!(fetch(&berth, &down.url("/")).json()["status"], 503);
+    // Open; after the cool-down the probe hangs until the module's timeout
+    // drops the call mid-flight.
+    down.set_mode(Mode::Hang);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(fetch(&berth, &down.url("/")).status, 504);
+    // The upstream recovers: once the cool-down after the lost probe is
+    // over, a new probe goes through and closes the circuit.
+    down.set_mode(Mode::Ok);
+    std::thread::sleep(Duration::from_millis(400));
+    let r = fetch(&berth, &down.url("/"));
+    assert_eq!(r.status, 200, "the breaker stayed half-open: {}", r.body);
+    assert_eq!(r.json()["status"], 200);
+}
+
+#[test]
 fn a_hanging_upstream_times_out_within_the_bound() {
     let down = Downstream::start(Mode::Hang);
     let berth = Berth::start(&caller(
@@ -444,6 +560,33 @@ fn a_post_is_not_retried_unless_configured() {
     let r = get(&berth.url(&format!("/m/post?url={}", down.url("/"))));
     assert_eq!(r.json()["status"], 200, "{}", r.body);
     assert_eq!(down.hits(), 2);
+}
+
+#[test]
+fn small_complete_idempotent_bodies_are_retried_whole_and_large_ones_are_not() {
+    let down = Downstream::start(Mode::FailFirst(2, None));
+    let berth = Berth::start(&caller(
+        &down,
+        "retries = 3, retry_backoff = \"1ms\", max_retry_body = \"1KiB\"",
+    ));
+    let r = get(&berth.url(&format!("/m/put?bytes=1000&url={}", down.url("/"))));
+    assert_eq!(r.json()["status"], 200, "{}", r.body);
+    assert_eq!(down.hits(), 3);
+    assert_eq!(
+        down.bodies(),
+        vec![1000, 1000, 1000],
+        "every attempt sent the whole body"
+    );
+
+    // Past max_retry_body the body is not kept, so the call is not retried.
+    let down = Downstream::start(Mode::FailFirst(1, None));
+    let berth = Berth::start(&caller(
+        &down,
+        "retries = 3, retry_backoff = \"1ms\", max_retry_body = \"1KiB\"",
+    ));
+    let r = get(&berth.url(&format!("/m/put?bytes=4096&url={}", down.url("/"))));
+    assert_eq!(r.json()["status"], 503, "{}", r.body);
+    assert_eq!(down.bodies(), vec![4096]);
 }
 
 #[test]

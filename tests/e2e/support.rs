@@ -37,6 +37,8 @@ pub fn module(name: &str, route: &str, wasm_name: &str, extra: &str) -> String {
 struct Logs {
     lines: Vec<String>,
     closed: bool,
+    /// Stop reading stdout (the pipe fills, as with a stuck log collector).
+    paused: bool,
 }
 
 /// A running `berth serve`, killed on drop.
@@ -75,9 +77,15 @@ fn command(config: &Path, env: &[(&str, &str)]) -> Command {
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .env_remove("RUST_LOG")
         .env("LOG_LEVEL", "info")
-        .env("LOG_FORMAT", "json");
+        .env("LOG_FORMAT", "json")
+        .env("BERTH_ADMIN__TOKEN", ADMIN_TOKEN);
+    // An empty value unsets the variable.
     for (k, v) in env {
-        cmd.env(k, v);
+        if v.is_empty() {
+            cmd.env_remove(k);
+        } else {
+            cmd.env(k, v);
+        }
     }
     cmd
 }
@@ -90,6 +98,13 @@ impl Berth {
 
     /// Same, with extra environment variables.
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Berth {
+        let berth = Self::spawn(config, env);
+        berth.wait_ready(Duration::from_secs(60));
+        berth
+    }
+
+    /// Starts berth and returns once it has bound its ports, ready or not.
+    pub fn spawn(config: &str, env: &[(&str, &str)]) -> Berth {
         let (dir, path) = write_config(config);
         let mut child = command(&path, env)
             .stdout(Stdio::piped())
@@ -103,8 +118,12 @@ impl Berth {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 let (lock, cv) = &*sink;
-                lock.lock().unwrap().lines.push(line);
+                let mut logs = lock.lock().unwrap();
+                logs.lines.push(line);
                 cv.notify_all();
+                while logs.paused {
+                    logs = cv.wait(logs).unwrap();
+                }
             }
             let (lock, cv) = &*sink;
             lock.lock().unwrap().closed = true;
@@ -128,7 +147,6 @@ impl Berth {
         };
         berth.addr = addr_of("traffic", &berth);
         berth.admin = addr_of("admin", &berth);
-        berth.wait_ready(Duration::from_secs(60));
         berth
     }
 
@@ -192,6 +210,13 @@ impl Berth {
             }
             logs = cv.wait_timeout(logs, deadline - now).unwrap().0;
         }
+    }
+
+    /// Stops or resumes reading berth's stdout.
+    pub fn pause_logs(&self, paused: bool) {
+        let (lock, cv) = &*self.logs;
+        lock.lock().unwrap().paused = paused;
+        cv.notify_all();
     }
 
     /// The config file berth was started with; tests may rewrite it.
@@ -363,7 +388,25 @@ impl Berth {
     }
 }
 
-/// `POST url` with no body.
-pub fn post_empty(url: &str) -> Reply {
-    reply(agent().post(url).send_empty())
+/// The admin token every test instance is started with.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// `POST url` with this `Authorization` header.
+pub fn post_authorized(url: &str, authorization: &str) -> Reply {
+    reply(
+        agent()
+            .post(url)
+            .header("authorization", authorization)
+            .send_empty(),
+    )
+}
+
+/// `POST url` with no body, as an operator holding the admin token.
+pub fn admin_post(url: &str) -> Reply {
+    reply(
+        agent()
+            .post(url)
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .send_empty(),
+    )
 }

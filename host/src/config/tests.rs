@@ -143,3 +143,67 @@ fn byte_sizes() {
     assert!(ByteSize::parse("1 XB").is_err());
     assert_eq!(ByteSize(64 << 20).to_string(), "64MiB");
 }
+
+#[test]
+fn durations_that_would_overflow_a_deadline_are_refused_with_their_key() {
+    for (toml, key) in [
+        (
+            "[defaults.limits]\ntimeout = \"500000000years\"\n",
+            "defaults.limits.timeout",
+        ),
+        (
+            "[defaults.outbound]\ntimeout = \"99999999days\"\n",
+            "defaults.outbound.timeout",
+        ),
+        (
+            "[defaults.outbound]\ncircuit_breaker = { open_for = \"9999999days\" }\n",
+            "defaults.outbound.circuit_breaker.open_for",
+        ),
+        (
+            "[shutdown]\ngrace_period = \"400days\"\n",
+            "shutdown.grace_period",
+        ),
+        ("[runtime]\nepoch_tick = \"1h\"\n", "runtime.epoch_tick"),
+        (
+            "[modules.a]\nfile = \"a.wasm\"\nroute = \"/a\"\nlimits = { timeout = \"100000days\" }\n",
+            "modules.a.limits.timeout",
+        ),
+    ] {
+        Jail::expect_with(|jail| {
+            jail.create_file("berth.toml", toml)?;
+            let err = load(jail).unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains("too long"),
+                "{toml}: {err}"
+            );
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn only_known_sections_are_read_from_the_environment() {
+    Jail::expect_with(|jail| {
+        jail.create_file("berth.toml", "")?;
+        jail.set_env("BERTH_SERVICE_HOST", "10.96.0.10");
+        jail.set_env("BERTH_PORT_80_TCP_ADDR", "10.96.0.10");
+        jail.set_env("BERTH_ADMIN_SERVICE_PORT", "9090");
+        jail.set_env("BERTH_RUNTIME__MAX_INSTANCES", "7");
+        let cfg = load(jail).unwrap();
+        assert_eq!(cfg.runtime.max_instances, 7);
+        let ignored = ignored_env_vars();
+        for name in [
+            "BERTH_SERVICE_HOST",
+            "BERTH_PORT_80_TCP_ADDR",
+            "BERTH_ADMIN_SERVICE_PORT",
+        ] {
+            assert!(ignored.contains(&name.to_owned()), "{ignored:?}");
+        }
+        assert!(!ignored.iter().any(|n| n == "BERTH_RUNTIME__MAX_INSTANCES"));
+
+        jail.set_env("BERTH_DEFAULTS__LIMITS__TIMOUT", "1s");
+        let err = load(jail).unwrap_err().to_string();
+        assert!(err.to_lowercase().contains("timout"), "{err}");
+        Ok(())
+    });
+}

@@ -28,10 +28,31 @@ pub(super) struct Breaker {
 }
 
 /// A call admitted by the breaker; report how it went with
-/// [`Breaker::record`].
+/// [`Admission::record`]. Dropping it unreported counts as a failure: a
+/// call whose future is dropped (the module's timeout tore the instance
+/// down mid-call) must still release its probe slot, or a half-open
+/// breaker would refuse every call after it for good.
 #[must_use]
-pub(super) struct Admission {
+pub(super) struct Admission<'a> {
+    breaker: &'a Breaker,
     probe: bool,
+    recorded: bool,
+}
+
+impl Admission<'_> {
+    /// Reports the outcome of the admitted call.
+    pub(super) fn record(mut self, success: bool) {
+        self.recorded = true;
+        self.breaker.record(self.probe, success);
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.breaker.record(self.probe, false);
+        }
+    }
 }
 
 impl Breaker {
@@ -46,28 +67,34 @@ impl Breaker {
     }
 
     /// Whether a call may go out now.
-    pub(super) fn admit(&self) -> Option<Admission> {
+    pub(super) fn admit(&self) -> Option<Admission<'_>> {
+        let admitted = |probe| {
+            Some(Admission {
+                breaker: self,
+                probe,
+                recorded: false,
+            })
+        };
         if self.cfg.failures == 0 {
-            return Some(Admission { probe: false });
+            return admitted(false);
         }
         let mut state = self.state.lock().unwrap();
         match *state {
-            State::Closed { .. } => Some(Admission { probe: false }),
+            State::Closed { .. } => admitted(false),
             State::Open { until } if Instant::now() < until => None,
             State::Open { .. } => {
                 self.set(&mut state, State::HalfOpen { probes: 1 });
-                Some(Admission { probe: true })
+                admitted(true)
             }
             State::HalfOpen { probes } if probes < self.cfg.half_open_probes => {
                 *state = State::HalfOpen { probes: probes + 1 };
-                Some(Admission { probe: true })
+                admitted(true)
             }
             State::HalfOpen { .. } => None,
         }
     }
 
-    /// Reports the outcome of an admitted call.
-    pub(super) fn record(&self, admission: Admission, success: bool) {
+    fn record(&self, probe: bool, success: bool) {
         if self.cfg.failures == 0 {
             return;
         }
@@ -85,10 +112,10 @@ impl Breaker {
                     failures: failures + 1,
                 }
             }
-            (State::HalfOpen { .. }, true) if admission.probe => {
+            (State::HalfOpen { .. }, true) if probe => {
                 self.set(&mut state, State::Closed { failures: 0 })
             }
-            (State::HalfOpen { .. }, false) if admission.probe => self.set(&mut state, open),
+            (State::HalfOpen { .. }, false) if probe => self.set(&mut state, open),
             // A call admitted before the circuit opened: its news is stale.
             _ => {}
         }
@@ -126,14 +153,14 @@ mod tests {
         let b = breaker(3, Duration::from_millis(30));
         for _ in 0..2 {
             let a = b.admit().unwrap();
-            b.record(a, false);
+            a.record(false);
         }
         // A success resets the count.
         let a = b.admit().unwrap();
-        b.record(a, true);
+        a.record(true);
         for _ in 0..3 {
             let a = b.admit().unwrap();
-            b.record(a, false);
+            a.record(false);
         }
         assert!(b.admit().is_none(), "open after 3 failures");
         assert_eq!(b.gauge.get(), 2);
@@ -141,7 +168,7 @@ mod tests {
         let probe = b.admit().expect("half-open lets a probe through");
         assert!(b.admit().is_none(), "only one probe at a time");
         assert_eq!(b.gauge.get(), 1);
-        b.record(probe, true);
+        probe.record(true);
         assert_eq!(b.gauge.get(), 0);
         assert!(b.admit().is_some());
     }
@@ -150,11 +177,27 @@ mod tests {
     fn a_failed_probe_reopens() {
         let b = breaker(1, Duration::from_millis(20));
         let a = b.admit().unwrap();
-        b.record(a, false);
+        a.record(false);
         std::thread::sleep(Duration::from_millis(30));
         let probe = b.admit().unwrap();
-        b.record(probe, false);
+        probe.record(false);
         assert!(b.admit().is_none());
+    }
+
+    #[test]
+    fn a_dropped_probe_counts_as_a_failure_and_frees_the_half_open_slot() {
+        let b = breaker(1, Duration::from_millis(20));
+        b.admit().unwrap().record(false);
+        std::thread::sleep(Duration::from_millis(30));
+        let probe = b.admit().expect("half-open");
+        // The call's future is dropped mid-flight (module timeout).
+        drop(probe);
+        assert_eq!(b.gauge.get(), 2, "a lost probe reopens the circuit");
+        assert!(b.admit().is_none());
+        std::thread::sleep(Duration::from_millis(30));
+        let probe = b.admit().expect("a new probe after the cool-down");
+        probe.record(true);
+        assert_eq!(b.gauge.get(), 0);
     }
 
     #[test]
@@ -162,7 +205,7 @@ mod tests {
         let b = breaker(0, Duration::from_secs(1));
         for _ in 0..10 {
             let a = b.admit().unwrap();
-            b.record(a, false);
+            a.record(false);
         }
         assert!(b.admit().is_some());
     }

@@ -3,7 +3,11 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Instant;
+
+use prometheus::IntCounter;
 
 use tokio::io::AsyncWrite;
 use wasmtime::ResourceLimiter;
@@ -42,6 +46,78 @@ pub struct RequestContext {
     pub request_id: Arc<str>,
     /// The trace; displays as the trace id.
     pub trace: TraceContext,
+    /// The module's allowance of log lines.
+    pub logs: Arc<LogBudget>,
+}
+
+/// A module's allowance of guest log lines, shared by all its instances:
+/// a token bucket refilled at `rate` lines a second that holds five
+/// seconds' worth. Lines past it are dropped and counted, with one warning
+/// per module, so a guest that logs in a loop cannot flood the node's log
+/// pipeline or crowd out the host's own lines.
+pub struct LogBudget {
+    rate: f64,
+    bucket: std::sync::Mutex<(f64, Instant)>,
+    dropped: IntCounter,
+    warned: AtomicBool,
+}
+
+impl std::fmt::Debug for LogBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogBudget")
+            .field("rate", &self.rate)
+            .finish()
+    }
+}
+
+impl LogBudget {
+    /// `rate` lines a second; drops count on `dropped`.
+    pub fn new(rate: u32, dropped: IntCounter) -> Self {
+        let rate = f64::from(rate.max(1));
+        LogBudget {
+            rate,
+            bucket: std::sync::Mutex::new((rate * 5.0, Instant::now())),
+            dropped,
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether one more line may be written now.
+    fn admit(&self, module: &str) -> bool {
+        let mut bucket = self.bucket.lock().unwrap();
+        let (tokens, at) = *bucket;
+        let now = Instant::now();
+        let tokens =
+            (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(self.rate * 5.0);
+        if tokens >= 1.0 {
+            *bucket = (tokens - 1.0, now);
+            return true;
+        }
+        *bucket = (tokens, now);
+        drop(bucket);
+        self.dropped.inc();
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                module,
+                log_rate = self.rate,
+                "guest log lines over the module's log_rate are dropped (counted in berth_guest_log_lines_dropped_total)"
+            );
+        }
+        false
+    }
+}
+
+/// Cuts `text` to at most `max` bytes (on a character boundary), saying how
+/// much was cut.
+fn capped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [{} bytes cut]", &text[..end], text.len() - end).into()
 }
 
 /// The data of one `Store`: one per request.
@@ -191,6 +267,11 @@ impl wasi_log::Host for &RequestContext {
     fn log(&mut self, level: wasi_log::Level, context: String, message: String) {
         use wasi_log::Level;
         let (module, request_id, trace_id) = (&*self.module, &*self.request_id, &self.trace);
+        if !self.logs.admit(module) {
+            return;
+        }
+        let message = capped(&message, MAX_LINE);
+        let context = capped(&context, MAX_CONTEXT);
         // `tracing` levels are static per call site, hence one arm per level.
         macro_rules! emit {
             ($lvl:ident) => {
@@ -200,7 +281,7 @@ impl wasi_log::Host for &RequestContext {
                     module,
                     request_id,
                     trace_id = %trace_id,
-                    context = context.as_str(),
+                    context = &*context,
                     "{message}"
                 )
             };
@@ -243,9 +324,13 @@ impl StdoutStream for GuestOutput {
     }
 }
 
-/// Longest line kept before it is logged in pieces, so a guest that never
-/// writes a newline cannot grow host memory.
+/// Longest guest log line: a longer `wasi:logging` message is cut, and
+/// stdout/stderr without a newline is logged in pieces, so a guest cannot
+/// grow host memory or write megabyte lines.
 const MAX_LINE: usize = 16 << 10;
+
+/// Longest `wasi:logging` context.
+const MAX_CONTEXT: usize = 256;
 
 struct LineWriter {
     cx: RequestContext,
@@ -255,6 +340,9 @@ struct LineWriter {
 
 impl LineWriter {
     fn emit(&self, line: &[u8]) {
+        if !self.cx.logs.admit(&self.cx.module) {
+            return;
+        }
         let line = String::from_utf8_lossy(line);
         let line = line.trim_end_matches('\r');
         tracing::info!(
