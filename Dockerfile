@@ -13,6 +13,8 @@ COPY guest-sdk guest-sdk
 # host/Cargo.toml names the end-to-end tests as a target; cargo wants the
 # file present even for a binary-only build.
 COPY tests/e2e tests/e2e
+# A workspace member: cargo loads every member's manifest before building.
+COPY bench/native-hello bench/native-hello
 RUN cargo build --release --locked --bin berth \
     && install -D -m 0755 target/release/berth /out/berth
 

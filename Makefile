@@ -46,9 +46,9 @@ k8s-tools:
 chart-check: k8s-tools build
 	.tools/venv/bin/pytest -q tests/chart
 
-## image-check: run the Dockerfile's build and entrypoint against the examples
-image-check: guests
-	python3 scripts/image_check.py
+## image-check: build the image from the Dockerfile (emulated engine) and run it as the chart's pod
+image-check: k8s-tools
+	.tools/venv/bin/python scripts/image_check.py
 
 ## smoke_test: check a running deployment (TARGET_URL=... ADMIN_URL=... [SMOKE_PATH=/hello])
 smoke_test:

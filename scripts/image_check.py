@@ -1,111 +1,64 @@
 #!/usr/bin/env python3
-"""Exercises the Dockerfile's commands without a Docker engine.
+"""Builds the image from the Dockerfile without a Docker engine, and runs
+it as the chart's pod.
 
-Builds the release binary the way the builder stage does, then runs the
-runtime stage's ENTRYPOINT + CMD with its ENV, with the image's paths mapped
-to local ones (binary, config file, cache folder), against the example
-modules; runs the smoke test against it and stops it with SIGTERM, as the
-kubelet would, expecting exit code 0.
+The build goes through scripts/container.py: the context is what
+`.dockerignore` lets through, each stage gets only what its `COPY` lines
+take, and the builder's `RUN` runs there (with the shared cargo target
+folder as its cache mount). The runtime stage's ENTRYPOINT and CMD then
+run as the chart's pod through scripts/kubelet.py: uid 65532, read-only
+root, only the chart's writable mounts, probes, smoke test, preStop and
+SIGTERM, exit code 0 within the grace period.
 """
-import json
 import os
-import shlex
-import signal
 import subprocess
 import sys
 import tempfile
-import time
+
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
+import container  # noqa: E402
+import kubelet  # noqa: E402
 
-def final_stage(path):
-    """ENTRYPOINT, CMD, ENV and the builder's cargo command of the Dockerfile."""
-    lines, buf = [], ""
-    for raw in open(path):
-        line = raw.rstrip("\n")
-        if line.strip().startswith("#"):
-            continue
-        if line.endswith("\\"):
-            buf += line[:-1] + " "
-            continue
-        lines.append((buf + line).strip())
-        buf = ""
-    stage = {"env": {}, "entrypoint": None, "cmd": None, "run": []}
-    for line in filter(None, lines):
-        op, _, rest = line.partition(" ")
-        op = op.upper()
-        if op == "FROM":
-            stage = {"env": {}, "entrypoint": None, "cmd": None, "run": stage["run"]}
-        elif op == "ENV":
-            for pair in shlex.split(rest):
-                key, _, value = pair.partition("=")
-                stage["env"][key] = value
-        elif op in ("ENTRYPOINT", "CMD"):
-            stage[op.lower()] = json.loads(rest)
-        elif op == "RUN":
-            stage["run"].append(rest)
-    return stage
+HELM = os.path.join(ROOT, ".tools", "bin", "helm")
 
 
 def main():
-    stage = final_stage(os.path.join(ROOT, "Dockerfile"))
-    cargo = next(r for r in stage["run"] if r.startswith("cargo build"))
-    cargo = cargo.split("&&")[0].strip()
-    print(f"image-check: builder stage: {cargo}", flush=True)
-    subprocess.run(shlex.split(cargo), cwd=ROOT, check=True)
-    binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "berth")
-
-    tmp = tempfile.mkdtemp(prefix="berth-image-")
-    wasm = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "wasm32-wasip2", "release")
-    config = os.path.join(tmp, "berth.toml")
-    with open(config, "w") as f:
-        f.write(
-            f'[server]\nlisten = "127.0.0.1:0"\n[admin]\nlisten = "127.0.0.1:0"\n'
-            f'[runtime]\nmodules_dir = "{wasm}"\n[shutdown]\ndrain_delay = "0s"\ngrace_period = "5s"\n'
-            '[modules.hello]\nfile = "hello.wasm"\nroute = "/hello"\n'
-            '[modules.api]\nfile = "api.wasm"\nroute = "/api"\n'
-        )
-    mapping = {
-        "/usr/local/bin/berth": binary,
-        "/etc/berth/berth.toml": config,
-        "/var/cache/berth": os.path.join(tmp, "cache"),
-    }
-    argv = [mapping.get(a, a) for a in stage["entrypoint"] + (stage["cmd"] or [])]
-    env = dict(os.environ)
-    env.pop("RUST_LOG", None)
-    env.update({k: mapping.get(v, v) for k, v in stage["env"].items()})
-    print(f"image-check: running {argv} with {stage['env']}", flush=True)
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
-    addrs, deadline = {}, time.time() + 120
+    work = tempfile.mkdtemp(prefix="berth-image-")
+    os.chmod(work, 0o755)
     try:
-        for line in proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("message") == "listening":
-                addrs[event["listener"]] = event["addr"]
-            if event.get("message") == "ready":
-                break
-            if time.time() > deadline:
-                raise SystemExit("image-check: berth did not get ready")
-        else:
-            raise SystemExit(f"image-check: berth exited with {proc.wait()}")
+        image = container.build(ROOT, work, log=lambda m: print(f"image-check: {m}", flush=True))
+    except container.BuildError as e:
+        raise SystemExit(f"image-check: the image does not build: {e}")
+    print(f"image-check: built; entrypoint {image.entrypoint} {image.cmd}, user {image.user}", flush=True)
+    rendered = subprocess.run(
+        [HELM, "template", "berth", os.path.join(ROOT, "charts", "berth")],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    pod = kubelet.Pod(docs, image, os.path.join(work, "pod"), log=lambda m: print(f"image-check: {m}", flush=True))
+    try:
+        pod.start()
+        pod.wait_started()
+        pod.wait_ready(120)
         smoke = subprocess.run(
             ["bash", os.path.join(ROOT, "scripts", "smoke_test.sh")],
-            env=dict(os.environ, TARGET_URL=f"http://{addrs['traffic']}", ADMIN_URL=f"http://{addrs['admin']}"),
+            env=dict(os.environ, TARGET_URL=f"http://{pod.pod_ip}:8080", ADMIN_URL=f"http://{pod.pod_ip}:9090"),
         )
         if smoke.returncode != 0:
-            raise SystemExit("image-check: smoke test failed")
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
+            raise SystemExit("image-check: smoke test failed:\n" + "\n".join(pod.lines[-30:]))
+        code, took, _ = pod.delete()
         if code != 0:
-            raise SystemExit(f"image-check: berth exited with {code} on SIGTERM")
-        print("image-check: the image's command line serves the examples and stops cleanly on SIGTERM")
+            raise SystemExit(f"image-check: berth exited with {code} after {took:.1f}s on SIGTERM")
+        print(f"image-check: the image serves as the chart's pod and stops cleanly in {took:.1f}s")
+    except kubelet.PodFailed as e:
+        raise SystemExit(f"image-check: {e}")
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        pod.cleanup()
+        subprocess.run(["rm", "-rf", work])
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_rendered_manifests_pass_kubernetes_schemas(values, tmp_path):
     manifest.write_text(out)
     proc = run(os.path.join(VENV_BIN, "kubernetes-validate"), "--strict", str(manifest), check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # Everything but the ServiceMonitor CRD (no built-in schema) passed.
+    # Everything but the PodMonitor CRD (no built-in schema) passed.
     passed = re.findall(r"passed for resource (\S+)", proc.stdout + proc.stderr)
     assert any(p.startswith("deployment/") for p in passed)
 
@@ -137,7 +137,7 @@ def test_deployment_is_hardened_and_shutdown_is_consistent():
     assert "checksum/config" in annotations and "checksum/modules" not in annotations
     assert annotations["prometheus.io/port"] == "9090"
     kinds = {d["kind"] for d in docs}
-    assert {"HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"} <= kinds
+    assert {"HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "PodMonitor"} <= kinds
 
 
 def test_blue_green_by_track():

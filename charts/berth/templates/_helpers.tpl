@@ -31,6 +31,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end }}
 
+{{/* The Secret holding the admin token, if any. */}}
+{{- define "berth.adminTokenSecret" -}}
+{{- if .Values.admin.tokenSecret -}}
+{{ .Values.admin.tokenSecret }}
+{{- else if .Values.admin.token -}}
+{{ include "berth.fullname" . }}-admin-token
+{{- end -}}
+{{- end }}
+
 {{/* berth.toml, rendered from values. */}}
 {{- define "berth.config" -}}
 {{- $modules := dict -}}
@@ -49,9 +58,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- $limits := dict "timeout" .Values.limits.timeout "memory" .Values.limits.memory "max_concurrency" (int .Values.limits.maxConcurrency) "max_body" .Values.limits.maxBody -}}
 {{- $outbound := dict "connect_timeout" .Values.outbound.connectTimeout "timeout" .Values.outbound.timeout "retries" (int .Values.outbound.retries) -}}
+{{- $admin := dict "listen" (printf "0.0.0.0:%d" (int .Values.admin.port)) -}}
+{{- if include "berth.adminTokenSecret" . }}{{ $_ := set $admin "token_file" "/var/run/secrets/berth/token" }}{{ end -}}
 {{- $cfg := dict
   "server" (dict "listen" (printf "0.0.0.0:%d" (int .Values.server.port)))
-  "admin" (dict "listen" (printf "0.0.0.0:%d" (int .Values.admin.port)))
+  "admin" $admin
   "runtime" (dict "modules_dir" "/modules" "cache_dir" "/var/cache/berth")
   "shutdown" (dict "drain_delay" (printf "%ds" (int .Values.shutdown.drainDelaySeconds)) "grace_period" (printf "%ds" (int .Values.shutdown.gracePeriodSeconds)))
   "log" (dict "access_log" .Values.log.accessLog)

@@ -1,0 +1,166 @@
+"""The chart's pods, started the way the kubelet starts them.
+
+`helm install berth ./charts/berth` names the Service `berth`, so the
+kubelet's service links (`BERTH_SERVICE_HOST`, `BERTH_PORT_80_TCP_ADDR`,
+...) land in berth's own environment namespace. These tests render the
+chart with the release name a user would pick, run the Deployment's
+container through scripts/kubelet.py (service links, ConfigMap volumes in
+the `..data` layout, emptyDirs, runAsUser, read-only root, probes, preStop
+and SIGTERM within the grace period) on the image's layout
+(scripts/container.py, the runtime stage with the debug binary), and
+check it becomes ready, serves and exits 0 in time.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.request
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import container  # noqa: E402
+import kubelet  # noqa: E402
+
+CHART = os.path.join(ROOT, "charts", "berth")
+HELM = os.path.join(ROOT, ".tools", "bin", "helm")
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+ENVS = [None, "values-dev.yaml", "values-staging.yaml", "values-prod.yaml"]
+
+# What the platform team keeps in the namespace before the release:
+# values-prod.yaml names this Secret for the admin token.
+EXISTING = [
+    {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "berth-admin-token"},
+        "data": {"token": "cHJvZC10b2tlbg=="},
+    }
+]
+
+
+def render(release, *extra):
+    out = subprocess.run(
+        [HELM, "template", release, CHART, "--namespace", "shop", *extra],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    """The runtime stage's layout, with the debug binary `make build` made
+    standing in for the builder's output (the image check builds the real
+    one)."""
+    work = str(tmp_path_factory.mktemp("image"))
+    os.chmod(work, 0o755)
+    binary = os.path.join(TARGET, "debug", "berth")
+    return container.build(ROOT, work, prebuilt={"/out/berth": binary})
+
+
+def get(url, timeout=10):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+def run_pod(docs, image, tmp_path, serve_path="/hello?name=pod"):
+    workdir = tempfile.mkdtemp(dir=tmp_path)
+    pod = kubelet.Pod(docs, image, workdir, namespace="shop")
+    try:
+        pod.start()
+        pod.wait_started()
+        pod.wait_ready(60)
+        status, body = get(f"http://{pod.pod_ip}:8080{serve_path}")
+        pod.check_liveness(3)
+        code, took, drained_ready = pod.delete()
+        return pod, status, body, code, took, drained_ready
+    finally:
+        pod.cleanup()
+
+
+@pytest.mark.parametrize("values", ENVS)
+def test_helm_install_berth_starts_serves_and_stops_in_time(values, image, tmp_path):
+    extra = ["-f", os.path.join(CHART, values)] if values else []
+    docs = render("berth", *extra) + EXISTING
+    pod, status, body, code, took, drained_ready = run_pod(docs, image, tmp_path)
+    assert status == 200, body
+    assert "pod" in json.loads(body)["message"]
+    grace = pod.spec["terminationGracePeriodSeconds"]
+    assert code == 0, f"exit {code} after {took:.1f}s:\n" + "\n".join(pod.lines[-20:])
+    assert took < grace
+    # Readiness failed during the drain, before the process exited.
+    assert drained_ready and not drained_ready[-1]
+    lines = [json.loads(l) for l in pod.lines if l.startswith("{")]
+    assert any(l.get("message") == "shutdown complete" for l in lines)
+
+
+def test_service_links_do_not_stop_the_pod_even_when_the_chart_lets_them_in(image, tmp_path):
+    docs = render("berth")
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["spec"]["template"]["spec"]["enableServiceLinks"] is False
+    # The host side of the fix: with service links on (as in a chart that
+    # forgot the setting), the pod still starts, and says what it ignored.
+    dep["spec"]["template"]["spec"]["enableServiceLinks"] = True
+    pod, status, _, code, _, _ = run_pod(docs, image, tmp_path)
+    assert status == 200 and code == 0
+    env = pod.environment()
+    assert env["BERTH_SERVICE_HOST"] and env["BERTH_PORT_80_TCP_ADDR"]
+    warning = next(json.loads(l) for l in pod.lines if "BERTH_PORT_80_TCP_ADDR" in l)
+    assert warning["level"] == "WARN"
+
+
+def test_kubelet_service_links_match_the_documented_names():
+    svc = {
+        "metadata": {"name": "redis-primary"},
+        "spec": {"clusterIP": "10.0.0.11", "ports": [{"name": "redis", "port": 6379, "protocol": "TCP"}]},
+    }
+    env = kubelet.service_link_env([svc])
+    # kubernetes.io/docs/concepts/services-networking/service/#environment-variables
+    assert env == {
+        "REDIS_PRIMARY_SERVICE_HOST": "10.0.0.11",
+        "REDIS_PRIMARY_SERVICE_PORT": "6379",
+        "REDIS_PRIMARY_SERVICE_PORT_REDIS": "6379",
+        "REDIS_PRIMARY_PORT": "tcp://10.0.0.11:6379",
+        "REDIS_PRIMARY_PORT_6379_TCP": "tcp://10.0.0.11:6379",
+        "REDIS_PRIMARY_PORT_6379_TCP_PROTO": "tcp",
+        "REDIS_PRIMARY_PORT_6379_TCP_PORT": "6379",
+        "REDIS_PRIMARY_PORT_6379_TCP_ADDR": "10.0.0.11",
+    }
+
+
+def test_configmap_volumes_use_the_atomic_writer_layout(tmp_path):
+    vol = tmp_path / "vol"
+    kubelet.atomic_writer_volume(str(vol), {"berth.toml": b"x", "a.wasm": b"\0asm"}, 65532)
+    assert os.readlink(vol / "berth.toml") == "..data/berth.toml"
+    data = os.readlink(vol / "..data")
+    assert data.startswith("..") and (vol / data / "a.wasm").read_bytes() == b"\0asm"
+    assert os.stat(vol / data / "a.wasm").st_gid == 65532
+
+
+def test_the_admin_port_is_not_published_and_admin_writes_need_the_token(image, tmp_path):
+    docs = render("berth", "--set", "admin.token=from-values")
+    svc = next(d for d in docs if d["kind"] == "Service")
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["http"]
+    workdir = tempfile.mkdtemp(dir=tmp_path)
+    pod = kubelet.Pod(docs, image, workdir, namespace="shop")
+    try:
+        pod.start()
+        pod.wait_started()
+        pod.wait_ready(60)
+        url = f"http://{pod.pod_ip}:9090/admin/reload"
+        for auth, want in [(None, 401), ("Bearer nope", 401), ("Bearer from-values", 200)]:
+            req = urllib.request.Request(url, method="POST")
+            if auth:
+                req.add_header("Authorization", auth)
+            try:
+                status = urllib.request.urlopen(req, timeout=30).status
+            except urllib.error.HTTPError as e:
+                status = e.code
+            assert status == want, auth
+        assert get(f"http://{pod.pod_ip}:9090/metrics")[0] == 200
+    finally:
+        pod.cleanup()
