@@ -93,8 +93,10 @@ impl Clients {
                 http.enforce_http(false);
                 http.set_nodelay(true);
                 http.set_connect_timeout(Some(connect_timeout));
+                // The platform's roots: the image's CA bundle, or
+                // SSL_CERT_FILE / SSL_CERT_DIR for a private CA.
                 let https = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+                    .with_provider_and_platform_verifier(rustls::crypto::ring::default_provider())
                     .expect("ring offers the default protocol versions")
                     .https_or_http()
                     .enable_http1()

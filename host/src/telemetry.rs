@@ -13,7 +13,9 @@
 //! batches, configured by the standard `OTEL_*` variables
 //! (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
 //! `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*`). Without an endpoint no span is
-//! made at all (see [`tracing_enabled`]).
+//! made at all (see [`tracing_enabled`]). `https://` endpoints are
+//! verified against the platform's roots (`SSL_CERT_FILE` and
+//! `SSL_CERT_DIR` name others).
 
 use std::io::Write;
 use std::sync::OnceLock;
@@ -164,6 +166,10 @@ fn tracer_provider() -> Result<Option<SdkTracerProvider>, String> {
 /// Installs the global subscriber. Call it before starting any async
 /// runtime: the exporter's HTTP client runs its own.
 pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, String> {
+    // The OTLP exporter's HTTP client takes rustls with the process-wide
+    // crypto provider and the platform's roots, so `https://` endpoints
+    // work, with a private CA through SSL_CERT_FILE.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let (writer, guard) = NonBlockingBuilder::default()
         // Drop (and count) rather than block the traffic threads when
         // stdout falls this far behind: a guest that logs in a loop, or a

@@ -28,13 +28,18 @@ pub enum Mode {
     Hang,
 }
 
-/// Serves HTTP/1 on a free loopback port from a runtime of its own; the
-/// server lives as long as the returned runtime.
-pub fn serve_http<F, Fut>(handler: F) -> (SocketAddr, tokio::runtime::Runtime)
+/// Serves HTTP/1 (over TLS with a server config) on a free loopback port
+/// from a runtime of its own; the server lives as long as the returned
+/// runtime.
+pub fn serve<F, Fut>(
+    handler: F,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> (SocketAddr, tokio::runtime::Runtime)
 where
     F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -50,10 +55,22 @@ where
                 continue;
             };
             let handler = handler.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service_fn(handler))
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                let _ = match acceptor {
+                    None => {
+                        http.serve_connection(TokioIo::new(stream), service_fn(handler))
+                            .await
+                    }
+                    Some(acceptor) => {
+                        let Ok(tls) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        http.serve_connection(TokioIo::new(tls), service_fn(handler))
+                            .await
+                    }
+                };
             });
         }
     });
@@ -76,11 +93,19 @@ impl Downstream {
     }
 
     pub fn start(mode: Mode) -> Downstream {
+        Self::start_with(mode, None)
+    }
+
+    /// Same, over TLS.
+    pub fn start_with(
+        mode: Mode,
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    ) -> Downstream {
         let hits = Arc::new(AtomicUsize::new(0));
         let bodies = Arc::new(Mutex::new(Vec::new()));
         let mode = Arc::new(Mutex::new(mode));
         let (h, b, m) = (hits.clone(), bodies.clone(), mode.clone());
-        let (addr, runtime) = serve_http(move |req| answer(req, h.clone(), b.clone(), m.clone()));
+        let (addr, runtime) = serve(move |req| answer(req, h.clone(), b.clone(), m.clone()), tls);
         Downstream {
             addr,
             hits,

@@ -12,3 +12,4 @@ mod otlp;
 mod resilience;
 mod streaming;
 mod support;
+mod tls;

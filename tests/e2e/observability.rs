@@ -399,3 +399,54 @@ fn one_trace_spans_two_hosts() {
         b_guest.events
     );
 }
+
+#[test]
+fn https_upstreams_and_otlp_trust_the_platform_roots_and_spans_hide_credentials() {
+    // A private CA, as a cluster with its own PKI has, named by
+    // SSL_CERT_FILE; the same host without it must refuse the upstream.
+    let ca = crate::tls::PrivateCa::new();
+    let receiver = Receiver::start_with(Some(ca.server.clone()));
+    let upstream = crate::downstream::Downstream::start_with(
+        crate::downstream::Mode::Ok,
+        Some(ca.server.clone()),
+    );
+    let port = upstream.addr.port();
+    let config = module(
+        "m",
+        "/m",
+        "misbehave",
+        &format!("allowed_outbound_hosts = [\"https://localhost:{port}\"]"),
+    );
+    let endpoint = format!("https://localhost:{}", receiver.addr.port());
+    let ca_file = ca.ca_file.display().to_string();
+    let mut env = otel_env(&endpoint, "berth-tls");
+    env.push(("SSL_CERT_FILE", &ca_file));
+    let berth = Berth::start_with(&config, &env);
+    let target = format!("https://localhost:{port}/private?token=sekrit-token");
+    let r = get(&berth.url(&format!(
+        "/m/fetch?url={}",
+        target.replace('?', "%3F").replace('=', "%3D")
+    )));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["body"], "downstream ok");
+
+    let spans = receiver.wait_for(Duration::from_secs(30), |spans| {
+        spans
+            .iter()
+            .any(|s| s.service == "berth-tls" && s.kind == KIND_CLIENT)
+    });
+    let client = spans
+        .iter()
+        .find(|s| s.service == "berth-tls" && s.kind == KIND_CLIENT)
+        .unwrap();
+    assert_eq!(
+        client.attr("url.full"),
+        Some(format!("https://localhost:{port}/private?token=REDACTED").as_str())
+    );
+    assert!(!berth.log_text().contains("sekrit"));
+    drop(berth);
+
+    let plain = Berth::start(&config);
+    let r = get(&plain.url(&format!("/m/fetch?url={target}")));
+    assert_eq!(r.status, 502, "an unknown CA must be refused: {}", r.body);
+}

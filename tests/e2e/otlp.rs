@@ -62,9 +62,14 @@ fn value_text(v: &opentelemetry_proto::tonic::common::v1::AnyValue) -> String {
 
 impl Receiver {
     pub fn start() -> Receiver {
+        Self::start_with(None)
+    }
+
+    /// Same, over TLS.
+    pub fn start_with(tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>) -> Receiver {
         let spans = Arc::new(Mutex::new(Vec::new()));
         let sink = spans.clone();
-        let (addr, runtime) = crate::downstream::serve_http(move |req| receive(req, sink.clone()));
+        let (addr, runtime) = crate::downstream::serve(move |req| receive(req, sink.clone()), tls);
         Receiver {
             addr,
             spans,
