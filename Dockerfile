@@ -22,7 +22,7 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /out/berth /usr/local/bin/berth
 # Writable places come from volumes (the chart mounts emptyDirs here), so
 # the root filesystem can stay read-only.
-ENV BERTH_RUNTIME__CACHE_DIR=/var/cache/berth \
+ENV BERTH_RUNTIME__CACHE_DIR=/var/cache/berth/compiled \
     LOG_FORMAT=json
 USER 65532:65532
 EXPOSE 8080 9090

@@ -85,6 +85,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<(), ServeError>
             .unwrap_or_default(),
         epoch_tick: config.runtime.epoch_tick,
         cache_dir: config.cache_dir().map(Into::into),
+        cache_max_bytes: config.runtime.cache_max_size.0,
         keep_resident: config
             .runtime
             .keep_resident

@@ -151,6 +151,9 @@ pub struct RuntimeConfig {
     /// Folder for precompiled modules and downloaded ones, keyed by
     /// content hash and engine; empty disables the cache.
     pub cache_dir: PathBuf,
+    /// Most the compile cache may hold; older entries are pruned (the
+    /// live modules' always stay). Keep it under the volume's size limit.
+    pub cache_max_size: ByteSize,
     /// Watch `modules_dir` and the config file, and swap in what changes.
     pub watch: bool,
     /// Backstop for the watcher: look for changes this often anyway.
@@ -178,6 +181,7 @@ impl Default for RuntimeConfig {
             worker_threads: None,
             epoch_tick: Duration::from_millis(10),
             cache_dir: std::env::temp_dir().join("berth-cache"),
+            cache_max_size: ByteSize(200 << 20),
             watch: true,
             rescan_interval: Duration::from_secs(30),
             keep_resident: None,

@@ -147,6 +147,7 @@ fn check(file: &std::path::Path, json: bool) -> ExitCode {
         max_memory: 4 << 30,
         epoch_tick: std::time::Duration::from_secs(1),
         cache_dir: None,
+        cache_max_bytes: 0,
         keep_resident: Some(0),
         decommit_batch: 1,
         memory_cow: true,

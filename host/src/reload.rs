@@ -239,11 +239,38 @@ impl Modules {
         if compiled {
             return_freed_memory();
         }
+        self.prune_cache(&results);
         specs
             .into_iter()
             .zip(results)
             .map(|(spec, r)| (spec, r.expect("every task reports")))
             .collect()
+    }
+
+    /// Prunes the compile cache around the modules now loaded (and those
+    /// still serving), off the async threads.
+    fn prune_cache(&self, results: &[Option<Result<Arc<Module>, LoadError>>]) {
+        if self.runtime.cache().is_none() {
+            return;
+        }
+        let mut live: std::collections::HashSet<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref()?.as_ref().ok())
+            .map(|m| m.sha256.clone())
+            .collect();
+        live.extend(
+            self.shared
+                .router
+                .load()
+                .modules()
+                .map(|m| m.sha256.clone()),
+        );
+        let runtime = self.runtime.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(cache) = runtime.cache() {
+                cache.prune(&live);
+            }
+        });
     }
 
     /// Re-reads the config and every module, and swaps in what changed.

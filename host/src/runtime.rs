@@ -47,6 +47,8 @@ pub struct RuntimeOptions {
     pub epoch_tick: Duration,
     /// Folder of the compile cache, if caching is on.
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Most bytes the compile cache may hold.
+    pub cache_max_bytes: u64,
     /// Bytes of each freed instance's memory reset in place rather than
     /// returned to the kernel; `None` picks [`DEFAULT_KEEP_RESIDENT`] where
     /// the kernel can find the dirty pages, else 0.
@@ -84,7 +86,7 @@ impl Runtime {
         let engine = build_engine(opts)?;
         let linker = build_linker(&engine)?;
         let cache = match &opts.cache_dir {
-            Some(dir) => match CompileCache::open(dir, &engine) {
+            Some(dir) => match CompileCache::open(dir, &engine, opts.cache_max_bytes) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::warn!(dir = %dir.display(), error = %e, "compile cache disabled: cannot use its folder");

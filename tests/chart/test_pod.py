@@ -96,6 +96,9 @@ def test_helm_install_berth_starts_serves_and_stops_in_time(values, image, tmp_p
     assert drained_ready and not drained_ready[-1]
     lines = [json.loads(l) for l in pod.lines if l.startswith("{")]
     assert any(l.get("message") == "shutdown complete" for l in lines)
+    # The compile cache works on the chart's emptyDir (fsGroup-owned, 2777):
+    # berth's private folder inside it is accepted.
+    assert not any("compile cache disabled" in l.get("message", "") for l in lines), pod.lines
 
 
 def test_service_links_do_not_stop_the_pod_even_when_the_chart_lets_them_in(image, tmp_path):

@@ -622,6 +622,16 @@ fn the_compile_cache_is_used_and_a_truncated_entry_is_rebuilt() {
     {
         let berth = Berth::start(&config);
         assert_eq!(get(&berth.url("/hello")).status, 200);
+        assert!(!berth.log_text().contains("loaded from the compile cache"));
+    }
+    {
+        let berth = Berth::start(&config);
+        assert_eq!(get(&berth.url("/hello")).status, 200);
+        berth
+            .wait_for_log(Duration::from_secs(1), |l| {
+                l["message"] == "loaded from the compile cache" && l["module"] == "hello"
+            })
+            .expect("the second start loads the entry instead of compiling");
     }
     let entries: Vec<_> = std::fs::read_dir(cache.path())
         .unwrap()
@@ -646,6 +656,7 @@ fn the_compile_cache_is_used_and_a_truncated_entry_is_rebuilt() {
         berth.log_text().contains("corrupt compile cache entry"),
         "the truncated entry was not detected"
     );
+    assert!(!berth.log_text().contains("loaded from the compile cache"));
     assert_eq!(
         std::fs::metadata(&entries[0]).unwrap().len(),
         full,

@@ -63,7 +63,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $cfg := dict
   "server" (dict "listen" (printf "0.0.0.0:%d" (int .Values.server.port)))
   "admin" $admin
-  "runtime" (dict "modules_dir" "/modules" "cache_dir" "/var/cache/berth")
+  "runtime" (dict "modules_dir" "/modules" "cache_dir" "/var/cache/berth/compiled" "cache_max_size" "200MiB")
   "shutdown" (dict "drain_delay" (printf "%ds" (int .Values.shutdown.drainDelaySeconds)) "grace_period" (printf "%ds" (int .Values.shutdown.gracePeriodSeconds)))
   "log" (dict "access_log" .Values.log.accessLog)
   "defaults" (dict "limits" $limits "outbound" $outbound)

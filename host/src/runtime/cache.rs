@@ -5,9 +5,18 @@
 //! setting never picks up a stale artifact. Each entry carries the sha256 of
 //! its own payload: a truncated or corrupt file is detected, deleted and
 //! rebuilt, never handed to the engine.
+//!
+//! Entries are native code that the engine runs unchecked, so the folder
+//! must be berth's own: owned by the process's user, mode 0700, not a
+//! symlink. A folder of another user is refused (the cache is then off); a
+//! folder of ours that others could write to is emptied and closed to
+//! them. Old entries are pruned: the live modules' and the newest few are
+//! kept, within a total size (below the chart's emptyDir `sizeLimit`).
 
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -17,10 +26,14 @@ use wasmtime::component::Component;
 const MAGIC: &[u8; 8] = b"BERTHC01";
 const HEADER: usize = MAGIC.len() + 32;
 
+/// Entries kept beyond the live modules' when pruning.
+const KEEP_OLD: usize = 8;
+
 /// A folder of precompiled components.
 pub struct CompileCache {
     dir: PathBuf,
     engine_key: String,
+    max_bytes: u64,
 }
 
 /// Where a compiled component came from.
@@ -33,16 +46,96 @@ pub enum Origin {
 }
 
 impl CompileCache {
-    /// Opens (and creates) the cache folder.
-    pub fn open(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+    /// Opens (and creates) the cache folder, holding at most `max_bytes`.
+    pub fn open(dir: &Path, engine: &Engine, max_bytes: u64) -> std::io::Result<Self> {
+        private_dir(dir)?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         env!("CARGO_PKG_VERSION").hash(&mut hasher);
         Ok(CompileCache {
             dir: dir.to_path_buf(),
             engine_key: format!("{:016x}", hasher.finish()),
+            max_bytes,
         })
+    }
+
+    /// Deletes entries no live module uses, beyond the newest
+    /// [`KEEP_OLD`], and then the oldest ones until the folder (downloads
+    /// included) fits in its size. `live` holds the live modules' sha256.
+    pub fn prune(&self, live: &HashSet<String>) {
+        let mut entries: Vec<(PathBuf, u64, std::time::SystemTime, bool)> = Vec::new();
+        for dir in [self.dir.clone(), self.dir.join("downloads")] {
+            let Ok(read) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in read.flatten() {
+                let path = entry.path();
+                let Ok(meta) = entry.metadata() else { continue };
+                if !meta.is_file() {
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let sha = name.split(['-', '.']).next().unwrap_or_default();
+                let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                entries.push((path, meta.len(), modified, live.contains(sha)));
+            }
+        }
+        // Live first, then newest first: what is deleted comes from the end.
+        entries.sort_by(|a, b| b.3.cmp(&a.3).then(b.2.cmp(&a.2)));
+        let mut total: u64 = entries.iter().map(|e| e.1).sum();
+        let mut old_kept = 0;
+        let mut keep = Vec::new();
+        for (path, len, _, is_live) in entries {
+            if is_live {
+                keep.push(len);
+                continue;
+            }
+            old_kept += 1;
+            if old_kept <= KEEP_OLD {
+                keep.push(len);
+                continue;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                total -= len;
+            }
+        }
+        // Still too big: drop kept old entries, oldest first.
+        if total > self.max_bytes {
+            let mut old: Vec<(PathBuf, u64, std::time::SystemTime)> = Vec::new();
+            for dir in [self.dir.clone(), self.dir.join("downloads")] {
+                for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let sha = name.split(['-', '.']).next().unwrap_or_default().to_owned();
+                    if let Ok(meta) = entry.metadata()
+                        && meta.is_file()
+                        && !live.contains(&sha)
+                    {
+                        old.push((
+                            entry.path(),
+                            meta.len(),
+                            meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                        ));
+                    }
+                }
+            }
+            old.sort_by_key(|e| e.2);
+            for (path, len, _) in old {
+                if total <= self.max_bytes {
+                    break;
+                }
+                if std::fs::remove_file(&path).is_ok() {
+                    total -= len;
+                }
+            }
+        }
+        if total > self.max_bytes {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                bytes = total,
+                max = self.max_bytes,
+                "the live modules alone exceed runtime.cache_max_size"
+            );
+        }
     }
 
     /// The folder.
@@ -65,7 +158,10 @@ impl CompileCache {
         let path = self.entry(sha256);
         if let Ok(data) = std::fs::read(&path) {
             match verified_payload(&data).map(|payload| deserialize(engine, payload)) {
-                Some(Ok(component)) => return Ok((component, Origin::Cache)),
+                Some(Ok(component)) => {
+                    tracing::info!(module, file = %path.display(), "loaded from the compile cache");
+                    return Ok((component, Origin::Cache));
+                }
                 _ => {
                     tracing::warn!(
                         module,
@@ -95,6 +191,55 @@ impl CompileCache {
     }
 }
 
+/// Makes sure `dir` is a folder only this process's user can touch.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(Error::other(format!(
+            "{} is not a folder (a symlink?): refusing to load native code through it",
+            dir.display()
+        )));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "{} belongs to uid {}, not to berth's uid {me}: refusing to load native code from it",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        // Others could have written entries: trust none of them.
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", meta.mode() & 0o777),
+            "compile cache folder was open to others: emptied and set to 0700"
+        );
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn verified_payload(data: &[u8]) -> Option<&[u8]> {
     if data.len() < HEADER || &data[..MAGIC.len()] != MAGIC {
         return None;
@@ -118,6 +263,91 @@ fn deserialize(engine: &Engine, payload: &[u8]) -> wasmtime::Result<Component> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().mode() & 0o777
+    }
+
+    #[test]
+    fn a_new_folder_is_private() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("cache");
+        private_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+    }
+
+    #[test]
+    fn a_folder_open_to_others_is_emptied_and_closed() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("cache");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::write(dir.join("planted.cwasm"), b"evil").unwrap();
+        private_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_symlink_or_another_users_folder_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let real = root.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(private_dir(&link).is_err());
+        // Only root can give a folder away.
+        if rustix::process::geteuid().is_root() {
+            let theirs = root.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(12345), Some(12345)).unwrap();
+            let err = private_dir(&theirs).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+            assert!(err.to_string().contains("uid 12345"), "{err}");
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_live_and_recent_entries_within_the_size() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("cache");
+        private_dir(&dir).unwrap();
+        let cache = CompileCache {
+            dir: dir.clone(),
+            engine_key: "k".into(),
+            max_bytes: 12_000,
+        };
+        // 12 old entries of 1000 bytes, oldest first, and one live one.
+        for i in 0..12 {
+            let path = dir.join(format!("{i:064}-k.cwasm"));
+            std::fs::write(&path, vec![0u8; 1000]).unwrap();
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + i);
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(at)
+                .unwrap();
+        }
+        let live = format!("{:064}", 99);
+        std::fs::write(dir.join(format!("{live}-k.cwasm")), vec![0u8; 5000]).unwrap();
+        cache.prune(&HashSet::from([live.clone()]));
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| {
+                e.unwrap().file_name().to_string_lossy()[..64]
+                    .trim_start_matches('0')
+                    .to_owned()
+            })
+            .collect();
+        left.sort();
+        // The live one, then the newest old ones that fit: 5000 + 7 * 1000.
+        assert!(left.contains(&"99".to_owned()), "{left:?}");
+        assert_eq!(left.len(), 8, "{left:?}");
+        for gone in ["", "1", "2", "3", "4"] {
+            assert!(!left.contains(&gone.to_owned()), "{gone} kept: {left:?}");
+        }
+    }
 
     #[test]
     fn payloads_are_verified() {
