@@ -70,11 +70,28 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
         200,
         "traffic stops during the drain delay"
     );
+    // After the drain delay, with the slow requests still running: new
+    // connections are refused.
+    while signalled.elapsed() < Duration::from_millis(1300) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        berth.wait_exit(Duration::ZERO).is_none(),
+        "exited with requests in flight"
+    );
+    let r = get(&berth.url("/m/ok"));
+    assert_eq!(
+        r.status, 0,
+        "a new request was served after the drain: {}",
+        r.body
+    );
 
     for handle in slow {
         let r = handle.join().unwrap();
         assert_eq!(r.status, 200, "an in-flight request was cut: {}", r.body);
         assert_eq!(r.body, "slept\n");
+        // The connection is closed after it, not kept alive.
+        assert_eq!(r.header("connection"), Some("close"), "{:?}", r.headers);
     }
     let status = berth
         .wait_exit(Duration::from_secs(1 + 10 + 5))
@@ -83,6 +100,10 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
     load.join().unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(ok.load(Ordering::Relaxed) > 0);
+    assert!(
+        refused.load(Ordering::Relaxed) > 0,
+        "the load never saw a refusal"
+    );
     assert!(berth.log_text().contains("shutdown complete"));
 }
 
@@ -256,10 +277,15 @@ fn kubelet_style_swaps_under_load_fail_no_request() {
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
     let served = Arc::new(AtomicUsize::new(0));
-    let load: Vec<_> = (0..4)
-        .map(|_| {
+    // Four fast clients, and two whose requests take 300 ms each, so
+    // requests are in flight across every swap.
+    let spans = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let load: Vec<_> = (0..6)
+        .map(|i| {
+            let path = if i < 4 { "/svc" } else { "/svc?ms=300" };
+            let spans = spans.clone();
             let (url, stop, failures, served) = (
-                berth.url("/svc"),
+                berth.url(path),
                 stop.clone(),
                 failures.clone(),
                 served.clone(),
@@ -267,7 +293,9 @@ fn kubelet_style_swaps_under_load_fail_no_request() {
             std::thread::spawn(move || {
                 let deadline = Instant::now() + Duration::from_secs(120);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let started = Instant::now();
                     let r = get(&url);
+                    spans.lock().unwrap().push((started, Instant::now()));
                     if r.status == 200 && (r.body == "v1\n" || r.body == "v2\n") {
                         served.fetch_add(1, Ordering::Relaxed);
                     } else {
@@ -282,6 +310,7 @@ fn kubelet_style_swaps_under_load_fail_no_request() {
         .collect();
 
     let mut switch_times = Vec::new();
+    let mut swapped_at = Vec::new();
     for i in 0..20 {
         let (bytes, want) = if i % 2 == 0 {
             (&v2, "v2\n")
@@ -290,6 +319,11 @@ fn kubelet_style_swaps_under_load_fail_no_request() {
         };
         dir.update(&[("svc.wasm", bytes)]);
         switch_times.push(wait_for_body(&berth, "/svc", want, Duration::from_secs(10)));
+        // The router has switched by now: a slow request still running
+        // began before, on the old version.
+        swapped_at.push(Instant::now());
+        // Let a slow request start on this version before the next swap.
+        std::thread::sleep(Duration::from_millis(100));
     }
     stop.store(true, Ordering::Relaxed);
     for t in load {
@@ -301,6 +335,17 @@ fn kubelet_style_swaps_under_load_fail_no_request() {
         "failed requests during swaps: {failures:?}"
     );
     assert!(served.load(Ordering::Relaxed) > 100);
+    // Every answer above was whole; check that many were in flight when
+    // the router switched.
+    let spans = spans.lock().unwrap();
+    let across = swapped_at
+        .iter()
+        .filter(|&&t| spans.iter().any(|&(a, b)| a < t && t < b))
+        .count();
+    assert!(
+        across >= 15,
+        "only {across} of 20 swaps had a request in flight"
+    );
     switch_times.sort();
     println!(
         "hot-swap: 20 swaps, {} requests served, switch time median {:?}, max {:?}",
@@ -517,12 +562,20 @@ fn a_config_edit_reaches_the_guest_without_a_restart() {
     assert_eq!(get(&berth.url("/m/config")).json()["greeting"], "two");
     assert!(get(&berth.admin_url("/info")).json()["config_error"].is_string());
 
-    // SIGHUP reloads too (the watcher is off for this part? no: both fire;
-    // the outcome is the same).
-    std::fs::write(berth.config_path(), cfg("three")).unwrap();
+    // SIGHUP alone, with the watcher off: nothing else can apply the edit.
+    let unwatched = |greeting: &str| {
+        cfg(greeting).replace(
+            "[runtime]\n",
+            "[runtime]\nwatch = false\nrescan_interval = \"1h\"\n",
+        )
+    };
+    let berth = Berth::start(&unwatched("four"));
+    std::fs::write(berth.config_path(), unwatched("five")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get(&berth.url("/m/config")).json()["greeting"], "four");
     signal(&berth, "HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&berth.url("/m/config")).json()["greeting"] != "three" {
+    while get(&berth.url("/m/config")).json()["greeting"] != "five" {
         assert!(Instant::now() < deadline, "SIGHUP reload not applied");
         std::thread::sleep(Duration::from_millis(20));
     }
