@@ -173,6 +173,40 @@ fn a_guest_that_logs_in_a_loop_is_rate_limited_and_its_lines_capped() {
 }
 
 #[test]
+fn a_client_that_hangs_up_cancels_its_guest_and_frees_the_slot() {
+    let berth = Berth::start(&misbehave("max_concurrency = 1, timeout = \"60s\""));
+    let active = || {
+        metric(
+            &berth.metrics(),
+            "berth_http_server_active_requests",
+            &[("module", "m")],
+        )
+    };
+    // A request whose guest would sleep for 20 s; the client gives up.
+    let mut conn = TcpStream::connect(&berth.addr).unwrap();
+    conn.write_all(b"GET /m/sleep?ms=20000 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while active() != Some(1.0) {
+        assert!(Instant::now() < deadline, "the guest never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(conn);
+    // The guest is cancelled: the gauge falls and the one slot is free
+    // long before the 20 s sleep would end.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while active() != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the guest kept running after the hang-up"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let r = get(&berth.url("/m/ok"));
+    assert_eq!(r.status, 200, "the slot stayed taken: {}", r.body);
+}
+
+#[test]
 fn memory_hogs_panics_and_stack_overflows_get_500() {
     let berth = Berth::start(&misbehave("memory = \"32MiB\""));
     let r = get(&berth.url("/m/alloc?mb=100"));

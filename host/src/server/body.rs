@@ -96,6 +96,72 @@ where
     }
 }
 
+/// Cancels a guest task when dropped armed: the client went away before
+/// the response head (hyper drops the request's future), or the response
+/// body stopped being delivered before its end (hyper drops the body).
+/// Dropping the task drops the store, which ends the instance and every
+/// outbound call it had open, and frees the module's concurrency slot.
+pub(super) struct CutOff(Option<tokio::task::AbortHandle>);
+
+impl CutOff {
+    pub(super) fn new(task: tokio::task::AbortHandle) -> Self {
+        CutOff(Some(task))
+    }
+
+    /// The guest may run on: its answer was delivered.
+    pub(super) fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CutOff {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A response body that cuts its guest off if it is dropped before its end.
+pub(super) struct Delivered<B> {
+    inner: B,
+    cut_off: CutOff,
+}
+
+impl<B> Delivered<B> {
+    pub(super) fn new(inner: B, cut_off: CutOff) -> Self {
+        Delivered { inner, cut_off }
+    }
+}
+
+impl<B> Body for Delivered<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        // hyper stops polling a body that says it has ended.
+        if frame.is_none() || self.inner.is_end_stream() {
+            self.cut_off.disarm();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Most of an unread request body drained after the guest answered.
 const LINGER_BYTES: usize = 8 << 20;
 /// Longest a drain of an unread request body may take.

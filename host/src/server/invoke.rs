@@ -15,7 +15,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use http_body_util::BodyExt;
 
-use super::body::Limited;
+use super::body::{CutOff, Delivered, Limited};
 use super::json_error;
 use tracing::Instrument;
 
@@ -169,7 +169,9 @@ pub(super) async fn invoke(
         async move {
             let _permit = permit;
             let metrics = &module2.metrics;
+            // A guard, not a call at the end: the task may be aborted.
             metrics.in_flight.inc();
+            let _in_flight = scopeguard_dec(&metrics.in_flight);
             let work = async {
                 // Counted from here, not from when the store was made: a
                 // tick that passed while this task waited for its turn
@@ -194,7 +196,6 @@ pub(super) async fn invoke(
                 Ok(r) => r,
                 Err(_) => Err(GuestError::Timeout(limits.timeout)),
             };
-            metrics.in_flight.dec();
             if let Err(err) = &result {
                 match err {
                     GuestError::Timeout(_) => metrics.timeouts.inc(),
@@ -215,6 +216,9 @@ pub(super) async fn invoke(
         .instrument(guest_span),
     );
 
+    // Armed until the answer is out: if this future is dropped first (the
+    // client hung up), the guest is cancelled with it.
+    let mut cut_off = CutOff::new(task.abort_handle());
     let outcome = match rx.await {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(code)) => Err(GuestError::ErrorCode(code)),
@@ -225,6 +229,7 @@ pub(super) async fn invoke(
         },
     };
     if too_big.load(Ordering::Relaxed) {
+        cut_off.disarm();
         return json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request body exceeds the module's max_body",
@@ -235,9 +240,23 @@ pub(super) async fn invoke(
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
             let body = super::body::coalesce(body).await;
-            let capped = Limited::response(body, limits.max_response_body.0).boxed_unsync();
-            Response::from_parts(parts, capped)
+            let capped = Limited::response(body, limits.max_response_body.0);
+            Response::from_parts(parts, Delivered::new(capped, cut_off).boxed_unsync())
         }
-        Err(err) => json_error(err.status(), err.public_message(), request_id),
+        Err(err) => {
+            cut_off.disarm();
+            json_error(err.status(), err.public_message(), request_id)
+        }
     }
+}
+
+/// Decrements `gauge` when dropped, however the task ends.
+fn scopeguard_dec(gauge: &prometheus::IntGauge) -> impl Drop + '_ {
+    struct Dec<'a>(&'a prometheus::IntGauge);
+    impl Drop for Dec<'_> {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    Dec(gauge)
 }
