@@ -375,3 +375,25 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     );
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_fails_once_the_heartbeat_is_stale() {
+        let heartbeat = Heartbeat::default();
+        heartbeat.beat();
+        let liveness = Liveness {
+            heartbeat: heartbeat.clone(),
+            stall_timeout: Duration::from_millis(50),
+        };
+        assert!(liveness.check().is_ok());
+        // The traffic runtime is wedged: nothing stamps the heartbeat.
+        std::thread::sleep(Duration::from_millis(80));
+        let why = liveness.check().unwrap_err();
+        assert!(why.contains("traffic runtime"), "{why}");
+        heartbeat.beat();
+        assert!(liveness.check().is_ok());
+    }
+}

@@ -218,13 +218,12 @@ impl Modules {
                         false,
                     );
                 }
+                let (name, origin) = (spec.name.clone(), spec.source.to_string());
                 let result = tokio::task::spawn_blocking(move || {
                     Module::load(&runtime, spec, fetched, &metrics).map(Arc::new)
                 })
                 .await
-                .unwrap_or_else(|panic| {
-                    std::panic::resume_unwind(panic.into_panic());
-                });
+                .unwrap_or_else(|joined| Err(panicked(name, origin, joined)));
                 (i, result, true)
             });
         }
@@ -232,7 +231,10 @@ impl Modules {
             specs.iter().map(|_| None).collect();
         let mut compiled = false;
         while let Some(joined) = tasks.join_next().await {
-            let (i, result, loaded) = joined.expect("module loading task panicked");
+            // Only a panic outside the compile (caught above) gets here.
+            let Ok((i, result, loaded)) = joined else {
+                continue;
+            };
             results[i] = Some(result);
             compiled |= loaded;
         }
@@ -243,7 +245,16 @@ impl Modules {
         specs
             .into_iter()
             .zip(results)
-            .map(|(spec, r)| (spec, r.expect("every task reports")))
+            .map(|(spec, r)| {
+                let r = r.unwrap_or_else(|| {
+                    Err(LoadError::Compile {
+                        module: spec.name.clone(),
+                        origin: spec.source.to_string(),
+                        reason: "the loading task failed".into(),
+                    })
+                });
+                (spec, r)
+            })
             .collect()
     }
 
@@ -503,6 +514,30 @@ fn watcher(
     Some(watcher)
 }
 
+/// A load whose compiler panicked fails like any bad module: the old
+/// version keeps serving and the reload task lives on to load the next
+/// one.
+fn panicked(module: String, origin: String, joined: tokio::task::JoinError) -> LoadError {
+    let reason = match joined.try_into_panic() {
+        Ok(panic) => panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned()),
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(
+        module = module.as_str(),
+        reason = reason.as_str(),
+        "the compiler panicked"
+    );
+    LoadError::Compile {
+        module,
+        origin,
+        reason: format!("the compiler panicked: {reason}"),
+    }
+}
+
 /// Compiling leaves megabytes freed but still held by the allocator's
 /// per-thread arenas (idle RSS with the four examples, compiled at start-up:
 /// 45 MiB before this, 32 after); give them back to the kernel.
@@ -513,5 +548,23 @@ fn return_freed_memory() {
     // and may be called from any thread at any time.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_compiler_panic_becomes_a_load_error() {
+        let joined = tokio::task::spawn_blocking(|| -> () { panic!("cranelift: boom") })
+            .await
+            .unwrap_err();
+        let err = panicked("m".into(), "m.wasm".into(), joined);
+        let text = err.to_string();
+        assert!(
+            text.contains("module `m`") && text.contains("cranelift: boom"),
+            "{text}"
+        );
     }
 }
