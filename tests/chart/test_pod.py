@@ -10,6 +10,7 @@ and SIGTERM within the grace period) on the image's layout
 (scripts/container.py, the runtime stage with the debug binary), and
 check it becomes ready, serves and exits 0 in time.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -67,19 +68,25 @@ def get(url, timeout=10):
         return r.status, r.read().decode()
 
 
-def run_pod(docs, image, tmp_path, serve_path="/hello?name=pod"):
-    workdir = tempfile.mkdtemp(dir=tmp_path)
-    pod = kubelet.Pod(docs, image, workdir, namespace="shop")
+@contextlib.contextmanager
+def ready_pod(docs, image, tmp_path):
+    """A pod of `docs`, started and ready; cleaned up afterwards."""
+    pod = kubelet.Pod(docs, image, tempfile.mkdtemp(dir=tmp_path), namespace="shop")
     try:
         pod.start()
         pod.wait_started()
         pod.wait_ready(60)
+        yield pod
+    finally:
+        pod.cleanup()
+
+
+def run_pod(docs, image, tmp_path, serve_path="/hello?name=pod"):
+    with ready_pod(docs, image, tmp_path) as pod:
         status, body = get(f"http://{pod.pod_ip}:8080{serve_path}")
         pod.check_liveness(3)
         code, took, drained_ready = pod.delete()
         return pod, status, body, code, took, drained_ready
-    finally:
-        pod.cleanup()
 
 
 @pytest.mark.parametrize("values", ENVS)
@@ -148,12 +155,7 @@ def test_the_admin_port_is_not_published_and_admin_writes_need_the_token(image, 
     docs = render("berth", "--set", "admin.token=from-values")
     svc = next(d for d in docs if d["kind"] == "Service")
     assert [p["name"] for p in svc["spec"]["ports"]] == ["http"]
-    workdir = tempfile.mkdtemp(dir=tmp_path)
-    pod = kubelet.Pod(docs, image, workdir, namespace="shop")
-    try:
-        pod.start()
-        pod.wait_started()
-        pod.wait_ready(60)
+    with ready_pod(docs, image, tmp_path) as pod:
         url = f"http://{pod.pod_ip}:9090/admin/reload"
         for auth, want in [(None, 401), ("Bearer nope", 401), ("Bearer from-values", 200)]:
             req = urllib.request.Request(url, method="POST")
@@ -165,5 +167,3 @@ def test_the_admin_port_is_not_published_and_admin_writes_need_the_token(image, 
                 status = e.code
             assert status == want, auth
         assert get(f"http://{pod.pod_ip}:9090/metrics")[0] == 200
-    finally:
-        pod.cleanup()

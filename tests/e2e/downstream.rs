@@ -31,13 +31,15 @@ pub enum Mode {
 /// Serves HTTP/1 (over TLS with a server config) on a free loopback port
 /// from a runtime of its own; the server lives as long as the returned
 /// runtime.
-pub fn serve<F, Fut>(
+pub fn serve<F, Fut, B>(
     handler: F,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 ) -> (SocketAddr, tokio::runtime::Runtime)
 where
     F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -14,7 +14,6 @@ use bytes::Bytes;
 use http_body::{Body, Frame};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
@@ -33,48 +32,25 @@ enum Upstream {
 }
 
 fn upstream(mode: Upstream) -> (SocketAddr, tokio::runtime::Runtime) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    runtime.spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<hyper::body::Incoming>| async move {
-                    let body: BoxBody<Bytes, hyper::Error> = match mode {
-                        Upstream::Echo => req.into_body().boxed(),
-                        Upstream::Double => req
-                            .into_body()
-                            .map_frame(|f| {
-                                f.map_data(|d| d.iter().flat_map(|b| [*b, *b]).collect())
-                            })
-                            .boxed(),
-                        Upstream::EarlyReject => {
-                            let r = Response::builder().status(413).body(
-                                Full::new(Bytes::from_static(b"too large\n"))
-                                    .map_err(|never| match never {})
-                                    .boxed(),
-                            );
-                            return Ok::<_, Infallible>(r.unwrap());
-                        }
-                    };
-                    Ok(Response::new(body))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, runtime)
+    let handler = move |req: Request<hyper::body::Incoming>| async move {
+        let body: BoxBody<Bytes, hyper::Error> = match mode {
+            Upstream::Echo => req.into_body().boxed(),
+            Upstream::Double => req
+                .into_body()
+                .map_frame(|f| f.map_data(|d| d.iter().flat_map(|b| [*b, *b]).collect()))
+                .boxed(),
+            Upstream::EarlyReject => {
+                let r = Response::builder().status(413).body(
+                    Full::new(Bytes::from_static(b"too large\n"))
+                        .map_err(|never| match never {})
+                        .boxed(),
+                );
+                return Ok::<_, Infallible>(r.unwrap());
+            }
+        };
+        Ok(Response::new(body))
+    };
+    crate::downstream::serve(handler, None)
 }
 
 /// `len` pseudo-random bytes in 16 KiB chunks, with no declared length, so
@@ -136,8 +112,31 @@ struct Exchange {
     sha256: String,
 }
 
-/// POSTs `len` bytes through the proxy to `upstream`, reading the answer
-/// while the body is still going up (hyper's client is full duplex).
+/// A hyper client connection to berth (full duplex: it reads the answer
+/// while the body is still going up), and the request through the proxy
+/// to `upstream` with this body.
+async fn connect<B>(
+    addr: &str,
+    upstream: SocketAddr,
+    body: B,
+) -> (hyper::client::conn::http1::SendRequest<B>, Request<B>)
+where
+    B: Body<Data = Bytes, Error = Infallible> + Send + 'static,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post(format!("http://{addr}/proxy"))
+        .header("x-upstream", upstream.to_string())
+        .header("x-upstream-path", "/echo")
+        .body(body)
+        .unwrap();
+    (sender, req)
+}
+
+/// POSTs `len` bytes through the proxy to `upstream`.
 fn exchange(berth: &Berth, upstream: SocketAddr, len: usize) -> Exchange {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -145,16 +144,7 @@ fn exchange(berth: &Berth, upstream: SocketAddr, len: usize) -> Exchange {
         .unwrap();
     let addr = berth.addr.clone();
     rt.block_on(async move {
-        let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = Request::post(format!("http://{addr}/proxy"))
-            .header("x-upstream", upstream.to_string())
-            .header("x-upstream-path", "/echo")
-            .body(Generated::new(len))
-            .unwrap();
+        let (mut sender, req) = connect(&addr, upstream, Generated::new(len)).await;
         let run = async {
             let resp = sender.send_request(req).await.expect("response head");
             let status = resp.status().as_u16();
@@ -251,17 +241,8 @@ fn the_response_head_leaves_before_any_body_and_frames_stream_one_by_one() {
         .unwrap();
     let addr = berth.addr.clone();
     rt.block_on(async move {
-        let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
         let (feed, rx) = tokio::sync::mpsc::channel(1);
-        let req = Request::post(format!("http://{addr}/proxy"))
-            .header("x-upstream", up.to_string())
-            .header("x-upstream-path", "/echo")
-            .body(Fed(rx))
-            .unwrap();
+        let (mut sender, req) = connect(&addr, up, Fed(rx)).await;
         let run = async {
             let resp = sender.send_request(req).await.expect("response head");
             assert_eq!(resp.status(), 200);
