@@ -18,6 +18,10 @@ done
 apt_packages=()
 command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_packages+=(prometheus)
 command -v curl >/dev/null || apt_packages+=(curl)
+# The pod and image checks: network namespaces (ip), mount namespaces and
+# chroot (util-linux, coreutils) for the emulated kubelet and engine.
+command -v ip >/dev/null || apt_packages+=(iproute2)
+command -v unshare >/dev/null || apt_packages+=(util-linux)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "setup: installing ${apt_packages[*]}"
   SUDO=""

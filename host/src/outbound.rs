@@ -255,9 +255,7 @@ impl ModuleOutbound {
         };
         let mut upstreams = self.upstreams.lock().unwrap();
         let now = Instant::now();
-        upstreams
-            .entries
-            .retain(|_, u| now.duration_since(*u.last_used.lock().unwrap()) < UPSTREAM_IDLE);
+        upstreams.evict_idle(now);
         let known = upstreams.labels.contains(&label);
         if !known && upstreams.labels.len() >= MAX_UPSTREAMS {
             label = OTHER.to_owned();
@@ -321,6 +319,15 @@ const OTHER: &str = "other";
 struct Upstreams {
     entries: HashMap<String, Arc<Upstream>>,
     labels: std::collections::HashSet<String>,
+}
+
+impl Upstreams {
+    /// Drops the entries unused for [`UPSTREAM_IDLE`] as of `now`.
+    fn evict_idle(&mut self, now: Instant) {
+        self.entries.retain(|_, u| {
+            now.saturating_duration_since(*u.last_used.lock().unwrap()) < UPSTREAM_IDLE
+        });
+    }
 }
 
 /// Brings the request's host to one spelling (lower case, no trailing dot,
