@@ -216,9 +216,9 @@ pub(super) async fn invoke(
         .instrument(guest_span),
     );
 
-    // Armed until the answer is out: if this future is dropped first (the
-    // client hung up), the guest is cancelled with it.
-    let mut cut_off = CutOff::new(task.abort_handle());
+    // Armed until the guest's answer is out: if this future is dropped
+    // first (the client hung up), the guest is cancelled with it.
+    let cut_off = CutOff::new(task.abort_handle());
     let outcome = match rx.await {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(code)) => Err(GuestError::ErrorCode(code)),
@@ -228,8 +228,9 @@ pub(super) async fn invoke(
             Err(join) => Err(GuestError::Trap(join.to_string())),
         },
     };
+    // Past this point a host answer replaces the guest's (413, 5xx): the
+    // guest has nothing left to deliver, so dropping `cut_off` ends it.
     if too_big.load(Ordering::Relaxed) {
-        cut_off.disarm();
         return json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request body exceeds the module's max_body",
@@ -243,10 +244,7 @@ pub(super) async fn invoke(
             let capped = Limited::response(body, limits.max_response_body.0);
             Response::from_parts(parts, Delivered::new(capped, cut_off).boxed_unsync())
         }
-        Err(err) => {
-            cut_off.disarm();
-            json_error(err.status(), err.public_message(), request_id)
-        }
+        Err(err) => json_error(err.status(), err.public_message(), request_id),
     }
 }
 
