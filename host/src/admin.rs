@@ -260,9 +260,7 @@ async fn route(
             Ok(()) => text(StatusCode::OK, "ok\n"),
             Err(why) => {
                 tracing::error!(reason = why.as_str(), "liveness failing");
-                let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, "stalled\n");
-                *resp.body_mut() = Full::new(Bytes::from(format!("stalled: {why}\n")));
-                resp
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("stalled: {why}\n"))
             }
         },
         (&Method::GET | &Method::HEAD, "/ready") => {
@@ -366,8 +364,8 @@ fn metrics(shared: &Shared) -> Response<Full<Bytes>> {
     resp
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -59,6 +59,9 @@ pub struct Metrics {
     pub guest_logs_dropped: IntCounterVec,
     /// Log lines the writer dropped because stdout fell behind.
     log_dropped: IntCounter,
+    /// How many of those `log_dropped` already counts; scrapes may run at
+    /// once, so each adds only what no other scrape has added.
+    log_dropped_seen: std::sync::atomic::AtomicU64,
     guest: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<GuestMetrics>>>,
 }
 
@@ -240,6 +243,7 @@ impl Metrics {
                 &[],
             )
             .with_label_values(&[] as &[&str]),
+            log_dropped_seen: Default::default(),
             guest: Default::default(),
             registry: r,
         }
@@ -276,8 +280,10 @@ impl Metrics {
     /// The text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let dropped = crate::telemetry::dropped_log_lines();
-        self.log_dropped
-            .inc_by(dropped.saturating_sub(self.log_dropped.get()));
+        let seen = self
+            .log_dropped_seen
+            .fetch_max(dropped, std::sync::atomic::Ordering::Relaxed);
+        self.log_dropped.inc_by(dropped.saturating_sub(seen));
         let mut out = Vec::with_capacity(16 << 10);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out

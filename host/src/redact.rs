@@ -21,33 +21,32 @@ pub fn keep_query_values(keep: bool) {
 /// replaced. Text that is not a URL is returned with anything before an
 /// `@` in its authority dropped all the same.
 pub fn url(url: &str) -> String {
-    let (before_fragment, _) = url.split_once('#').unwrap_or((url, ""));
-    let (head, query) = match before_fragment.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (before_fragment, None),
-    };
-    let head = match head.split_once("://") {
+    // The userinfo goes first, judged on the authority alone (up to the
+    // first `/`): a password may hold a `?` or `#` that would otherwise
+    // split it into what looks like a query.
+    let url = match url.split_once("://") {
         Some((scheme, rest)) => {
             let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
             let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
             format!("{scheme}://{host}{path}")
         }
-        None => head.to_owned(),
+        None => url.to_owned(),
     };
-    match query {
-        None => head,
-        Some(q) if KEEP_QUERY.load(Ordering::Relaxed) => format!("{head}?{q}"),
-        Some(q) => {
-            let redacted: Vec<String> = q
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((k, _)) => format!("{k}=REDACTED"),
-                    None => pair.to_owned(),
-                })
-                .collect();
-            format!("{head}?{}", redacted.join("&"))
-        }
+    let (before_fragment, _) = url.split_once('#').unwrap_or((&url, ""));
+    let Some((head, query)) = before_fragment.split_once('?') else {
+        return before_fragment.to_owned();
+    };
+    if KEEP_QUERY.load(Ordering::Relaxed) {
+        return format!("{head}?{query}");
     }
+    let redacted: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) => format!("{k}=REDACTED"),
+            None => pair.to_owned(),
+        })
+        .collect();
+    format!("{head}?{}", redacted.join("&"))
 }
 
 #[cfg(test)]
@@ -65,5 +64,17 @@ mod tests {
         assert_eq!(url("http://token@h:8080?flag"), "http://h:8080?flag");
         assert_eq!(url("http://h/p/a@b?x="), "http://h/p/a@b?x=REDACTED");
         assert_eq!(url("/modules/hello.wasm"), "/modules/hello.wasm");
+        // Characters that end a URL's path inside a password.
+        for leaky in [
+            "http://u:p?ss@h/m.wasm",
+            "http://u:p#ss@h/m.wasm",
+            "http://u:p?s=1@h",
+        ] {
+            let shown = url(leaky);
+            assert!(
+                !shown.contains("u:p") && !shown.contains("ss"),
+                "{leaky} -> {shown}"
+            );
+        }
     }
 }

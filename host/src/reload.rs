@@ -238,10 +238,12 @@ impl Modules {
             results[i] = Some(result);
             compiled |= loaded;
         }
+        // Only a load can add a cache entry: rescans that found nothing new
+        // leave the folder alone.
         if compiled {
             return_freed_memory();
+            self.prune_cache(&results);
         }
-        self.prune_cache(&results);
         specs
             .into_iter()
             .zip(results)
