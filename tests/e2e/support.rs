@@ -150,11 +150,18 @@ impl Berth {
         berth
     }
 
-    /// Polls `/ready` until it answers 200.
+    /// Polls `/ready` until it answers 200, then waits for the "ready" log
+    /// line: logs go out through a non-blocking writer, so the lines that
+    /// precede it (one "module loaded" per module) may reach the pipe after
+    /// `/ready` already answers.
     pub fn wait_ready(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if get(&self.admin_url("/ready")).status == 200 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if self.wait_for_log(left, |l| l["message"] == "ready").is_none() {
+                    panic!("/ready answered but no \"ready\" line was logged");
+                }
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
