@@ -5,9 +5,9 @@
 # non-root user, and execs berth directly so it is PID 1 and receives
 # SIGTERM from the kubelet.
 
-FROM rust:1.95-slim-bookworm AS builder
+FROM rust:1.97-slim-bookworm AS builder
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
 COPY host host
 COPY guest-sdk guest-sdk
 # host/Cargo.toml names the end-to-end tests as a target; cargo wants the

@@ -4,6 +4,11 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
+# Everything here builds the release profile: the Dockerfile's builder stage
+# does, and the image check shares this target folder as its cache mount, so
+# the tests, `make run` and the image reuse one set of compiled dependencies
+# instead of building wasmtime twice.
+export BERTH_BIN := $(CARGO_TARGET_DIR)/release/berth
 WASM_DIR := $(CARGO_TARGET_DIR)/wasm32-wasip2/release
 GUEST_WORKSPACES := examples/Cargo.toml tests/guests/Cargo.toml
 
@@ -21,14 +26,15 @@ guests: setup
 
 ## build: build the host
 build: setup
-	$(CARGO) build --locked --bin berth
+	$(CARGO) build --release --locked --bin berth
 
 ## run: build everything and serve the examples (traffic :8080, admin :9090)
 run: guests build
-	$(CARGO_TARGET_DIR)/debug/berth --config examples/berth.toml
+	$(BERTH_BIN) --config examples/berth.toml
 
 ## lint: formatting and clippy, host and guests
 lint: setup
+	python3 scripts/check_layers.py
 	$(CARGO) fmt --all --check
 	@for ws in $(GUEST_WORKSPACES); do \
 	  $(CARGO) fmt --all --check --manifest-path $$ws || exit 1; \
@@ -44,7 +50,7 @@ k8s-tools:
 
 ## chart-check: helm lint/template, Kubernetes schemas, security scans, chart tests
 chart-check: k8s-tools build
-	.tools/venv/bin/pytest -q tests/chart
+	.tools/venv/bin/pytest -q tests/chart tests/scripts
 
 ## image-check: build the image from the Dockerfile (emulated engine) and run it as the chart's pod
 image-check: k8s-tools
@@ -56,7 +62,7 @@ smoke_test:
 
 ## test: everything CI runs: lint, unit and end-to-end tests, chart and image checks
 test: guests lint
-	$(CARGO) test --locked --workspace
+	$(CARGO) test --release --locked --workspace
 	$(MAKE) chart-check image-check
 
 ## bench: berth against wasmtime serve and native hyper; writes bench/RESULTS.md

@@ -110,7 +110,7 @@ class Image:
 
 
 def rust_image_version(base):
-    """`1.95` of `rust:1.95-slim-bookworm`."""
+    """`1.97` of `rust:1.97-slim-bookworm`."""
     m = re.match(r"rust:(\d+\.\d+)", base)
     return m.group(1) if m else None
 

@@ -2,6 +2,13 @@
 # Installs what building and testing Berth needs, skipping what is there.
 set -euo pipefail
 
+# The toolchain rust-toolchain.toml pins, with its components and targets
+# (rustup no longer installs it on first use everywhere).
+cd "$(dirname "$0")/.."
+if ! rustup run "$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)" rustc --version >/dev/null 2>&1; then
+  echo "setup: installing the pinned Rust toolchain"
+  rustup toolchain install
+fi
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
   echo "setup: adding the wasm32-wasip2 target"
   rustup target add wasm32-wasip2

@@ -18,7 +18,7 @@
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -31,8 +31,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Shared;
 use crate::config::AdminConfig;
+use crate::metrics::Metrics;
+use crate::reload::ReloadHandle;
+use crate::router::Routes;
 
 /// A running admin thread.
 pub struct AdminThread {
@@ -41,8 +43,16 @@ pub struct AdminThread {
 }
 
 impl AdminThread {
-    /// Stops the admin server and waits for its thread.
-    pub fn stop(mut self) {
+    /// Stops the admin server and waits for its thread (as dropping it
+    /// does; this names the moment).
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for AdminThread {
+    /// However `run` ends, early error included, the admin port closes.
+    fn drop(&mut self) {
         self.stop.cancel();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -180,13 +190,66 @@ impl AdminAuth {
     }
 }
 
+/// Where the process is in its life, as `/ready` and `/info` report it.
+#[derive(Debug)]
+pub struct Health {
+    /// Every configured module has loaded.
+    ready: AtomicBool,
+    /// Shutdown has begun: `/ready` fails from now on.
+    draining: AtomicBool,
+    /// When the process started.
+    started_at: SystemTime,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            started_at: SystemTime::now(),
+        }
+    }
+}
+
+impl Health {
+    /// Every module has loaded: traffic may come.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Shutdown has begun: take the pod out of the Service's endpoints.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether the pod should receive traffic.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// Everything the admin endpoints read or act on.
+pub struct AdminState {
+    /// Readiness and uptime.
+    pub health: Arc<Health>,
+    /// The modules serving, for `/info`.
+    pub routes: Arc<Routes>,
+    /// Load errors for `/info`, and `POST /admin/reload`.
+    pub reload: ReloadHandle,
+    /// What `/metrics` renders.
+    pub metrics: Arc<Metrics>,
+    /// Who may call `POST /admin/...`.
+    pub auth: AdminAuth,
+    /// What `/healthz` checks.
+    pub liveness: Liveness,
+}
+
 /// Starts serving the admin endpoints on `listener` in a thread of its own.
-pub fn spawn(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    auth: AdminAuth,
-    liveness: Liveness,
-) -> anyhow::Result<AdminThread> {
+pub fn spawn(listener: TcpListener, state: AdminState) -> anyhow::Result<AdminThread> {
     let listener = listener.into_std()?;
     let stop = CancellationToken::new();
     let token = stop.clone();
@@ -199,7 +262,7 @@ pub fn spawn(
                 .expect("building the admin runtime");
             rt.block_on(async move {
                 let listener = TcpListener::from_std(listener).expect("admin listener");
-                serve(listener, shared, Arc::new((auth, liveness)), token).await;
+                serve(listener, Arc::new(state), token).await;
             });
         })?;
     Ok(AdminThread {
@@ -208,12 +271,8 @@ pub fn spawn(
     })
 }
 
-async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    auth: Arc<(AdminAuth, Liveness)>,
-    stop: CancellationToken,
-) {
+/// Serves the admin endpoints on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
     // Reloads answer after the new modules compiled; probes must not wait.
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -230,33 +289,28 @@ async fn serve(
                 }
             },
         };
-        let (shared, auth) = (shared.clone(), auth.clone());
+        let state = state.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let (shared, auth) = (shared.clone(), auth.clone());
-                async move { Ok::<_, Infallible>(route(&shared, &auth.0, &auth.1, &req).await) }
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
-async fn route(
-    shared: &Shared,
-    auth: &AdminAuth,
-    liveness: &Liveness,
-    req: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
+async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() == Method::POST
         && req.uri().path().starts_with("/admin/")
-        && let Some(refused) = auth.refusal(req)
+        && let Some(refused) = state.auth.refusal(req)
     {
         return refused;
     }
     match (req.method(), req.uri().path()) {
-        (&Method::POST, "/admin/reload") => reload(shared).await,
-        (&Method::GET | &Method::HEAD, "/healthz") => match liveness.check() {
+        (&Method::POST, "/admin/reload") => reload(&state.reload).await,
+        (&Method::GET | &Method::HEAD, "/healthz") => match state.liveness.check() {
             Ok(()) => text(StatusCode::OK, "ok\n"),
             Err(why) => {
                 tracing::error!(reason = why.as_str(), "liveness failing");
@@ -264,16 +318,16 @@ async fn route(
             }
         },
         (&Method::GET | &Method::HEAD, "/ready") => {
-            if shared.is_ready() {
+            if state.health.is_ready() {
                 text(StatusCode::OK, "ready\n")
-            } else if shared.draining.load(std::sync::atomic::Ordering::Acquire) {
+            } else if state.health.draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "loading\n")
             }
         }
-        (&Method::GET | &Method::HEAD, "/info") => info(shared),
-        (&Method::GET | &Method::HEAD, "/metrics") => metrics(shared),
+        (&Method::GET | &Method::HEAD, "/info") => info(state),
+        (&Method::GET | &Method::HEAD, "/metrics") => metrics(&state.metrics),
         (_, "/healthz" | "/ready" | "/info" | "/metrics" | "/admin/reload") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
@@ -281,13 +335,9 @@ async fn route(
     }
 }
 
-async fn reload(shared: &Shared) -> Response<Full<Bytes>> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    if shared.reload.send(tx).await.is_err() {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
-    }
-    match rx.await {
-        Ok(report) => {
+async fn reload(handle: &ReloadHandle) -> Response<Full<Bytes>> {
+    match handle.reload().await {
+        Some(report) => {
             let status = if report.errors.is_empty() && report.config_error.is_none() {
                 StatusCode::OK
             } else {
@@ -297,7 +347,7 @@ async fn reload(shared: &Shared) -> Response<Full<Bytes>> {
             *resp.status_mut() = status;
             resp
         }
-        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        None => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
     }
 }
 
@@ -310,9 +360,9 @@ fn json_response(body: &serde_json::Value) -> Response<Full<Bytes>> {
     resp
 }
 
-fn info(shared: &Shared) -> Response<Full<Bytes>> {
-    let router = shared.router.load();
-    let errors = shared.errors.lock().unwrap().clone();
+fn info(state: &AdminState) -> Response<Full<Bytes>> {
+    let router = state.routes.current();
+    let errors = state.reload.status.errors();
     let mut modules: Vec<_> = router
         .modules()
         .map(|m| {
@@ -342,21 +392,21 @@ fn info(shared: &Shared) -> Response<Full<Bytes>> {
         }
     }
     let uptime = SystemTime::now()
-        .duration_since(shared.started_at)
+        .duration_since(state.health.started_at)
         .unwrap_or_default();
     let body = json!({
         "name": "berth",
         "version": env!("CARGO_PKG_VERSION"),
-        "ready": shared.is_ready(),
+        "ready": state.health.is_ready(),
         "uptime_seconds": uptime.as_secs(),
         "modules": modules,
-        "config_error": *shared.config_error.lock().unwrap(),
+        "config_error": state.reload.status.config_error(),
     });
     json_response(&body)
 }
 
-fn metrics(shared: &Shared) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(shared.metrics.render())));
+fn metrics(metrics: &Metrics) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(metrics.render())));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -377,6 +427,139 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reload::{ReloadReport, ReloadRequests};
+    use crate::testing::{get, send};
+
+    const TOKEN: &str = "s3cret-admin-token";
+
+    /// The admin endpoints on a free port, with no modules.
+    async fn admin(auth: AdminAuth) -> (String, Arc<AdminState>, ReloadRequests) {
+        let (reload, requests) = crate::reload::channel();
+        let state = Arc::new(AdminState {
+            health: Arc::default(),
+            routes: Arc::default(),
+            reload,
+            metrics: Arc::new(Metrics::new()),
+            auth,
+            liveness: Liveness {
+                heartbeat: Heartbeat::default(),
+                stall_timeout: Duration::from_secs(10),
+            },
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(serve(listener, state.clone(), CancellationToken::new()));
+        (url, state, requests)
+    }
+
+    #[tokio::test]
+    async fn ready_follows_loading_serving_and_draining() {
+        let (url, state, _requests) = admin(AdminAuth::Off).await;
+        let ready = get(&format!("{url}/ready")).await;
+        assert_eq!(
+            (ready.status, ready.body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "loading\n")
+        );
+        state.health.set_ready();
+        assert_eq!(get(&format!("{url}/ready")).await.status, StatusCode::OK);
+        assert!(
+            get(&format!("{url}/info"))
+                .await
+                .body
+                .contains(r#""ready":true"#)
+        );
+        state.health.start_draining();
+        let ready = get(&format!("{url}/ready")).await;
+        assert_eq!(
+            (ready.status, ready.body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        );
+        // Liveness is about progress, not readiness.
+        assert_eq!(get(&format!("{url}/healthz")).await.status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn info_shows_what_the_last_reload_left_wrong() {
+        let (url, state, _requests) = admin(AdminAuth::Off).await;
+        let status = &state.reload.status;
+        status.set_errors([("late".to_owned(), "module `late`: cannot read x".to_owned())].into());
+        status.set_config_error(Some("unknown field `rout`".into()));
+        let info: serde_json::Value =
+            serde_json::from_str(&get(&format!("{url}/info")).await.body).unwrap();
+        assert_eq!(info["config_error"], "unknown field `rout`");
+        assert_eq!(info["modules"][0]["name"], "late");
+        assert_eq!(info["modules"][0]["serving"], false);
+        assert_eq!(
+            info["modules"][0]["last_error"],
+            "module `late`: cannot read x"
+        );
+    }
+
+    #[tokio::test]
+    async fn reload_needs_the_token_and_answers_with_the_report() {
+        let (url, _state, mut requests) = admin(AdminAuth::Token(TOKEN.into())).await;
+        let reload = format!("{url}/admin/reload");
+        let refused = send(Method::POST, &reload, &[]).await;
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(refused.headers[header::WWW_AUTHENTICATE], "Bearer");
+        let wrong = send(Method::POST, &reload, &[("authorization", "Bearer nope")]).await;
+        assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+
+        tokio::spawn(async move {
+            let reply = requests.recv().await.unwrap();
+            let mut report = ReloadReport {
+                trigger: "admin",
+                ..Default::default()
+            };
+            report.errors.insert("a".into(), "broken".into());
+            let _ = reply.send(report);
+            // Then the reloader stops, as at shutdown.
+        });
+        let bearer = format!("Bearer {TOKEN}");
+        let done = send(Method::POST, &reload, &[("authorization", &bearer)]).await;
+        assert_eq!(
+            done.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{}",
+            done.body
+        );
+        let report: serde_json::Value = serde_json::from_str(&done.body).unwrap();
+        assert_eq!(report["errors"]["a"], "broken");
+        let gone = send(Method::POST, &reload, &[("authorization", &bearer)]).await;
+        assert_eq!(
+            (gone.status, gone.body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_token_reload_is_off_and_other_paths_are_refused_plainly() {
+        let (url, _state, _requests) = admin(AdminAuth::Off).await;
+        let off = send(
+            Method::POST,
+            &format!("{url}/admin/reload"),
+            &[("authorization", "Bearer x")],
+        )
+        .await;
+        assert_eq!(off.status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            send(Method::DELETE, &format!("{url}/ready"), &[])
+                .await
+                .status,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            get(&format!("{url}/nope")).await.status,
+            StatusCode::NOT_FOUND
+        );
+        let metrics = get(&format!("{url}/metrics")).await;
+        assert!(
+            metrics.headers[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain")
+        );
+    }
 
     #[test]
     fn liveness_fails_once_the_heartbeat_is_stale() {

@@ -14,6 +14,11 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::magic::RelativePathBuf;
 use serde::{Deserialize, Serialize};
 
+mod allow;
+mod spec;
+pub use allow::{AllowList, AllowRule, Specificity, default_port};
+pub use spec::{ConfigSource, ModuleSource, ModuleSpec, OutboundSpec};
+
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/berth/berth.toml";
 
@@ -536,6 +541,9 @@ pub struct ModuleConfig {
     /// means no outbound calls at all.
     #[serde(default)]
     pub allowed_outbound_hosts: Vec<String>,
+    /// `allowed_outbound_hosts`, parsed by [`Config::validate`].
+    #[serde(skip)]
+    pub allow: AllowList,
 }
 
 /// A config value as the guest sees it: always a string. Numbers and
@@ -743,7 +751,7 @@ impl Config {
     }
 
     /// Checks what types alone cannot.
-    pub fn validate(self) -> Result<Self, ConfigError> {
+    pub fn validate(mut self) -> Result<Self, ConfigError> {
         check_limits("defaults.limits", &self.defaults.limits)?;
         check_outbound("defaults.outbound", &self.defaults.outbound)?;
         for (upstream, o) in &self.upstreams {
@@ -897,7 +905,7 @@ impl Config {
                 &module.outbound.over(self.defaults.outbound),
             )?;
             for (i, host) in module.allowed_outbound_hosts.iter().enumerate() {
-                crate::outbound::AllowRule::parse(host).map_err(|reason| {
+                AllowRule::parse(host).map_err(|reason| {
                     rejected(format!("{}[{i}]", key("allowed_outbound_hosts")), reason)
                 })?;
             }
@@ -911,6 +919,12 @@ impl Config {
                     "the same key is also set in `config`",
                 ));
             }
+        }
+        // Checked rule by rule above, so each error names its entry; kept
+        // parsed so nothing downstream parses it again.
+        for module in self.modules.values_mut() {
+            module.allow = AllowList::parse(&module.allowed_outbound_hosts)
+                .map_err(|reason| rejected("allowed_outbound_hosts", reason))?;
         }
         Ok(self)
     }

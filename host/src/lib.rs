@@ -2,22 +2,31 @@
 //! as twelve-factor microservices on Kubernetes.
 //!
 //! # Layout
-//! - [`config`]: layered configuration (defaults, TOML file, `BERTH_*`
-//!   env vars, flags) and its validation.
-//! - [`runtime`]: the wasmtime engine, the linker holding the guest world,
-//!   module loading and checking, the per-request store state.
-//! - [`router`]: path-prefix routing to modules.
-//! - [`reload`]: loading modules and hot-swapping them (watcher, rescan,
-//!   `SIGHUP`, `POST /admin/reload`).
-//! - [`server`]: the traffic listener; one fresh instance per request.
-//! - [`admin`]: probes, `/info` and `/metrics` on their own port and thread.
+//! The modules form layers; each imports only from layers below it
+//! (`scripts/check_layers.py`, run by `make lint`, enforces this), so data
+//! flows one way: config → outbound → runtime → router → reload →
+//! server and admin → app.
+//!
+//! - Foundations, importing nothing above them:
+//!   - [`config`]: layered configuration (defaults, TOML file, `BERTH_*`
+//!     env vars, flags), its validation, and the module specs it resolves
+//!     to (source, limits, parsed allow-list).
+//!   - [`telemetry`]: logging and OTLP trace export set-up.
+//!   - [`trace`]: W3C trace context: extraction, ids in logs, injection.
+//!   - [`metrics`]: Prometheus metrics, resolved per module at load.
+//!   - [`redact`]: URLs without the credentials they may carry.
+//!   - [`signal`]: shutdown signals.
 //! - [`outbound`]: the policy every outbound call of a guest goes through.
-//! - [`telemetry`]: logging and OTLP trace export set-up.
-//! - [`trace`]: W3C trace context: extraction, ids in logs, injection.
-//! - [`metrics`]: Prometheus metrics, resolved per module at load.
-//! - [`redact`]: URLs without the credentials they may carry.
-//! - [`signal`]: shutdown signals.
-//! - [`app`]: wiring it all together for `berth serve`.
+//! - [`runtime`]: the wasmtime engine, the linker holding the guest world,
+//!   module loading and checking, and a module's per-request store.
+//! - [`router`]: path-prefix routing, and the table in force.
+//! - [`reload`]: loading modules and hot-swapping them (watcher, rescan,
+//!   `SIGHUP`, `POST /admin/reload`); owns the load status.
+//! - [`server`]: the traffic listener; each request as named steps, one
+//!   fresh instance per request.
+//! - [`admin`]: probes, `/info` and `/metrics` on their own port and
+//!   thread; owns the process's health.
+//! - [`app`]: assembles the pieces for `berth serve`.
 
 pub mod admin;
 pub mod app;
@@ -32,3 +41,6 @@ pub mod server;
 pub mod signal;
 pub mod telemetry;
 pub mod trace;
+
+#[cfg(test)]
+mod testing;

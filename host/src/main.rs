@@ -3,12 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use berth_host::app::{self, ServeError};
+use berth_host::config::ConfigSource;
 use berth_host::config::Overrides;
-use berth_host::reload::ConfigSource;
 use berth_host::runtime::{Runtime, RuntimeOptions};
+use berth_host::signal::Signals;
 use berth_host::telemetry;
 
 /// Exit code for bad configuration or modules.
@@ -121,7 +123,19 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, format!("cannot start the async runtime: {e}")),
     };
-    let result = rt.block_on(app::run(config, source));
+    let result = rt.block_on(async {
+        // Installed before anything slow, so a pod deleted while it starts
+        // is not ignored. The first signal starts the drain; the next one
+        // ends the process at once.
+        let mut signals = Signals::install().context("installing signal handlers")?;
+        let listeners = app::Listeners::bind(&config).await?;
+        let shutdown = async move {
+            let name = signals.next().await;
+            signals.exit_on_next();
+            name
+        };
+        app::run(config, source, listeners, shutdown).await
+    });
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -142,16 +156,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 }
 
 fn check(file: &std::path::Path, json: bool) -> ExitCode {
-    let runtime = match Runtime::new(&RuntimeOptions {
-        max_instances: 1,
-        max_memory: 4 << 30,
-        epoch_tick: std::time::Duration::from_secs(1),
-        cache_dir: None,
-        cache_max_bytes: 0,
-        keep_resident: Some(0),
-        decommit_batch: 1,
-        memory_cow: true,
-    }) {
+    let runtime = match Runtime::new(&RuntimeOptions::for_check()) {
         Ok(r) => r,
         Err(e) => return fail(1, format!("{e:#}")),
     };

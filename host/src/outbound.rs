@@ -24,7 +24,7 @@ mod breaker;
 mod policy;
 mod resolve;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,9 +42,9 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiHttpHooks};
 
 use self::body::{BetweenBytes, ReplayBody};
 use self::breaker::Breaker;
-pub use self::policy::{AllowList, AllowRule, Specificity, is_restricted};
+pub use self::policy::is_restricted;
 use self::resolve::{GuardedResolver, Lookup};
-use crate::config::{OutboundConfig, OutboundOverride};
+use crate::config::{OutboundConfig, OutboundSpec, Specificity, default_port};
 use crate::metrics::Metrics;
 use crate::trace::TraceContext;
 
@@ -140,17 +140,6 @@ impl Clients {
     }
 }
 
-/// What a module's outbound calls are subject to.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct OutboundSpec {
-    /// The allow-list.
-    pub allow: AllowList,
-    /// The module's policy (defaults with its overrides).
-    pub config: OutboundConfig,
-    /// Per-upstream overrides (`[upstreams."host:port"]`).
-    pub upstreams: Arc<BTreeMap<String, OutboundOverride>>,
-}
-
 /// The outbound side of one module, shared by all its instances.
 pub struct ModuleOutbound {
     module: Arc<str>,
@@ -203,9 +192,7 @@ impl ModuleOutbound {
         let host = host.as_str();
         let uri = request.uri().clone();
         let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTPS);
-        let port = uri
-            .port_u16()
-            .unwrap_or_else(|| policy::default_port(&scheme));
+        let port = uri.port_u16().unwrap_or_else(|| default_port(&scheme));
         let Some(specificity) = self.spec.allow.matches(&scheme, host, port) else {
             return Err(self.deny(&uri, "destination not in allowed_outbound_hosts"));
         };
@@ -392,10 +379,136 @@ struct Upstream {
 const RESTRICTED: &str =
     "destination is a loopback, link-local or metadata address, allowed only by an exact rule";
 
-/// How one attempt went, for the retry decision and the metrics.
+/// Why one attempt got no response; decides the retry, the metric label
+/// and what the guest sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// No connection: refused, unreachable, or over the connect timeout.
+    /// The request never reached the upstream.
+    Connect {
+        /// Whether it was the connect timeout.
+        timed_out: bool,
+    },
+    /// The name resolved only to addresses the guard refuses.
+    Denied,
+    /// No response head within the first-byte timeout.
+    Timeout,
+    /// The connection broke or the upstream spoke garbage.
+    Protocol,
+}
+
+impl Failure {
+    /// Classifies a client error.
+    fn of(err: &hyper_util::client::legacy::Error) -> Failure {
+        if resolve::is_restricted_error(err) {
+            return Failure::Denied;
+        }
+        if !err.is_connect() {
+            return Failure::Protocol;
+        }
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::TimedOut
+            {
+                return Failure::Connect { timed_out: true };
+            }
+            source = e.source();
+        }
+        Failure::Connect { timed_out: false }
+    }
+
+    /// Safe to try again whatever the method: the upstream saw nothing.
+    /// A timeout or a broken connection may have left the request
+    /// half-done upstream, so those are not retried.
+    fn retryable(self) -> bool {
+        matches!(self, Failure::Connect { .. })
+    }
+
+    /// The `outcome` label of `berth_outbound_requests_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Failure::Connect { .. } => "connect",
+            Failure::Denied => "denied",
+            Failure::Timeout => "timeout",
+            Failure::Protocol => "protocol",
+        }
+    }
+
+    /// The `wasi:http` error the guest gets.
+    fn error(self) -> Error {
+        match self {
+            Failure::Connect { timed_out: true } => Error::ConnectionTimeout,
+            Failure::Connect { timed_out: false } => Error::ConnectionRefused,
+            Failure::Denied => Error::HttpRequestDenied,
+            Failure::Timeout => Error::ConnectionReadTimeout,
+            Failure::Protocol => Error::HttpProtocolError,
+        }
+    }
+}
+
+/// How one attempt went.
 enum Attempt {
     Response(Response<hyper::body::Incoming>),
-    Failed(Error, &'static str),
+    Failed(Failure),
+}
+
+impl Attempt {
+    /// The status, or why there is none.
+    fn outcome(&self) -> Result<StatusCode, Failure> {
+        match self {
+            Attempt::Response(r) => Ok(r.status()),
+            Attempt::Failed(failure) => Err(*failure),
+        }
+    }
+
+    /// `Retry-After` in seconds (the HTTP-date form is ignored).
+    fn retry_after(&self) -> Option<Duration> {
+        let Attempt::Response(resp) = self else {
+            return None;
+        };
+        let secs: u64 = resp
+            .headers()
+            .get(http::header::RETRY_AFTER)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(Duration::from_secs(secs))
+    }
+}
+
+/// An answer that says the upstream is overloaded or down.
+fn unavailable(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
+/// Whether the breaker counts an attempt against the upstream.
+fn counts_against(outcome: Result<StatusCode, Failure>) -> bool {
+    outcome.map_or(true, unavailable)
+}
+
+/// Whether another attempt may fix this one: a connection that was never
+/// made, or an unavailable answer to a request that may be repeated. The
+/// retry count, the budget, the deadline and whether the body can be
+/// replayed are decided by the caller.
+fn worth_retrying(outcome: Result<StatusCode, Failure>, idempotent: bool) -> bool {
+    match outcome {
+        Err(failure) => failure.retryable(),
+        Ok(status) => idempotent && unavailable(status),
+    }
+}
+
+/// The timeouts of one call: the host's, shortened where the guest asks.
+struct CallLimits {
+    client: HttpsClient,
+    first_byte: Duration,
+    between_bytes: Duration,
+    deadline: Instant,
 }
 
 impl Upstream {
@@ -406,16 +519,10 @@ impl Upstream {
             .inc();
     }
 
-    async fn call(
-        &self,
-        request: Request<HyperOutgoingBody>,
-        guest: Option<RequestOptions>,
-        trace: TraceContext,
-    ) -> Result<(Response<HyperOutgoingBody>, IoFuture), Error> {
+    fn limits(&self, guest: Option<RequestOptions>) -> CallLimits {
         let cfg = &self.config;
         let guest = guest.unwrap_or_default();
         let cap = |asked: Option<Duration>, host: Duration| asked.map_or(host, |a| a.min(host));
-        let first_byte = cap(guest.first_byte_timeout, cfg.first_byte_timeout);
         // The connect timeout lives in the connector, so a shorter one from
         // the guest picks another pooled client, rounded up to 100 ms so
         // guests cannot make one pool per nanosecond.
@@ -425,108 +532,130 @@ impl Upstream {
                 .get(round_up_100ms(asked).min(cfg.connect_timeout), self.guard),
             _ => self.client.clone(),
         };
-        let between_bytes = cap(guest.between_bytes_timeout, cfg.between_bytes_timeout);
-        let started = Instant::now();
-        let deadline = started + cfg.timeout;
+        CallLimits {
+            client,
+            first_byte: cap(guest.first_byte_timeout, cfg.first_byte_timeout),
+            between_bytes: cap(guest.between_bytes_timeout, cfg.between_bytes_timeout),
+            deadline: Instant::now() + cfg.timeout,
+        }
+    }
 
+    /// Sends the request once and waits for the response head.
+    async fn attempt(&self, limits: &CallLimits, req: Request<HyperOutgoingBody>) -> Attempt {
+        let left = limits.deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(limits.first_byte.min(left), limits.client.request(req)).await {
+            Ok(Ok(resp)) => Attempt::Response(resp),
+            Ok(Err(e)) => Attempt::Failed(Failure::of(&e)),
+            Err(_) => Attempt::Failed(Failure::Timeout),
+        }
+    }
+
+    /// How long to wait before attempt number `attempt + 1`, if it may
+    /// happen at all: within the retry count, the deadline and the budget.
+    fn retry_wait(&self, result: &Attempt, attempt: u32, deadline: Instant) -> Option<Duration> {
+        let cfg = &self.config;
+        if attempt >= cfg.retries {
+            return None;
+        }
+        let wait = backoff(cfg, attempt).max(result.retry_after().unwrap_or_default());
+        (Instant::now() + wait < deadline && self.budget.withdraw()).then_some(wait)
+    }
+
+    async fn call(
+        &self,
+        request: Request<HyperOutgoingBody>,
+        guest: Option<RequestOptions>,
+        trace: TraceContext,
+    ) -> Result<(Response<HyperOutgoingBody>, IoFuture), Error> {
+        let started = Instant::now();
+        let limits = self.limits(guest);
         let (mut parts, body) = request.into_parts();
         trace.inject(&mut parts.headers);
         // Streamed from the first byte, never read ahead: the guest may be
         // waiting for the response head before it writes its body.
-        let body = ReplayBody::new(body, cfg.max_retry_body.0);
-        let idempotent = parts.method.is_idempotent() || cfg.retry_non_idempotent;
+        let body = ReplayBody::new(body, self.config.max_retry_body.0);
+        let idempotent = parts.method.is_idempotent() || self.config.retry_non_idempotent;
         self.budget.deposit();
 
         let mut attempt = 0u32;
-        let outcome =
-            loop {
-                let Some(admission) = self.breaker.admit() else {
-                    self.count("circuit_open");
-                    trace.span.record("otel.status_code", "ERROR");
-                    tracing::warn!(
-                        module = &*self.module,
-                        upstream = self.label.as_str(),
-                        trace_id = %trace,
-                        "outbound call failed fast: circuit open"
-                    );
-                    return Err(Error::DestinationUnavailable);
-                };
-                let req = Request::from_parts(parts.clone(), body.replay().boxed_unsync());
-                let budget_left = deadline.saturating_duration_since(Instant::now());
-                let result =
-                    match tokio::time::timeout(first_byte.min(budget_left), client.request(req))
-                        .await
-                    {
-                        Ok(Ok(resp)) => Attempt::Response(resp),
-                        Ok(Err(e)) => {
-                            let (err, kind) = classify(&e);
-                            Attempt::Failed(err, kind)
-                        }
-                        Err(_) => Attempt::Failed(Error::ConnectionReadTimeout, "timeout"),
-                    };
-                let retry_status = matches!(
-                    &result,
-                    Attempt::Response(r) if matches!(r.status(), StatusCode::BAD_GATEWAY
-                        | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
-                );
-                let failed = retry_status || matches!(result, Attempt::Failed(..));
-                admission.record(!failed);
-                let retryable = attempt < cfg.retries
-                    && body.replayable()
-                    && match &result {
-                        Attempt::Failed(_, kind) => *kind == "connect",
-                        Attempt::Response(_) => retry_status && idempotent,
-                    };
-                if retryable {
-                    let wait = backoff(cfg, attempt).max(retry_after(&result).unwrap_or_default());
-                    if Instant::now() + wait < deadline && self.budget.withdraw() {
-                        attempt += 1;
-                        self.retries.inc();
-                        drop(result);
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    }
-                }
-                break result;
+        let outcome = loop {
+            let Some(admission) = self.breaker.admit() else {
+                return Err(self.circuit_open(&trace));
             };
+            let req = Request::from_parts(parts.clone(), body.replay().boxed_unsync());
+            let result = self.attempt(&limits, req).await;
+            admission.record(!counts_against(result.outcome()));
+            if body.replayable()
+                && worth_retrying(result.outcome(), idempotent)
+                && let Some(wait) = self.retry_wait(&result, attempt, limits.deadline)
+            {
+                attempt += 1;
+                self.retries.inc();
+                drop(result);
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            break result;
+        };
         self.duration.observe(started.elapsed().as_secs_f64());
         match outcome {
-            Attempt::Response(resp) => {
-                self.count(resp.status().as_str());
-                trace
-                    .span
-                    .record("http.response.status_code", resp.status().as_u16());
-                if resp.status().is_server_error() {
-                    trace.span.record("otel.status_code", "ERROR");
-                }
-                let resp = resp.map(|b| BetweenBytes::new(b, between_bytes).boxed_unsync());
-                Ok((resp, Box::new(async { Ok(()) }) as IoFuture))
-            }
-            Attempt::Failed(err, kind) => {
-                self.count(kind);
-                if kind == "denied" {
-                    self.denied.inc();
-                    tracing::warn!(
-                        module = &*self.module,
-                        upstream = self.label.as_str(),
-                        trace_id = %trace,
-                        reason = RESTRICTED,
-                        "outbound request denied"
-                    );
-                    return Err(Error::HttpRequestDenied);
-                }
-                trace.span.record("otel.status_code", "ERROR");
-                tracing::warn!(
-                    module = &*self.module,
-                    upstream = self.label.as_str(),
-                    error = %err,
-                    trace_id = %trace,
-                    attempts = attempt + 1,
-                    "outbound call failed"
-                );
-                Err(err)
-            }
+            Attempt::Response(resp) => Ok(self.answered(resp, &trace, limits.between_bytes)),
+            Attempt::Failed(failure) => Err(self.failed(failure, &trace, attempt + 1)),
         }
+    }
+
+    fn circuit_open(&self, trace: &TraceContext) -> Error {
+        self.count("circuit_open");
+        trace.span.record("otel.status_code", "ERROR");
+        tracing::warn!(
+            module = &*self.module,
+            upstream = self.label.as_str(),
+            trace_id = %trace,
+            "outbound call failed fast: circuit open"
+        );
+        Error::DestinationUnavailable
+    }
+
+    fn answered(
+        &self,
+        resp: Response<hyper::body::Incoming>,
+        trace: &TraceContext,
+        between_bytes: Duration,
+    ) -> (Response<HyperOutgoingBody>, IoFuture) {
+        self.count(resp.status().as_str());
+        trace
+            .span
+            .record("http.response.status_code", resp.status().as_u16());
+        if resp.status().is_server_error() {
+            trace.span.record("otel.status_code", "ERROR");
+        }
+        let resp = resp.map(|b| BetweenBytes::new(b, between_bytes).boxed_unsync());
+        (resp, Box::new(async { Ok(()) }) as IoFuture)
+    }
+
+    fn failed(&self, failure: Failure, trace: &TraceContext, attempts: u32) -> Error {
+        self.count(failure.label());
+        if failure == Failure::Denied {
+            self.denied.inc();
+            tracing::warn!(
+                module = &*self.module,
+                upstream = self.label.as_str(),
+                trace_id = %trace,
+                reason = RESTRICTED,
+                "outbound request denied"
+            );
+        } else {
+            trace.span.record("otel.status_code", "ERROR");
+            tracing::warn!(
+                module = &*self.module,
+                upstream = self.label.as_str(),
+                error = %failure.error(),
+                trace_id = %trace,
+                attempts,
+                "outbound call failed"
+            );
+        }
+        failure.error()
     }
 }
 
@@ -543,42 +672,6 @@ fn backoff(cfg: &OutboundConfig, attempt: u32) -> Duration {
         .saturating_mul(1u32 << attempt.min(16))
         .min(cfg.retry_backoff_max);
     Duration::from_micros(fastrand::u64(0..=cap.as_micros() as u64))
-}
-
-/// `Retry-After` in seconds (the HTTP-date form is ignored).
-fn retry_after(attempt: &Attempt) -> Option<Duration> {
-    let Attempt::Response(resp) = attempt else {
-        return None;
-    };
-    let secs: u64 = resp
-        .headers()
-        .get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_secs(secs))
-}
-
-/// Maps a client error to what the guest sees, and a metric label.
-fn classify(err: &hyper_util::client::legacy::Error) -> (Error, &'static str) {
-    if resolve::is_restricted_error(err) {
-        return (Error::HttpRequestDenied, "denied");
-    }
-    if err.is_connect() {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-        while let Some(e) = source {
-            if let Some(io) = e.downcast_ref::<std::io::Error>()
-                && io.kind() == std::io::ErrorKind::TimedOut
-            {
-                return (Error::ConnectionTimeout, "connect");
-            }
-            source = e.source();
-        }
-        return (Error::ConnectionRefused, "connect");
-    }
-    (Error::HttpProtocolError, "protocol")
 }
 
 /// The per-store hook object wasmtime-wasi-http calls for outbound requests.
@@ -610,6 +703,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+    use crate::config::AllowList;
 
     /// A real HTTP server on 127.0.0.1 that counts the requests it gets.
     async fn local_server() -> (u16, Arc<AtomicUsize>) {
@@ -801,6 +895,73 @@ mod tests {
             round_up_100ms(Duration::from_millis(300)),
             Duration::from_millis(300)
         );
+    }
+
+    #[test]
+    fn only_what_never_reached_the_upstream_or_an_idempotent_unavailable_answer_is_retried() {
+        let connect = Err(Failure::Connect { timed_out: false });
+        let connect_timeout = Err(Failure::Connect { timed_out: true });
+        for (outcome, idempotent, retry, against) in [
+            (connect, false, true, true),
+            (connect_timeout, false, true, true),
+            (Err(Failure::Timeout), true, false, true),
+            (Err(Failure::Protocol), true, false, true),
+            (Err(Failure::Denied), true, false, true),
+            (Ok(StatusCode::SERVICE_UNAVAILABLE), true, true, true),
+            (Ok(StatusCode::BAD_GATEWAY), true, true, true),
+            (Ok(StatusCode::GATEWAY_TIMEOUT), true, true, true),
+            (Ok(StatusCode::SERVICE_UNAVAILABLE), false, false, true),
+            (Ok(StatusCode::INTERNAL_SERVER_ERROR), true, false, false),
+            (Ok(StatusCode::OK), true, false, false),
+            (Ok(StatusCode::TOO_MANY_REQUESTS), true, false, false),
+        ] {
+            assert_eq!(
+                worth_retrying(outcome, idempotent),
+                retry,
+                "{outcome:?} {idempotent}"
+            );
+            assert_eq!(counts_against(outcome), against, "{outcome:?}");
+        }
+    }
+
+    #[test]
+    fn failures_have_one_label_and_one_guest_error_each() {
+        let all = [
+            Failure::Connect { timed_out: false },
+            Failure::Connect { timed_out: true },
+            Failure::Denied,
+            Failure::Timeout,
+            Failure::Protocol,
+        ];
+        let labels: Vec<_> = all.iter().map(|f| f.label()).collect();
+        assert_eq!(
+            labels,
+            ["connect", "connect", "denied", "timeout", "protocol"]
+        );
+        assert!(matches!(all[0].error(), Error::ConnectionRefused));
+        assert!(matches!(all[1].error(), Error::ConnectionTimeout));
+        assert!(matches!(all[2].error(), Error::HttpRequestDenied));
+        assert!(matches!(all[3].error(), Error::ConnectionReadTimeout));
+        assert!(matches!(all[4].error(), Error::HttpProtocolError));
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_classified_as_connect() {
+        // A port that was just free: nothing listens there.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let client = Clients::default().get(Duration::from_secs(2), Guard::Off);
+        let req = Request::get(format!("http://127.0.0.1:{port}/"))
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|never: std::convert::Infallible| match never {})
+                    .boxed_unsync(),
+            )
+            .unwrap();
+        let err = client.request(req).await.unwrap_err();
+        assert_eq!(Failure::of(&err), Failure::Connect { timed_out: false });
     }
 
     #[test]

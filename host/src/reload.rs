@@ -22,13 +22,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::{Mutex, mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
-use crate::app::Shared;
-use crate::config::{Config, ConfigError, Overrides};
-use crate::outbound::{AllowList, OutboundSpec};
-use crate::router::Router;
-use crate::runtime::{LoadError, Module, ModuleSource, ModuleSpec, Runtime};
+use crate::config::{Config, ConfigSource, ModuleSource, ModuleSpec};
+use crate::metrics::Metrics;
+use crate::router::{Router, Routes};
+use crate::runtime::{Fetched, LoadError, Module, Runtime};
 
 /// How long the watcher waits for a burst of file events to settle.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -40,30 +38,6 @@ const DEBOUNCE_MAX: Duration = Duration::from_millis(250);
 /// The kubelet's link to the current version of a ConfigMap volume; every
 /// update of the volume renames a new link over it.
 const KUBELET_DATA_LINK: &str = "..data";
-
-/// Where the configuration comes from, to read it again on reload.
-#[derive(Debug, Clone, Default)]
-pub struct ConfigSource {
-    /// `--config`, if given.
-    pub file: Option<PathBuf>,
-    /// Command-line flags.
-    pub overrides: Overrides,
-}
-
-impl ConfigSource {
-    /// Reads and validates the configuration.
-    pub fn load(&self) -> Result<Config, ConfigError> {
-        Config::load(self.file.as_deref(), &self.overrides)
-    }
-
-    /// The config file actually read, if any.
-    fn path(&self) -> Option<PathBuf> {
-        self.file.clone().or_else(|| {
-            let default = Path::new(crate::config::DEFAULT_CONFIG_FILE);
-            default.is_file().then(|| default.to_path_buf())
-        })
-    }
-}
 
 /// A request for a reload from the admin port, answered with the report.
 pub type ReloadRequest = oneshot::Sender<ReloadReport>;
@@ -87,81 +61,119 @@ pub struct ReloadReport {
     pub errors: BTreeMap<String, String>,
 }
 
-/// The module specs the config describes, with paths resolved.
-pub fn module_specs(config: &Config) -> Vec<ModuleSpec> {
-    let dir = config.modules_dir();
-    let upstreams = Arc::new(config.upstreams.clone());
-    config
-        .modules
-        .iter()
-        .map(|(name, m)| {
-            let mut values: Vec<(String, String)> = m
-                .config
-                .iter()
-                .map(|(k, v)| (k.clone(), v.0.clone()))
-                .collect();
-            values.extend(m.secrets.iter().map(|(k, v)| (k.clone(), v.0.0.clone())));
-            let pin = m.sha256.as_ref().map(|d| d.to_ascii_lowercase());
-            let source = match (&m.file, &m.url) {
-                (_, Some(url)) => ModuleSource::Url {
-                    url: url.clone(),
-                    sha256: pin.unwrap_or_default(),
-                },
-                (file, None) => ModuleSource::File {
-                    path: match file {
-                        Some(file) => dir.join(file),
-                        None => dir.join(format!("{name}.wasm")),
-                    },
-                    sha256: pin,
-                },
-            };
-            ModuleSpec {
-                name: name.clone(),
-                route: m.route.clone(),
-                source,
-                config: values,
-                limits: config.limits_of(m),
-                outbound: OutboundSpec {
-                    // Validated with the rest of the config.
-                    allow: AllowList::parse(&m.allowed_outbound_hosts).unwrap_or_default(),
-                    config: m.outbound.over(config.defaults.outbound),
-                    upstreams: upstreams.clone(),
-                },
-            }
-        })
-        .collect()
+/// What the last reload left wrong, for `/info`.
+#[derive(Debug, Default)]
+pub struct ReloadStatus {
+    /// The last load error of each module that has one.
+    errors: std::sync::Mutex<BTreeMap<String, String>>,
+    /// Why the config file on disk is not the one running, if it is not.
+    config_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ReloadStatus {
+    /// The last load error of each module that has one.
+    pub fn errors(&self) -> BTreeMap<String, String> {
+        self.errors.lock().unwrap().clone()
+    }
+
+    /// Why the config file on disk is not the one running, if it is not.
+    pub fn config_error(&self) -> Option<String> {
+        self.config_error.lock().unwrap().clone()
+    }
+
+    /// Records the load errors of the last reload.
+    pub(crate) fn set_errors(&self, errors: BTreeMap<String, String>) {
+        *self.errors.lock().unwrap() = errors;
+    }
+
+    /// Records the outcome of reading the config; says whether it is news.
+    pub(crate) fn set_config_error(&self, error: Option<String>) -> bool {
+        let mut current = self.config_error.lock().unwrap();
+        let news = *current != error;
+        *current = error;
+        news
+    }
+}
+
+/// What other parts of the host hold of the reloader: its status, and a
+/// way to ask for a reload.
+#[derive(Clone)]
+pub struct ReloadHandle {
+    requests: mpsc::Sender<ReloadRequest>,
+    /// What the last reload left wrong.
+    pub status: Arc<ReloadStatus>,
+}
+
+impl ReloadHandle {
+    /// Reloads now and waits for the report; `None` once the reloader has
+    /// stopped (the host is shutting down).
+    pub async fn reload(&self) -> Option<ReloadReport> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(tx).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+/// The receiving end of [`ReloadHandle::reload`], for [`Modules::watch`].
+pub struct ReloadRequests(mpsc::Receiver<ReloadRequest>);
+
+impl ReloadRequests {
+    /// The next request; `None` once every handle is gone.
+    pub async fn recv(&mut self) -> Option<ReloadRequest> {
+        self.0.recv().await
+    }
+}
+
+/// A handle and the requests it sends.
+pub fn channel() -> (ReloadHandle, ReloadRequests) {
+    let (tx, rx) = mpsc::channel(8);
+    let handle = ReloadHandle {
+        requests: tx,
+        status: Arc::default(),
+    };
+    (handle, ReloadRequests(rx))
 }
 
 /// The set of modules being served, and the one way to change it.
 pub struct Modules {
     runtime: Runtime,
-    shared: Arc<Shared>,
+    routes: Arc<Routes>,
+    metrics: Arc<Metrics>,
+    status: Arc<ReloadStatus>,
     source: ConfigSource,
     /// The running config; the lock also serializes reloads.
     config: Mutex<Config>,
 }
 
+/// One module's load result, and whether it compiled something.
+type Loaded = (Result<Arc<Module>, LoadError>, bool);
+
 impl Modules {
-    /// Loads every module of `config`; any failure stops start-up.
+    /// Loads every module of `config` and publishes the routing table; any
+    /// failure stops start-up.
     pub async fn start(
         runtime: Runtime,
-        shared: Arc<Shared>,
+        routes: Arc<Routes>,
+        metrics: Arc<Metrics>,
+        status: Arc<ReloadStatus>,
         source: ConfigSource,
         config: Config,
     ) -> Result<Arc<Modules>, LoadError> {
         let modules = Arc::new(Modules {
             runtime,
-            shared,
+            routes,
+            metrics,
+            status,
             source,
             config: Mutex::new(config.clone()),
         });
         let mut loaded = Vec::new();
         for (spec, result) in modules
-            .load_all(module_specs(&config), &HashMap::new())
+            .load_all(config.module_specs(), &HashMap::new())
             .await
         {
             let outcome = if result.is_ok() { "ok" } else { "error" };
-            let metrics = &modules.shared.metrics;
+            let metrics = &modules.metrics;
             metrics
                 .loads
                 .with_label_values(&[&spec.name, outcome])
@@ -170,13 +182,11 @@ impl Modules {
             metrics.module_serving(&spec.name, &module.sha256, None, module.loaded_at);
             loaded.push(module);
         }
-        modules.shared.router.store(Arc::new(Router::new(loaded)));
+        modules.routes.publish(Router::new(loaded));
         Ok(modules)
     }
 
-    /// Loads `specs` concurrently; a module whose bytes and settings are
-    /// unchanged is kept as it is, one with only new settings is rebuilt
-    /// without compiling.
+    /// Loads `specs` concurrently, each as [`Modules::load_one`] decides.
     async fn load_all(
         &self,
         specs: Vec<ModuleSpec>,
@@ -185,62 +195,19 @@ impl Modules {
         let mut tasks = tokio::task::JoinSet::new();
         for (i, spec) in specs.iter().cloned().enumerate() {
             let prev = current.get(&spec.name).cloned();
-            let (runtime, metrics) = (self.runtime.clone(), self.shared.metrics.clone());
-            tasks.spawn(async move {
-                // Unchanged on disk (by stat) or pinned by digest: no read,
-                // no hash, no download.
-                if let Some(prev) = &prev
-                    && spec.unchanged_since(prev)
-                {
-                    if prev.spec == spec {
-                        return (i, Ok(prev.clone()), false);
-                    }
-                    return (
-                        i,
-                        Ok(Arc::new(prev.respec(&runtime, spec, &metrics))),
-                        false,
-                    );
-                }
-                let fetched = match spec.fetch(&runtime).await {
-                    Ok(f) => f,
-                    Err(e) => return (i, Err(e), false),
-                };
-                if let Some(prev) = prev
-                    && prev.sha256 == fetched.sha256
-                {
-                    prev.restamp(&fetched);
-                    if prev.spec == spec {
-                        return (i, Ok(prev), false);
-                    }
-                    return (
-                        i,
-                        Ok(Arc::new(prev.respec(&runtime, spec, &metrics))),
-                        false,
-                    );
-                }
-                let (name, origin) = (spec.name.clone(), spec.source.to_string());
-                let result = tokio::task::spawn_blocking(move || {
-                    Module::load(&runtime, spec, fetched, &metrics).map(Arc::new)
-                })
-                .await
-                .unwrap_or_else(|joined| Err(panicked(name, origin, joined)));
-                (i, result, true)
-            });
+            let (runtime, metrics) = (self.runtime.clone(), self.metrics.clone());
+            tasks.spawn(async move { (i, Self::load_one(runtime, metrics, spec, prev).await) });
         }
-        let mut results: Vec<Option<Result<Arc<Module>, LoadError>>> =
-            specs.iter().map(|_| None).collect();
-        let mut compiled = false;
+        let mut results: Vec<Option<Loaded>> = specs.iter().map(|_| None).collect();
         while let Some(joined) = tasks.join_next().await {
-            // Only a panic outside the compile (caught above) gets here.
-            let Ok((i, result, loaded)) = joined else {
-                continue;
-            };
-            results[i] = Some(result);
-            compiled |= loaded;
+            // Only a panic outside the compile (caught in load_one) gets here.
+            if let Ok((i, loaded)) = joined {
+                results[i] = Some(loaded);
+            }
         }
         // Only a load can add a cache entry: rescans that found nothing new
         // leave the folder alone.
-        if compiled {
+        if results.iter().flatten().any(|(_, compiled)| *compiled) {
             return_freed_memory();
             self.prune_cache(&results);
         }
@@ -248,36 +215,76 @@ impl Modules {
             .into_iter()
             .zip(results)
             .map(|(spec, r)| {
-                let r = r.unwrap_or_else(|| {
-                    Err(LoadError::Compile {
-                        module: spec.name.clone(),
-                        origin: spec.source.to_string(),
-                        reason: "the loading task failed".into(),
-                    })
-                });
+                let r = r.map_or_else(
+                    || {
+                        Err(LoadError::Compile {
+                            module: spec.name.clone(),
+                            origin: spec.source.to_string(),
+                            reason: "the loading task failed".into(),
+                        })
+                    },
+                    |(r, _)| r,
+                );
                 (spec, r)
             })
             .collect()
     }
 
+    /// One module: kept as it is when its bytes and settings are unchanged,
+    /// rebuilt without compiling when only its settings changed, else
+    /// fetched, compiled and checked off the async threads.
+    async fn load_one(
+        runtime: Runtime,
+        metrics: Arc<Metrics>,
+        spec: ModuleSpec,
+        prev: Option<Arc<Module>>,
+    ) -> Loaded {
+        let reuse = |prev: Arc<Module>, spec: ModuleSpec| {
+            if prev.spec == spec {
+                prev
+            } else {
+                Arc::new(prev.respec(&runtime, spec, &metrics))
+            }
+        };
+        // Unchanged on disk (by stat) or pinned by digest: no read, no
+        // hash, no download.
+        if let Some(prev) = &prev
+            && prev.unchanged(&spec)
+        {
+            return (Ok(reuse(prev.clone(), spec)), false);
+        }
+        let fetched = match Fetched::fetch(&spec, &runtime).await {
+            Ok(f) => f,
+            Err(e) => return (Err(e), false),
+        };
+        if let Some(prev) = prev
+            && prev.sha256 == fetched.sha256
+        {
+            prev.restamp(&fetched);
+            return (Ok(reuse(prev, spec)), false);
+        }
+        let (name, origin) = (spec.name.clone(), spec.source.to_string());
+        let (runtime, metrics) = (runtime.clone(), metrics.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            Module::load(&runtime, spec, fetched, &metrics).map(Arc::new)
+        })
+        .await
+        .unwrap_or_else(|joined| Err(panicked(name, origin, joined)));
+        (result, true)
+    }
+
     /// Prunes the compile cache around the modules now loaded (and those
     /// still serving), off the async threads.
-    fn prune_cache(&self, results: &[Option<Result<Arc<Module>, LoadError>>]) {
+    fn prune_cache(&self, results: &[Option<Loaded>]) {
         if self.runtime.cache().is_none() {
             return;
         }
-        let mut live: std::collections::HashSet<String> = results
+        let mut live: HashSet<String> = results
             .iter()
-            .filter_map(|r| r.as_ref()?.as_ref().ok())
+            .filter_map(|r| r.as_ref()?.0.as_ref().ok())
             .map(|m| m.sha256.clone())
             .collect();
-        live.extend(
-            self.shared
-                .router
-                .load()
-                .modules()
-                .map(|m| m.sha256.clone()),
-        );
+        live.extend(self.routes.current().modules().map(|m| m.sha256.clone()));
         let runtime = self.runtime.clone();
         tokio::task::spawn_blocking(move || {
             if let Some(cache) = runtime.cache() {
@@ -286,7 +293,8 @@ impl Modules {
         });
     }
 
-    /// Re-reads the config and every module, and swaps in what changed.
+    /// Re-reads the config and every module, and swaps in what changed:
+    /// read the config, reconcile the modules with it, publish.
     /// `since` is when the change that set it off was first seen.
     pub async fn reload(&self, trigger: &'static str, since: Option<Instant>) -> ReloadReport {
         let mut running = self.config.lock().await;
@@ -294,8 +302,32 @@ impl Modules {
             trigger,
             ..Default::default()
         };
-        let metrics = &self.shared.metrics;
-        let config = match self.source.load() {
+        let config = self.read_config(&running, &mut report);
+        let current: HashMap<String, Arc<Module>> = self
+            .routes
+            .current()
+            .modules()
+            .map(|m| (m.name.to_string(), m.clone()))
+            .collect();
+        let loaded = self.load_all(config.module_specs(), &current).await;
+        let serving = self.reconcile(loaded, &current, &mut report, since);
+        if !report.changed.is_empty() || !report.removed.is_empty() {
+            self.routes.publish(Router::new(serving));
+        }
+        self.status.set_errors(report.errors.clone());
+        if report.config_error.is_none() {
+            if *running != config {
+                self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+            }
+            *running = config;
+        }
+        report
+    }
+
+    /// The config to reconcile with: the file's if it is valid, else the
+    /// running one (and the report says why).
+    fn read_config(&self, running: &Config, report: &mut ReloadReport) -> Config {
+        match self.source.load() {
             Ok(new) => {
                 report.restart_needed = running.restart_only_changes(&new);
                 if !report.restart_needed.is_empty() {
@@ -304,107 +336,112 @@ impl Modules {
                         "config changes that need a restart are left for the next start"
                     );
                 }
-                *self.shared.config_error.lock().unwrap() = None;
+                self.status.set_config_error(None);
                 new
             }
             Err(e) => {
                 let message = e.to_string();
-                if self.shared.config_error.lock().unwrap().as_deref() != Some(&message) {
-                    tracing::error!(trigger, error = %message, "config change rejected: the running config stays");
-                    metrics.config_reloads.with_label_values(&["error"]).inc();
+                // Logged and counted once per distinct error, not on every
+                // rescan that finds it again.
+                if self.status.set_config_error(Some(message.clone())) {
+                    tracing::error!(trigger = report.trigger, error = %message,
+                        "config change rejected: the running config stays");
+                    self.metrics
+                        .config_reloads
+                        .with_label_values(&["error"])
+                        .inc();
                 }
-                *self.shared.config_error.lock().unwrap() = Some(message.clone());
                 report.config_error = Some(message);
                 running.clone()
             }
-        };
-        let router = self.shared.router.load_full();
-        let current: HashMap<String, Arc<Module>> = router
-            .modules()
-            .map(|m| (m.name.to_string(), m.clone()))
-            .collect();
+        }
+    }
+
+    /// The modules to serve after a reload: each new load, or the previous
+    /// version of a module whose load failed. Fills in the report.
+    fn reconcile(
+        &self,
+        loaded: Vec<(ModuleSpec, Result<Arc<Module>, LoadError>)>,
+        current: &HashMap<String, Arc<Module>>,
+        report: &mut ReloadReport,
+        since: Option<Instant>,
+    ) -> Vec<Arc<Module>> {
         let mut serving = Vec::new();
-        let mut errors = BTreeMap::new();
-        for (spec, result) in self.load_all(module_specs(&config), &current).await {
+        for (spec, result) in loaded {
             let prev = current.get(&spec.name);
             match result {
                 Ok(module) => {
-                    let unchanged = prev.is_some_and(|p| Arc::ptr_eq(p, &module));
-                    if !unchanged {
-                        metrics.reloads.with_label_values(&[&spec.name, "ok"]).inc();
-                        metrics.module_serving(
-                            &spec.name,
-                            &module.sha256,
-                            prev.map(|p| p.sha256.as_str()),
-                            module.loaded_at,
-                        );
-                        tracing::info!(
-                            trigger,
-                            module = spec.name.as_str(),
-                            sha256 = module.sha256.as_str(),
-                            previous = prev.map(|p| p.sha256.as_str()),
-                            since_change_ms = since.map(|t| t.elapsed().as_millis() as u64),
-                            "module swapped in"
-                        );
+                    if !prev.is_some_and(|p| Arc::ptr_eq(p, &module)) {
+                        self.swapped_in(&module, prev, report.trigger, since);
                         report.changed.push(spec.name.clone());
                     }
                     serving.push(module);
                 }
                 Err(err) => {
-                    let message = err.to_string();
-                    let known =
-                        self.shared.errors.lock().unwrap().get(&spec.name) == Some(&message);
-                    if !known {
-                        // Logged and counted once per distinct failure, not
-                        // on every rescan that finds it again.
-                        metrics
-                            .reloads
-                            .with_label_values(&[&spec.name, "error"])
-                            .inc();
-                        tracing::error!(
-                            trigger,
-                            module = spec.name.as_str(),
-                            error = %message,
-                            "module reload failed: the previous version keeps serving"
-                        );
-                    }
-                    errors.insert(spec.name.clone(), message);
-                    if let Some(p) = prev {
-                        serving.push(p.clone());
-                    }
+                    self.failed(&spec.name, &err, report.trigger);
+                    report.errors.insert(spec.name.clone(), err.to_string());
+                    serving.extend(prev.cloned());
                 }
             }
         }
-        for name in current.keys() {
+        for (name, prev) in current {
             if !serving.iter().any(|m| &*m.name == name) {
-                if let Some(p) = current.get(name) {
-                    metrics.module_removed(name, &p.sha256);
-                }
-                tracing::info!(trigger, module = name.as_str(), "module removed");
+                self.metrics.module_removed(name, &prev.sha256);
+                tracing::info!(
+                    trigger = report.trigger,
+                    module = name.as_str(),
+                    "module removed"
+                );
                 report.removed.push(name.clone());
             }
         }
-        if !report.changed.is_empty() || !report.removed.is_empty() {
-            self.shared.router.store(Arc::new(Router::new(serving)));
+        serving
+    }
+
+    fn swapped_in(
+        &self,
+        module: &Module,
+        prev: Option<&Arc<Module>>,
+        trigger: &'static str,
+        since: Option<Instant>,
+    ) {
+        let name = &*module.name;
+        self.metrics.reloads.with_label_values(&[name, "ok"]).inc();
+        let previous = prev.map(|p| p.sha256.as_str());
+        self.metrics
+            .module_serving(name, &module.sha256, previous, module.loaded_at);
+        tracing::info!(
+            trigger,
+            module = name,
+            sha256 = module.sha256.as_str(),
+            previous,
+            since_change_ms = since.map(|t| t.elapsed().as_millis() as u64),
+            "module swapped in"
+        );
+    }
+
+    fn failed(&self, name: &str, err: &LoadError, trigger: &'static str) {
+        let message = err.to_string();
+        // Logged and counted once per distinct failure, not on every rescan
+        // that finds it again.
+        if self.status.errors.lock().unwrap().get(name) == Some(&message) {
+            return;
         }
-        report.errors = errors.clone();
-        *self.shared.errors.lock().unwrap() = errors;
-        if report.config_error.is_none() {
-            if *running != config {
-                metrics.config_reloads.with_label_values(&["ok"]).inc();
-            }
-            *running = config;
-        }
-        report
+        self.metrics
+            .reloads
+            .with_label_values(&[name, "error"])
+            .inc();
+        tracing::error!(
+            trigger,
+            module = name,
+            error = %message,
+            "module reload failed: the previous version keeps serving"
+        );
     }
 
     /// Reloads on file changes, on the rescan timer, on `SIGHUP` and on
-    /// admin requests, until `stop`.
-    pub async fn watch(
-        self: Arc<Self>,
-        mut admin: mpsc::Receiver<ReloadRequest>,
-        stop: CancellationToken,
-    ) {
+    /// admin requests, until the task is aborted.
+    pub async fn watch(self: Arc<Self>, mut requests: ReloadRequests) {
         let config = self.config.lock().await.clone();
         let config_path = self.source.path();
         let names = Arc::new(RwLock::new(watched_names(&config, config_path.as_deref())));
@@ -428,13 +465,12 @@ impl Modules {
         rescan.tick().await;
         loop {
             let (trigger, since) = tokio::select! {
-                _ = stop.cancelled() => return,
                 Some(first) = events.recv() => {
                     settle(&mut events, first).await;
                     ("watch", Some(first))
                 }
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => ("SIGHUP", None),
-                Some(reply) = admin.recv() => {
+                Some(reply) = requests.recv() => {
                     let report = self.reload("admin", None).await;
                     let _ = reply.send(report);
                     continue;
@@ -467,7 +503,8 @@ async fn settle(events: &mut mpsc::Receiver<Instant>, first: Instant) {
 /// there (a log file, an editor's swap file) is ignored, so it cannot keep
 /// postponing a reload.
 fn watched_names(config: &Config, config_path: Option<&Path>) -> HashSet<OsString> {
-    let mut names: HashSet<OsString> = module_specs(config)
+    let mut names: HashSet<OsString> = config
+        .module_specs()
         .iter()
         .filter_map(|spec| match &spec.source {
             ModuleSource::File { path, .. } => path.file_name().map(OsString::from),
@@ -556,6 +593,127 @@ fn return_freed_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{ConfigFile, module};
+
+    async fn start(file: &ConfigFile) -> (Arc<Modules>, Arc<Routes>, ReloadHandle) {
+        let config = file.load();
+        let runtime = Runtime::new(&crate::runtime::RuntimeOptions::from_config(&config)).unwrap();
+        let routes = Arc::new(Routes::default());
+        let (handle, _requests) = channel();
+        let modules = Modules::start(
+            runtime,
+            routes.clone(),
+            Arc::new(Metrics::new()),
+            handle.status.clone(),
+            file.source.clone(),
+            config,
+        )
+        .await
+        .unwrap();
+        (modules, routes, handle)
+    }
+
+    fn serving(routes: &Routes) -> Vec<(String, String)> {
+        routes
+            .current()
+            .modules()
+            .map(|m| (m.name.to_string(), m.sha256.clone()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_reload_swaps_changed_modules_keeps_the_rest_and_removes_the_gone() {
+        let file = ConfigFile::new("");
+        let (a, b) = (
+            module(&file, "a", "/a", "swap_v1"),
+            module(&file, "b", "/b", "hello"),
+        );
+        file.write(&format!("{a}{b}"));
+        let (modules, routes, _) = start(&file).await;
+        let before = serving(&routes);
+        assert_eq!(before.len(), 2);
+
+        // Nothing changed: nothing is swapped, the table is the same one.
+        let table = Arc::as_ptr(&routes.current());
+        let report = modules.reload("test", None).await;
+        assert!(
+            report.changed.is_empty() && report.removed.is_empty(),
+            "{report:?}"
+        );
+        assert_eq!(Arc::as_ptr(&routes.current()), table);
+
+        // New bytes for `a`, `b` dropped from the config.
+        module(&file, "a", "/a", "swap_v2");
+        file.write(&a);
+        let report = modules.reload("test", None).await;
+        assert_eq!(report.changed, ["a"]);
+        assert_eq!(report.removed, ["b"]);
+        let after = serving(&routes);
+        assert_eq!(after.len(), 1);
+        assert_ne!(after[0].1, before.iter().find(|m| m.0 == "a").unwrap().1);
+    }
+
+    #[tokio::test]
+    async fn a_broken_module_or_config_keeps_the_previous_version_and_says_why() {
+        let file = ConfigFile::new("");
+        let a = module(&file, "a", "/a", "hello");
+        file.write(&a);
+        let (modules, routes, handle) = start(&file).await;
+        let before = serving(&routes);
+
+        std::fs::write(file.dir.path().join("a.wasm"), b"not wasm").unwrap();
+        let report = modules.reload("test", None).await;
+        assert!(
+            report.errors["a"].contains("not a WebAssembly file"),
+            "{report:?}"
+        );
+        assert_eq!(serving(&routes), before);
+        assert!(handle.status.errors()["a"].contains("a.wasm"));
+
+        file.write(&format!("{a}route_typo = 1\n"));
+        let report = modules.reload("test", None).await;
+        let why = report.config_error.expect("config error");
+        assert!(why.contains("route_typo"), "{why}");
+        assert_eq!(handle.status.config_error().as_deref(), Some(why.as_str()));
+        assert_eq!(serving(&routes), before);
+
+        // Fixed: both errors clear.
+        module(&file, "a", "/a", "hello");
+        file.write(&a);
+        let report = modules.reload("test", None).await;
+        assert!(
+            report.errors.is_empty() && report.config_error.is_none(),
+            "{report:?}"
+        );
+        assert!(handle.status.errors().is_empty());
+        assert_eq!(handle.status.config_error(), None);
+    }
+
+    #[tokio::test]
+    async fn admin_requests_reach_the_watcher_and_get_its_report() {
+        let file = ConfigFile::new("");
+        file.write(&module(&file, "a", "/a", "hello"));
+        let config = file.load();
+        let runtime = Runtime::new(&crate::runtime::RuntimeOptions::from_config(&config)).unwrap();
+        let (handle, requests) = channel();
+        let modules = Modules::start(
+            runtime,
+            Arc::default(),
+            Arc::new(Metrics::new()),
+            handle.status.clone(),
+            file.source.clone(),
+            config,
+        )
+        .await
+        .unwrap();
+        let watcher = tokio::spawn(modules.watch(requests));
+        let report = handle.reload().await.expect("a report");
+        assert_eq!(report.trigger, "admin");
+        watcher.abort();
+        let _ = watcher.await;
+        // Once the watcher is gone, a request says so instead of hanging.
+        assert!(handle.reload().await.is_none());
+    }
 
     #[tokio::test]
     async fn a_compiler_panic_becomes_a_load_error() {

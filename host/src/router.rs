@@ -1,8 +1,10 @@
 //! Path-prefix routing: the longest route that matches a whole number of
-//! path segments wins. The table is immutable; a new one is swapped in
-//! whole (see [`crate::app::Shared::router`]), so a lookup takes no lock.
+//! path segments wins. A [`Router`] is immutable; [`Routes`] holds the one
+//! in force, which a reload replaces whole, so a lookup takes no lock.
 
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use crate::config::normalize_route;
 use crate::runtime::Module;
@@ -36,6 +38,24 @@ impl Router {
     /// Every module, in routing order.
     pub fn modules(&self) -> impl Iterator<Item = &Arc<Module>> {
         self.routes.iter().map(|(_, m)| m)
+    }
+}
+
+/// The routing table in force. Reload publishes; the traffic server and
+/// the admin port read.
+#[derive(Default)]
+pub struct Routes(ArcSwap<Router>);
+
+impl Routes {
+    /// The table now; requests keep the modules they routed to even if a
+    /// reload publishes a new table meanwhile.
+    pub fn current(&self) -> arc_swap::Guard<Arc<Router>> {
+        self.0.load()
+    }
+
+    /// Replaces the table.
+    pub fn publish(&self, router: Router) {
+        self.0.store(Arc::new(router));
     }
 }
 

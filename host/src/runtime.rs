@@ -6,6 +6,7 @@
 mod cache;
 mod check;
 mod host;
+mod link;
 mod module;
 
 use std::sync::Arc;
@@ -20,9 +21,10 @@ use wasmtime::{
 };
 
 pub use cache::CompileCache;
-pub use check::{CheckReport, Unsatisfied, check_file};
+pub use check::{CheckReport, check_file};
 pub use host::{Host, LogBudget, MemoryLimitExceeded, RequestContext};
-pub use module::{Fetched, FileStamp, LoadError, Module, ModuleSource, ModuleSpec};
+pub use link::Unsatisfied;
+pub use module::{Fetched, FileStamp, LoadError, Module};
 
 /// Measured for Rust `wasm32-wasip2` components: each component instance
 /// holds three core instances and two tables (see WASMTIME.md). Other
@@ -57,6 +59,47 @@ pub struct RuntimeOptions {
     pub decommit_batch: usize,
     /// Map memory images copy-on-write instead of copying data segments.
     pub memory_cow: bool,
+}
+
+impl RuntimeOptions {
+    /// The engine settings `config` asks for; the memory reservation fits
+    /// the largest memory limit of any module.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let runtime = &config.runtime;
+        RuntimeOptions {
+            max_instances: runtime.max_instances,
+            max_memory: config
+                .modules
+                .values()
+                .map(|m| config.limits_of(m).memory.0)
+                .chain([config.defaults.limits.memory.0])
+                .max()
+                .unwrap_or_default(),
+            epoch_tick: runtime.epoch_tick,
+            cache_dir: config.cache_dir().map(Into::into),
+            cache_max_bytes: runtime.cache_max_size.0,
+            keep_resident: runtime
+                .keep_resident
+                .map(|b| usize::try_from(b.0).unwrap_or(usize::MAX)),
+            decommit_batch: runtime.decommit_batch.max(1) as usize,
+            memory_cow: runtime.memory_cow,
+        }
+    }
+
+    /// For `berth check`: one instance at a time, no cache, memory up to
+    /// the most any config may grant.
+    pub fn for_check() -> Self {
+        RuntimeOptions {
+            max_instances: 1,
+            max_memory: 4 << 30,
+            epoch_tick: Duration::from_secs(1),
+            cache_dir: None,
+            cache_max_bytes: 0,
+            keep_resident: Some(0),
+            decommit_batch: 1,
+            memory_cow: true,
+        }
+    }
 }
 
 /// The shared engine and linker. Cheap to clone.

@@ -12,17 +12,25 @@
 //!
 //! Every response carries `x-request-id`, taken from the request when it
 //! has a sane one.
+//!
+//! A request goes route → `invoke` → respond: `observe` opens its span
+//! and, at the end, counts it and writes its access line; `invoke` runs
+//! its steps (admission, store, WASI request, guest task, outcome,
+//! response); every error on the way is a [`RequestError`], rendered in
+//! one place.
 
 pub(crate) mod body;
+mod error;
 mod invoke;
+mod observe;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -32,16 +40,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
-use crate::app::Shared;
-use crate::runtime::RequestContext;
-use crate::trace::TraceContext;
-pub use invoke::GuestError;
+use crate::router::Routes;
+pub use error::{GuestError, RequestError};
 
 const REQUEST_ID: &str = "x-request-id";
 
-/// Connection-level protections against slow or abusive clients.
+/// How the traffic listener treats connections and requests.
 #[derive(Debug, Clone, Copy)]
-pub struct ConnLimits {
+pub struct ServerOptions {
     /// Time allowed to send a request head; hyper starts it whenever it
     /// waits for one, so it also closes idle keep-alive connections.
     pub header_read_timeout: Duration,
@@ -49,40 +55,50 @@ pub struct ConnLimits {
     pub max_header_bytes: usize,
     /// Most headers in a request.
     pub max_headers: usize,
+    /// Whether to write one log line per request.
+    pub access_log: bool,
 }
 
-impl ConnLimits {
-    /// The limits of `[server]`.
-    pub fn from_config(server: &crate::config::ServerConfig) -> Self {
-        ConnLimits {
+impl ServerOptions {
+    /// The options `[server]` and `[log]` ask for.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let server = &config.server;
+        ServerOptions {
             header_read_timeout: server.header_read_timeout,
             max_header_bytes: usize::try_from(server.max_header_bytes.0).unwrap_or(usize::MAX),
             max_headers: server.max_headers as usize,
+            access_log: config.log.access_log,
         }
+    }
+
+    fn http1(&self) -> hyper::server::conn::http1::Builder {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            .max_header_size(self.max_header_bytes)
+            .max_buf_size(self.max_header_bytes.max(8192))
+            .keep_alive(true);
+        // hyper's default is 100 on the stack; any explicit value moves the
+        // header array to the heap for every request, so set it only if asked.
+        if self.max_headers != 100 {
+            builder.max_headers(self.max_headers);
+        }
+        builder
     }
 }
 
 /// Accepts connections until `stop` fires, then asks every open connection
-/// to finish its current request and close.
+/// to finish its current request and close. Connections and guests run in
+/// `tracker`, so the caller can wait for them to drain.
 pub async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
-    limits: ConnLimits,
+    routes: Arc<Routes>,
+    options: ServerOptions,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_header_size(limits.max_header_bytes)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    // hyper's default is 100 on the stack; any explicit value moves the
-    // header array to the heap for every request, so set it only if asked.
-    if limits.max_headers != 100 {
-        builder.max_headers(limits.max_headers);
-    }
+    let builder = options.http1();
     loop {
         let (stream, _peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -97,15 +113,17 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
+        let routes = routes.clone();
         let stop = stop.clone();
         let conn_tracker = tracker.clone();
         let builder = builder.clone();
         tracker.spawn(async move {
             let svc = service_fn(move |req| {
-                let shared = shared.clone();
+                let routes = routes.clone();
                 let tracker = conn_tracker.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, &tracker, req).await) }
+                async move {
+                    Ok::<_, Infallible>(handle(&routes, options.access_log, &tracker, req).await)
+                }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
@@ -126,64 +144,38 @@ pub async fn serve(
     drop(listener);
 }
 
+/// Route, invoke, finish.
 async fn handle(
-    shared: &Shared,
+    routes: &Routes,
+    access_log: bool,
     tracker: &TaskTracker,
     req: Request<Incoming>,
 ) -> Response<HyperOutgoingBody> {
-    let started = Instant::now();
     let request_id = request_id(&req);
-    let router = shared.router.load();
-    let Some(module) = router.route(req.uri().path()).cloned() else {
-        let mut resp = json_error(StatusCode::NOT_FOUND, "no route for this path", &request_id);
-        set_request_id(&mut resp, &request_id);
-        return resp;
+    let Some(module) = routes.current().route(req.uri().path()).cloned() else {
+        return respond(Err(RequestError::NoRoute), &request_id);
     };
-    drop(router);
-    let method = req.method().clone();
-    let trace = TraceContext::server(req.headers(), || {
-        tracing::info_span!(
-            target: "berth::request",
-            "request",
-            otel.name = %format_args!("{} {}", req.method(), module.route),
-            otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            http.request.method = %req.method(),
-            url.path = req.uri().path(),
-            http.route = module.route.as_str(),
-            http.response.status_code = tracing::field::Empty,
-            module = &*module.name,
-            request_id = &*request_id,
-        )
-    });
-    let cx = RequestContext {
-        logs: module.logs.clone(),
-        module: module.name.clone(),
-        request_id: request_id.clone(),
-        trace,
-    };
-    let mut resp = invoke::invoke(&module, tracker, req, &cx).await;
-    set_request_id(&mut resp, &request_id);
-    let status = resp.status().as_u16();
-    cx.trace.span.record("http.response.status_code", status);
-    if status >= 500 {
-        cx.trace.span.record("otel.status_code", "ERROR");
+    let observed = observe::Observed::start(&req, &module, request_id.clone());
+    let result = invoke::invoke(&module, tracker, req, observed.context()).await;
+    if let Err(err) = &result
+        && let Some(counter) = err.counter(&module.metrics)
+    {
+        counter.inc();
     }
-    let metrics = &module.metrics;
-    metrics.duration.observe(started.elapsed().as_secs_f64());
-    metrics.count(&method, status);
-    if shared.access_log {
-        tracing::info!(
-            target: "access",
-            module = &*module.name,
-            request_id = &*request_id,
-            trace_id = %cx.trace,
-            method = method.as_str(),
-            route = module.route.as_str(),
-            status,
-            duration_ms = started.elapsed().as_secs_f64() * 1e3,
-            "request"
-        );
+    let resp = respond(result, &request_id);
+    observed.finish(resp.status(), access_log);
+    resp
+}
+
+/// The only place an error becomes a response; every response carries the
+/// request id.
+fn respond(
+    result: Result<Response<HyperOutgoingBody>, RequestError>,
+    request_id: &str,
+) -> Response<HyperOutgoingBody> {
+    let mut resp = result.unwrap_or_else(|err| err.render(request_id));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
 }
@@ -213,31 +205,121 @@ fn request_id(req: &Request<Incoming>) -> Arc<str> {
     .into()
 }
 
-fn set_request_id<B>(resp: &mut Response<B>, id: &str) {
-    if let Ok(v) = HeaderValue::from_str(id) {
-        resp.headers_mut().insert(REQUEST_ID, v);
-    }
-}
-
-/// A small JSON error body: `{"error": ..., "request_id": ...}`.
-pub(crate) fn json_error(
-    status: StatusCode,
-    message: &str,
-    request_id: &str,
-) -> Response<HyperOutgoingBody> {
-    let body = serde_json::json!({ "error": message, "status": status.as_u16(), "request_id": request_id });
-    let mut resp = Response::new(full(body.to_string()));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
 /// A complete body in the type guest responses use.
 pub(crate) fn full(data: impl Into<Bytes>) -> HyperOutgoingBody {
     Full::new(data.into())
         .map_err(|never: Infallible| match never {})
         .boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{ConfigFile, get, module, routes, send};
+    use http::Method;
+
+    /// The traffic server on a free port, serving `file`'s modules.
+    async fn server(file: &ConfigFile) -> (String, Arc<crate::metrics::Metrics>) {
+        let (routes, metrics) = routes(file).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let options = ServerOptions::from_config(&file.load());
+        let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
+        tokio::spawn(serve(listener, routes, options, stop, tracker));
+        (url, metrics)
+    }
+
+    fn misbehave(file: &ConfigFile, limits: &str) {
+        let m = module(file, "m", "/m", "misbehave");
+        file.write(&format!("{m}limits = {{ {limits} }}\n"));
+    }
+
+    #[tokio::test]
+    async fn a_routed_request_is_answered_counted_and_given_an_id() {
+        let file = ConfigFile::new("");
+        let hello = module(&file, "hello", "/hello", "hello");
+        file.write(&format!("{hello}config = {{ greeting = \"Ahoy\" }}\n"));
+        let (url, metrics) = server(&file).await;
+        let reply = get(&format!("{url}/hello")).await;
+        assert_eq!(reply.status, 200);
+        assert!(reply.body.contains("Ahoy"), "{}", reply.body);
+        let id = reply.headers[REQUEST_ID].to_str().unwrap();
+        assert!(
+            id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit()),
+            "{id}"
+        );
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("berth_http_server_requests_total{")
+                    && l.contains(r#"module="hello""#)
+                    && l.contains(r#"status="200""#)
+                    && l.ends_with(" 1")),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_route_is_a_404_in_json_that_keeps_the_clients_request_id() {
+        let file = ConfigFile::new("");
+        file.write(&module(&file, "hello", "/hello", "hello"));
+        let (url, _) = server(&file).await;
+        let reply = send(
+            Method::GET,
+            &format!("{url}/elsewhere"),
+            &[(REQUEST_ID, "req-7")],
+        )
+        .await;
+        assert_eq!(reply.status, 404);
+        assert_eq!(reply.headers[REQUEST_ID], "req-7");
+        let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!(body["error"], "no route for this path");
+        assert_eq!(body["request_id"], "req-7");
+    }
+
+    #[tokio::test]
+    async fn a_trapping_guest_gets_a_500_from_the_host_and_is_counted() {
+        let file = ConfigFile::new("");
+        misbehave(&file, "");
+        let (url, metrics) = server(&file).await;
+        let reply = get(&format!("{url}/m/panic")).await;
+        assert_eq!(reply.status, 500);
+        let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!(body["error"], "the module failed");
+        assert!(
+            !reply.body.contains("asked to panic"),
+            "guest internals leaked"
+        );
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            text.contains(r#"berth_guest_failures_total{kind="trap",module="m"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_module_sheds_with_503_and_retry_after() {
+        let file = ConfigFile::new("");
+        misbehave(&file, "max_concurrency = 1");
+        let (url, metrics) = server(&file).await;
+        let slow_url = format!("{url}/m/sleep?ms=3000");
+        let slow = tokio::spawn(async move { get(&slow_url).await });
+        // Until the slow request holds the one slot, probes may get in.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let shed = loop {
+            let reply = get(&format!("{url}/m/ok")).await;
+            if reply.status == 503 || std::time::Instant::now() > deadline {
+                break reply;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(shed.status, 503);
+        assert_eq!(shed.headers[http::header::RETRY_AFTER], "1");
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            text.contains(r#"berth_http_server_shed_requests_total{module="m"} 1"#),
+            "{text}"
+        );
+        assert_eq!(slow.await.unwrap().status, 200);
+    }
 }

@@ -24,6 +24,8 @@ HELM = os.path.join(TOOLS, "bin", "helm")
 VENV_BIN = os.path.join(TOOLS, "venv", "bin")
 ENVS = ["values-dev.yaml", "values-staging.yaml", "values-prod.yaml"]
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+# The host binary `make build` made (the Makefile passes its path).
+BERTH_BIN = os.environ.get("BERTH_BIN", os.path.join(TARGET, "release", "berth"))
 
 
 def run(*args, check=True, env=None):
@@ -177,7 +179,7 @@ def test_rendered_config_is_served_by_the_real_host(tmp_path):
     toml = find(docs, "ConfigMap", "-config")["data"]["berth.toml"]
     config = tmp_path / "berth.toml"
     config.write_text(toml)
-    berth = os.path.join(TARGET, "debug", "berth")
+    berth = BERTH_BIN
     env = {
         **os.environ,
         "BERTH_RUNTIME__MODULES_DIR": os.path.join(CHART, "modules"),

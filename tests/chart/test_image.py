@@ -54,7 +54,7 @@ def test_copy_of_what_the_context_lacks_fails_the_build_naming_it(tmp_path):
 
 
 def test_the_runtime_stage_is_distroless_like_and_runs_as_nonroot(tmp_path):
-    binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "berth")
+    binary = os.environ.get("BERTH_BIN") or os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "berth")
     image = container.build(ROOT, str(tmp_path / "work"), prebuilt={"/out/berth": binary}, log=lambda m: None)
     assert image.user == "65532:65532"
     assert image.entrypoint == ["/usr/local/bin/berth"]

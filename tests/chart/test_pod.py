@@ -7,7 +7,7 @@ chart with the release name a user would pick, run the Deployment's
 container through scripts/kubelet.py (service links, ConfigMap volumes in
 the `..data` layout, emptyDirs, runAsUser, read-only root, probes, preStop
 and SIGTERM within the grace period) on the image's layout
-(scripts/container.py, the runtime stage with the debug binary), and
+(scripts/container.py, the runtime stage with the binary `make build` made), and
 check it becomes ready, serves and exits 0 in time.
 """
 import contextlib
@@ -30,6 +30,7 @@ import kubelet  # noqa: E402
 CHART = os.path.join(ROOT, "charts", "berth")
 HELM = os.path.join(ROOT, ".tools", "bin", "helm")
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+BERTH_BIN = os.environ.get("BERTH_BIN", os.path.join(TARGET, "release", "berth"))
 ENVS = [None, "values-dev.yaml", "values-staging.yaml", "values-prod.yaml"]
 
 # What the platform team keeps in the namespace before the release:
@@ -54,12 +55,12 @@ def render(release, *extra):
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    """The runtime stage's layout, with the debug binary `make build` made
+    """The runtime stage's layout, with the binary `make build` made
     standing in for the builder's output (the image check builds the real
     one)."""
     work = str(tmp_path_factory.mktemp("image"))
     os.chmod(work, 0o755)
-    binary = os.path.join(TARGET, "debug", "berth")
+    binary = BERTH_BIN
     return container.build(ROOT, work, prebuilt={"/out/berth": binary})
 
 

@@ -159,7 +159,10 @@ impl Berth {
         while Instant::now() < deadline {
             if get(&self.admin_url("/ready")).status == 200 {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if self.wait_for_log(left, |l| l["message"] == "ready").is_none() {
+                if self
+                    .wait_for_log(left, |l| l["message"] == "ready")
+                    .is_none()
+                {
                     panic!("/ready answered but no \"ready\" line was logged");
                 }
                 return;

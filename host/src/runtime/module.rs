@@ -4,19 +4,20 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use wasmtime::component::Component;
+use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi_config::WasiConfigVariables;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-use super::check::{self, Unsatisfied};
-use super::{Host, LogBudget, Runtime};
-use crate::config::Limits;
+use super::link::{self, Unsatisfied};
+use super::{Host, LogBudget, RequestContext, Runtime};
+use crate::config::{Limits, ModuleSource, ModuleSpec};
 use crate::metrics::{GuestMetrics, Metrics, ModuleMetrics};
-use crate::outbound::{ModuleOutbound, OutboundSpec};
+use crate::outbound::ModuleOutbound;
 
 /// Why a module could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -100,52 +101,6 @@ pub enum LoadError {
         /// The linker's message.
         reason: String,
     },
-}
-
-/// Where a module's component comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ModuleSource {
-    /// A file (typically in the module ConfigMap's volume), optionally
-    /// pinned to a digest.
-    File {
-        /// The path.
-        path: PathBuf,
-        /// Lower-case hex sha256 the file must have, if pinned.
-        sha256: Option<String>,
-    },
-    /// A download, pinned to a digest.
-    Url {
-        /// `http://` or `https://`.
-        url: String,
-        /// Lower-case hex sha256.
-        sha256: String,
-    },
-}
-
-impl std::fmt::Display for ModuleSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ModuleSource::File { path, .. } => write!(f, "{}", path.display()),
-            ModuleSource::Url { url, .. } => f.write_str(&crate::redact::url(url)),
-        }
-    }
-}
-
-/// What the config says about a module, resolved.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModuleSpec {
-    /// Module name.
-    pub name: String,
-    /// Route prefix.
-    pub route: String,
-    /// Where the component comes from.
-    pub source: ModuleSource,
-    /// `wasi:config` values (config and secrets merged).
-    pub config: Vec<(String, String)>,
-    /// Effective limits.
-    pub limits: Limits,
-    /// Outbound policy.
-    pub outbound: OutboundSpec,
 }
 
 /// A loaded, pre-instantiated module, ready to serve.
@@ -239,100 +194,83 @@ async fn read_hashed_async(path: PathBuf) -> std::io::Result<(Vec<u8>, String, F
         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
-impl ModuleSpec {
-    /// Reads the file, or downloads (through the cache) and verifies.
-    pub async fn fetch(&self, runtime: &Runtime) -> Result<Fetched, LoadError> {
-        let origin = self.source.to_string();
+impl Fetched {
+    /// Reads the file of `spec`, or downloads it (through the cache), and
+    /// verifies its digest.
+    pub async fn fetch(spec: &ModuleSpec, runtime: &Runtime) -> Result<Fetched, LoadError> {
+        let origin = spec.source.to_string();
         let read_err = |reason: String| LoadError::Read {
-            module: self.name.clone(),
+            module: spec.name.clone(),
             origin: origin.clone(),
             reason,
         };
-        match &self.source {
+        let (fetched, pin) = match &spec.source {
             ModuleSource::File { path, sha256: pin } => {
                 let (bytes, sha256, stamp) = read_hashed_async(path.clone())
                     .await
                     .map_err(|e| read_err(e.to_string()))?;
-                if let Some(expected) = pin
-                    && *expected != sha256
-                {
-                    return Err(LoadError::Digest {
-                        module: self.name.clone(),
-                        origin,
-                        expected: expected.clone(),
-                        actual: sha256,
-                    });
-                }
-                Ok(Fetched {
+                let fetched = Fetched {
                     bytes,
                     sha256,
                     stamp: Some(stamp),
-                })
+                };
+                (fetched, pin.as_ref())
             }
             ModuleSource::Url { url, sha256 } => {
-                let cached = runtime
-                    .cache()
-                    .map(|c| c.dir().join("downloads").join(format!("{sha256}.wasm")));
-                if let Some(path) = &cached
-                    && let Ok((bytes, actual, _)) = read_hashed_async(path.clone()).await
-                    && actual == *sha256
-                {
-                    return Ok(Fetched {
-                        bytes,
-                        sha256: actual,
-                        stamp: None,
-                    });
-                }
-                let bytes = runtime
-                    .clients()
-                    .download(url, MAX_DOWNLOAD)
+                let fetched = Self::download(runtime, url, sha256)
                     .await
                     .map_err(read_err)?;
-                let (bytes, actual) = tokio::task::spawn_blocking(move || {
-                    let actual = hex::encode(Sha256::digest(&bytes));
-                    (bytes, actual)
-                })
-                .await
-                .map_err(|e| read_err(e.to_string()))?;
-                if actual != *sha256 {
-                    return Err(LoadError::Digest {
-                        module: self.name.clone(),
-                        origin,
-                        expected: sha256.clone(),
-                        actual,
-                    });
-                }
-                if let Some(path) = cached {
-                    let _ = std::fs::create_dir_all(path.parent().unwrap_or(&path));
-                    let tmp = path.with_extension("part");
-                    if tokio::fs::write(&tmp, &bytes).await.is_ok() {
-                        let _ = tokio::fs::rename(&tmp, &path).await;
-                    }
-                }
-                Ok(Fetched {
-                    bytes,
-                    sha256: actual,
-                    stamp: None,
-                })
+                (fetched, Some(sha256))
             }
+        };
+        match pin {
+            Some(expected) if *expected != fetched.sha256 => Err(LoadError::Digest {
+                module: spec.name.clone(),
+                origin,
+                expected: expected.clone(),
+                actual: fetched.sha256,
+            }),
+            _ => Ok(fetched),
         }
     }
 
-    /// Whether `prev`, loaded from this same source, still has the content
-    /// the source would give now, judged without reading it: a file whose
-    /// stamp is unchanged, or a URL (pinned to its digest, so its content
-    /// cannot change).
-    pub fn unchanged_since(&self, prev: &Module) -> bool {
-        if prev.spec.source != self.source {
-            return false;
+    /// A download, from the cache's copy when it has one of that digest.
+    /// Only content of the pinned digest is kept in the cache.
+    async fn download(runtime: &Runtime, url: &str, sha256: &str) -> Result<Fetched, String> {
+        let cached = runtime
+            .cache()
+            .map(|c| c.dir().join("downloads").join(format!("{sha256}.wasm")));
+        if let Some(path) = &cached
+            && let Ok((bytes, actual, _)) = read_hashed_async(path.clone()).await
+            && actual == sha256
+        {
+            return Ok(Fetched {
+                bytes,
+                sha256: actual,
+                stamp: None,
+            });
         }
-        match &self.source {
-            ModuleSource::File { path, .. } => {
-                let stamp = prev.stamp.lock().unwrap();
-                stamp.is_some() && FileStamp::of(path).ok() == *stamp
+        let bytes = runtime.clients().download(url, MAX_DOWNLOAD).await?;
+        let (bytes, actual) = tokio::task::spawn_blocking(move || {
+            let actual = hex::encode(Sha256::digest(&bytes));
+            (bytes, actual)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        if let Some(path) = cached
+            && actual == sha256
+        {
+            let _ = std::fs::create_dir_all(path.parent().unwrap_or(&path));
+            let tmp = path.with_extension("part");
+            if tokio::fs::write(&tmp, &bytes).await.is_ok() {
+                let _ = tokio::fs::rename(&tmp, &path).await;
             }
-            ModuleSource::Url { .. } => true,
         }
+        Ok(Fetched {
+            bytes,
+            sha256: actual,
+            stamp: None,
+        })
     }
 }
 
@@ -365,6 +303,50 @@ impl Module {
             fetched.stamp,
             metrics,
         ))
+    }
+
+    /// Whether this module, if `spec` has the same source, still has the
+    /// content the source would give now, judged without reading it: a file
+    /// whose stamp is unchanged, or a URL (pinned to its digest, so its
+    /// content cannot change).
+    pub fn unchanged(&self, spec: &ModuleSpec) -> bool {
+        if self.spec.source != spec.source {
+            return false;
+        }
+        match &spec.source {
+            ModuleSource::File { path, .. } => {
+                let stamp = self.stamp.lock().unwrap();
+                stamp.is_some() && FileStamp::of(path).ok() == *stamp
+            }
+            ModuleSource::Url { .. } => true,
+        }
+    }
+
+    /// A store for one request: the module's capabilities and `wasi:config`
+    /// values, its memory limit, and its wall-clock budget checked at every
+    /// epoch tick. The budget runs from now.
+    pub fn new_store(&self, cx: RequestContext) -> Store<Host> {
+        let host = Host::new(
+            cx,
+            self.config.clone(),
+            self.outbound.clone(),
+            self.guest_metrics.clone(),
+            self.limits.memory.0,
+        );
+        let mut store = Store::new(self.pre.engine(), host);
+        store.limiter(|h| &mut h.limits);
+        let deadline = Instant::now() + self.limits.timeout;
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                // A custom yield: tokio's plain yield can be rescheduled at
+                // once through the LIFO slot and starve other tasks
+                // (wasmtime#10667).
+                UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))
+            })
+        });
+        store
     }
 
     /// Notes that the source was read again and held the same content.
@@ -476,7 +458,7 @@ pub(super) fn instantiate_pre(
             return Err(LoadError::MissingImports {
                 module: name.into(),
                 origin: origin.into(),
-                missing: check::unsatisfied_imports(runtime.linker(), component),
+                missing: link::unsatisfied_imports(runtime.linker(), component),
             });
         }
     };

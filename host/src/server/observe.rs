@@ -1,0 +1,86 @@
+//! What a request leaves behind for operators: its span, its RED metrics
+//! and its access-log line. Started when a module is routed to, finished
+//! with the status of whatever response went out.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Method, Request, StatusCode};
+
+use crate::runtime::{Module, RequestContext};
+use crate::trace::TraceContext;
+
+/// One routed request being observed.
+pub(super) struct Observed {
+    started: Instant,
+    method: Method,
+    module: Arc<Module>,
+    cx: RequestContext,
+}
+
+impl Observed {
+    /// Opens the request's span (continuing the caller's trace) and starts
+    /// the clock.
+    pub(super) fn start<B>(req: &Request<B>, module: &Arc<Module>, request_id: Arc<str>) -> Self {
+        let started = Instant::now();
+        let trace = TraceContext::server(req.headers(), || {
+            tracing::info_span!(
+                target: "berth::request",
+                "request",
+                otel.name = %format_args!("{} {}", req.method(), module.route),
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                http.request.method = %req.method(),
+                url.path = req.uri().path(),
+                http.route = module.route.as_str(),
+                http.response.status_code = tracing::field::Empty,
+                module = &*module.name,
+                request_id = &*request_id,
+            )
+        });
+        Observed {
+            started,
+            method: req.method().clone(),
+            module: module.clone(),
+            cx: RequestContext {
+                logs: module.logs.clone(),
+                module: module.name.clone(),
+                request_id,
+                trace,
+            },
+        }
+    }
+
+    /// The ids and span the guest's logs and outbound calls carry.
+    pub(super) fn context(&self) -> &RequestContext {
+        &self.cx
+    }
+
+    /// Records the status on the span, counts the request and its
+    /// duration, and writes the access line.
+    pub(super) fn finish(self, status: StatusCode, access_log: bool) {
+        let status = status.as_u16();
+        let span = &self.cx.trace.span;
+        span.record("http.response.status_code", status);
+        if status >= 500 {
+            span.record("otel.status_code", "ERROR");
+        }
+        let elapsed = self.started.elapsed();
+        let metrics = &self.module.metrics;
+        metrics.duration.observe(elapsed.as_secs_f64());
+        metrics.count(&self.method, status);
+        if access_log {
+            tracing::info!(
+                target: "access",
+                module = &*self.module.name,
+                request_id = &*self.cx.request_id,
+                trace_id = %self.cx.trace,
+                method = self.method.as_str(),
+                route = self.module.route.as_str(),
+                status,
+                duration_ms = elapsed.as_secs_f64() * 1e3,
+                "request"
+            );
+        }
+    }
+}

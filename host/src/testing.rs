@@ -1,0 +1,129 @@
+//! Shared by the in-process tests: the guest components `make guests`
+//! builds, configs written to a temporary folder, and a small HTTP client.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::config::{Config, ConfigSource};
+
+/// A guest component built by `make guests`.
+pub(crate) fn wasm(name: &str) -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = dir.join(format!("wasm32-wasip2/release/{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make guests` first",
+        path.display()
+    );
+    path
+}
+
+/// A config file in its own folder, as `--config` would read it.
+pub(crate) struct ConfigFile {
+    /// The folder, removed on drop.
+    pub(crate) dir: tempfile::TempDir,
+    /// Reads the file again, as a reload does.
+    pub(crate) source: ConfigSource,
+}
+
+impl ConfigFile {
+    /// Writes `toml` below a `[runtime]` section that keeps the engine
+    /// small (tests run many engines at once) and the cache off.
+    pub(crate) fn new(toml: &str) -> ConfigFile {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("berth.toml");
+        let source = ConfigSource {
+            file: Some(file),
+            overrides: Default::default(),
+        };
+        let config = ConfigFile { dir, source };
+        config.write(toml);
+        config
+    }
+
+    /// Replaces the file's content.
+    pub(crate) fn write(&self, toml: &str) {
+        let text = format!(
+            "[runtime]\nmax_instances = 8\ncache_dir = \"\"\nwatch = false\nmodules_dir = {:?}\n\n{toml}",
+            self.dir.path()
+        );
+        std::fs::write(self.source.file.as_ref().unwrap(), text).unwrap();
+    }
+
+    /// The config as it is now.
+    pub(crate) fn load(&self) -> Config {
+        self.source.load().unwrap()
+    }
+}
+
+/// `[modules.<name>]` serving `component` (a guest of `make guests`,
+/// copied into the modules folder so tests can change it) at `route`.
+pub(crate) fn module(config: &ConfigFile, name: &str, route: &str, component: &str) -> String {
+    std::fs::copy(
+        wasm(component),
+        config.dir.path().join(format!("{name}.wasm")),
+    )
+    .unwrap();
+    format!("[modules.{name}]\nroute = \"{route}\"\n")
+}
+
+/// A response, read whole.
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: String,
+}
+
+/// Sends one request over a fresh connection.
+pub(crate) async fn send(method: Method, url: &str, headers: &[(&str, &str)]) -> Reply {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client
+        .request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// `GET url`.
+pub(crate) async fn get(url: &str) -> Reply {
+    send(Method::GET, url, &[]).await
+}
+
+/// Every module of `file` loaded, as a routing table.
+pub(crate) async fn routes(
+    file: &ConfigFile,
+) -> (
+    std::sync::Arc<crate::router::Routes>,
+    std::sync::Arc<crate::metrics::Metrics>,
+) {
+    use crate::runtime::{Fetched, Module, Runtime, RuntimeOptions};
+    let config = file.load();
+    let runtime = Runtime::new(&RuntimeOptions::from_config(&config)).unwrap();
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let mut modules = Vec::new();
+    for spec in config.module_specs() {
+        let fetched = Fetched::fetch(&spec, &runtime).await.unwrap();
+        let module = Module::load(&runtime, spec, fetched, &metrics).unwrap();
+        modules.push(std::sync::Arc::new(module));
+    }
+    let routes = crate::router::Routes::default();
+    routes.publish(crate::router::Router::new(modules));
+    (std::sync::Arc::new(routes), metrics)
+}
