@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench`: installs what the benchmark needs (wrk from Debian,
-# wasmtime-cli 48.0.8 from crates.io into .tools/), builds everything in
+# wasmtime-cli 50.0.1 from crates.io into .tools/), builds everything in
 # release mode, and runs bench/bench.py, which writes bench/RESULTS.md.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -11,9 +11,9 @@ if ! command -v wrk >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk >/dev/null
 fi
-if ! .tools/wasmtime/bin/wasmtime --version 2>/dev/null | grep -q "48.0.8"; then
-  echo "bench: building wasmtime-cli 48.0.8 (takes a while on 2 cores)"
-  cargo install wasmtime-cli --version 48.0.8 --locked --root .tools/wasmtime
+if ! .tools/wasmtime/bin/wasmtime --version 2>/dev/null | grep -q "50.0.1"; then
+  echo "bench: building wasmtime-cli 50.0.1 (takes a while on 2 cores)"
+  cargo install wasmtime-cli --version 50.0.1 --locked --root .tools/wasmtime
 fi
 make guests
 cargo build --release --locked --bin berth

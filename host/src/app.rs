@@ -262,7 +262,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_module_that_cannot_load_stops_start_up_with_a_load_error() {
-        let file = ConfigFile::new("[modules.gone]\nroute = \"/\"\n");
+        let file = ConfigFile::new("[modules.gone]\nroute = \"/\"\nfile = \"gone.wasm\"\n");
         let listeners = Listeners {
             traffic: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),

@@ -69,7 +69,7 @@ pub(crate) fn module(config: &ConfigFile, name: &str, route: &str, component: &s
         config.dir.path().join(format!("{name}.wasm")),
     )
     .unwrap();
-    format!("[modules.{name}]\nroute = \"{route}\"\n")
+    format!("[modules.{name}]\nroute = \"{route}\"\nfile = \"{name}.wasm\"\n")
 }
 
 /// A response, read whole.
