@@ -595,11 +595,11 @@ mod tests {
     use super::*;
     use crate::testing::{ConfigFile, module};
 
-    async fn start(file: &ConfigFile) -> (Arc<Modules>, Arc<Routes>, ReloadHandle) {
+    async fn start(file: &ConfigFile) -> (Arc<Modules>, Arc<Routes>, ReloadHandle, ReloadRequests) {
         let config = file.load();
         let runtime = Runtime::new(&crate::runtime::RuntimeOptions::from_config(&config)).unwrap();
         let routes = Arc::new(Routes::default());
-        let (handle, _requests) = channel();
+        let (handle, requests) = channel();
         let modules = Modules::start(
             runtime,
             routes.clone(),
@@ -610,7 +610,7 @@ mod tests {
         )
         .await
         .unwrap();
-        (modules, routes, handle)
+        (modules, routes, handle, requests)
     }
 
     fn serving(routes: &Routes) -> Vec<(String, String)> {
@@ -629,7 +629,7 @@ mod tests {
             module(&file, "b", "/b", "hello"),
         );
         file.write(&format!("{a}{b}"));
-        let (modules, routes, _) = start(&file).await;
+        let (modules, routes, ..) = start(&file).await;
         let before = serving(&routes);
         assert_eq!(before.len(), 2);
 
@@ -658,7 +658,7 @@ mod tests {
         let file = ConfigFile::new("");
         let a = module(&file, "a", "/a", "hello");
         file.write(&a);
-        let (modules, routes, handle) = start(&file).await;
+        let (modules, routes, handle, _) = start(&file).await;
         let before = serving(&routes);
 
         std::fs::write(file.dir.path().join("a.wasm"), b"not wasm").unwrap();
@@ -693,19 +693,7 @@ mod tests {
     async fn admin_requests_reach_the_watcher_and_get_its_report() {
         let file = ConfigFile::new("");
         file.write(&module(&file, "a", "/a", "hello"));
-        let config = file.load();
-        let runtime = Runtime::new(&crate::runtime::RuntimeOptions::from_config(&config)).unwrap();
-        let (handle, requests) = channel();
-        let modules = Modules::start(
-            runtime,
-            Arc::default(),
-            Arc::new(Metrics::new()),
-            handle.status.clone(),
-            file.source.clone(),
-            config,
-        )
-        .await
-        .unwrap();
+        let (modules, _, handle, requests) = start(&file).await;
         let watcher = tokio::spawn(modules.watch(requests));
         let report = handle.reload().await.expect("a report");
         assert_eq!(report.trigger, "admin");
