@@ -8,6 +8,11 @@
 //! version they started on. A module that fails to load keeps its previous
 //! version serving; the failure is logged, counted and shown in `/info`.
 //!
+//! A reload is three steps: read the config (or keep the running one if the
+//! file is invalid), reconcile the modules with it, publish the new table.
+//! This module owns what the last reload left wrong ([`ReloadStatus`]) and
+//! the channel other parts ask for a reload through ([`ReloadHandle`]).
+//!
 //! The watcher follows how Kubernetes updates a ConfigMap volume: files are
 //! symlinks through `..data`, which is swapped by an atomic rename, so the
 //! directory is watched rather than the files (a watch on a file goes dead
