@@ -267,3 +267,54 @@ fn the_response_head_leaves_before_any_body_and_frames_stream_one_by_one() {
             .expect("the head or a frame never came: the exchange deadlocked");
     });
 }
+
+#[test]
+fn a_client_that_hangs_up_mid_body_cancels_its_guest_and_frees_the_slot() {
+    use std::io::{Read, Write};
+    // The guest sends its head and a line, then sleeps 20 s before the
+    // next: it cannot notice the hang-up itself, so only the host ends it.
+    let berth = Berth::start(&module(
+        "proxy",
+        "/proxy",
+        "stream_proxy",
+        "limits = { timeout = \"60s\", max_concurrency = 1 }",
+    ));
+    let active = || {
+        metric(
+            &berth.metrics(),
+            "berth_http_server_active_requests",
+            &[("module", "proxy")],
+        )
+    };
+    let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"GET /proxy HTTP/1.1\r\nhost: x\r\nx-drip-ms: 20000\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.windows(5).any(|w| w == b"tick\n") {
+        let mut buf = [0u8; 1024];
+        let n = conn.read(&mut buf).expect("the head and a first line");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(active(), Some(1.0), "the guest is mid-body");
+    drop(conn);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while active() != Some(0.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest kept running after the client hung up mid-body"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The one slot is free: the guest answers (400, no upstream named)
+    // instead of the host shedding with 503.
+    let r = get(&berth.url("/proxy"));
+    assert_eq!(r.status, 400, "{}", r.body);
+}

@@ -8,6 +8,10 @@
 //! proxy that forwards the upstream's status does, and it only works on a
 //! host that sends the outbound head at once and hands the response head
 //! back whatever state the request body is in (full duplex).
+//!
+//! With `x-drip-ms: N` it proxies nothing: it answers 200, then writes
+//! `tick` lines N ms apart. Between two lines it only sleeps, so it cannot
+//! notice a client that hung up; only the host can end it.
 
 use wasi::exports::http::incoming_handler::Guest;
 use wasi::http::outgoing_handler;
@@ -128,9 +132,27 @@ fn answer(out: ResponseOutparam, status: u16, text: &str) {
     let _ = OutgoingBody::finish(body, None);
 }
 
+fn drip(out: ResponseOutparam, ms: u64) {
+    let resp = OutgoingResponse::new(Fields::new());
+    let body = resp.body().expect("response body");
+    ResponseOutparam::set(out, Ok(resp));
+    let stream = body.write().expect("body stream");
+    for _ in 0..1000 {
+        if stream.blocking_write_and_flush(b"tick\n").is_err() {
+            break;
+        }
+        wasi::clocks::monotonic_clock::subscribe_duration(ms * 1_000_000).block();
+    }
+    drop(stream);
+    let _ = OutgoingBody::finish(body, None);
+}
+
 impl Guest for Proxy {
     fn handle(req: IncomingRequest, out: ResponseOutparam) {
         let headers = req.headers();
+        if let Some(ms) = header(&headers, "x-drip-ms").and_then(|v| v.parse::<u64>().ok()) {
+            return drip(out, ms);
+        }
         let Some(upstream) = header(&headers, "x-upstream") else {
             return answer(out, 400, "x-upstream missing\n");
         };
