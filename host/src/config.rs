@@ -837,6 +837,7 @@ impl Config {
             ));
         }
         let mut routes: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut parsed = Vec::with_capacity(self.modules.len());
         for (name, module) in &self.modules {
             if name.is_empty()
                 || !name
@@ -904,11 +905,12 @@ impl Config {
                 &key("outbound"),
                 &module.outbound.over(self.defaults.outbound),
             )?;
-            for (i, host) in module.allowed_outbound_hosts.iter().enumerate() {
-                AllowRule::parse(host).map_err(|reason| {
+            // Parsed once, here, and kept: nothing downstream parses it.
+            let allow =
+                AllowList::parse(&module.allowed_outbound_hosts).map_err(|(i, reason)| {
                     rejected(format!("{}[{i}]", key("allowed_outbound_hosts")), reason)
                 })?;
-            }
+            parsed.push((name.clone(), allow));
             if let Some(dup) = module
                 .secrets
                 .keys()
@@ -920,11 +922,10 @@ impl Config {
                 ));
             }
         }
-        // Checked rule by rule above, so each error names its entry; kept
-        // parsed so nothing downstream parses it again.
-        for module in self.modules.values_mut() {
-            module.allow = AllowList::parse(&module.allowed_outbound_hosts)
-                .map_err(|reason| rejected("allowed_outbound_hosts", reason))?;
+        for (name, allow) in parsed {
+            if let Some(module) = self.modules.get_mut(&name) {
+                module.allow = allow;
+            }
         }
         Ok(self)
     }

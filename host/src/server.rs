@@ -155,8 +155,9 @@ async fn handle(
     let Some(module) = routes.current().route(req.uri().path()).cloned() else {
         return respond(Err(RequestError::NoRoute), &request_id);
     };
-    let observed = observe::Observed::start(&req, &module, request_id.clone());
-    let result = invoke::invoke(&module, tracker, req, observed.context()).await;
+    let observed = observe::Observed::start(&req, module, request_id.clone());
+    let module = observed.module();
+    let result = invoke::invoke(module, tracker, req, observed.context()).await;
     if let Err(err) = &result
         && let Some(counter) = err.counter(&module.metrics)
     {

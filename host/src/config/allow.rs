@@ -105,11 +105,12 @@ impl AllowRule {
 pub struct AllowList(Vec<AllowRule>);
 
 impl AllowList {
-    /// Parses config entries.
-    pub fn parse(entries: &[String]) -> Result<Self, String> {
+    /// Parses config entries; an error names the index of the bad one.
+    pub fn parse(entries: &[String]) -> Result<Self, (usize, String)> {
         entries
             .iter()
-            .map(|e| AllowRule::parse(e))
+            .enumerate()
+            .map(|(i, e)| AllowRule::parse(e).map_err(|reason| (i, reason)))
             .collect::<Result<_, _>>()
             .map(AllowList)
     }

@@ -21,7 +21,7 @@ pub(super) struct Observed {
 impl Observed {
     /// Opens the request's span (continuing the caller's trace) and starts
     /// the clock.
-    pub(super) fn start<B>(req: &Request<B>, module: &Arc<Module>, request_id: Arc<str>) -> Self {
+    pub(super) fn start<B>(req: &Request<B>, module: Arc<Module>, request_id: Arc<str>) -> Self {
         let started = Instant::now();
         let trace = TraceContext::server(req.headers(), || {
             tracing::info_span!(
@@ -41,14 +41,19 @@ impl Observed {
         Observed {
             started,
             method: req.method().clone(),
-            module: module.clone(),
             cx: RequestContext {
                 logs: module.logs.clone(),
                 module: module.name.clone(),
                 request_id,
                 trace,
             },
+            module,
         }
+    }
+
+    /// The module the request was routed to.
+    pub(super) fn module(&self) -> &Arc<Module> {
+        &self.module
     }
 
     /// The ids and span the guest's logs and outbound calls carry.
