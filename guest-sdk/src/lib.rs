@@ -27,6 +27,11 @@
 //! [`Response`], or a `Result<Response, E>` whose error becomes a 500 JSON
 //! answer (and an error log line).
 //!
+//! With the `p3` feature, [`p3`] builds WASI 0.3 modules instead: an
+//! `async fn handle(req) -> Response` that can stream bodies and make
+//! outbound calls concurrently. WASI 0.2 stays the default until the
+//! tooling most users have builds 0.3.
+//!
 //! The world the host implements is in this crate's `wit/` folder:
 //! `wasi:http/proxy` plus `wasi:config/store`, `wasi:logging/logging` and
 //! `berth:metrics/metrics`.
@@ -36,6 +41,8 @@ mod error;
 pub mod http;
 mod message;
 pub mod metrics;
+#[cfg(feature = "p3")]
+pub mod p3;
 
 pub use error::Error;
 pub use message::{IntoResponse, Request, Response};

@@ -544,6 +544,36 @@ pub struct ModuleConfig {
     /// `allowed_outbound_hosts`, parsed by [`Config::validate`].
     #[serde(skip)]
     pub allow: AllowList,
+    /// Instance reuse; unset fields take the default of the module's world.
+    #[serde(default)]
+    pub instances: Instances,
+}
+
+/// How many requests one guest instance may serve.
+///
+/// **Isolation.** With `max_requests = 1` every request gets a fresh
+/// instance: nothing a request leaves in the guest's memory (globals,
+/// caches, a half-written buffer, another tenant's data) can be seen by the
+/// next one. With reuse, state *can* outlive a request and be seen by later
+/// or concurrent requests to the same module; only turn it on for modules
+/// written for it. A reused instance that traps, runs out of memory or runs
+/// over its deadline is retired and never serves again.
+///
+/// Defaults: WASI 0.2 modules 1 and 1 (a fresh instance per request, the
+/// fastest path there); WASI 0.3 modules 128 and 16, as `wasmtime serve`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Instances {
+    /// Requests one instance serves in its life.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// Requests one instance serves at once (WASI 0.3 modules; a WASI 0.2
+    /// handler runs one request at a time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    /// How long an idle instance is kept for the next request.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Duration>,
 }
 
 /// A config value as the guest sees it: always a string. Numbers and
@@ -901,6 +931,7 @@ impl Config {
                 _ => {}
             }
             check_limits(&key("limits"), &module.limits.over(self.defaults.limits))?;
+            check_instances(&key("instances"), &module.instances)?;
             check_outbound(
                 &key("outbound"),
                 &module.outbound.over(self.defaults.outbound),
@@ -997,6 +1028,27 @@ fn check_limits(key: &str, limits: &Limits) -> Result<(), ConfigError> {
             format!("{key}.memory"),
             "must be at least 64KiB (one wasm page)",
         ));
+    }
+    Ok(())
+}
+
+fn check_instances(key: &str, instances: &Instances) -> Result<(), ConfigError> {
+    for (field, value) in [
+        ("max_requests", instances.max_requests),
+        ("max_concurrent", instances.max_concurrent),
+    ] {
+        if value == Some(0) {
+            return Err(rejected(format!("{key}.{field}"), "must be at least 1"));
+        }
+    }
+    if let Some(idle) = instances.idle_timeout {
+        if idle.is_zero() {
+            return Err(rejected(
+                format!("{key}.idle_timeout"),
+                "must be longer than 0s",
+            ));
+        }
+        check_duration(&format!("{key}.idle_timeout"), idle, MAX_REQUEST_DURATION)?;
     }
     Ok(())
 }

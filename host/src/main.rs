@@ -171,6 +171,9 @@ fn check(file: &std::path::Path, json: bool) -> ExitCode {
         );
     } else {
         println!("{}:", file.display());
+        if let Some(world) = report.world {
+            println!("  world: {}", world.as_str());
+        }
         println!("  exports:");
         for e in &report.exports {
             println!("    {e}");
@@ -181,7 +184,9 @@ fn check(file: &std::path::Path, json: bool) -> ExitCode {
             println!("    {i}{}", if missing { "  MISSING" } else { "" });
         }
         if !report.http_handler {
-            println!("  does not export wasi:http/incoming-handler");
+            println!(
+                "  exports neither wasi:http/incoming-handler@0.2.x nor wasi:http/handler@0.3.x"
+            );
         }
         match &report.error {
             None => println!("ok: the host can serve this component"),

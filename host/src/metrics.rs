@@ -32,6 +32,9 @@ pub struct Metrics {
     instantiate: HistogramVec,
     guest_failures: IntCounterVec,
     shed: IntCounterVec,
+    instances_created: IntCounterVec,
+    instances_retired: IntCounterVec,
+    requests_per_instance: HistogramVec,
     /// Module compile time, by module.
     pub compile: HistogramVec,
     /// Module loads by module and result (`ok`/`error`), start-up included.
@@ -155,6 +158,28 @@ impl Metrics {
                 "berth_http_server_shed_requests_total",
                 "Requests refused with 503 because the module was at its concurrency limit.",
                 &["module"],
+            ),
+            instances_created: counter(
+                &r,
+                "berth_instances_created_total",
+                "Guest instances created, by module (reused instances: see berth_instance_requests).",
+                &["module"],
+            ),
+            instances_retired: counter(
+                &r,
+                "berth_instances_retired_total",
+                "Reused guest instances retired, by module and reason (max_requests, idle, \
+                 timeout, trap, memory_limit).",
+                &["module", "reason"],
+            ),
+            requests_per_instance: histogram(
+                &r,
+                "berth_instance_requests",
+                "Requests a reused guest instance served before it was retired, by module.",
+                &["module"],
+                &[
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
+                ],
             ),
             compile: histogram(
                 &r,
@@ -305,6 +330,12 @@ impl Metrics {
                 .guest_failures
                 .with_label_values(&[module, "memory_limit"]),
             shed: self.shed.with_label_values(&[module]),
+            instances: InstanceMetrics {
+                module: module.to_owned(),
+                created: self.instances_created.with_label_values(&[module]),
+                retired: self.instances_retired.clone(),
+                requests: self.requests_per_instance.with_label_values(&[module]),
+            },
         }
     }
 }
@@ -355,6 +386,29 @@ pub struct ModuleMetrics {
     pub memory: IntCounter,
     /// Requests shed at the concurrency limit.
     pub shed: IntCounter,
+    /// Instance lifecycle.
+    pub instances: InstanceMetrics,
+}
+
+/// A module's instance lifecycle: created, retired (with the reason), and
+/// requests served per reused instance.
+#[derive(Clone)]
+pub struct InstanceMetrics {
+    module: String,
+    /// Instances created.
+    pub created: IntCounter,
+    retired: IntCounterVec,
+    /// Requests per reused instance, observed when it is retired.
+    pub requests: Histogram,
+}
+
+impl InstanceMetrics {
+    /// Counts one retired instance.
+    pub fn retired(&self, reason: &str) {
+        self.retired
+            .with_label_values(&[&self.module, reason])
+            .inc();
+    }
 }
 
 impl ModuleMetrics {

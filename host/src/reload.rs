@@ -244,29 +244,35 @@ impl Modules {
         spec: ModuleSpec,
         prev: Option<Arc<Module>>,
     ) -> Loaded {
-        let reuse = |prev: Arc<Module>, spec: ModuleSpec| {
-            if prev.spec == spec {
-                prev
+        // The same code under the new spec; `None` when the new instance
+        // settings need the other engine, so the bytes are compiled again.
+        let respec = |prev: &Arc<Module>, spec: &ModuleSpec| {
+            if prev.spec == *spec {
+                Some(Ok(prev.clone()))
             } else {
-                Arc::new(prev.respec(&runtime, spec, &metrics))
+                prev.respec(&runtime, spec.clone(), &metrics)
+                    .map(|r| r.map(Arc::new))
             }
         };
         // Unchanged on disk (by stat) or pinned by digest: no read, no
         // hash, no download.
         if let Some(prev) = &prev
             && prev.unchanged(&spec)
+            && let Some(result) = respec(prev, &spec)
         {
-            return (Ok(reuse(prev.clone(), spec)), false);
+            return (result, false);
         }
         let fetched = match Fetched::fetch(&spec, &runtime).await {
             Ok(f) => f,
             Err(e) => return (Err(e), false),
         };
-        if let Some(prev) = prev
+        if let Some(prev) = &prev
             && prev.sha256 == fetched.sha256
         {
             prev.restamp(&fetched);
-            return (Ok(reuse(prev, spec)), false);
+            if let Some(result) = respec(prev, &spec) {
+                return (result, false);
+            }
         }
         let (name, origin) = (spec.name.clone(), spec.source.to_string());
         let (runtime, metrics) = (runtime.clone(), metrics.clone());

@@ -1,16 +1,19 @@
-//! The Wasm side of the host: one [`Engine`] with the pooling allocator and
-//! epoch interruption, one [`Linker`] holding the whole guest world, module
-//! loading and checking ([`module`]), and the per-request store state
-//! ([`host`]).
+//! The Wasm side of the host: engines with the pooling allocator and epoch
+//! interruption, one per [`Flavor`] (a WASI 0.2 fresh-instance engine
+//! without async support, and a concurrent one for WASI 0.3 and reused
+//! instances), a [`Linker`] each holding the whole guest world, module
+//! loading and checking ([`module`]), the per-store state ([`host`]) and
+//! instance reuse ([`reuse`]).
 
 mod cache;
 mod check;
 mod host;
 mod link;
 mod module;
+mod reuse;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use wasmtime::component::Linker;
@@ -24,7 +27,10 @@ pub use cache::CompileCache;
 pub use check::{CheckReport, check_file};
 pub use host::{Host, LogBudget, MemoryLimitExceeded, RequestContext};
 pub use link::Unsatisfied;
+pub(crate) use module::Serving;
 pub use module::{Fetched, FileStamp, LoadError, Module};
+pub(crate) use reuse::Workers;
+pub use reuse::{Retired, Retirement, Reuse, Ticket};
 
 /// Measured for Rust `wasm32-wasip2` components: each component instance
 /// holds three core instances and two tables (see WASMTIME.md). Other
@@ -102,18 +108,94 @@ impl RuntimeOptions {
     }
 }
 
-/// The shared engine and linker. Cheap to clone.
+/// Which `wasi:http` world a component serves, found from its exports
+/// before it is compiled (the world picks the engine it compiles for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum World {
+    /// Exports `wasi:http/incoming-handler@0.2.x`.
+    #[serde(rename = "wasi:http@0.2")]
+    P2,
+    /// Exports `wasi:http/handler@0.3.x` (native async).
+    #[serde(rename = "wasi:http@0.3")]
+    P3,
+}
+
+impl World {
+    /// The world of a component, from the names of its top-level exports;
+    /// `None` when it exports neither handler (the linker then says what
+    /// is wrong). Read with wasmparser, the parser wasmtime itself uses,
+    /// skipping nested modules and components.
+    pub fn of(bytes: &[u8]) -> Option<World> {
+        use wasmtime::wasmparser::{Parser, Payload};
+        let mut world = None;
+        let mut depth = 0usize;
+        for payload in Parser::new(0).parse_all(bytes) {
+            match payload.ok()? {
+                Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+                Payload::End(_) => {
+                    if depth == 0 {
+                        break;
+                    }
+                    depth -= 1;
+                }
+                Payload::ComponentExportSection(exports) if depth == 0 => {
+                    for export in exports {
+                        let name = export.ok()?.name.full_name();
+                        if name.starts_with("wasi:http/handler@0.3.") {
+                            return Some(World::P3);
+                        }
+                        if name.starts_with("wasi:http/incoming-handler@0.2.") {
+                            world = Some(World::P2);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        world
+    }
+
+    /// Display name, as in `/info` and `berth check`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            World::P2 => "wasi:http@0.2",
+            World::P3 => "wasi:http@0.3",
+        }
+    }
+}
+
+/// The two engine settings a module can be compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// No component-model-async support: a WASI 0.2 handler called once
+    /// per fresh instance skips the async bookkeeping (a task, scopes and
+    /// a waitable set per call), ~40% of the CPU of a hello request.
+    Fresh,
+    /// Component-model-async on: WASI 0.3 components, and any component
+    /// whose instances serve more than one request.
+    Concurrent,
+}
+
+/// One engine with its linker.
+pub(crate) struct Engines {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<Host>,
+}
+
+/// The shared engines and linkers. Cheap to clone.
 #[derive(Clone)]
 pub struct Runtime {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    engine: Engine,
+    opts: RuntimeOptions,
+    fresh: Engines,
+    /// Built on first use: a host serving only WASI 0.2 modules never
+    /// reserves the second instance pool.
+    concurrent: Arc<OnceLock<Result<Engines, String>>>,
     clients: Arc<Clients>,
     cache: Option<CompileCache>,
-    linker: Linker<Host>,
-    epoch_tick: Duration,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -124,12 +206,13 @@ impl Drop for Inner {
 }
 
 impl Runtime {
-    /// Builds the engine and linker and starts the epoch ticker.
+    /// Builds the engine and linker of the fresh-instance flavour and
+    /// starts the epoch ticker; the concurrent flavour is built when a
+    /// module first needs it.
     pub fn new(opts: &RuntimeOptions) -> anyhow::Result<Self> {
-        let engine = build_engine(opts)?;
-        let linker = build_linker(&engine)?;
+        let fresh = build_engines(opts, Flavor::Fresh)?;
         let cache = match &opts.cache_dir {
-            Some(dir) => match CompileCache::open(dir, &engine, opts.cache_max_bytes) {
+            Some(dir) => match CompileCache::open(dir, opts.cache_max_bytes) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::warn!(dir = %dir.display(), error = %e, "compile cache disabled: cannot use its folder");
@@ -139,27 +222,40 @@ impl Runtime {
             None => None,
         };
         let ticker_stop = Arc::new(AtomicBool::new(false));
-        spawn_epoch_ticker(engine.clone(), opts.epoch_tick, ticker_stop.clone());
+        let concurrent = Arc::new(OnceLock::new());
+        spawn_epoch_ticker(
+            fresh.engine.clone(),
+            concurrent.clone(),
+            opts.epoch_tick,
+            ticker_stop.clone(),
+        );
         Ok(Runtime {
             inner: Arc::new(Inner {
-                engine,
+                opts: opts.clone(),
+                fresh,
+                concurrent,
                 clients: Arc::default(),
                 cache,
-                linker,
-                epoch_tick: opts.epoch_tick,
                 ticker_stop,
             }),
         })
     }
 
-    /// The engine every module is compiled with.
-    pub fn engine(&self) -> &Engine {
-        &self.inner.engine
-    }
-
-    /// The linker holding everything the host offers guests.
-    pub fn linker(&self) -> &Linker<Host> {
-        &self.inner.linker
+    /// The engine and linker of `flavor`; the concurrent one is built on
+    /// first use, which blocks for a moment (run it off the async threads).
+    pub(crate) fn engines(&self, flavor: Flavor) -> Result<&Engines, String> {
+        match flavor {
+            Flavor::Fresh => Ok(&self.inner.fresh),
+            Flavor::Concurrent => self
+                .inner
+                .concurrent
+                .get_or_init(|| {
+                    build_engines(&self.inner.opts, Flavor::Concurrent)
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .as_ref()
+                .map_err(Clone::clone),
+        }
     }
 
     /// Pooled HTTP clients for guests' outbound calls.
@@ -174,17 +270,28 @@ impl Runtime {
 
     /// How often the epoch advances: the granularity of guest deadlines.
     pub fn epoch_tick(&self) -> Duration {
-        self.inner.epoch_tick
+        self.inner.opts.epoch_tick
     }
 }
 
-fn build_engine(opts: &RuntimeOptions) -> anyhow::Result<Engine> {
+fn build_engines(opts: &RuntimeOptions, flavor: Flavor) -> anyhow::Result<Engines> {
+    let engine = build_engine(opts, flavor)?;
+    let linker = build_linker(&engine, flavor)?;
+    Ok(Engines { engine, linker })
+}
+
+fn build_engine(opts: &RuntimeOptions, flavor: Flavor) -> anyhow::Result<Engine> {
     let n = opts.max_instances;
     let pagemap = PoolingAllocationConfig::is_pagemap_scan_available();
     let keep_resident =
         opts.keep_resident
             .unwrap_or(if pagemap { DEFAULT_KEEP_RESIDENT } else { 0 });
-    tracing::info!(pagemap_scan = pagemap, keep_resident, "instance pool");
+    tracing::info!(
+        pagemap_scan = pagemap,
+        keep_resident,
+        ?flavor,
+        "instance pool"
+    );
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(n)
         .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
@@ -200,7 +307,7 @@ fn build_engine(opts: &RuntimeOptions) -> anyhow::Result<Engine> {
         // Resetting a freed instance by `madvise` costs the next request a
         // page fault for every page it touches, plus TLB shootdowns: with
         // PAGEMAP_SCAN only the pages the guest dirtied are reset in place
-        // (56 -> 26 µs per hello request, see bench/NOTES.md).
+        // (see bench/NOTES.md for the figures and the budget).
         .pagemap_scan(wasmtime::Enabled::Auto)
         .linear_memory_keep_resident(keep_resident)
         .table_keep_resident(keep_resident.min(64 << 10))
@@ -208,19 +315,18 @@ fn build_engine(opts: &RuntimeOptions) -> anyhow::Result<Engine> {
         .decommit_batch_size(opts.decommit_batch);
     let mut cfg = EngineConfig::new();
     cfg.wasm_component_model(true)
-        // Guests speak wasi:http 0.2, whose calls are synchronous at the
-        // component level; without the component-model-async bookkeeping
-        // (a guest task, scopes and a waitable set per call) a hello request
-        // costs ~40% less CPU.
-        .concurrency_support(false)
+        .concurrency_support(flavor == Flavor::Concurrent)
         .epoch_interruption(true)
         .cranelift_opt_level(wasmtime::OptLevel::Speed)
         .memory_init_cow(opts.memory_cow)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    if flavor == Flavor::Concurrent {
+        cfg.wasm_component_model_async(true);
+    }
     Engine::new(&cfg).map_err(|e| anyhow::anyhow!("failed to create the wasm engine: {e:#}"))
 }
 
-fn build_linker(engine: &Engine) -> anyhow::Result<Linker<Host>> {
+fn build_linker(engine: &Engine, flavor: Flavor) -> anyhow::Result<Linker<Host>> {
     let mut linker = Linker::<Host>::new(engine);
     let wrap = |e: wasmtime::Error| anyhow::anyhow!("failed to link host interfaces: {e:#}");
     // All of WASI 0.2, so components built with a standard library load; the
@@ -228,19 +334,35 @@ fn build_linker(engine: &Engine) -> anyhow::Result<Linker<Host>> {
     // is reachable only through wasi:http and its outbound policy.
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(wrap)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(wrap)?;
+    if flavor == Flavor::Concurrent {
+        // WASI 0.3 next to 0.2: a 0.3 component built for wasm32-wasip2
+        // also imports 0.2 through its standard library. The same locked
+        // down context applies; 0.3.x imports of a newer patch release
+        // resolve to these by semver.
+        wasmtime_wasi::p3::add_to_linker(&mut linker).map_err(wrap)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker).map_err(wrap)?;
+    }
     host::add_capabilities_to_linker(&mut linker).map_err(wrap)?;
     Ok(linker)
 }
 
 /// One thread for the whole process advances the epoch; every store turns
 /// each tick into a yield point and checks its deadline there.
-fn spawn_epoch_ticker(engine: Engine, tick: Duration, stop: Arc<AtomicBool>) {
+fn spawn_epoch_ticker(
+    engine: Engine,
+    concurrent: Arc<OnceLock<Result<Engines, String>>>,
+    tick: Duration,
+    stop: Arc<AtomicBool>,
+) {
     std::thread::Builder::new()
         .name("berth-epoch".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(tick);
                 engine.increment_epoch();
+                if let Some(Ok(other)) = concurrent.get() {
+                    other.engine.increment_epoch();
+                }
             }
         })
         .expect("spawning the epoch ticker thread");

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{AllowList, Config, ConfigError, Limits, OutboundConfig, OutboundOverride, Overrides};
+use super::{
+    AllowList, Config, ConfigError, Instances, Limits, OutboundConfig, OutboundOverride, Overrides,
+};
 
 /// Where the configuration comes from, to read it again on reload.
 #[derive(Debug, Clone, Default)]
@@ -88,6 +90,8 @@ pub struct ModuleSpec {
     pub limits: Limits,
     /// Outbound policy.
     pub outbound: OutboundSpec,
+    /// Instance reuse as configured; the world fills in what is unset.
+    pub instances: Instances,
 }
 
 impl Config {
@@ -129,6 +133,7 @@ impl Config {
                         config: m.outbound.over(self.defaults.outbound),
                         upstreams: upstreams.clone(),
                     },
+                    instances: m.instances,
                 }
             })
             .collect()

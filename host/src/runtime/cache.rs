@@ -32,7 +32,6 @@ const KEEP_OLD: usize = 8;
 /// A folder of precompiled components.
 pub struct CompileCache {
     dir: PathBuf,
-    engine_key: String,
     max_bytes: u64,
 }
 
@@ -47,14 +46,10 @@ pub enum Origin {
 
 impl CompileCache {
     /// Opens (and creates) the cache folder, holding at most `max_bytes`.
-    pub fn open(dir: &Path, engine: &Engine, max_bytes: u64) -> std::io::Result<Self> {
+    pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Self> {
         private_dir(dir)?;
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        env!("CARGO_PKG_VERSION").hash(&mut hasher);
         Ok(CompileCache {
             dir: dir.to_path_buf(),
-            engine_key: format!("{:016x}", hasher.finish()),
             max_bytes,
         })
     }
@@ -143,8 +138,14 @@ impl CompileCache {
         &self.dir
     }
 
-    fn entry(&self, sha256: &str) -> PathBuf {
-        self.dir.join(format!("{sha256}-{}.cwasm", self.engine_key))
+    /// An entry's file: the component's digest and a fingerprint of the
+    /// engine (the host has one per world, with different settings).
+    fn entry(&self, engine: &Engine, sha256: &str) -> PathBuf {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        env!("CARGO_PKG_VERSION").hash(&mut hasher);
+        self.dir
+            .join(format!("{sha256}-{:016x}.cwasm", hasher.finish()))
     }
 
     /// The cached component for `sha256`, or `compile`d and stored.
@@ -155,7 +156,7 @@ impl CompileCache {
         sha256: &str,
         bytes: &[u8],
     ) -> wasmtime::Result<(Component, Origin)> {
-        let path = self.entry(sha256);
+        let path = self.entry(engine, sha256);
         if let Ok(data) = std::fs::read(&path) {
             match verified_payload(&data).map(|payload| deserialize(engine, payload)) {
                 Some(Ok(component)) => {
@@ -314,7 +315,6 @@ mod tests {
         private_dir(&dir).unwrap();
         let cache = CompileCache {
             dir: dir.clone(),
-            engine_key: "k".into(),
             max_bytes: 12_000,
         };
         // 12 old entries of 1000 bytes, oldest first, and one live one.

@@ -5,9 +5,10 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::Runtime;
 use super::link::Unsatisfied;
-use super::module::{Fetched, compile, instantiate_pre};
+use super::module::{Fetched, compile, flavor_of, link};
+use super::reuse::Reuse;
+use super::{Runtime, World};
 
 /// What `berth check` reports about a component.
 #[derive(Debug, Serialize)]
@@ -18,8 +19,10 @@ pub struct CheckReport {
     pub exports: Vec<String>,
     /// Imports the host cannot satisfy.
     pub unsatisfied: Vec<Unsatisfied>,
-    /// Whether it exports `wasi:http/incoming-handler`.
+    /// Whether it exports a `wasi:http` handler.
     pub http_handler: bool,
+    /// The `wasi:http` world it serves, if any.
+    pub world: Option<World>,
     /// The first problem that stops the component from loading, if any.
     pub error: Option<String>,
 }
@@ -44,7 +47,11 @@ pub fn check_file(runtime: &Runtime, file: &Path) -> anyhow::Result<CheckReport>
         bytes,
         stamp: None,
     };
-    let component = match compile(runtime, &name, &origin, &fetched) {
+    let found = World::of(&fetched.bytes);
+    let world = found.unwrap_or(World::P2);
+    // Checked as it would be served: on the engine of its world's defaults.
+    let flavor = flavor_of(world, &Reuse::resolve(&Default::default(), world));
+    let component = match compile(runtime, flavor, &name, &origin, &fetched) {
         Ok(c) => c,
         Err(e) => {
             return Ok(CheckReport {
@@ -52,18 +59,17 @@ pub fn check_file(runtime: &Runtime, file: &Path) -> anyhow::Result<CheckReport>
                 exports: vec![],
                 unsatisfied: vec![],
                 http_handler: false,
+                world: found,
                 error: Some(e.to_string()),
             });
         }
     };
     let ty = component.component_type();
-    let engine = runtime.engine();
+    let engine = component.engine();
     let imports = ty.imports(engine).map(|(n, _)| n.to_string()).collect();
     let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
-    let http_handler = exports
-        .iter()
-        .any(|e| e.starts_with("wasi:http/incoming-handler@0.2."));
-    let (unsatisfied, error) = match instantiate_pre(runtime, &name, &origin, &component) {
+    let http_handler = found.is_some();
+    let (unsatisfied, error) = match link(runtime, flavor, world, &name, &origin, &component) {
         Ok(_) => (vec![], None),
         Err(e) => {
             let missing = match &e {
@@ -78,6 +84,7 @@ pub fn check_file(runtime: &Runtime, file: &Path) -> anyhow::Result<CheckReport>
         exports,
         unsatisfied,
         http_handler,
+        world: found,
         error,
     })
 }

@@ -147,6 +147,7 @@ impl Host {
             .build();
         let limits = MemoryLimiter {
             limit: usize::try_from(memory_limit).unwrap_or(usize::MAX),
+            on_exceeded: None,
         };
         Host {
             table: ResourceTable::new(),
@@ -161,6 +162,21 @@ impl Host {
             limits,
             cx,
         }
+    }
+}
+
+impl Host {
+    /// Moves a reused instance on to its next request: its log lines and
+    /// outbound calls belong to `cx` from now on.
+    pub(crate) fn serve(&mut self, cx: RequestContext) {
+        self.hooks.trace = cx.trace.clone();
+        self.cx = cx;
+    }
+
+    /// Runs `hit` when the guest goes over its memory limit, before the
+    /// trap unwinds: a reused instance is retired at once.
+    pub(crate) fn on_memory_exceeded(&mut self, hit: Arc<dyn Fn() + Send + Sync>) {
+        self.limits.on_exceeded = Some(hit);
     }
 }
 
@@ -180,6 +196,7 @@ pub struct MemoryLimitExceeded {
 /// turns into an indistinguishable abort).
 pub(crate) struct MemoryLimiter {
     limit: usize,
+    on_exceeded: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -190,6 +207,9 @@ impl ResourceLimiter for MemoryLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         if desired > self.limit {
+            if let Some(hit) = &self.on_exceeded {
+                hit();
+            }
             return Err(wasmtime::Error::new(MemoryLimitExceeded {
                 limit: self.limit,
                 desired,

@@ -11,10 +11,13 @@ use tokio::sync::Semaphore;
 use wasmtime::component::Component;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi_config::WasiConfigVariables;
+use wasmtime_wasi_http::handler::{self, ProxyHandler};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use super::link::{self, Unsatisfied};
-use super::{Host, LogBudget, RequestContext, Runtime};
+use super::reuse::{Reuse, Workers};
+use super::{Flavor, Host, LogBudget, RequestContext, Runtime, World};
 use crate::config::{Limits, ModuleSource, ModuleSpec};
 use crate::metrics::{GuestMetrics, Metrics, ModuleMetrics};
 use crate::outbound::ModuleOutbound;
@@ -89,9 +92,10 @@ pub enum LoadError {
         /// The unsatisfied imports.
         missing: Vec<Unsatisfied>,
     },
-    /// It does not export `wasi:http/incoming-handler`.
+    /// It exports neither `wasi:http` handler.
     #[error(
-        "module `{module}`: {origin} does not export wasi:http/incoming-handler@0.2.x: {reason}"
+        "module `{module}`: {origin} exports neither wasi:http/incoming-handler@0.2.x nor \
+         wasi:http/handler@0.3.x: {reason}"
     )]
     NoHandler {
         /// Module name.
@@ -119,10 +123,16 @@ pub struct Module {
     pub loaded_at: SystemTime,
     /// Effective limits.
     pub limits: Limits,
+    /// The `wasi:http` world it serves.
+    pub world: World,
+    /// How long its instances live.
+    pub reuse: Reuse,
     /// The spec it was built from, to tell what a reload changes.
     pub(crate) spec: ModuleSpec,
-    /// Pre-instantiated handle: a fresh instance per request costs microseconds.
-    pub(crate) pre: ProxyPre<Host>,
+    /// The compiled, linked component, for a respec.
+    linked: Linked,
+    /// How requests reach its instances.
+    pub(crate) serving: Serving,
     /// What `wasi:config/store` returns.
     pub(crate) config: Arc<WasiConfigVariables>,
     /// Outbound calls: policy and per-upstream state.
@@ -138,6 +148,24 @@ pub struct Module {
     stamp: std::sync::Mutex<Option<FileStamp>>,
     /// The module's allowance of log lines.
     pub logs: Arc<LogBudget>,
+}
+
+/// How a module's requests reach an instance.
+pub(crate) enum Serving {
+    /// A fresh instance per request from the pre-instantiated handle, on
+    /// the engine without async support: microseconds per request.
+    Fresh(ProxyPre<Host>),
+    /// Instances shared by requests, on the concurrent engine.
+    Pooled(ProxyHandler<Workers>),
+}
+
+/// A compiled, linked component: what a changed spec can reuse without
+/// compiling again.
+#[derive(Clone)]
+pub(crate) struct Linked {
+    world: World,
+    flavor: Flavor,
+    pre: wasmtime::component::InstancePre<Host>,
 }
 
 /// A component's bytes and digest.
@@ -288,21 +316,23 @@ impl Module {
     ) -> Result<Module, LoadError> {
         let started = std::time::Instant::now();
         let origin = spec.source.to_string();
-        let component = compile(runtime, &spec.name, &origin, &fetched)?;
-        let pre = instantiate_pre(runtime, &spec.name, &origin, &component)?;
+        let world = World::of(&fetched.bytes).unwrap_or(World::P2);
+        let flavor = flavor_of(world, &Reuse::resolve(&spec.instances, world));
+        let component = compile(runtime, flavor, &spec.name, &origin, &fetched)?;
+        let linked = link(runtime, flavor, world, &spec.name, &origin, &component)?;
         metrics
             .compile
             .with_label_values(&[&spec.name])
             .observe(started.elapsed().as_secs_f64());
-        Ok(Self::build(
+        Self::build(
             runtime,
             spec,
-            pre,
+            linked,
             fetched.bytes.len() as u64,
             fetched.sha256,
             fetched.stamp,
             metrics,
-        ))
+        )
     }
 
     /// Whether this module, if `spec` has the same source, still has the
@@ -325,7 +355,7 @@ impl Module {
     /// A store for one request: the module's capabilities and `wasi:config`
     /// values, its memory limit, and its wall-clock budget checked at every
     /// epoch tick. The budget runs from now.
-    pub fn new_store(&self, cx: RequestContext) -> Store<Host> {
+    pub fn new_store(&self, pre: &ProxyPre<Host>, cx: RequestContext) -> Store<Host> {
         let host = Host::new(
             cx,
             self.config.clone(),
@@ -333,7 +363,7 @@ impl Module {
             self.guest_metrics.clone(),
             self.limits.memory.0,
         );
-        let mut store = Store::new(self.pre.engine(), host);
+        let mut store = Store::new(pre.engine(), host);
         store.limiter(|h| &mut h.limits);
         let deadline = Instant::now() + self.limits.timeout;
         store.epoch_deadline_callback(move |_| {
@@ -355,63 +385,135 @@ impl Module {
     }
 
     /// The same code under a changed spec (config, route, limits, policy):
-    /// no compilation.
-    pub fn respec(&self, runtime: &Runtime, spec: ModuleSpec, metrics: &Arc<Metrics>) -> Module {
-        Self::build(
+    /// no compilation, unless the new instance settings need the other
+    /// engine (`None`: load it again).
+    pub fn respec(
+        &self,
+        runtime: &Runtime,
+        spec: ModuleSpec,
+        metrics: &Arc<Metrics>,
+    ) -> Option<Result<Module, LoadError>> {
+        let linked = self.linked.clone();
+        if flavor_of(linked.world, &Reuse::resolve(&spec.instances, linked.world)) != linked.flavor
+        {
+            return None;
+        }
+        Some(Self::build(
             runtime,
             spec,
-            self.pre.clone(),
+            linked,
             self.size,
             self.sha256.clone(),
             self.stamp.lock().unwrap().clone(),
             metrics,
-        )
+        ))
     }
 
     fn build(
         runtime: &Runtime,
         spec: ModuleSpec,
-        pre: ProxyPre<Host>,
+        linked: Linked,
         size: u64,
         sha256: String,
         stamp: Option<FileStamp>,
         metrics: &Arc<Metrics>,
-    ) -> Module {
+    ) -> Result<Module, LoadError> {
         let name: Arc<str> = spec.name.as_str().into();
-        Module {
-            metrics: metrics.for_module(&name, &spec.route),
-            guest_metrics: metrics.guest(&name, spec.limits.metric_series as usize),
-            logs: Arc::new(LogBudget::new(
-                spec.limits.log_rate,
-                metrics
-                    .guest_logs_dropped
-                    .with_label_values(&[&*name, "rate_limit"]),
-            )),
-            outbound: Arc::new(ModuleOutbound::new(
-                name.clone(),
-                spec.outbound.clone(),
-                runtime.clients().clone(),
-                metrics.clone(),
-            )),
+        let origin = spec.source.to_string();
+        let module_metrics = metrics.for_module(&name, &spec.route);
+        let guest_metrics = metrics.guest(&name, spec.limits.metric_series as usize);
+        let logs = Arc::new(LogBudget::new(
+            spec.limits.log_rate,
+            metrics
+                .guest_logs_dropped
+                .with_label_values(&[&*name, "rate_limit"]),
+        ));
+        let outbound = Arc::new(ModuleOutbound::new(
+            name.clone(),
+            spec.outbound.clone(),
+            runtime.clients().clone(),
+            metrics.clone(),
+        ));
+        let config: Arc<WasiConfigVariables> = Arc::new(spec.config.iter().cloned().collect());
+        let reuse = Reuse::resolve(&spec.instances, linked.world);
+        let no_handler = |e: wasmtime::Error| LoadError::NoHandler {
+            module: spec.name.clone(),
+            origin: origin.clone(),
+            reason: format!("{e:#}"),
+        };
+        let serving = match linked.flavor {
+            Flavor::Fresh => Serving::Fresh(ProxyPre::new(linked.pre.clone()).map_err(no_handler)?),
+            Flavor::Concurrent => {
+                let pre = match linked.world {
+                    World::P2 => handler::ProxyPre::P2(
+                        ProxyPre::new(linked.pre.clone()).map_err(no_handler)?,
+                    ),
+                    World::P3 => handler::ProxyPre::P3(
+                        ServicePre::new(linked.pre.clone()).map_err(no_handler)?,
+                    ),
+                };
+                Serving::Pooled(ProxyHandler::new(Workers {
+                    pre,
+                    reuse,
+                    timeout: spec.limits.timeout,
+                    memory_limit: spec.limits.memory.0,
+                    config: config.clone(),
+                    outbound: outbound.clone(),
+                    guest_metrics: guest_metrics.clone(),
+                    metrics: module_metrics.instances.clone(),
+                    idle_cx: RequestContext {
+                        module: name.clone(),
+                        request_id: "-".into(),
+                        trace: crate::trace::TraceContext {
+                            trace_id: 0,
+                            span_id: 0,
+                            flags: 0,
+                            tracestate: None,
+                            span: tracing::Span::none(),
+                        },
+                        logs: logs.clone(),
+                    },
+                }))
+            }
+        };
+        Ok(Module {
+            metrics: module_metrics,
+            guest_metrics,
+            logs,
+            outbound,
             name,
             route: spec.route.clone(),
-            origin: spec.source.to_string(),
+            origin,
             size,
             sha256,
             loaded_at: SystemTime::now(),
             limits: spec.limits,
-            pre,
-            config: Arc::new(spec.config.iter().cloned().collect()),
+            world: linked.world,
+            reuse,
+            serving,
+            linked,
+            config,
             slots: Arc::new(Semaphore::new(spec.limits.max_concurrency as usize)),
             stamp: std::sync::Mutex::new(stamp),
             spec,
-        }
+        })
+    }
+}
+
+/// The engine a module runs on: the fresh-instance one only for a WASI 0.2
+/// module with an instance per request.
+pub(crate) fn flavor_of(world: World, reuse: &Reuse) -> Flavor {
+    if world == World::P2 && reuse.is_fresh() {
+        Flavor::Fresh
+    } else {
+        Flavor::Concurrent
     }
 }
 
 /// Checks the header, then compiles (through the cache when it is on).
 pub(super) fn compile(
     runtime: &Runtime,
+    flavor: Flavor,
     name: &str,
     origin: &str,
     fetched: &Fetched,
@@ -432,11 +534,19 @@ pub(super) fn compile(
             origin: origin.into(),
         });
     }
+    let engine = &runtime
+        .engines(flavor)
+        .map_err(|reason| LoadError::Compile {
+            module: name.into(),
+            origin: origin.into(),
+            reason,
+        })?
+        .engine;
     let compiled = match runtime.cache() {
         Some(cache) => cache
-            .get_or_compile(runtime.engine(), name, &fetched.sha256, bytes)
+            .get_or_compile(engine, name, &fetched.sha256, bytes)
             .map(|(c, _)| c),
-        None => Component::new(runtime.engine(), bytes),
+        None => Component::new(engine, bytes),
     };
     compiled.map_err(|e| LoadError::Compile {
         module: name.into(),
@@ -445,26 +555,37 @@ pub(super) fn compile(
     })
 }
 
-/// Resolves every import against the linker; lists all that are missing.
-pub(super) fn instantiate_pre(
+/// Resolves every import against the linker (listing all that are
+/// missing) and finds the handler of `world`.
+pub(super) fn link(
     runtime: &Runtime,
+    flavor: Flavor,
+    world: World,
     name: &str,
     origin: &str,
     component: &Component,
-) -> Result<ProxyPre<Host>, LoadError> {
-    let pre = match runtime.linker().instantiate_pre(component) {
-        Ok(pre) => pre,
-        Err(_) => {
-            return Err(LoadError::MissingImports {
-                module: name.into(),
-                origin: origin.into(),
-                missing: link::unsatisfied_imports(runtime.linker(), component),
-            });
-        }
+) -> Result<Linked, LoadError> {
+    // The component compiled for this flavour, so its engine exists.
+    let linker = &runtime
+        .engines(flavor)
+        .expect("the engine the component compiled for")
+        .linker;
+    let pre = linker
+        .instantiate_pre(component)
+        .map_err(|_| LoadError::MissingImports {
+            module: name.into(),
+            origin: origin.into(),
+            missing: link::unsatisfied_imports(linker, component),
+        })?;
+    // Look the handler up now, so a component without one fails to load.
+    let found = match world {
+        World::P2 => ProxyPre::new(pre.clone()).map(drop),
+        World::P3 => ServicePre::new(pre.clone()).map(drop),
     };
-    ProxyPre::new(pre).map_err(|e| LoadError::NoHandler {
+    found.map_err(|e| LoadError::NoHandler {
         module: name.into(),
         origin: origin.into(),
         reason: format!("{e:#}"),
-    })
+    })?;
+    Ok(Linked { world, flavor, pre })
 }

@@ -101,16 +101,26 @@ where
 /// body stopped being delivered before its end (hyper drops the body).
 /// Dropping the task drops the store, which ends the instance and every
 /// outbound call it had open, and frees the module's concurrency slot.
-pub(super) struct CutOff(Option<tokio::task::AbortHandle>);
+pub(super) struct CutOff(
+    Option<tokio::task::AbortHandle>,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
 
 impl CutOff {
     pub(super) fn new(task: tokio::task::AbortHandle) -> Self {
-        CutOff(Some(task))
+        CutOff(Some(task), None)
+    }
+
+    /// For a reused instance, whose guest task cannot be aborted alone:
+    /// holds the request's concurrency slot until the body is delivered.
+    pub(super) fn holding(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        CutOff(None, Some(permit))
     }
 
     /// The guest may run on: its answer was delivered.
     pub(super) fn disarm(&mut self) {
         self.0 = None;
+        self.1 = None;
     }
 }
 

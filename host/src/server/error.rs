@@ -4,7 +4,6 @@
 use http::{HeaderValue, Response, StatusCode, header};
 use prometheus::IntCounter;
 use wasmtime::Trap;
-use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use crate::metrics::ModuleMetrics;
@@ -101,9 +100,10 @@ pub enum GuestError {
     /// The host could not create an instance (e.g. the pool is exhausted).
     #[error("could not instantiate the module: {0}")]
     Instantiate(String),
-    /// The guest answered with a `wasi:http` error code instead of a response.
-    #[error("guest returned an error: {0:?}")]
-    ErrorCode(ErrorCode),
+    /// The guest answered with a `wasi:http` error code instead of a
+    /// response (the code, as wasmtime prints it).
+    #[error("guest returned an error: {0}")]
+    ErrorCode(String),
     /// The guest returned without setting a response.
     #[error("guest returned without a response")]
     NoResponse,

@@ -1,8 +1,9 @@
-//! One request through one fresh guest instance, as named steps:
-//! admission, store, WASI request, guest task, outcome, response.
+//! One request through a guest, as named steps. A fresh instance: admission,
+//! store, WASI request, guest task, outcome, response. A reused instance:
+//! admission, hand-over to the module's workers, outcome, response.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use http::{Request, Response, header};
@@ -15,28 +16,46 @@ use tracing::Instrument;
 use wasmtime::Store;
 use wasmtime::component::Resource;
 use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::handler::{
+    ExpirationError, InstantiationError, ProxyHandler, TrapOrPanicError,
+};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 
 use super::body::{CutOff, Delivered, Limited};
 use super::error::{GuestError, RequestError};
-use crate::runtime::{Host, Module, RequestContext};
+use crate::runtime::{Host, Module, RequestContext, Retired, Retirement, Serving, Ticket, Workers};
 
 /// What the guest answers through: its response head, or its error code.
 type Answer = oneshot::Receiver<Result<Response<HyperOutgoingBody>, ErrorCode>>;
 
-/// Runs `req` through a fresh instance of `module`.
+/// Runs `req` through an instance of `module`.
 pub(super) async fn invoke(
     module: &Arc<Module>,
     tracker: &TaskTracker,
     req: Request<Incoming>,
     cx: &RequestContext,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
+    match &module.serving {
+        Serving::Fresh(pre) => fresh(module, pre, tracker, req, cx).await,
+        Serving::Pooled(workers) => pooled(module, workers, req, cx).await,
+    }
+}
+
+/// Runs `req` through a fresh instance of `module`, in a task of its own.
+async fn fresh(
+    module: &Arc<Module>,
+    pre: &ProxyPre<Host>,
+    tracker: &TaskTracker,
+    req: Request<Incoming>,
+    cx: &RequestContext,
+) -> Result<Response<HyperOutgoingBody>, RequestError> {
     let permit = admit(module, &req)?;
-    let mut store = module.new_store(cx.clone());
+    let mut store = module.new_store(pre, cx.clone());
     let request = WasiRequest::new(&mut store, req, module.limits.max_body.0)?;
-    let task = spawn_guest(module, tracker, store, request.handles, permit, cx);
+    let task = spawn_guest(module, pre, tracker, store, request.handles, permit, cx);
     // Armed until the guest's answer is out: if this future is dropped
     // first (the client hung up), the guest is cancelled with it.
     let cut_off = CutOff::new(task.abort_handle());
@@ -111,6 +130,7 @@ impl WasiRequest {
 /// body. The task holds the concurrency slot and enforces the time budget.
 fn spawn_guest(
     module: &Arc<Module>,
+    pre: &ProxyPre<Host>,
     tracker: &TaskTracker,
     mut store: Store<Host>,
     (request, out): Handles,
@@ -118,6 +138,7 @@ fn spawn_guest(
     cx: &RequestContext,
 ) -> JoinHandle<Result<(), GuestError>> {
     let module = module.clone();
+    let pre = pre.clone();
     let cx = cx.clone();
     let span = guest_span(&module, &cx);
     tracker.spawn(
@@ -134,12 +155,12 @@ fn spawn_guest(
                 // would make the guest yield at once and queue again.
                 store.set_epoch_deadline(1);
                 let started = Instant::now();
-                let proxy = module
-                    .pre
+                let proxy = pre
                     .instantiate_async(&mut store)
                     .await
                     .map_err(|e| GuestError::Instantiate(format!("{e:#}")))?;
                 metrics.instantiate.observe(started.elapsed().as_secs_f64());
+                metrics.instances.created.inc();
                 proxy
                     .wasi_http_incoming_handler()
                     .call_handle(&mut store, request, out)
@@ -153,21 +174,102 @@ fn spawn_guest(
                 .await
                 .unwrap_or(Err(GuestError::Timeout(timeout)));
             if let Err(err) = &result {
-                if let Some(counter) = err.counter(metrics) {
-                    counter.inc();
-                }
-                tracing::warn!(
-                    module = &*cx.module,
-                    request_id = &*cx.request_id,
-                    trace_id = %cx.trace,
-                    error = %err,
-                    "request failed"
-                );
+                failed(&module, &cx, err);
             }
             result
         }
         .instrument(span),
     )
+}
+
+/// Counts and logs a failed guest call.
+fn failed(module: &Module, cx: &RequestContext, err: &GuestError) {
+    if let Some(counter) = err.counter(&module.metrics) {
+        counter.inc();
+    }
+    tracing::warn!(
+        module = &*cx.module,
+        request_id = &*cx.request_id,
+        trace_id = %cx.trace,
+        error = %err,
+        "request failed"
+    );
+}
+
+/// Runs `req` through one of the module's reused instances. The deadline
+/// is kept here, outside the instance: a request that runs over gets its
+/// 504 on time even while a neighbour holds the store, and its instance is
+/// retired (see `runtime::reuse`). The concurrency slot is held until the
+/// response body is delivered.
+async fn pooled(
+    module: &Arc<Module>,
+    workers: &ProxyHandler<Workers>,
+    req: Request<Incoming>,
+    cx: &RequestContext,
+) -> Result<Response<HyperOutgoingBody>, RequestError> {
+    let permit = admit(module, &req)?;
+    let too_big = Arc::new(AtomicBool::new(false));
+    let (parts, body) = req.into_parts();
+    let body = Limited::request(body, module.limits.max_body.0, too_big.clone()).boxed_unsync();
+    let instance = Arc::new(OnceLock::new());
+    let ticket = Ticket {
+        cx: cx.clone(),
+        instance: instance.clone(),
+    };
+    let metrics = &module.metrics;
+    metrics.in_flight.inc();
+    let in_flight = scopeguard_dec(&metrics.in_flight);
+    let timeout = module.limits.timeout;
+    let answer = workers
+        .handle(ticket, Request::from_parts(parts, body))
+        .instrument(guest_span(module, cx));
+    let result = match tokio::time::timeout(timeout, answer).await {
+        Err(_) => Err(GuestError::Timeout(timeout)),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err(pooled_error(e, &instance, timeout)),
+    };
+    drop(in_flight);
+    if let Err(err) = &result {
+        failed(module, cx, err);
+    }
+    if too_big.load(Ordering::Relaxed) {
+        return Err(RequestError::BodyTooLarge);
+    }
+    Ok(respond(result?, module, CutOff::holding(permit)).await)
+}
+
+/// What a failed hand-over to a reused instance means for its request.
+fn pooled_error(
+    e: wasmtime::Error,
+    instance: &OnceLock<Arc<Retirement>>,
+    timeout: std::time::Duration,
+) -> GuestError {
+    if e.is::<ExpirationError>() {
+        return GuestError::Timeout(timeout);
+    }
+    if let Some(failed) = e.downcast_ref::<InstantiationError<Ticket>>() {
+        return GuestError::Instantiate(format!("{:#}", failed.error));
+    }
+    if e.is::<TrapOrPanicError>() {
+        // The store was lost under this request: say what took it down.
+        return match instance.get().and_then(|r| r.reason()) {
+            Some(Retired::MemoryLimit) => {
+                GuestError::Memory("its instance went over the memory limit".into())
+            }
+            Some(Retired::Timeout) => GuestError::Trap(
+                "its instance was torn down: a request on it ran over its deadline".into(),
+            ),
+            _ => GuestError::Trap("its instance trapped".into()),
+        };
+    }
+    if let Some(code) = e.downcast_ref::<wasmtime_wasi_http::p3::bindings::http::types::ErrorCode>()
+    {
+        return GuestError::ErrorCode(format!("{code:?}"));
+    }
+    if format!("{e}").contains("response-outparam::set") {
+        return GuestError::NoResponse;
+    }
+    GuestError::classify(e, timeout)
 }
 
 /// A child of the request's span, when the request is traced.
@@ -191,7 +293,7 @@ async fn outcome(
 ) -> Result<Response<HyperOutgoingBody>, GuestError> {
     match answer.await {
         Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(code)) => Err(GuestError::ErrorCode(code)),
+        Ok(Err(code)) => Err(GuestError::ErrorCode(format!("{code:?}"))),
         // The guest dropped its response slot: its task says why.
         Err(_) => match task.await {
             Ok(Ok(())) => Err(GuestError::NoResponse),

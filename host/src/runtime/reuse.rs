@@ -1,0 +1,341 @@
+//! Instances that serve more than one request: every WASI 0.3 module by
+//! default, and any module whose `instances.max_requests` is above 1.
+//!
+//! They run on wasmtime-wasi-http's `ProxyHandler`, the worker machinery
+//! of `wasmtime serve`: one worker task per instance takes requests from a
+//! queue while it has room (`max_concurrent`) and life (`max_requests`),
+//! and ends when idle past `idle_timeout`. Berth supplies the policy here:
+//! how a store is made (the module's capabilities and limits), when an
+//! instance must stop taking requests, and what is counted when it ends.
+//!
+//! A request that runs over its deadline cannot be cancelled inside a
+//! shared instance (wasmtime has no API to cancel one guest task, see
+//! wasmtime#11833), so its instance is retired: it takes no new requests,
+//! its other requests run to their own ends, and a guest that never yields
+//! is torn down by the worker's expiry. A trap or a memory-limit hit
+//! poisons the whole store: every request it was running fails (500), and
+//! the next request gets a new instance.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::TaskGroupId;
+use wasmtime::{Store, StoreContextMut, UpdateDeadline};
+use wasmtime_wasi_config::WasiConfigVariables;
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::handler::{
+    HandlerState, Instance, ProxyPre, ShouldAccept, WorkerExpiration, WorkerState, WorkerStatus,
+};
+
+use super::{Host, MemoryLimitExceeded, RequestContext, World};
+use crate::config::Instances;
+use crate::metrics::{GuestMetrics, InstanceMetrics};
+use crate::outbound::ModuleOutbound;
+
+/// How long instances of a module live, resolved for its world.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Reuse {
+    /// Requests one instance serves in its life.
+    pub max_requests: u32,
+    /// Requests one instance serves at once.
+    pub max_concurrent: u32,
+    /// How long an idle instance waits for its next request.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Reuse {
+    /// `instances` with the defaults of `world` filled in: a fresh instance
+    /// per request for WASI 0.2, `wasmtime serve`'s 128 and 16 for 0.3.
+    pub fn resolve(instances: &Instances, world: World) -> Reuse {
+        let (requests, concurrent) = match world {
+            World::P2 => (1, 1),
+            World::P3 => (128, 16),
+        };
+        let max_requests = instances.max_requests.unwrap_or(requests);
+        Reuse {
+            max_requests,
+            // A WASI 0.2 handler runs one request at a time per instance.
+            max_concurrent: match world {
+                World::P2 => 1,
+                World::P3 => instances.max_concurrent.unwrap_or(concurrent),
+            }
+            .min(max_requests),
+            idle_timeout: instances.idle_timeout.unwrap_or(Duration::from_secs(1)),
+        }
+    }
+
+    /// Whether every request gets an instance of its own, never shared.
+    pub fn is_fresh(&self) -> bool {
+        self.max_requests == 1
+    }
+}
+
+/// Why an instance stopped taking requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retired {
+    /// It served `max_requests`.
+    MaxRequests,
+    /// It waited `idle_timeout` with nothing to do.
+    Idle,
+    /// A request on it ran over its deadline.
+    Timeout,
+    /// It trapped.
+    Trap,
+    /// It went over the module's memory limit.
+    MemoryLimit,
+}
+
+impl Retired {
+    /// The `reason` label of `berth_instances_retired_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Retired::MaxRequests => "max_requests",
+            Retired::Idle => "idle",
+            Retired::Timeout => "timeout",
+            Retired::Trap => "trap",
+            Retired::MemoryLimit => "memory_limit",
+        }
+    }
+}
+
+/// Why one instance retires; the first reason set wins.
+#[derive(Debug, Default)]
+pub struct Retirement(OnceLock<Retired>);
+
+impl Retirement {
+    fn set(&self, why: Retired) {
+        let _ = self.0.set(why);
+    }
+
+    /// The reason, once there is one.
+    pub fn reason(&self) -> Option<Retired> {
+        self.0.get().copied()
+    }
+}
+
+/// What a request carries to the instance that takes it.
+pub struct Ticket {
+    /// Who the request's log lines and outbound calls belong to.
+    pub cx: RequestContext,
+    /// Filled in by the instance that takes the request: the caller reads
+    /// from it why a failed instance failed.
+    pub instance: Arc<OnceLock<Arc<Retirement>>>,
+}
+
+/// Everything a module's instances are made from. One per module version;
+/// the `ProxyHandler` built on it owns the request queue and the workers.
+pub(crate) struct Workers {
+    pub(crate) pre: ProxyPre<Host>,
+    pub(crate) reuse: Reuse,
+    pub(crate) timeout: Duration,
+    pub(crate) memory_limit: u64,
+    pub(crate) config: Arc<WasiConfigVariables>,
+    pub(crate) outbound: Arc<ModuleOutbound>,
+    pub(crate) guest_metrics: Arc<GuestMetrics>,
+    pub(crate) metrics: InstanceMetrics,
+    /// The context of an instance between requests (start-up log lines).
+    pub(crate) idle_cx: RequestContext,
+}
+
+impl HandlerState for Workers {
+    type StoreData = Host;
+    type WorkerExpiration = Expiry;
+    type WorkerState = Worker;
+
+    async fn instantiate(&self) -> wasmtime::Result<Instance<Host, Expiry, Worker>> {
+        let retirement = Arc::new(Retirement::default());
+        let mut host = Host::new(
+            self.idle_cx.clone(),
+            self.config.clone(),
+            self.outbound.clone(),
+            self.guest_metrics.clone(),
+            self.memory_limit,
+        );
+        let hit = retirement.clone();
+        host.on_memory_exceeded(Arc::new(move || hit.set(Retired::MemoryLimit)));
+        let engine = match &self.pre {
+            ProxyPre::P2(pre) => pre.instance_pre().engine().clone(),
+            ProxyPre::P3(pre) => pre.instance_pre().engine().clone(),
+        };
+        let mut store = Store::new(&engine, host);
+        store.limiter(|h| &mut h.limits);
+        // The store is shared, so a deadline cannot trap it for one
+        // request: every tick yields, which lets the worker check its
+        // expiry (and the runtime run other tasks) even while a guest spins.
+        store.epoch_deadline_callback(|_| {
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
+        store.set_epoch_deadline(1);
+        let proxy = self.pre.instantiate_async(&mut store).await?;
+        self.metrics.created.inc();
+        Ok(Instance {
+            store,
+            proxy,
+            view: WasiHttpView::http,
+            expiration: Expiry {
+                idle_timeout: self.reuse.idle_timeout,
+                timeout: self.timeout,
+                sleep: Box::pin(tokio::time::sleep(Duration::MAX / 4)),
+                retirement: retirement.clone(),
+            },
+            state: Worker {
+                reuse: self.reuse,
+                timeout: self.timeout,
+                served: AtomicUsize::new(0),
+                retirement,
+                metrics: self.metrics.clone(),
+            },
+        })
+    }
+}
+
+/// One instance's life: how many requests it takes, and its retirement.
+pub(crate) struct Worker {
+    reuse: Reuse,
+    timeout: Duration,
+    served: AtomicUsize,
+    retirement: Arc<Retirement>,
+    metrics: InstanceMetrics,
+}
+
+impl WorkerState for Worker {
+    type StoreData = Host;
+    type RequestData = Ticket;
+
+    fn should_accept_request(&self, concurrent: usize, total: usize) -> ShouldAccept {
+        if self.retirement.reason().is_some() {
+            return ShouldAccept::Never;
+        }
+        if total >= self.reuse.max_requests as usize {
+            self.retirement.set(Retired::MaxRequests);
+            ShouldAccept::Never
+        } else if concurrent >= self.reuse.max_concurrent as usize {
+            ShouldAccept::No
+        } else {
+            ShouldAccept::Yes
+        }
+    }
+
+    fn on_request_start(
+        &self,
+        mut store: StoreContextMut<'_, Host>,
+        ticket: Ticket,
+        _group: TaskGroupId,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + Sync + 'static>> {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        let _ = ticket.instance.set(self.retirement.clone());
+        store.data_mut().serve(ticket.cx);
+        let retirement = self.retirement.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            tokio::time::sleep(timeout).await;
+            retirement.set(Retired::Timeout);
+        })
+    }
+
+    fn drop(&self, store: Store<Host>, result: wasmtime::Result<()>) {
+        if let Err(e) = &result {
+            self.retirement
+                .set(if e.downcast_ref::<MemoryLimitExceeded>().is_some() {
+                    Retired::MemoryLimit
+                } else {
+                    Retired::Trap
+                });
+        }
+        // Without another reason, the worker ended because it was idle.
+        self.retirement.set(Retired::Idle);
+        let why = self.retirement.reason().unwrap_or(Retired::Idle);
+        let served = self.served.load(Ordering::Relaxed);
+        self.metrics.retired(why.as_str());
+        self.metrics.requests.observe(served as f64);
+        let module = &*store.data().cx.module;
+        match &result {
+            Err(e) => {
+                tracing::warn!(module, reason = why.as_str(), served, error = %format!("{e:#}"), "instance retired")
+            }
+            Ok(()) => tracing::debug!(module, reason = why.as_str(), served, "instance retired"),
+        }
+        drop(store);
+    }
+}
+
+/// When a worker gives up on its instance: idle past `idle_timeout`, or
+/// busy past the request deadline (a guest that never yields to its
+/// requests' own deadlines).
+pub(crate) struct Expiry {
+    idle_timeout: Duration,
+    timeout: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    retirement: Arc<Retirement>,
+}
+
+impl WorkerExpiration for Expiry {
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        status: WorkerStatus,
+        start: Instant,
+    ) -> Poll<()> {
+        let (limit, why) = match status {
+            WorkerStatus::Idle => (self.idle_timeout, Retired::Idle),
+            WorkerStatus::Requests | WorkerStatus::PostReturn => (self.timeout, Retired::Timeout),
+        };
+        let Some(deadline) = start.checked_add(limit) else {
+            return Poll::Pending;
+        };
+        let deadline = tokio::time::Instant::from_std(deadline);
+        if self.sleep.deadline() != deadline {
+            self.sleep.as_mut().reset(deadline);
+        }
+        let expired = self.sleep.as_mut().poll(cx);
+        if expired.is_ready() {
+            self.retirement.set(why);
+        }
+        expired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_world_and_settings_override_them() {
+        let unset = Instances::default();
+        let p2 = Reuse::resolve(&unset, World::P2);
+        assert_eq!((p2.max_requests, p2.max_concurrent), (1, 1));
+        assert!(p2.is_fresh());
+        let p3 = Reuse::resolve(&unset, World::P3);
+        assert_eq!((p3.max_requests, p3.max_concurrent), (128, 16));
+        assert_eq!(p3.idle_timeout, Duration::from_secs(1));
+        let set = Instances {
+            max_requests: Some(4),
+            max_concurrent: Some(8),
+            idle_timeout: Some(Duration::from_millis(250)),
+        };
+        let p3 = Reuse::resolve(&set, World::P3);
+        // Never more at once than in a lifetime.
+        assert_eq!((p3.max_requests, p3.max_concurrent), (4, 4));
+        assert_eq!(p3.idle_timeout, Duration::from_millis(250));
+        // A 0.2 handler is synchronous: reuse, but one request at a time.
+        let p2 = Reuse::resolve(&set, World::P2);
+        assert_eq!((p2.max_requests, p2.max_concurrent), (4, 1));
+        assert!(!p2.is_fresh());
+    }
+
+    #[test]
+    fn the_first_retirement_reason_wins() {
+        let r = Retirement::default();
+        assert_eq!(r.reason(), None);
+        r.set(Retired::MemoryLimit);
+        r.set(Retired::Trap);
+        assert_eq!(r.reason(), Some(Retired::MemoryLimit));
+    }
+}

@@ -1,0 +1,151 @@
+//! A WASI 0.3 fixture that exercises every host feature: config, logging,
+//! metrics, per-instance state, streaming, outbound calls (one, or two at
+//! once), and each way a guest can fail.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use berth_sdk::metrics::Counter;
+use berth_sdk::p3::http::{Method, StatusCode};
+use berth_sdk::p3::http_body_util::BodyExt;
+use berth_sdk::p3::{Body, ErrorCode, Request, Response, channel, collect, full, send, spawn};
+
+/// Lives as long as the instance: shows whether requests share one.
+static SERVED: AtomicU64 = AtomicU64::new(0);
+static HITS: Counter = Counter::new("p3_hits");
+
+fn status(code: u16, text: impl Into<String>) -> Response<Body> {
+    let mut resp = Response::new(full(text.into()));
+    *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp
+}
+
+fn header(req: &Request, name: &str) -> Option<String> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+async fn sleep_ms(ms: u64) {
+    berth_sdk::p3::wasip3::clocks::monotonic_clock::wait_for(ms * 1_000_000).await;
+}
+
+/// An outbound call to `url`: GET, or POST with `body`.
+async fn call(url: &str, body: Option<Vec<u8>>) -> Result<(u16, String), ErrorCode> {
+    let builder = berth_sdk::p3::http::Request::builder().uri(url);
+    let req = match body {
+        Some(b) => builder.method(Method::POST).body(full(b)),
+        None => builder.method(Method::GET).body(full("")),
+    }
+    .map_err(|e| ErrorCode::InternalError(Some(e.to_string())))?;
+    let resp = send(req).await?;
+    let code = resp.status().as_u16();
+    let body = collect(resp.into_body()).await?;
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn handle(req: Request) -> Response<Body> {
+    let served = SERVED.fetch_add(1, Ordering::Relaxed) + 1;
+    let path = req.uri().path().trim_start_matches("/p3").to_owned();
+    match path.as_str() {
+        "" | "/" => {
+            let greeting = berth_sdk::config::get_or("greeting", "hello");
+            status(200, format!("{greeting} from p3\n"))
+        }
+        "/count" => status(200, format!("{served}\n")),
+        "/log" => {
+            berth_sdk::info!("p3 guest log line");
+            status(200, "logged\n")
+        }
+        "/metric" => {
+            HITS.inc();
+            status(200, "counted\n")
+        }
+        "/sleep" => {
+            let ms = header(&req, "x-sleep-ms").and_then(|v| v.parse().ok()).unwrap_or(100);
+            sleep_ms(ms).await;
+            status(200, format!("slept {ms}\n"))
+        }
+        "/spin" => {
+            let mut x: u64 = 1;
+            loop {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+        }
+        "/trap" => panic!("p3 guest asked to trap"),
+        "/grow" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        "/echo" => {
+            // Streams the request body back as it arrives.
+            let (mut tx, body) = channel();
+            let mut incoming = req.into_body();
+            spawn(async move {
+                while let Some(Ok(frame)) = incoming.frame().await {
+                    if let Ok(data) = frame.into_data()
+                        && !tx.send(data).await
+                    {
+                        break;
+                    }
+                }
+            });
+            Response::new(body)
+        }
+        "/drip" => {
+            // Lines written over time, after the head is out.
+            let (mut tx, body) = channel();
+            let n = header(&req, "x-lines").and_then(|v| v.parse().ok()).unwrap_or(3u32);
+            spawn(async move {
+                for i in 0..n {
+                    if !tx.send(format!("tick {i}\n")).await {
+                        break;
+                    }
+                    sleep_ms(20).await;
+                }
+            });
+            Response::new(body)
+        }
+        "/fetch" => {
+            let Some(url) = header(&req, "x-url") else {
+                return status(400, "x-url missing\n");
+            };
+            let body = if req.method() == Method::POST {
+                match collect(req.into_body()).await {
+                    Ok(b) => Some(b.to_vec()),
+                    Err(e) => return status(400, format!("{e:?}\n")),
+                }
+            } else {
+                None
+            };
+            match call(&url, body).await {
+                Ok((code, text)) => status(200, format!("{code} {text}")),
+                Err(e) => status(502, format!("outbound failed: {e:?}\n")),
+            }
+        }
+        "/fanout" => {
+            // Two upstreams at once; each answer streams out as it lands.
+            let (a, b) = (header(&req, "x-url-a"), header(&req, "x-url-b"));
+            let (Some(a), Some(b)) = (a, b) else {
+                return status(400, "x-url-a and x-url-b needed\n");
+            };
+            let (mut tx, body) = channel();
+            spawn(async move {
+                let line = |r: Result<(u16, String), ErrorCode>| match r {
+                    Ok((code, text)) => format!("{code} {}\n", text.trim()),
+                    Err(e) => format!("error {e:?}\n"),
+                };
+                let (ra, rb) = futures_util::join!(call(&a, None), call(&b, None));
+                tx.send(line(ra)).await;
+                tx.send(line(rb)).await;
+            });
+            Response::new(body)
+        }
+        _ => status(404, "no such fixture route\n"),
+    }
+}
+
+berth_sdk::p3::service!(handle);
