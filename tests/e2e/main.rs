@@ -9,6 +9,7 @@ mod downstream;
 mod lifecycle;
 mod observability;
 mod otlp;
+mod p3;
 mod resilience;
 mod streaming;
 mod support;

@@ -50,7 +50,7 @@ pub fn check_file(runtime: &Runtime, file: &Path) -> anyhow::Result<CheckReport>
     let found = World::of(&fetched.bytes);
     let world = found.unwrap_or(World::P2);
     // Checked as it would be served: on the engine of its world's defaults.
-    let flavor = flavor_of(world, &Reuse::resolve(&Default::default(), world));
+    let flavor = flavor_of(found, &Reuse::resolve(&Default::default(), world));
     let component = match compile(runtime, flavor, &name, &origin, &fetched) {
         Ok(c) => c,
         Err(e) => {

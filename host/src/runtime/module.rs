@@ -316,8 +316,9 @@ impl Module {
     ) -> Result<Module, LoadError> {
         let started = std::time::Instant::now();
         let origin = spec.source.to_string();
-        let world = World::of(&fetched.bytes).unwrap_or(World::P2);
-        let flavor = flavor_of(world, &Reuse::resolve(&spec.instances, world));
+        let found = World::of(&fetched.bytes);
+        let world = found.unwrap_or(World::P2);
+        let flavor = flavor_of(found, &Reuse::resolve(&spec.instances, world));
         let component = compile(runtime, flavor, &spec.name, &origin, &fetched)?;
         let linked = link(runtime, flavor, world, &spec.name, &origin, &component)?;
         metrics
@@ -394,7 +395,10 @@ impl Module {
         metrics: &Arc<Metrics>,
     ) -> Option<Result<Module, LoadError>> {
         let linked = self.linked.clone();
-        if flavor_of(linked.world, &Reuse::resolve(&spec.instances, linked.world)) != linked.flavor
+        if flavor_of(
+            Some(linked.world),
+            &Reuse::resolve(&spec.instances, linked.world),
+        ) != linked.flavor
         {
             return None;
         }
@@ -501,9 +505,11 @@ impl Module {
 }
 
 /// The engine a module runs on: the fresh-instance one only for a WASI 0.2
-/// module with an instance per request.
-pub(crate) fn flavor_of(world: World, reuse: &Reuse) -> Flavor {
-    if world == World::P2 && reuse.is_fresh() {
+/// module with an instance per request. A component with neither handler
+/// goes to the concurrent engine, which parses every component, so the
+/// linker can name what it lacks.
+pub(crate) fn flavor_of(world: Option<World>, reuse: &Reuse) -> Flavor {
+    if world == Some(World::P2) && reuse.is_fresh() {
         Flavor::Fresh
     } else {
         Flavor::Concurrent

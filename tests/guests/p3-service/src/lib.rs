@@ -46,7 +46,9 @@ async fn call(url: &str, body: Option<Vec<u8>>) -> Result<(u16, String), ErrorCo
 
 async fn handle(req: Request) -> Response<Body> {
     let served = SERVED.fetch_add(1, Ordering::Relaxed) + 1;
-    let path = req.uri().path().trim_start_matches("/p3").to_owned();
+    // The route prefix (the first segment) is the host's business.
+    let full = req.uri().path();
+    let path = full[1..].find('/').map_or("", |i| &full[i + 1..]).to_owned();
     match path.as_str() {
         "" | "/" => {
             let greeting = berth_sdk::config::get_or("greeting", "hello");
@@ -64,7 +66,7 @@ async fn handle(req: Request) -> Response<Body> {
         "/sleep" => {
             let ms = header(&req, "x-sleep-ms").and_then(|v| v.parse().ok()).unwrap_or(100);
             sleep_ms(ms).await;
-            status(200, format!("slept {ms}\n"))
+            status(200, format!("slept {ms} as request {served}\n"))
         }
         "/spin" => {
             let mut x: u64 = 1;

@@ -1,0 +1,592 @@
+//! WASI 0.3 (`wasi:http/handler@0.3`) modules: every host feature applied
+//! to them as to 0.2 modules, instance reuse and its failure modes, and
+//! which 0.3.x releases load.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::downstream::{Downstream, Mode};
+use crate::support::*;
+
+/// The 0.3 fixture at `/p3`, with `extra` settings.
+fn p3(extra: &str) -> String {
+    module("svc", "/p3", "p3_service", extra)
+}
+
+fn count(berth: &Berth) -> u64 {
+    let r = get(&berth.url("/p3/count"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body.trim().parse().unwrap()
+}
+
+#[test]
+fn both_worlds_load_side_by_side_and_info_and_check_name_them() {
+    let config = p3("config = { greeting = \"hi\" }") + &module("plain", "/", "plain_hello", "");
+    let berth = Berth::start(&config);
+    // Routing: each world behind its own prefix.
+    assert_eq!(get(&berth.url("/p3")).body, "hi from p3\n");
+    assert_eq!(get(&berth.url("/other")).status, 200);
+    let info = get(&berth.admin_url("/info")).json();
+    let world = |name: &str| {
+        info["modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .map(|m| (m["world"].clone(), m["instances"].clone()))
+            .unwrap()
+    };
+    let (svc, reuse) = world("svc");
+    assert_eq!(svc, "wasi:http@0.3");
+    assert_eq!(reuse["max_requests"], 128);
+    assert_eq!(reuse["max_concurrent"], 16);
+    let (plain, reuse) = world("plain");
+    assert_eq!(plain, "wasi:http@0.2");
+    assert_eq!(reuse["max_requests"], 1);
+    let loaded = berth
+        .wait_for_log(Duration::from_secs(1), |l| {
+            l["message"] == "module loaded" && l["module"] == "svc"
+        })
+        .unwrap();
+    assert_eq!(loaded["world"], "wasi:http@0.3");
+
+    let out = run_cli(&["check", wasm("p3_service").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("world: wasi:http@0.3"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("wasi:http/handler@0.3.2"),
+        "{}",
+        out.stdout
+    );
+    let out = run_cli(&["check", "--json", wasm("plain_hello").to_str().unwrap()]);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["world"], "wasi:http@0.2");
+}
+
+/// The fixture's `0.3.2` names rewritten to another release, everywhere
+/// (export, imports and the embedded type information), so the component
+/// is otherwise the same.
+fn as_release(version: &str) -> tempfile::NamedTempFile {
+    let mut bytes = std::fs::read(wasm("p3_plain")).unwrap();
+    let (from, to) = (b"@0.3.2", format!("@{version}"));
+    assert_eq!(to.len(), from.len());
+    let mut i = 0;
+    while i + from.len() <= bytes.len() {
+        if &bytes[i..i + from.len()] == from {
+            bytes[i..i + from.len()].copy_from_slice(to.as_bytes());
+            i += from.len();
+        } else {
+            i += 1;
+        }
+    }
+    let file = tempfile::Builder::new().suffix(".wasm").tempfile().unwrap();
+    std::fs::write(file.path(), bytes).unwrap();
+    file
+}
+
+#[test]
+fn every_0_3_x_release_loads_and_0_4_does_not() {
+    // wasmtime 50 implements 0.3.0; imports of later 0.3.x releases
+    // resolve to it by semver, and the handler is found by the same rule.
+    for version in ["0.3.0", "0.3.1", "0.3.2", "0.3.9"] {
+        let file = as_release(version);
+        let out = run_cli(&["check", file.path().to_str().unwrap()]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{version}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        assert!(out.stdout.contains(&format!("wasi:http/handler@{version}")));
+        assert!(
+            out.stdout.contains("world: wasi:http@0.3"),
+            "{}",
+            out.stdout
+        );
+    }
+    let file = as_release("0.3.1");
+    let config = format!(
+        "[modules.next]\nfile = {:?}\nroute = \"/\"\n",
+        file.path().display().to_string()
+    );
+    let berth = Berth::start(&config);
+    assert_eq!(get(&berth.url("/hello")).body, "hello\n");
+    // A release the host does not implement is named, not half-served.
+    let file = as_release("0.4.0");
+    let out = run_cli(&["check", file.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("wasi:http/types@0.4.0  MISSING"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn config_logging_guest_metrics_and_access_logs_work_for_p3() {
+    let config = "[log]\naccess_log = true\n".to_owned()
+        + &p3("config = { greeting = \"hej\" }\nsecrets = { token = \"s3cr3t\" }");
+    let berth = Berth::start_with(
+        &config,
+        &[("BERTH_MODULES__SVC__CONFIG__GREETING", "hallo")],
+    );
+    assert_eq!(get(&berth.url("/p3")).body, "hallo from p3\n");
+    let r = get_with(&berth.url("/p3/log"), &[("x-request-id", "p3-req-1")]);
+    assert_eq!(r.status, 200);
+    let line = berth
+        .wait_for_log(Duration::from_secs(2), |l| {
+            l["message"] == "p3 guest log line"
+        })
+        .expect("the guest's wasi:logging line");
+    assert_eq!(line["module"], "svc");
+    assert_eq!(line["request_id"], "p3-req-1");
+    let access = berth
+        .wait_for_log(Duration::from_secs(2), |l| {
+            l["target"] == "access" && l["request_id"] == "p3-req-1"
+        })
+        .expect("an access log line for the p3 request");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["route"], "/p3");
+    for _ in 0..3 {
+        assert_eq!(get(&berth.url("/p3/metric")).status, 200);
+    }
+    let page = berth.metrics();
+    assert_eq!(
+        metric(&page, "berth_guest_svc_p3_hits_total", &[]),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "berth_http_server_requests_total",
+            &[("module", "svc"), ("status", "200")]
+        ),
+        Some(5.0)
+    );
+    assert!(!berth.log_text().contains("s3cr3t"));
+}
+
+#[test]
+fn instances_are_reused_up_to_max_requests_then_retired() {
+    let berth = Berth::start(&p3("instances = { max_requests = 3, max_concurrent = 1 }"));
+    let seen: Vec<u64> = (0..7).map(|_| count(&berth)).collect();
+    // One instance serves three requests in turn; then a new one starts.
+    assert_eq!(seen, [1, 2, 3, 1, 2, 3, 1]);
+    let page = berth.metrics();
+    let svc = [("module", "svc")];
+    assert_eq!(
+        metric(&page, "berth_instances_created_total", &svc),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "berth_instances_retired_total",
+            &[("module", "svc"), ("reason", "max_requests")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&page, "berth_instance_requests_sum", &svc),
+        Some(6.0)
+    );
+}
+
+#[test]
+fn a_fresh_p3_instance_per_request_keeps_no_state_and_idle_instances_retire() {
+    let berth = Berth::start(&p3("instances = { max_requests = 1 }"));
+    for _ in 0..3 {
+        assert_eq!(count(&berth), 1);
+    }
+    let berth = Berth::start(&p3("instances = { idle_timeout = \"200ms\" }"));
+    assert_eq!(count(&berth), 1);
+    assert_eq!(count(&berth), 2);
+    std::thread::sleep(Duration::from_millis(700));
+    // The idle instance is gone: the next request starts over.
+    assert_eq!(count(&berth), 1);
+    let page = berth.metrics();
+    assert_eq!(
+        metric(
+            &page,
+            "berth_instances_retired_total",
+            &[("module", "svc"), ("reason", "idle")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn a_trap_or_memory_hit_fails_its_request_and_the_next_gets_a_clean_instance() {
+    let berth = Berth::start(&p3("limits = { memory = \"16MiB\" }"));
+    assert_eq!(count(&berth), 1);
+    assert_eq!(count(&berth), 2);
+    let r = get(&berth.url("/p3/trap"));
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert_eq!(r.json()["error"], "the module failed");
+    assert_eq!(count(&berth), 1, "the trapped instance served again");
+    let r = get(&berth.url("/p3/grow"));
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert_eq!(r.json()["error"], "the module ran out of memory");
+    assert_eq!(
+        count(&berth),
+        1,
+        "the instance over its memory served again"
+    );
+    let page = berth.metrics();
+    for (kind, reason) in [("trap", "trap"), ("memory_limit", "memory_limit")] {
+        assert_eq!(
+            metric(
+                &page,
+                "berth_guest_failures_total",
+                &[("module", "svc"), ("kind", kind)]
+            ),
+            Some(1.0),
+            "{kind}"
+        );
+        assert_eq!(
+            metric(
+                &page,
+                "berth_instances_retired_total",
+                &[("module", "svc"), ("reason", reason)]
+            ),
+            Some(1.0),
+            "{reason}"
+        );
+    }
+}
+
+#[test]
+fn a_request_over_its_deadline_gets_504_and_its_neighbour_is_not_cancelled() {
+    let berth = Berth::start(&p3("limits = { timeout = \"1s\" }"));
+    assert_eq!(count(&berth), 1);
+    // A request that waits past its deadline, and a short one on the same
+    // instance while it waits.
+    let long = {
+        let url = berth.url("/p3/sleep");
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            (get_with(&url, &[("x-sleep-ms", "5000")]), started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let short = get_with(&berth.url("/p3/sleep"), &[("x-sleep-ms", "300")]);
+    assert_eq!(short.status, 200, "{}", short.body);
+    assert_eq!(
+        short.body, "slept 300 as request 3\n",
+        "not the shared instance"
+    );
+    let (long, took) = long.join().unwrap();
+    assert_eq!(long.status, 504, "{}", long.body);
+    assert!(took < Duration::from_secs(3), "504 after {took:?}");
+    // The instance that ran over is retired: the next request starts over.
+    assert_eq!(count(&berth), 1);
+    // A guest that spins never yields to its neighbours: the component
+    // model cannot cancel it, so its instance is torn down.
+    let spin = get(&berth.url("/p3/spin"));
+    assert_eq!(spin.status, 504, "{}", spin.body);
+    assert_eq!(count(&berth), 1);
+    assert_eq!(get(&berth.admin_url("/healthz")).status, 200);
+    let page = berth.metrics();
+    assert_eq!(
+        metric(
+            &page,
+            "berth_guest_failures_total",
+            &[("module", "svc"), ("kind", "timeout")]
+        ),
+        Some(2.0)
+    );
+    // Both instances are retired for their timeouts (the spinning one as
+    // its worker gives up on it, a moment after the 504).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let retired = metric(
+            &berth.metrics(),
+            "berth_instances_retired_total",
+            &[("module", "svc"), ("reason", "timeout")],
+        );
+        if retired == Some(2.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retired for timeouts: {retired:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn p3_bodies_stream_both_ways_and_limits_hold() {
+    let berth = Berth::start(&p3(
+        "limits = { max_body = \"256KiB\", max_concurrency = 2 }",
+    ));
+    let body: String = (0..200_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let r = post(&berth.url("/p3/echo"), &body);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, body, "the echo differs");
+    // Over `max_body`, chunked (no length up front), to a route that reads
+    // the whole body before it answers: 413.
+    let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut req = String::from(
+        "POST /p3/fetch HTTP/1.1\r\nhost: x\r\nx-url: http://127.0.0.1:9/\r\n\
+         transfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+    );
+    for _ in 0..40 {
+        req.push_str(&format!("2000\r\n{}\r\n", "y".repeat(0x2000)));
+    }
+    req.push_str("0\r\n\r\n");
+    use std::io::{Read, Write};
+    let _ = conn.write_all(req.as_bytes());
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let r = get_with(&berth.url("/p3/drip"), &[("x-lines", "4")]);
+    assert_eq!(r.body, "tick 0\ntick 1\ntick 2\ntick 3\n");
+    // Over the concurrency limit: shed at once.
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let url = berth.url("/p3/sleep");
+            std::thread::spawn(move || get_with(&url, &[("x-sleep-ms", "1500")]))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(400));
+    let shed = get(&berth.url("/p3/count"));
+    assert_eq!(shed.status, 503, "{}", shed.body);
+    assert_eq!(shed.header("retry-after"), Some("1"));
+    for s in slow {
+        assert_eq!(s.join().unwrap().status, 200);
+    }
+}
+
+fn fetch(berth: &Berth, url: &str) -> Reply {
+    get_with(&berth.url("/p3/fetch"), &[("x-url", url)])
+}
+
+#[test]
+fn p3_outbound_calls_follow_the_policy() {
+    let down = Downstream::start(Mode::Ok);
+    let port = down.addr.port();
+    let config = p3(&format!(
+        "allowed_outbound_hosts = [\"http://{}\"]\noutbound = {{ retries = 0 }}",
+        down.addr
+    )) + &module(
+        "wild",
+        "/wild",
+        "p3_service",
+        "allowed_outbound_hosts = [\"http://*:*\"]",
+    );
+    let berth = Berth::start(&config);
+    let r = fetch(&berth, &down.url("/x"));
+    assert_eq!(r.body, "200 downstream ok", "{}", r.body);
+    // POST with a body.
+    let r = get_with(&berth.url("/p3/fetch"), &[("x-url", &down.url("/p"))]);
+    assert_eq!(r.status, 200);
+    let posted = reqwest_like_post(&berth, &down.url("/post"), &"b".repeat(100_000));
+    assert_eq!(posted, "200 downstream ok");
+    assert_eq!(down.bodies().last(), Some(&100_000));
+    // Not listed, and loopback behind a wildcard: refused.
+    for target in [
+        format!("http://127.0.0.2:{port}/"),
+        format!("http://localhost:{port}/"),
+    ] {
+        let r = fetch(&berth, &target);
+        assert_eq!(r.status, 502, "{target}: {}", r.body);
+        assert!(r.body.contains("HttpRequestDenied"), "{}", r.body);
+    }
+    let r = get_with(&berth.url("/wild/fetch"), &[("x-url", &down.url("/"))]);
+    assert!(
+        r.body.contains("HttpRequestDenied"),
+        "loopback guard: {}",
+        r.body
+    );
+    let hits = down.hits();
+    assert_eq!(hits, 3, "denied calls reached the upstream");
+    let page = berth.metrics();
+    assert!(
+        metric(
+            &page,
+            "berth_http_client_denied_total",
+            &[("module", "svc")]
+        )
+        .unwrap_or(0.0)
+            >= 2.0
+    );
+}
+
+fn reqwest_like_post(berth: &Berth, url: &str, body: &str) -> String {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    agent
+        .post(&berth.url("/p3/fetch"))
+        .header("x-url", url)
+        .send(body)
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
+#[test]
+fn p3_outbound_retries_breaker_and_timeouts_apply() {
+    let down = Downstream::start(Mode::FailFirst(2, None));
+    let outbound = "retries = 3, retry_backoff = \"10ms\", first_byte_timeout = \"500ms\", \
+                    circuit_breaker = { failures = 3, open_for = \"30s\", half_open_probes = 1 }";
+    let config = p3(&format!(
+        "allowed_outbound_hosts = [\"http://{}\"]\noutbound = {{ {outbound} }}",
+        down.addr
+    ));
+    let berth = Berth::start(&config);
+    // Retried until it answers.
+    assert_eq!(fetch(&berth, &down.url("/r")).body, "200 downstream ok");
+    assert_eq!(down.hits(), 3);
+    // A hanging upstream times out within the bound.
+    down.set_mode(Mode::Hang);
+    let started = Instant::now();
+    let r = fetch(&berth, &down.url("/h"));
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    // An upstream that keeps failing opens the breaker: calls fail fast
+    // without reaching it.
+    down.set_mode(Mode::AlwaysFail);
+    for _ in 0..3 {
+        fetch(&berth, &down.url("/f"));
+    }
+    let before = down.hits();
+    let r = fetch(&berth, &down.url("/f"));
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(down.hits(), before, "the open breaker let a call through");
+    let page = berth.metrics();
+    let upstream = down.addr.to_string();
+    assert_eq!(
+        metric(
+            &page,
+            "berth_http_client_circuit_state",
+            &[("module", "svc"), ("upstream", upstream.as_str())]
+        ),
+        Some(2.0)
+    );
+}
+
+#[test]
+fn a_p3_fan_out_calls_two_upstreams_at_once_and_streams_both() {
+    let a = Downstream::start(Mode::Ok);
+    let b = Downstream::start(Mode::Serve("from b".into()));
+    let config = p3(&format!(
+        "allowed_outbound_hosts = [\"http://{}\", \"http://{}\"]",
+        a.addr, b.addr
+    ));
+    let berth = Berth::start(&config);
+    let r = get_with(
+        &berth.url("/p3/fanout"),
+        &[("x-url-a", &a.url("/a")), ("x-url-b", &b.url("/b"))],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, "200 downstream ok\n200 from b\n");
+    assert_eq!((a.hits(), b.hits()), (1, 1));
+}
+
+#[test]
+fn a_p3_module_hot_swaps_to_p2_and_back_under_load_and_sigterm_drains_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("svc.wasm");
+    std::fs::copy(wasm("p3_service"), &file).unwrap();
+    let config = format!(
+        "[runtime]\nrescan_interval = \"100ms\"\n[shutdown]\ndrain_delay = \"0s\"\n\
+         grace_period = \"10s\"\n[modules.svc]\nfile = {:?}\nroute = \"/p3\"\n",
+        file.display().to_string()
+    );
+    let mut berth = Berth::start(&config);
+    assert_eq!(count(&berth), 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (url, stop) = (berth.url("/p3/count"), stop.clone());
+        std::thread::spawn(move || {
+            let mut failures = vec![];
+            while !stop.load(Ordering::Relaxed) {
+                let r = get(&url);
+                if r.status != 200 {
+                    failures.push(format!("{} {}", r.status, r.body));
+                }
+            }
+            failures
+        })
+    };
+    // To the 0.2 hello and back, by renaming new files over the old one.
+    for (from, world) in [
+        ("plain_hello", "wasi:http@0.2"),
+        ("p3_service", "wasi:http@0.3"),
+    ] {
+        let tmp = dir.path().join("next.wasm");
+        std::fs::copy(wasm(from), &tmp).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info = get(&berth.admin_url("/info")).json();
+            if info["modules"][0]["world"] == world {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no swap to {world}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let failures = load.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "requests failed during swaps: {failures:?}"
+    );
+    // SIGTERM with a p3 request in flight: it completes, then berth exits 0.
+    let slow = {
+        let url = berth.url("/p3/sleep");
+        std::thread::spawn(move || get_with(&url, &[("x-sleep-ms", "800")]))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    std::process::Command::new("kill")
+        .args(["-TERM", &berth.pid().to_string()])
+        .status()
+        .unwrap();
+    let r = slow.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let status = berth.wait_exit(Duration::from_secs(10)).expect("exit");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn p3_modules_use_the_compile_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[runtime]\ncache_dir = {:?}\n",
+        cache.path().display().to_string()
+    ) + &p3("")
+        + &module("plain", "/", "plain_hello", "");
+    {
+        let berth = Berth::start(&config);
+        assert_eq!(count(&berth), 1);
+        assert!(!berth.log_text().contains("loaded from the compile cache"));
+    }
+    let berth = Berth::start(&config);
+    assert_eq!(count(&berth), 1);
+    for module in ["svc", "plain"] {
+        berth
+            .wait_for_log(Duration::from_secs(1), |l| {
+                l["message"] == "loaded from the compile cache" && l["module"] == module
+            })
+            .unwrap_or_else(|| panic!("{module} was compiled again"));
+    }
+}
