@@ -12,11 +12,15 @@ export BERTH_BIN := $(CARGO_TARGET_DIR)/release/berth
 WASM_DIR := $(CARGO_TARGET_DIR)/wasm32-wasip2/release
 GUEST_WORKSPACES := examples/Cargo.toml tests/guests/Cargo.toml
 
-.PHONY: setup k8s-tools guests build run test lint chart-check image-check smoke_test bench clean
+.PHONY: setup k8s-tools wasmtime conformance guests build run test lint chart-check image-check smoke_test bench clean
 
 ## setup: install the toolchain pieces the build needs (idempotent)
 setup:
 	@./scripts/setup.sh
+
+## wasmtime: wasmtime-cli of the pinned release into .tools/ (conformance, bench)
+wasmtime:
+	@./scripts/wasmtime.sh
 
 ## guests: build the example modules and test fixtures for wasm32-wasip2
 guests: setup
@@ -64,6 +68,10 @@ smoke_test:
 test: guests lint
 	$(CARGO) test --release --locked --workspace
 	$(MAKE) chart-check image-check
+
+## conformance: the same WASI 0.3 fixture under berth and `wasmtime serve` gives the same answers
+conformance: guests wasmtime
+	$(CARGO) test --release --locked -p berth-host --test e2e conformance -- --ignored
 
 ## bench: berth against wasmtime serve and native hyper; writes bench/RESULTS.md
 bench: setup

@@ -29,6 +29,8 @@ NATIVE = os.path.join(TARGET, "release", "native-hello")
 WASMTIME = os.environ.get("WASMTIME", os.path.join(ROOT, ".tools", "wasmtime", "bin", "wasmtime"))
 WASM = os.path.join(TARGET, "wasm32-wasip2", "release")
 HELLO = os.path.join(WASM, "plain_hello.wasm")
+# WASI 0.3 hello: the conformance fixture (standard interfaces only), `/hello`.
+HELLO_P3 = os.path.join(WASM, "p3_plain.wasm")
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 DURATION = os.environ.get("DURATION", "10s")
 CONNS = 64
@@ -219,6 +221,12 @@ def main():
             "berth-full", [("hello", "/", HELLO)], access_log=True,
             env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp, "OTEL_SERVICE_NAME": "bench"}), "/"),
         ("berth, 20 modules (last route)", lambda: start_berth("berth-20", twenty), "/m19"),
+        ("wasmtime serve (p3)", lambda: (lambda p: Server(
+            "wasmtime-p3", [WASMTIME, "serve", "-Scli", f"--addr=127.0.0.1:{p}", HELLO_P3], f"http://127.0.0.1:{p}/"))(free_port()), "/hello"),
+        ("berth (p3, defaults)", lambda: start_berth("berth-p3", [("hello3", "/", HELLO_P3)]), "/hello"),
+        ("berth (p3, max_requests = 1)", lambda: start_berth(
+            "berth-p3-fresh", [("hello3", "/", HELLO_P3)],
+            env={"BERTH_MODULES__HELLO3__INSTANCES__MAX_REQUESTS": "1"}), "/hello"),
         ("native hyper", lambda: (lambda p: Server(
             "native", [NATIVE, f"127.0.0.1:{p}"], f"http://127.0.0.1:{p}/"))(free_port()), "/"),
     ]
@@ -287,6 +295,8 @@ def write_results(results, starts, instantiation, idle_rss):
         "wasmtime serve", "berth (metrics on)", "berth (metrics, JSON access log, OTLP traces)",
         "berth, 20 modules (last route)", "native hyper")
     madvise, logged = "berth (metrics on, keep_resident = 0)", "berth (metrics, JSON access log)"
+    ws3, b3, b3fresh = "wasmtime serve (p3)", "berth (p3, defaults)", "berth (p3, max_requests = 1)"
+    ratio3 = med(b3, "rps") / med(ws3, "rps")
     med = lambda name, key: statistics.median(col(name, key))
     best = bm
     ratio = med(best, "rps") / med(ws, "rps")
@@ -306,11 +316,12 @@ def write_results(results, starts, instantiation, idle_rss):
         f"- Versions: {version([BERTH, 'version'])}, {version([WASMTIME, '--version'])}, {version(['wrk', '--version']) or 'wrk'}, {version(['rustc', '--version'])}.",
         f"- Load: `taskset -c {LOAD_CPU} wrk -t1 -c{CONNS} -d{DURATION} --latency`, server pinned with `taskset -c {SERVER_CPU}`; {ROUNDS} rounds, servers alternating order each round, 2 s warm-up each; median (min-max).",
         "- Component: `tests/guests/plain-hello` (bare `wasi:http/proxy` plus the `wasi:cli` imports of Rust std, answers `hello`), the same file for every Wasm server (`wasmtime serve -Scli`); a fresh instance per request everywhere (`wasmtime serve` defaults to that for p2 components).",
+        "- p3 rows: `tests/guests/p3-plain` (`wasi:http/handler@0.3`, `GET /hello`), the same file under `wasmtime serve -Scli` and Berth, each at its defaults (instances reused: 128 requests, 16 at once), plus Berth with a fresh p3 instance per request.",
         "",
         "| server | req/s | server CPU per request | p99 latency | peak RSS under load |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for name in (ws, bm, madvise, logged, bf, b20, nat):
+    for name in (ws, bm, madvise, logged, bf, b20, ws3, b3, b3fresh, nat):
         lines.append(
             f"| {name} | {fmt(col(name, 'rps'))} | {fmt(col(name, 'cpu_us'), ' µs', 1)} | {fmt(col(name, 'p99_ms'), ' ms', 2)} | {fmt(col(name, 'rss_mib'), ' MiB', 1)} |"
         )
@@ -338,6 +349,9 @@ def write_results(results, starts, instantiation, idle_rss):
         f"| ... and <= 25 µs server CPU per request | {cpu:.1f} µs | {yes(cpu <= 25)} |",
         f"| ... and p99 no worse than `wasmtime serve` | {med(best, 'p99_ms'):.2f} ms vs {med(ws, 'p99_ms'):.2f} ms | {yes(p99_ok)} |",
         f"| full telemetry: >= 1.5x `wasmtime serve` | {ratio_full:.2f}x | {yes(ratio_full >= 1.5)} |",
+        f"| p3 at defaults: >= 1.5x `wasmtime serve` p3 req/s | {ratio3:.2f}x | {yes(ratio3 >= 1.5)} |",
+        f"| ... and <= 12 µs server CPU per request | {med(b3, 'cpu_us'):.1f} µs | {yes(med(b3, 'cpu_us') <= 12)} |",
+        f"| ... and p99 no worse than `wasmtime serve` p3 | {med(b3, 'p99_ms'):.2f} ms vs {med(ws3, 'p99_ms'):.2f} ms | {yes(med(b3, 'p99_ms') <= med(ws3, 'p99_ms'))} |",
         f"| routing across 20 modules costs < 5% | {routing * 100:.1f}% | {yes(routing < 0.05)} |",
         f"| cold start to `/ready`, warm cache, 20 modules: < 100 ms | {warm20:.0f} ms | {yes(warm20 < 100)} |",
         f"| idle RSS < 40 MiB with the examples loaded (compiled at start-up) | {idle_rss['compiled at start-up']:.1f} MiB | {yes(idle_rss['compiled at start-up'] < 40)} |",

@@ -11,11 +11,9 @@ if ! command -v wrk >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk >/dev/null
 fi
-if ! .tools/wasmtime/bin/wasmtime --version 2>/dev/null | grep -q "50.0.1"; then
-  echo "bench: building wasmtime-cli 50.0.1 (takes a while on 2 cores)"
-  cargo install wasmtime-cli --version 50.0.1 --locked --root .tools/wasmtime
-fi
+./scripts/wasmtime.sh
 make guests
 cargo build --release --locked --bin berth
 cargo build --release --locked -p native-hello
+make conformance
 exec python3 bench/bench.py

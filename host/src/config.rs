@@ -166,7 +166,7 @@ pub struct RuntimeConfig {
     pub rescan_interval: Duration,
     /// Dirty memory of a finished instance reset in place (memset) instead
     /// of returned to the kernel, saving the `madvise` and the page faults of
-    /// the next request. Unset: 1 MiB where the kernel offers `PAGEMAP_SCAN`
+    /// the next request. Unset: 64 KiB where the kernel offers `PAGEMAP_SCAN`
     /// (Linux 6.7+, which finds the dirty pages), otherwise 0, since without
     /// it the first `keep_resident` bytes are reset whether touched or not.
     pub keep_resident: Option<ByteSize>,

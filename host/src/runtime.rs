@@ -39,9 +39,12 @@ const CORE_INSTANCES_PER_COMPONENT: u32 = 4;
 const TABLES_PER_COMPONENT: u32 = 3;
 
 /// Dirty pages of a freed instance's memory reset with `memcpy`/`memset`
-/// when `PAGEMAP_SCAN` finds them; more than a small Rust or TinyGo guest
-/// touches per request, so such guests never fault or `madvise`.
-pub const DEFAULT_KEEP_RESIDENT: usize = 1 << 20;
+/// when `PAGEMAP_SCAN` finds them, the rest returned with `madvise`.
+/// wasmtime 50 resets every resident page up to this budget on every
+/// instance (48 stopped after 32 regions), so a large budget costs a
+/// `memset` of all of it per request: 1 MiB doubled the CPU of a hello
+/// request; 64 KiB is the best measured (bench/NOTES.md).
+pub const DEFAULT_KEEP_RESIDENT: usize = 64 << 10;
 
 /// Engine-wide settings.
 #[derive(Debug, Clone)]
@@ -366,4 +369,24 @@ fn spawn_epoch_ticker(
             }
         })
         .expect("spawning the epoch ticker thread");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::wasm;
+
+    #[test]
+    fn the_world_comes_from_the_top_level_exports() {
+        let read = |name: &str| std::fs::read(wasm(name)).unwrap();
+        assert_eq!(World::of(&read("p3_plain")), Some(World::P3));
+        assert_eq!(World::of(&read("p3_service")), Some(World::P3));
+        assert_eq!(World::of(&read("plain_hello")), Some(World::P2));
+        assert_eq!(World::of(&read("hello")), Some(World::P2));
+        // Not a component, or cut short: no world, and no panic.
+        assert_eq!(World::of(b"\0asm\x01\0\0\0"), None);
+        let p3 = read("p3_plain");
+        assert_eq!(World::of(&p3[..p3.len() / 2]), None);
+        assert_eq!(World::of(b"garbage"), None);
+    }
 }

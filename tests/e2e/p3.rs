@@ -590,3 +590,80 @@ fn p3_modules_use_the_compile_cache() {
             .unwrap_or_else(|| panic!("{module} was compiled again"));
     }
 }
+
+#[test]
+fn p3_requests_are_traced_across_two_hosts_with_guest_logs_on_their_spans() {
+    use crate::otlp::{KIND_CLIENT, KIND_SERVER, Receiver};
+    const TRACE_ID: &str = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let receiver = Receiver::start();
+    let endpoint = receiver.endpoint();
+    let env = |service: &'static str| {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
+            ("OTEL_SERVICE_NAME", service.to_owned()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+        ]
+    };
+    let as_refs = |v: &[(&'static str, String)]| -> Vec<(&'static str, String)> { v.to_vec() };
+    let b_env = as_refs(&env("p3-b"));
+    let b_env: Vec<(&str, &str)> = b_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let b = Berth::start_with(&p3(""), &b_env);
+    let a_env = as_refs(&env("p3-a"));
+    let a_env: Vec<(&str, &str)> = a_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = Berth::start_with(
+        &p3(&format!("allowed_outbound_hosts = [\"http://{}\"]", b.addr)),
+        &a_env,
+    );
+    let tp = format!("00-{TRACE_ID}-00f067aa0ba902b7-01");
+    let r = get_with(
+        &a.url("/p3/fetch"),
+        &[("x-url", &b.url("/p3/log")), ("traceparent", &tp)],
+    );
+    assert_eq!(r.body, "200 logged\n");
+    let spans = receiver.wait_for(Duration::from_secs(30), |spans| {
+        let has = |service: &str, guest: bool, kind: i32| {
+            spans.iter().any(|s| {
+                s.service == service
+                    && s.trace_id == TRACE_ID
+                    && (if guest {
+                        s.name.starts_with("guest")
+                    } else {
+                        s.kind == kind
+                    })
+            })
+        };
+        has("p3-a", false, KIND_SERVER)
+            && has("p3-a", true, 0)
+            && has("p3-a", false, KIND_CLIENT)
+            && has("p3-b", false, KIND_SERVER)
+            && has("p3-b", true, 0)
+    });
+    let ours: Vec<_> = spans.iter().filter(|s| s.trace_id == TRACE_ID).collect();
+    let find = |service: &str, pred: &dyn Fn(&crate::otlp::Span) -> bool| {
+        ours.iter()
+            .find(|s| s.service == service && pred(s))
+            .unwrap_or_else(|| panic!("no such span on {service}: {ours:?}"))
+    };
+    let a_server = find("p3-a", &|s| s.kind == KIND_SERVER);
+    let a_guest = find("p3-a", &|s| s.name.starts_with("guest"));
+    assert_eq!(a_guest.parent_span_id, a_server.span_id);
+    let a_client = find("p3-a", &|s| s.kind == KIND_CLIENT);
+    assert_eq!(a_client.parent_span_id, a_server.span_id);
+    let b_server = find("p3-b", &|s| s.kind == KIND_SERVER);
+    assert_eq!(
+        b_server.parent_span_id, a_client.span_id,
+        "the trace crosses the hop"
+    );
+    let b_guest = find("p3-b", &|s| s.name.starts_with("guest"));
+    assert_eq!(b_guest.parent_span_id, b_server.span_id);
+    // A reused instance runs outside the guest span (in its worker's task):
+    // its log lines land on the request's span.
+    assert!(
+        b_server
+            .events
+            .iter()
+            .any(|e| e.contains("p3 guest log line")),
+        "guest log on its request's span: {:?}",
+        b_server.events
+    );
+}

@@ -292,6 +292,12 @@ impl wasi_log::Host for &RequestContext {
         }
         let message = capped(&message, MAX_LINE);
         let context = capped(&context, MAX_CONTEXT);
+        // A fresh instance runs inside its request's guest span; a reused
+        // one runs in its worker's task, outside any span, so its lines go
+        // on the span of the request it is serving.
+        let _entered = tracing::Span::current()
+            .is_none()
+            .then(|| self.trace.span.enter());
         // `tracing` levels are static per call site, hence one arm per level.
         macro_rules! emit {
             ($lvl:ident) => {

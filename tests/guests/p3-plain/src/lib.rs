@@ -12,8 +12,8 @@ use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use wasip3::http::types::{self, ErrorCode, Fields, RequestOptions};
 use wasip3::http_compat::{
-    IncomingRequestBody, RequestOptionsExtension, http_from_wasi_request,
-    http_from_wasi_response, http_into_wasi_request, http_into_wasi_response,
+    IncomingRequestBody, RequestOptionsExtension, http_from_wasi_request, http_from_wasi_response,
+    http_into_wasi_request, http_into_wasi_response,
 };
 
 type Body = UnsyncBoxBody<Bytes, ErrorCode>;
@@ -33,7 +33,11 @@ impl wasip3::exports::http::handler::Guest for Plain {
 }
 
 fn text(code: u16, body: impl Into<Bytes>) -> http::Response<Body> {
-    let mut resp = http::Response::new(Full::new(body.into()).map_err(|n| match n {}).boxed_unsync());
+    let mut resp = http::Response::new(
+        Full::new(body.into())
+            .map_err(|n| match n {})
+            .boxed_unsync(),
+    );
     *resp.status_mut() = StatusCode::from_u16(code).unwrap();
     resp
 }
@@ -48,7 +52,8 @@ async fn serve(req: http::Request<IncomingRequestBody>) -> http::Response<Body> 
                     .map_err(|e| ErrorCode::InternalError(Some(format!("{e:?}"))))
                     .boxed_unsync(),
             );
-            resp.headers_mut().insert("x-echo", HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert("x-echo", HeaderValue::from_static("1"));
             resp
         }
         "/trailers" => {
@@ -58,11 +63,23 @@ async fn serve(req: http::Request<IncomingRequestBody>) -> http::Response<Body> 
                 Ok(Frame::data(Bytes::from_static(b"body with trailers\n"))),
                 Ok(Frame::trailers(trailers)),
             ];
-            http::Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync())
+            let mut resp = http::Response::new(
+                StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync(),
+            );
+            // HTTP/1.1 servers send only the trailer fields declared up front.
+            resp.headers_mut()
+                .insert("trailer", HeaderValue::from_static("x-checksum"));
+            resp
         }
         "/forbidden" => {
             // Each name a guest must not set: the host refuses every one.
-            let names = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
+            let names = [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "transfer-encoding",
+                "upgrade",
+            ];
             let mut out = String::new();
             for name in names {
                 let verdict = match Fields::from_list(&[(name.to_owned(), b"x".to_vec())]) {
@@ -99,7 +116,9 @@ async fn forward(req: http::Request<IncomingRequestBody>) -> Result<types::Respo
     };
     let timeout = header("x-timeout-ms").and_then(|v| v.parse::<u64>().ok());
     let (parts, body) = req.into_parts();
-    let mut out = http::Request::builder().method(parts.method.clone()).uri(&target);
+    let mut out = http::Request::builder()
+        .method(parts.method.clone())
+        .uri(&target);
     if proxy {
         for (name, value) in &parts.headers {
             if !name.as_str().starts_with("x-") && name != "host" {
@@ -107,24 +126,43 @@ async fn forward(req: http::Request<IncomingRequestBody>) -> Result<types::Respo
             }
         }
     }
-    let body = if parts.method == Method::GET { Full::new(Bytes::new()).map_err(|n| match n {}).boxed_unsync() } else { body.map_err(|e| ErrorCode::InternalError(Some(format!("{e:?}")))).boxed_unsync() };
-    let mut out = out.body(body).map_err(|e| ErrorCode::InternalError(Some(e.to_string())))?;
+    let body = if parts.method == Method::GET {
+        Full::new(Bytes::new())
+            .map_err(|n| match n {})
+            .boxed_unsync()
+    } else {
+        body.map_err(|e| ErrorCode::InternalError(Some(format!("{e:?}"))))
+            .boxed_unsync()
+    };
+    let mut out = out
+        .body(body)
+        .map_err(|e| ErrorCode::InternalError(Some(e.to_string())))?;
     if let Some(ms) = timeout {
         let options = RequestOptions::new();
         let _ = options.set_first_byte_timeout(Some(Duration::from_millis(ms).as_nanos() as u64));
-        out.extensions_mut().insert(RequestOptionsExtension(options));
+        out.extensions_mut()
+            .insert(RequestOptionsExtension(options));
     }
     let sent = wasip3::http::client::send(http_into_wasi_request(out)?).await;
     let resp = match sent {
         Ok(resp) => resp,
-        Err(code) => return http_into_wasi_response(text(502, format!("outbound error: {code:?}\n"))),
+        Err(code) => {
+            return http_into_wasi_response(text(502, format!("outbound error: {code:?}\n")));
+        }
     };
     if proxy {
         return Ok(resp);
     }
     let resp = http_from_wasi_response(resp)?;
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(|e| ErrorCode::InternalError(Some(format!("{e:?}"))))?.to_bytes();
-    http_into_wasi_response(text(200, format!("upstream {status}, {} bytes\n", body.len())))
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ErrorCode::InternalError(Some(format!("{e:?}"))))?
+        .to_bytes();
+    http_into_wasi_response(text(
+        200,
+        format!("upstream {status}, {} bytes\n", body.len()),
+    ))
 }
-

@@ -48,7 +48,10 @@ async fn handle(req: Request) -> Response<Body> {
     let served = SERVED.fetch_add(1, Ordering::Relaxed) + 1;
     // The route prefix (the first segment) is the host's business.
     let full = req.uri().path();
-    let path = full[1..].find('/').map_or("", |i| &full[i + 1..]).to_owned();
+    let path = full[1..]
+        .find('/')
+        .map_or("", |i| &full[i + 1..])
+        .to_owned();
     match path.as_str() {
         "" | "/" => {
             let greeting = berth_sdk::config::get_or("greeting", "hello");
@@ -64,7 +67,9 @@ async fn handle(req: Request) -> Response<Body> {
             status(200, "counted\n")
         }
         "/sleep" => {
-            let ms = header(&req, "x-sleep-ms").and_then(|v| v.parse().ok()).unwrap_or(100);
+            let ms = header(&req, "x-sleep-ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100);
             sleep_ms(ms).await;
             status(200, format!("slept {ms} as request {served}\n"))
         }
@@ -100,7 +105,9 @@ async fn handle(req: Request) -> Response<Body> {
         "/drip" => {
             // Lines written over time, after the head is out.
             let (mut tx, body) = channel();
-            let n = header(&req, "x-lines").and_then(|v| v.parse().ok()).unwrap_or(3u32);
+            let n = header(&req, "x-lines")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(3u32);
             spawn(async move {
                 for i in 0..n {
                     if !tx.send(format!("tick {i}\n")).await {
