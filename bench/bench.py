@@ -222,7 +222,8 @@ def main():
             env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp, "OTEL_SERVICE_NAME": "bench"}), "/"),
         ("berth, 20 modules (last route)", lambda: start_berth("berth-20", twenty), "/m19"),
         ("wasmtime serve (p3)", lambda: (lambda p: Server(
-            "wasmtime-p3", [WASMTIME, "serve", "-Scli", f"--addr=127.0.0.1:{p}", HELLO_P3], f"http://127.0.0.1:{p}/"))(free_port()), "/hello"),
+            "wasmtime-p3", [WASMTIME, "serve", "-Scli", f"--addr=127.0.0.1:{p}", HELLO_P3], f"http://127.0.0.1:{p}/",
+            ready=f"http://127.0.0.1:{p}/hello"))(free_port()), "/hello"),
         ("berth (p3, defaults)", lambda: start_berth("berth-p3", [("hello3", "/", HELLO_P3)]), "/hello"),
         ("berth (p3, max_requests = 1)", lambda: start_berth(
             "berth-p3-fresh", [("hello3", "/", HELLO_P3)],
@@ -296,11 +297,11 @@ def write_results(results, starts, instantiation, idle_rss):
         "berth, 20 modules (last route)", "native hyper")
     madvise, logged = "berth (metrics on, keep_resident = 0)", "berth (metrics, JSON access log)"
     ws3, b3, b3fresh = "wasmtime serve (p3)", "berth (p3, defaults)", "berth (p3, max_requests = 1)"
-    ratio3 = med(b3, "rps") / med(ws3, "rps")
     med = lambda name, key: statistics.median(col(name, key))
     best = bm
     ratio = med(best, "rps") / med(ws, "rps")
     ratio_full = med(bf, "rps") / med(ws, "rps")
+    ratio3 = med(b3, "rps") / med(ws3, "rps")
     routing = 1 - med(b20, "rps") / med(bm, "rps")
     warm20 = statistics.median(starts[("20 modules", "warm")]) * 1e3
     cpu = med(best, "cpu_us")

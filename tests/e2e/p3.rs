@@ -411,6 +411,18 @@ fn p3_outbound_calls_follow_the_policy() {
     );
     let hits = down.hits();
     assert_eq!(hits, 3, "denied calls reached the upstream");
+    // The three calls that went out shared one pooled connection.
+    let port = format!("{:04X}", down.addr.port());
+    let tcp = std::fs::read_to_string(format!("/proc/{}/net/tcp", berth.pid())).unwrap();
+    let established = tcp
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let cols: Vec<_> = l.split_whitespace().collect();
+            cols.len() > 3 && cols[2].ends_with(&format!(":{port}")) && cols[3] == "01"
+        })
+        .count();
+    assert_eq!(established, 1, "calls from a p3 guest are not pooled");
     let page = berth.metrics();
     assert!(
         metric(
