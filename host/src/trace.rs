@@ -34,6 +34,19 @@ pub struct TraceContext {
     pub span: tracing::Span,
 }
 
+impl TraceContext {
+    /// No trace: what a reused instance carries between requests.
+    pub fn untraced() -> Self {
+        TraceContext {
+            trace_id: 0,
+            span_id: 0,
+            flags: 0,
+            tracestate: None,
+            span: tracing::Span::none(),
+        }
+    }
+}
+
 /// Formats as the 32-hex-digit trace id, for log fields.
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

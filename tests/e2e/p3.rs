@@ -388,10 +388,10 @@ fn p3_outbound_calls_follow_the_policy() {
     let berth = Berth::start(&config);
     let r = fetch(&berth, &down.url("/x"));
     assert_eq!(r.body, "200 downstream ok", "{}", r.body);
-    // POST with a body.
     let r = get_with(&berth.url("/p3/fetch"), &[("x-url", &down.url("/p"))]);
     assert_eq!(r.status, 200);
-    let posted = reqwest_like_post(&berth, &down.url("/post"), &"b".repeat(100_000));
+    // A POST whose body the guest passes on.
+    let posted = post_via_fetch(&berth, &down.url("/post"), &"b".repeat(100_000));
     assert_eq!(posted, "200 downstream ok");
     assert_eq!(down.bodies().last(), Some(&100_000));
     // Not listed, and loopback behind a wildcard: refused.
@@ -412,17 +412,11 @@ fn p3_outbound_calls_follow_the_policy() {
     let hits = down.hits();
     assert_eq!(hits, 3, "denied calls reached the upstream");
     // The three calls that went out shared one pooled connection.
-    let port = format!("{:04X}", down.addr.port());
-    let tcp = std::fs::read_to_string(format!("/proc/{}/net/tcp", berth.pid())).unwrap();
-    let established = tcp
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let cols: Vec<_> = l.split_whitespace().collect();
-            cols.len() > 3 && cols[2].ends_with(&format!(":{port}")) && cols[3] == "01"
-        })
-        .count();
-    assert_eq!(established, 1, "calls from a p3 guest are not pooled");
+    assert_eq!(
+        established_to(berth.pid(), down.addr.port()),
+        1,
+        "calls from a p3 guest are not pooled"
+    );
     let page = berth.metrics();
     assert!(
         metric(
@@ -435,7 +429,8 @@ fn p3_outbound_calls_follow_the_policy() {
     );
 }
 
-fn reqwest_like_post(berth: &Berth, url: &str, body: &str) -> String {
+/// `POST /p3/fetch` with `body`, which the fixture forwards to `url`.
+fn post_via_fetch(berth: &Berth, url: &str, body: &str) -> String {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
@@ -616,15 +611,13 @@ fn p3_requests_are_traced_across_two_hosts_with_guest_logs_on_their_spans() {
             ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
         ]
     };
-    let as_refs = |v: &[(&'static str, String)]| -> Vec<(&'static str, String)> { v.to_vec() };
-    let b_env = as_refs(&env("p3-b"));
-    let b_env: Vec<(&str, &str)> = b_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let b = Berth::start_with(&p3(""), &b_env);
-    let a_env = as_refs(&env("p3-a"));
-    let a_env: Vec<(&str, &str)> = a_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (b_env, a_env) = (env("p3-b"), env("p3-a"));
+    let b_pairs: Vec<(&str, &str)> = b_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let b = Berth::start_with(&p3(""), &b_pairs);
+    let a_pairs: Vec<(&str, &str)> = a_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let a = Berth::start_with(
         &p3(&format!("allowed_outbound_hosts = [\"http://{}\"]", b.addr)),
-        &a_env,
+        &a_pairs,
     );
     let tp = format!("00-{TRACE_ID}-00f067aa0ba902b7-01");
     let r = get_with(

@@ -734,19 +734,9 @@ fn connections_to_an_upstream_are_pooled() {
     for _ in 0..10 {
         assert_eq!(fetch(&berth, &down.url("/")).json()["status"], 200);
     }
-    // Count the host's TCP connections to the downstream port.
-    let port = format!("{:04X}", down.addr.port());
-    let tcp = std::fs::read_to_string(format!("/proc/{}/net/tcp", berth.pid())).unwrap();
-    let established_to_down = tcp
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let cols: Vec<_> = l.split_whitespace().collect();
-            cols.len() > 3 && cols[2].ends_with(&format!(":{port}")) && cols[3] == "01"
-        })
-        .count();
     assert_eq!(
-        established_to_down, 1,
+        established_to(berth.pid(), down.addr.port()),
+        1,
         "10 calls should share one connection"
     );
 }

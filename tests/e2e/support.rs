@@ -420,3 +420,18 @@ pub fn admin_post(url: &str) -> Reply {
             .send_empty(),
     )
 }
+
+/// Established TCP connections of process `pid` to `port` on loopback,
+/// from `/proc/<pid>/net/tcp`: how many connections a pool really opened.
+pub fn established_to(pid: i32, port: u16) -> usize {
+    let port = format!(":{port:04X}");
+    std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let cols: Vec<_> = l.split_whitespace().collect();
+            cols.len() > 3 && cols[2].ends_with(&port) && cols[3] == "01"
+        })
+        .count()
+}

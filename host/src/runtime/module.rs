@@ -468,13 +468,7 @@ impl Module {
                     idle_cx: RequestContext {
                         module: name.clone(),
                         request_id: "-".into(),
-                        trace: crate::trace::TraceContext {
-                            trace_id: 0,
-                            span_id: 0,
-                            flags: 0,
-                            tracestate: None,
-                            span: tracing::Span::none(),
-                        },
+                        trace: crate::trace::TraceContext::untraced(),
                         logs: logs.clone(),
                     },
                 }))
