@@ -23,10 +23,19 @@ wasmtime:
 	@./scripts/wasmtime.sh
 
 ## guests: build the example modules and test fixtures for wasm32-wasip2
-guests: setup
+guests: setup $(WASM_DIR)/js-hello.wasm
 	@for ws in $(GUEST_WORKSPACES); do \
 	  $(CARGO) build --release --locked --target wasm32-wasip2 --manifest-path $$ws || exit 1; \
 	done
+
+## The JavaScript example, built with componentize-js (pinned in its
+## package-lock.json) from the npm registry; rebuilt only when it changes.
+JS_HELLO := examples/js-hello
+$(WASM_DIR)/js-hello.wasm: $(JS_HELLO)/hello.js $(JS_HELLO)/package-lock.json $(wildcard $(JS_HELLO)/wit/*.wit $(JS_HELLO)/wit/deps/*.wit)
+	@mkdir -p $(WASM_DIR)
+	cd $(JS_HELLO) && npm ci --no-audit --no-fund --loglevel=error
+	cd $(JS_HELLO) && OUT=$(WASM_DIR)/js-hello.wasm.part npm run --silent build
+	mv $(WASM_DIR)/js-hello.wasm.part $@
 
 ## build: build the host
 build: setup

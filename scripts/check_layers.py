@@ -29,6 +29,7 @@ LAYERS = {
     "metrics": 1,
     "trace": 1,
     "outbound": 2,
+    "registry": 2,
     "runtime": 3,
     "router": 4,
     "reload": 5,

@@ -374,6 +374,7 @@ fn info(state: &AdminState) -> Response<Full<Bytes>> {
                 "file": m.origin,
                 "size": m.size,
                 "sha256": m.sha256,
+                "resolved": m.resolved,
                 "world": m.world,
                 "instances": m.reuse,
                 "loaded_at": humantime::format_rfc3339_seconds(m.loaded_at).to_string(),

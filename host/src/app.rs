@@ -168,6 +168,7 @@ fn ready(routes: &Routes, health: &Health, started: Instant) {
             file = m.origin.as_str(),
             size = m.size,
             sha256 = m.sha256.as_str(),
+            resolved = m.resolved.as_deref(),
             world = m.world.as_str(),
             max_requests = m.reuse.max_requests,
             "module loaded"

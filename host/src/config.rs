@@ -75,6 +75,71 @@ pub struct Config {
     /// Outbound policy overrides per upstream, keyed `host:port`; they
     /// apply over the calling module's policy.
     pub upstreams: BTreeMap<String, OutboundOverride>,
+    /// How modules are pulled from OCI registries.
+    pub registry: RegistryConfig,
+}
+
+/// Pulling modules from OCI registries (modules with `oci = "..."`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Docker `config.json` files to take credentials from (a mounted
+    /// `dockerconfigjson` Secret); first match wins. Empty:
+    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`. Read on
+    /// every pull, so a rotated Secret takes effect at once.
+    pub auth_files: Vec<PathBuf>,
+    /// Credentials per registry host (`host[:port]`); they win over the
+    /// files. Never printed.
+    pub credentials: BTreeMap<String, RegistryCredentials>,
+    /// A PEM file of extra CA certificates trusted besides the platform's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Registries (`host[:port]`) spoken to over plain HTTP. Everything
+    /// else is HTTPS only.
+    pub insecure_registries: Vec<String>,
+    /// Most one pull attempt may take, manifest and layer together.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Most a connection to a registry may take to open.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Attempts after the first when a pull fails for a reason that may
+    /// pass (connection refused, timeout, 5xx); never after a refusal
+    /// (401, 403, 404) or a wrong digest.
+    pub retries: u32,
+    /// Largest component accepted from a registry.
+    pub max_module_size: ByteSize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            auth_files: Vec::new(),
+            credentials: BTreeMap::new(),
+            ca_file: None,
+            insecure_registries: Vec::new(),
+            timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
+            retries: 2,
+            max_module_size: ByteSize(512 << 20),
+        }
+    }
+}
+
+/// Credentials for one registry: `username` and `password`, or a bearer
+/// `token`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryCredentials {
+    /// Basic-auth user.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Basic-auth password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// A registry bearer token (wins over the user and password).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
 }
 
 /// The traffic listener.
@@ -518,6 +583,15 @@ pub struct ModuleConfig {
     /// modules too large for a ConfigMap. Requires `sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Or: an OCI reference, `registry/repository[:tag]@sha256:...`, for
+    /// modules shipped through a registry. The digest pins the content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<String>,
+    /// Let `oci` be a tag without a digest. The tag is resolved when the
+    /// module loads (start-up, or a change of the reference); the digest
+    /// it resolved to is logged and shown in `/info`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_tags: bool,
     /// The hex sha256 the component must have: required with `url`,
     /// optional with `file` (pins the ConfigMap's content to a digest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -705,6 +779,7 @@ const ENV_SECTIONS: &[&str] = &[
     "shutdown",
     "modules",
     "upstreams",
+    "registry",
 ];
 
 /// The section a `BERTH_` variable's key (after the prefix, `__` split into
@@ -860,6 +935,7 @@ impl Config {
                 "must allow at least 1KiB and one header",
             ));
         }
+        check_registry(&self.registry)?;
         if self.runtime.rescan_interval.is_zero() {
             return Err(rejected(
                 "runtime.rescan_interval",
@@ -892,44 +968,7 @@ impl Config {
                     ),
                 ));
             }
-            match (&module.file, &module.url) {
-                (Some(_), Some(_)) => {
-                    return Err(rejected(
-                        key("url"),
-                        "give either `file` or `url`, not both",
-                    ));
-                }
-                (None, None) => {
-                    return Err(rejected(
-                        key("file"),
-                        "missing: give `file` (or `url` and `sha256`)",
-                    ));
-                }
-                (Some(file), None) if file.as_os_str().is_empty() => {
-                    return Err(rejected(key("file"), "must name a .wasm file"));
-                }
-                (None, Some(url)) => {
-                    if !(url.starts_with("https://") || url.starts_with("http://"))
-                        || url.parse::<http::Uri>().is_err()
-                    {
-                        return Err(rejected(
-                            key("url"),
-                            format!("`{url}` is not an http(s) URL"),
-                        ));
-                    }
-                    let digest_ok = module
-                        .sha256
-                        .as_deref()
-                        .is_some_and(|d| d.len() == 64 && d.chars().all(|c| c.is_ascii_hexdigit()));
-                    if !digest_ok {
-                        return Err(rejected(
-                            key("sha256"),
-                            "a module from a `url` needs the 64-hex-digit sha256 of its content",
-                        ));
-                    }
-                }
-                _ => {}
-            }
+            check_source(&key, module)?;
             check_limits(&key("limits"), &module.limits.over(self.defaults.limits))?;
             check_instances(&key("instances"), &module.instances)?;
             check_outbound(
@@ -984,6 +1023,7 @@ impl Config {
             ("runtime", differs(&self.runtime, &new.runtime)),
             ("log", differs(&self.log, &new.log)),
             ("shutdown", differs(&self.shutdown, &new.shutdown)),
+            ("registry", differs(&self.registry, &new.registry)),
         ]
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))
@@ -1028,6 +1068,123 @@ fn check_limits(key: &str, limits: &Limits) -> Result<(), ConfigError> {
             format!("{key}.memory"),
             "must be at least 64KiB (one wasm page)",
         ));
+    }
+    Ok(())
+}
+
+/// Exactly one of `file`, `url` and `oci`, each well formed.
+fn check_source(key: &dyn Fn(&str) -> String, module: &ModuleConfig) -> Result<(), ConfigError> {
+    let given: Vec<&str> = [
+        ("file", module.file.is_some()),
+        ("url", module.url.is_some()),
+        ("oci", module.oci.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, set)| set.then_some(k))
+    .collect();
+    match given.as_slice() {
+        [] => {
+            return Err(rejected(
+                key("file"),
+                "missing: give `file`, `url` (with `sha256`) or `oci`",
+            ));
+        }
+        [_] => {}
+        [first, second, ..] => {
+            return Err(rejected(
+                key(second),
+                format!("give only one of `file`, `url` and `oci`, not `{first}` and `{second}`"),
+            ));
+        }
+    }
+    if module.allow_tags && module.oci.is_none() {
+        return Err(rejected(key("allow_tags"), "only applies to an `oci` module"));
+    }
+    if let Some(file) = &module.file
+        && file.as_os_str().is_empty()
+    {
+        return Err(rejected(key("file"), "must name a .wasm file"));
+    }
+    if let Some(url) = &module.url {
+        if !(url.starts_with("https://") || url.starts_with("http://"))
+            || url.parse::<http::Uri>().is_err()
+        {
+            return Err(rejected(key("url"), format!("`{url}` is not an http(s) URL")));
+        }
+        let digest_ok = module
+            .sha256
+            .as_deref()
+            .is_some_and(|d| d.len() == 64 && d.chars().all(|c| c.is_ascii_hexdigit()));
+        if !digest_ok {
+            return Err(rejected(
+                key("sha256"),
+                "a module from a `url` needs the 64-hex-digit sha256 of its content",
+            ));
+        }
+    }
+    if let Some(reference) = &module.oci {
+        if module.sha256.is_some() {
+            return Err(rejected(
+                key("sha256"),
+                "an `oci` module is pinned by the digest in its reference (`...@sha256:...`)",
+            ));
+        }
+        check_oci_reference(reference, module.allow_tags).map_err(|r| rejected(key("oci"), r))?;
+    }
+    Ok(())
+}
+
+/// An OCI reference Berth can pull: it parses, and it carries a sha256
+/// digest unless tags are allowed.
+pub fn check_oci_reference(reference: &str, allow_tags: bool) -> Result<(), String> {
+    let parsed: oci_client::Reference = reference
+        .parse()
+        .map_err(|e| format!("`{reference}` is not an OCI reference: {e}"))?;
+    match parsed.digest() {
+        Some(d) => {
+            let hex = d.strip_prefix("sha256:").unwrap_or_default();
+            if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "`{reference}`: the digest must be sha256 with 64 hex digits"
+                ));
+            }
+        }
+        None if allow_tags => {}
+        None => {
+            return Err(format!(
+                "`{reference}` has no digest: pin it (`...@sha256:<digest>`, printed by \
+                 `berth push`), or set `allow_tags = true` to follow a tag"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_registry(registry: &RegistryConfig) -> Result<(), ConfigError> {
+    if registry.timeout.is_zero() || registry.connect_timeout.is_zero() {
+        return Err(rejected("registry.timeout", "must be longer than 0s"));
+    }
+    if registry.retries > 10 {
+        return Err(rejected("registry.retries", "at most 10"));
+    }
+    if registry.max_module_size.0 == 0 {
+        return Err(rejected("registry.max_module_size", "must be more than 0"));
+    }
+    for (i, host) in registry.insecure_registries.iter().enumerate() {
+        if host.is_empty() || host.contains(['/', ' ']) {
+            return Err(rejected(
+                format!("registry.insecure_registries[{i}]"),
+                format!("`{host}` is not a registry host[:port]"),
+            ));
+        }
+    }
+    for (host, c) in &registry.credentials {
+        if c.token.is_none() && (c.username.is_none() || c.password.is_none()) {
+            return Err(rejected(
+                format!("registry.credentials.\"{host}\""),
+                "give `username` and `password`, or `token`",
+            ));
+        }
     }
     Ok(())
 }

@@ -17,6 +17,7 @@
 //!   - [`redact`]: URLs without the credentials they may carry.
 //!   - [`signal`]: shutdown signals.
 //! - [`outbound`]: the policy every outbound call of a guest goes through.
+//! - [`registry`]: pulling and pushing modules as OCI artifacts.
 //! - [`runtime`]: the wasmtime engine, the linker holding the guest world,
 //!   module loading and checking, and a module's per-request store.
 //! - [`router`]: path-prefix routing, and the table in force.
@@ -34,6 +35,7 @@ pub mod config;
 pub mod metrics;
 pub mod outbound;
 pub mod redact;
+pub mod registry;
 pub mod reload;
 pub mod router;
 pub mod runtime;

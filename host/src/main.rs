@@ -1,5 +1,7 @@
-//! The `berth` command line: `serve` (the default), `check` and `version`.
+//! The `berth` command line: `serve` (the default), `check`, `push`,
+//! `pull` and `version`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -8,7 +10,8 @@ use clap::{Parser, Subcommand};
 
 use berth_host::app::{self, ServeError};
 use berth_host::config::ConfigSource;
-use berth_host::config::Overrides;
+use berth_host::config::{Overrides, RegistryConfig};
+use berth_host::registry::Registry;
 use berth_host::runtime::{Runtime, RuntimeOptions};
 use berth_host::signal::Signals;
 use berth_host::telemetry;
@@ -49,14 +52,76 @@ enum Command {
     /// Check a component against the host's world: print its imports and
     /// exports and any import the host cannot satisfy. Exit 1 on problems.
     Check {
-        /// The component file.
-        file: PathBuf,
+        /// The component file, or `oci://REGISTRY/REPOSITORY[:TAG][@DIGEST]`.
+        file: String,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Push a component to an OCI registry as a CNCF Wasm artifact and
+    /// print its manifest digest (what `oci = "...@sha256:..."` pins).
+    Push {
+        /// The component file.
+        file: PathBuf,
+        /// Where to push: `REGISTRY/REPOSITORY:TAG`.
+        reference: String,
+        /// A manifest annotation, `KEY=VALUE` (repeatable); adds to or
+        /// replaces the `org.opencontainers.image.*` ones Berth sets.
+        #[arg(long = "annotation", value_name = "KEY=VALUE", value_parser = key_value)]
+        annotations: Vec<(String, String)>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Pull a component from an OCI registry into a file; print the
+    /// manifest digest it resolved to.
+    Pull {
+        /// `REGISTRY/REPOSITORY[:TAG][@DIGEST]`.
+        reference: String,
+        /// The file to write.
+        #[arg(long, short)]
+        output: PathBuf,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
     /// Print the version.
     Version,
+}
+
+/// How `push`, `pull` and `check` reach a registry; `[registry]` of the
+/// config file, as flags.
+#[derive(clap::Args, Clone, Default)]
+struct RegistryArgs {
+    /// A Docker `config.json` with credentials (repeatable; default:
+    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`).
+    #[arg(long = "auth-file", value_name = "FILE")]
+    auth_files: Vec<PathBuf>,
+    /// Extra CA certificates (PEM) to trust besides the platform's.
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// A registry to speak plain HTTP to (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    insecure_registries: Vec<String>,
+}
+
+impl RegistryArgs {
+    fn client(&self) -> anyhow::Result<Registry> {
+        let config = RegistryConfig {
+            auth_files: self.auth_files.clone(),
+            ca_file: self.ca_file.clone(),
+            insecure_registries: self.insecure_registries.clone(),
+            ..RegistryConfig::default()
+        };
+        Ok(Registry::new(&config)?)
+    }
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{text}` is not KEY=VALUE")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -66,7 +131,22 @@ fn main() -> ExitCode {
             println!("berth {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Check { file, json } => check(&file, json),
+        Command::Check {
+            file,
+            json,
+            registry,
+        } => check(&file, json, &registry),
+        Command::Push {
+            file,
+            reference,
+            annotations,
+            registry,
+        } => push(&file, &reference, annotations, &registry),
+        Command::Pull {
+            reference,
+            output,
+            registry,
+        } => pull(&reference, &output, &registry),
         Command::Serve => serve(cli.serve),
     }
 }
@@ -155,14 +235,98 @@ fn serve(args: ServeArgs) -> ExitCode {
     code
 }
 
-fn check(file: &std::path::Path, json: bool) -> ExitCode {
+/// Runs one registry operation on a small runtime of its own.
+fn block_on<T>(work: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(work)
+}
+
+fn push(
+    file: &std::path::Path,
+    reference: &str,
+    extra: Vec<(String, String)>,
+    registry: &RegistryArgs,
+) -> ExitCode {
+    let result = block_on(async {
+        let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let size = bytes.len();
+        let parsed = berth_host::registry::parse(reference)?;
+        let mut annotations = BTreeMap::from([(
+            "org.opencontainers.image.created".to_owned(),
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        )]);
+        if let Some(title) = file.file_name() {
+            annotations.insert(
+                "org.opencontainers.image.title".into(),
+                title.to_string_lossy().into_owned(),
+            );
+        }
+        if let Some(tag) = parsed.tag() {
+            annotations.insert("org.opencontainers.image.version".into(), tag.to_owned());
+        }
+        annotations.extend(extra);
+        let digest = registry.client()?.push(bytes, reference, annotations).await?;
+        eprintln!(
+            "pushed {} ({size} bytes) to {reference}; pin it as {}/{}@{digest}",
+            file.display(),
+            parsed.registry(),
+            parsed.repository()
+        );
+        Ok(digest)
+    });
+    match result {
+        Ok(digest) => {
+            println!("{digest}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, format!("{e:#}")),
+    }
+}
+
+fn pull(reference: &str, output: &std::path::Path, registry: &RegistryArgs) -> ExitCode {
+    let result = block_on(async {
+        let pulled = registry.client()?.pull(reference, None, "-").await?;
+        let tmp = output.with_extension("part");
+        std::fs::write(&tmp, &pulled.bytes)
+            .and_then(|()| std::fs::rename(&tmp, output))
+            .with_context(|| format!("cannot write {}", output.display()))?;
+        eprintln!(
+            "pulled {} ({} bytes, sha256 {}) into {}",
+            pulled.pinned,
+            pulled.bytes.len(),
+            pulled.sha256,
+            output.display()
+        );
+        Ok(pulled.manifest_digest)
+    });
+    match result {
+        Ok(digest) => {
+            println!("{digest}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, format!("{e:#}")),
+    }
+}
+
+fn check(file: &str, json: bool, registry: &RegistryArgs) -> ExitCode {
     let runtime = match Runtime::new(&RuntimeOptions::for_check()) {
         Ok(r) => r,
         Err(e) => return fail(1, format!("{e:#}")),
     };
-    let report = match berth_host::runtime::check_file(&runtime, file) {
-        Ok(r) => r,
-        Err(e) => return fail(1, format!("{e:#}")),
+    let report = if let Some(reference) = file.strip_prefix("oci://") {
+        let pulled = block_on(async { Ok(registry.client()?.pull(reference, None, "-").await?) });
+        match pulled {
+            Ok(p) => berth_host::runtime::check_bytes(&runtime, "module", file, p.bytes),
+            Err(e) => return fail(1, format!("{e:#}")),
+        }
+    } else {
+        match berth_host::runtime::check_file(&runtime, std::path::Path::new(file)) {
+            Ok(r) => r,
+            Err(e) => return fail(1, format!("{e:#}")),
+        }
     };
     if json {
         println!(
@@ -170,7 +334,7 @@ fn check(file: &std::path::Path, json: bool) -> ExitCode {
             serde_json::to_string_pretty(&report).unwrap_or_default()
         );
     } else {
-        println!("{}:", file.display());
+        println!("{file}:");
         if let Some(world) = report.world {
             println!("  world: {}", world.as_str());
         }

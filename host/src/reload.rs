@@ -425,6 +425,7 @@ impl Modules {
             trigger,
             module = name,
             sha256 = module.sha256.as_str(),
+            resolved = module.resolved.as_deref(),
             previous,
             since_change_ms = since.map(|t| t.elapsed().as_millis() as u64),
             "module swapped in"
@@ -519,7 +520,7 @@ fn watched_names(config: &Config, config_path: Option<&Path>) -> HashSet<OsStrin
         .iter()
         .filter_map(|spec| match &spec.source {
             ModuleSource::File { path, .. } => path.file_name().map(OsString::from),
-            ModuleSource::Url { .. } => None,
+            ModuleSource::Url { .. } | ModuleSource::Oci { .. } => None,
         })
         .collect();
     names.extend(config_path.and_then(Path::file_name).map(OsString::from));

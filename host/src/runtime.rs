@@ -19,12 +19,13 @@ use std::time::Duration;
 use wasmtime::component::Linker;
 
 use crate::outbound::Clients;
+use crate::registry::Registry;
 use wasmtime::{
     Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
 };
 
 pub use cache::CompileCache;
-pub use check::{CheckReport, check_file};
+pub use check::{CheckReport, check_bytes, check_file};
 pub use host::{Host, LogBudget, MemoryLimitExceeded, RequestContext};
 pub use link::Unsatisfied;
 pub(crate) use module::Serving;
@@ -68,6 +69,8 @@ pub struct RuntimeOptions {
     pub decommit_batch: usize,
     /// Map memory images copy-on-write instead of copying data segments.
     pub memory_cow: bool,
+    /// How modules are pulled from OCI registries.
+    pub registry: crate::config::RegistryConfig,
 }
 
 impl RuntimeOptions {
@@ -92,6 +95,7 @@ impl RuntimeOptions {
                 .map(|b| usize::try_from(b.0).unwrap_or(usize::MAX)),
             decommit_batch: runtime.decommit_batch.max(1) as usize,
             memory_cow: runtime.memory_cow,
+            registry: config.registry.clone(),
         }
     }
 
@@ -107,6 +111,7 @@ impl RuntimeOptions {
             keep_resident: Some(0),
             decommit_batch: 1,
             memory_cow: true,
+            registry: crate::config::RegistryConfig::default(),
         }
     }
 }
@@ -198,6 +203,7 @@ struct Inner {
     /// reserves the second instance pool.
     concurrent: Arc<OnceLock<Result<Engines, String>>>,
     clients: Arc<Clients>,
+    registry: Arc<Registry>,
     cache: Option<CompileCache>,
     ticker_stop: Arc<AtomicBool>,
 }
@@ -224,6 +230,7 @@ impl Runtime {
             },
             None => None,
         };
+        let registry = Arc::new(Registry::new(&opts.registry)?);
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let concurrent = Arc::new(OnceLock::new());
         spawn_epoch_ticker(
@@ -238,6 +245,7 @@ impl Runtime {
                 fresh,
                 concurrent,
                 clients: Arc::default(),
+                registry,
                 cache,
                 ticker_stop,
             }),
@@ -264,6 +272,11 @@ impl Runtime {
     /// Pooled HTTP clients for guests' outbound calls.
     pub fn clients(&self) -> &Arc<Clients> {
         &self.inner.clients
+    }
+
+    /// The client for OCI registries.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.inner.registry
     }
 
     /// The compile cache, when on.

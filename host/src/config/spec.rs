@@ -53,6 +53,12 @@ pub enum ModuleSource {
         /// Lower-case hex sha256.
         sha256: String,
     },
+    /// An OCI artifact, pinned by the manifest digest in the reference
+    /// (or a tag, when the module allows tags).
+    Oci {
+        /// `registry/repository[:tag][@sha256:...]`.
+        reference: String,
+    },
 }
 
 impl std::fmt::Display for ModuleSource {
@@ -60,6 +66,7 @@ impl std::fmt::Display for ModuleSource {
         match self {
             ModuleSource::File { path, .. } => write!(f, "{}", path.display()),
             ModuleSource::Url { url, .. } => f.write_str(&crate::redact::url(url)),
+            ModuleSource::Oci { reference } => write!(f, "oci://{reference}"),
         }
     }
 }
@@ -109,12 +116,15 @@ impl Config {
                     .collect();
                 values.extend(m.secrets.iter().map(|(k, v)| (k.clone(), v.0.0.clone())));
                 let pin = m.sha256.as_ref().map(|d| d.to_ascii_lowercase());
-                let source = match (&m.file, &m.url) {
-                    (_, Some(url)) => ModuleSource::Url {
+                let source = match (&m.file, &m.url, &m.oci) {
+                    (_, _, Some(reference)) => ModuleSource::Oci {
+                        reference: reference.clone(),
+                    },
+                    (_, Some(url), None) => ModuleSource::Url {
                         url: url.clone(),
                         sha256: pin.unwrap_or_default(),
                     },
-                    (file, None) => ModuleSource::File {
+                    (file, None, None) => ModuleSource::File {
                         path: match file {
                             Some(file) => dir.join(file),
                             None => dir.join(format!("{name}.wasm")),

@@ -41,27 +41,33 @@ pub fn check_file(runtime: &Runtime, file: &Path) -> anyhow::Result<CheckReport>
     let name = file
         .file_stem()
         .map_or_else(|| "module".into(), |s| s.to_string_lossy().into_owned());
-    let origin = file.display().to_string();
+    Ok(check_bytes(runtime, &name, &file.display().to_string(), bytes))
+}
+
+/// Compiles a component (read from `origin`) and checks it against the
+/// host's linker.
+pub fn check_bytes(runtime: &Runtime, name: &str, origin: &str, bytes: Vec<u8>) -> CheckReport {
     let fetched = Fetched {
         sha256: String::new(),
         bytes,
         stamp: None,
+        resolved: None,
     };
     let found = World::of(&fetched.bytes);
     let world = found.unwrap_or(World::P2);
     // Checked as it would be served: on the engine of its world's defaults.
     let flavor = flavor_of(found, &Reuse::resolve(&Default::default(), world));
-    let component = match compile(runtime, flavor, &name, &origin, &fetched) {
+    let component = match compile(runtime, flavor, name, origin, &fetched) {
         Ok(c) => c,
         Err(e) => {
-            return Ok(CheckReport {
+            return CheckReport {
                 imports: vec![],
                 exports: vec![],
                 unsatisfied: vec![],
                 http_handler: false,
                 world: found,
                 error: Some(e.to_string()),
-            });
+            };
         }
     };
     let ty = component.component_type();
@@ -69,7 +75,7 @@ pub fn check_file(runtime: &Runtime, file: &Path) -> anyhow::Result<CheckReport>
     let imports = ty.imports(engine).map(|(n, _)| n.to_string()).collect();
     let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
     let http_handler = found.is_some();
-    let (unsatisfied, error) = match link(runtime, flavor, world, &name, &origin, &component) {
+    let (unsatisfied, error) = match link(runtime, flavor, world, name, origin, &component) {
         Ok(_) => (vec![], None),
         Err(e) => {
             let missing = match &e {
@@ -79,12 +85,12 @@ pub fn check_file(runtime: &Runtime, file: &Path) -> anyhow::Result<CheckReport>
             (missing, Some(e.to_string()))
         }
     };
-    Ok(CheckReport {
+    CheckReport {
         imports,
         exports,
         unsatisfied,
         http_handler,
         world: found,
         error,
-    })
+    }
 }

@@ -92,6 +92,14 @@ pub enum LoadError {
         /// The unsatisfied imports.
         missing: Vec<Unsatisfied>,
     },
+    /// The registry could not deliver it.
+    #[error("module `{module}`: {source}")]
+    Registry {
+        /// Module name.
+        module: String,
+        /// What went wrong; names the reference.
+        source: crate::registry::RegistryError,
+    },
     /// It exports neither `wasi:http` handler.
     #[error(
         "module `{module}`: {origin} exports neither wasi:http/incoming-handler@0.2.x nor \
@@ -119,6 +127,9 @@ pub struct Module {
     pub size: u64,
     /// Hex sha256 of the component.
     pub sha256: String,
+    /// For an OCI module, `registry/repository@sha256:...`: the manifest
+    /// its reference resolved to.
+    pub resolved: Option<String>,
     /// When this version was loaded.
     pub loaded_at: SystemTime,
     /// Effective limits.
@@ -168,6 +179,14 @@ pub(crate) struct Linked {
     pre: wasmtime::component::InstancePre<Host>,
 }
 
+/// What a loaded module's code was, kept when only its settings change.
+struct Content {
+    size: u64,
+    sha256: String,
+    stamp: Option<FileStamp>,
+    resolved: Option<String>,
+}
+
 /// A component's bytes and digest.
 pub struct Fetched {
     /// The bytes.
@@ -176,6 +195,8 @@ pub struct Fetched {
     pub sha256: String,
     /// For a file: what it looked like when it was read.
     pub stamp: Option<FileStamp>,
+    /// For an OCI module: the pinned reference it resolved to.
+    pub resolved: Option<String>,
 }
 
 /// What tells a file's content changed without reading it: a kubelet
@@ -241,8 +262,13 @@ impl Fetched {
                     bytes,
                     sha256,
                     stamp: Some(stamp),
+                    resolved: None,
                 };
                 (fetched, pin.as_ref())
+            }
+            // The registry verifies the digests itself.
+            ModuleSource::Oci { reference } => {
+                return Self::pull(runtime, &spec.name, reference).await;
             }
             ModuleSource::Url { url, sha256 } => {
                 let fetched = Self::download(runtime, url, sha256)
@@ -276,6 +302,7 @@ impl Fetched {
                 bytes,
                 sha256: actual,
                 stamp: None,
+                resolved: None,
             });
         }
         let bytes = runtime.clients().download(url, MAX_DOWNLOAD).await?;
@@ -298,6 +325,43 @@ impl Fetched {
             bytes,
             sha256: actual,
             stamp: None,
+            resolved: None,
+        })
+    }
+
+    /// A pull from a registry (or its cached copy). It runs on a blocking
+    /// thread: reading and hashing a cached 20 MB component must not hold
+    /// up the threads serving requests.
+    async fn pull(runtime: &Runtime, module: &str, reference: &str) -> Result<Fetched, LoadError> {
+        let registry = runtime.registry().clone();
+        let cache = runtime.cache().map(|c| c.dir().to_path_buf());
+        let handle = tokio::runtime::Handle::current();
+        let (name, reference) = (module.to_owned(), reference.to_owned());
+        let pulled = tokio::task::spawn_blocking(move || {
+            handle.block_on(registry.pull(&reference, cache.as_deref(), &name))
+        })
+        .await
+        .map_err(|e| LoadError::Read {
+            module: module.to_owned(),
+            origin: "the registry client".into(),
+            reason: e.to_string(),
+        })?
+        .map_err(|source| LoadError::Registry {
+            module: module.to_owned(),
+            source,
+        })?;
+        tracing::info!(
+            module,
+            resolved = pulled.pinned.as_str(),
+            sha256 = pulled.sha256.as_str(),
+            cached = pulled.cached,
+            "module pulled"
+        );
+        Ok(Fetched {
+            bytes: pulled.bytes,
+            sha256: pulled.sha256,
+            stamp: None,
+            resolved: Some(pulled.pinned),
         })
     }
 }
@@ -325,15 +389,13 @@ impl Module {
             .compile
             .with_label_values(&[&spec.name])
             .observe(started.elapsed().as_secs_f64());
-        Self::build(
-            runtime,
-            spec,
-            linked,
-            fetched.bytes.len() as u64,
-            fetched.sha256,
-            fetched.stamp,
-            metrics,
-        )
+        let content = Content {
+            size: fetched.bytes.len() as u64,
+            sha256: fetched.sha256,
+            stamp: fetched.stamp,
+            resolved: fetched.resolved,
+        };
+        Self::build(runtime, spec, linked, content, metrics)
     }
 
     /// Whether this module, if `spec` has the same source, still has the
@@ -349,7 +411,9 @@ impl Module {
                 let stamp = self.stamp.lock().unwrap();
                 stamp.is_some() && FileStamp::of(path).ok() == *stamp
             }
-            ModuleSource::Url { .. } => true,
+            // Pinned by digest, or a tag resolved when the reference was
+            // set: either way only a new reference pulls again.
+            ModuleSource::Url { .. } | ModuleSource::Oci { .. } => true,
         }
     }
 
@@ -402,24 +466,20 @@ impl Module {
         {
             return None;
         }
-        Some(Self::build(
-            runtime,
-            spec,
-            linked,
-            self.size,
-            self.sha256.clone(),
-            self.stamp.lock().unwrap().clone(),
-            metrics,
-        ))
+        let content = Content {
+            size: self.size,
+            sha256: self.sha256.clone(),
+            stamp: self.stamp.lock().unwrap().clone(),
+            resolved: self.resolved.clone(),
+        };
+        Some(Self::build(runtime, spec, linked, content, metrics))
     }
 
     fn build(
         runtime: &Runtime,
         spec: ModuleSpec,
         linked: Linked,
-        size: u64,
-        sha256: String,
-        stamp: Option<FileStamp>,
+        content: Content,
         metrics: &Arc<Metrics>,
     ) -> Result<Module, LoadError> {
         let name: Arc<str> = spec.name.as_str().into();
@@ -482,8 +542,9 @@ impl Module {
             name,
             route: spec.route.clone(),
             origin,
-            size,
-            sha256,
+            size: content.size,
+            sha256: content.sha256,
+            resolved: content.resolved,
             loaded_at: SystemTime::now(),
             limits: spec.limits,
             world: linked.world,
@@ -492,7 +553,7 @@ impl Module {
             linked,
             config,
             slots: Arc::new(Semaphore::new(spec.limits.max_concurrency as usize)),
-            stamp: std::sync::Mutex::new(stamp),
+            stamp: std::sync::Mutex::new(content.stamp),
             spec,
         })
     }

@@ -1,0 +1,711 @@
+//! Modules as OCI artifacts: pulling a component from a registry, pinned by
+//! the manifest digest (or by a tag where the config allows it), and
+//! pushing one in the CNCF Wasm artifact format that `wkg` and `wash`
+//! write (config `application/vnd.wasm.config.v0+json`, one
+//! `application/wasm` layer).
+//!
+//! A pull verifies the manifest against the pinned digest and the layer
+//! against the manifest's digest before anything is compiled, and bounds
+//! the size before and while it streams. Pulled content is cached by
+//! digest in the compile cache's folder, so a restart or a rescan does not
+//! pull again: the cached manifest and layer are verified against their
+//! digests on every use.
+
+pub mod auth;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::{self, OciImageManifest};
+use oci_client::{Client, Reference};
+use sha2::{Digest, Sha256};
+
+pub use auth::{AuthError, Credentials};
+
+use crate::config::RegistryConfig;
+
+/// Layer media types taken as the component: the CNCF Wasm artifact's,
+/// Spin's and wasmCloud's, and the older `wasm-to-oci` one.
+pub const WASM_LAYER_TYPES: &[&str] = &[
+    oci_wasm::WASM_LAYER_MEDIA_TYPE,
+    manifest::WASM_LAYER_MEDIA_TYPE,
+    "application/vnd.module.wasm.content.layer.v1+wasm",
+];
+
+/// Manifest media types asked for: OCI and Docker v2 image manifests.
+const MANIFEST_TYPES: &[&str] = &[
+    manifest::OCI_IMAGE_MEDIA_TYPE,
+    manifest::IMAGE_MANIFEST_MEDIA_TYPE,
+];
+
+/// Largest manifest accepted (the distribution registry's own limit is 4 MiB).
+const MAX_MANIFEST: usize = 4 << 20;
+
+/// Why a pull or push failed; each names the reference.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The reference does not parse, or lacks a digest where one is needed.
+    #[error("{0}")]
+    Reference(String),
+    /// The registry refused the credentials (or their absence).
+    #[error(
+        "{reference}: the registry {registry} refused access ({detail}); check the credentials \
+         for `{registry}` (registry.credentials, registry.auth_files, or the Docker config)"
+    )]
+    Auth {
+        /// The reference.
+        reference: String,
+        /// Registry host.
+        registry: String,
+        /// What the registry said.
+        detail: String,
+    },
+    /// Credentials could not be read.
+    #[error(transparent)]
+    Credentials(#[from] AuthError),
+    /// No such manifest (tag or digest) or repository.
+    #[error("{reference}: not found in the registry ({detail})")]
+    NotFound {
+        /// The reference.
+        reference: String,
+        /// What the registry said.
+        detail: String,
+    },
+    /// Content that does not have the digest it should.
+    #[error("{reference}: {what} has digest {actual}, but {expected} was expected; refusing it")]
+    Digest {
+        /// The reference.
+        reference: String,
+        /// `the manifest` or `layer ...`.
+        what: String,
+        /// The digest it should have.
+        expected: String,
+        /// The digest it has.
+        actual: String,
+    },
+    /// The artifact is not a single Wasm component.
+    #[error("{reference}: {reason}")]
+    NotWasm {
+        /// The reference.
+        reference: String,
+        /// What it holds instead.
+        reason: String,
+    },
+    /// Bigger than `registry.max_module_size`.
+    #[error(
+        "{reference}: the component is {size} bytes or more, over registry.max_module_size \
+         ({max} bytes)"
+    )]
+    TooLarge {
+        /// The reference.
+        reference: String,
+        /// The size declared or seen so far.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The registry did not answer in time, or could not be reached.
+    #[error("{reference}: {detail}")]
+    Unavailable {
+        /// The reference.
+        reference: String,
+        /// What happened.
+        detail: String,
+    },
+    /// Anything else the registry or the client reported.
+    #[error("{reference}: {detail}")]
+    Other {
+        /// The reference.
+        reference: String,
+        /// What happened.
+        detail: String,
+    },
+}
+
+impl RegistryError {
+    /// Whether another attempt could succeed.
+    fn retryable(&self) -> bool {
+        matches!(self, RegistryError::Unavailable { .. })
+    }
+}
+
+/// A component pulled from a registry.
+#[derive(Debug)]
+pub struct Pulled {
+    /// The component.
+    pub bytes: Vec<u8>,
+    /// Hex sha256 of the component (its layer digest).
+    pub sha256: String,
+    /// The manifest digest (`sha256:...`) the reference resolved to.
+    pub manifest_digest: String,
+    /// `registry/repository@sha256:...`: what to pin.
+    pub pinned: String,
+    /// Whether it came from the local cache, without the network.
+    pub cached: bool,
+}
+
+/// A client for pulling and pushing modules, with the settings of
+/// `[registry]`.
+pub struct Registry {
+    client: Client,
+    credentials: Credentials,
+    timeout: Duration,
+    retries: u32,
+    max_size: u64,
+}
+
+impl Registry {
+    /// A client for `config`. Fails if the CA file cannot be read.
+    pub fn new(config: &RegistryConfig) -> Result<Self, RegistryError> {
+        // reqwest is built without a provider of its own: ring, as
+        // everywhere in the host (a no-op when already installed).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut extra_root_certificates = Vec::new();
+        if let Some(ca) = &config.ca_file {
+            let data = std::fs::read(ca).map_err(|e| RegistryError::Other {
+                reference: "registry.ca_file".into(),
+                detail: format!("cannot read {}: {e}", ca.display()),
+            })?;
+            extra_root_certificates.push(Certificate {
+                encoding: CertificateEncoding::Pem,
+                data,
+            });
+        }
+        let client_config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(config.insecure_registries.clone()),
+            extra_root_certificates,
+            connect_timeout: Some(config.connect_timeout),
+            read_timeout: Some(config.connect_timeout.max(Duration::from_secs(30))),
+            user_agent: concat!("berth/", env!("CARGO_PKG_VERSION")),
+            max_concurrent_download: 1,
+            ..ClientConfig::default()
+        };
+        let client = Client::try_from(client_config).map_err(|e| RegistryError::Other {
+            reference: "registry".into(),
+            detail: e.to_string(),
+        })?;
+        let files = if config.auth_files.is_empty() {
+            Credentials::default_files()
+        } else {
+            config.auth_files.clone()
+        };
+        Ok(Registry {
+            client,
+            credentials: Credentials {
+                configured: config.credentials.clone(),
+                files,
+            },
+            timeout: config.timeout,
+            retries: config.retries,
+            max_size: config.max_module_size.0,
+        })
+    }
+
+    /// Pulls the component of `reference`, from `cache` (a private folder)
+    /// when it holds it, retrying what may pass. `module` names the pull
+    /// in progress logs.
+    pub async fn pull(
+        &self,
+        reference: &str,
+        cache: Option<&Path>,
+        module: &str,
+    ) -> Result<Pulled, RegistryError> {
+        let parsed = parse(reference)?;
+        if let Some(cache) = cache
+            && let Some(digest) = parsed.digest()
+            && let Some(pulled) = from_cache(cache, &parsed, digest)
+        {
+            return Ok(pulled);
+        }
+        let mut attempt = 0;
+        loop {
+            let result = tokio::time::timeout(self.timeout, self.pull_once(&parsed, cache, module))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(RegistryError::Unavailable {
+                        reference: reference.to_owned(),
+                        detail: format!("the pull took longer than registry.timeout ({:?})", self.timeout),
+                    })
+                });
+            match result {
+                Err(e) if e.retryable() && attempt < self.retries => {
+                    attempt += 1;
+                    let backoff = Duration::from_millis(500 << attempt.min(5));
+                    tracing::warn!(module, reference, attempt, error = %e, ?backoff, "pull failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn pull_once(
+        &self,
+        reference: &Reference,
+        cache: Option<&Path>,
+        module: &str,
+    ) -> Result<Pulled, RegistryError> {
+        let name = reference.whole();
+        let auth = self.credentials.for_registry(reference.resolve_registry())?;
+        let (raw, _) = self
+            .client
+            .pull_manifest_raw(reference, &auth, MANIFEST_TYPES)
+            .await
+            .map_err(|e| classify(&name, reference, e))?;
+        if raw.len() > MAX_MANIFEST {
+            return Err(RegistryError::NotWasm {
+                reference: name,
+                reason: format!("the manifest is {} bytes, more than any Wasm artifact's", raw.len()),
+            });
+        }
+        // The digest is computed here, over the bytes received, rather than
+        // taken from the registry's `Docker-Content-Digest` header.
+        let manifest_digest = format!("sha256:{}", hex::encode(Sha256::digest(&raw)));
+        if let Some(expected) = reference.digest()
+            && expected != manifest_digest
+        {
+            return Err(RegistryError::Digest {
+                reference: name,
+                what: "the manifest".into(),
+                expected: expected.to_owned(),
+                actual: manifest_digest,
+            });
+        }
+        let layer = wasm_layer(&name, &raw)?;
+        let pinned = pinned(reference, &manifest_digest);
+        let hex = layer_hex(&name, &layer.digest)?;
+        if let Some(cache) = cache
+            && let Some(bytes) = cached_blob(cache, &hex)
+        {
+            store_manifest(cache, &manifest_digest, &raw);
+            return Ok(Pulled {
+                bytes,
+                sha256: hex,
+                manifest_digest,
+                pinned,
+                cached: true,
+            });
+        }
+        let declared = u64::try_from(layer.size).unwrap_or(0);
+        if declared > self.max_size {
+            return Err(RegistryError::TooLarge {
+                reference: name,
+                size: declared,
+                max: self.max_size,
+            });
+        }
+        let bytes = self
+            .pull_layer(reference, &layer, declared, module)
+            .await?;
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if actual != hex {
+            return Err(RegistryError::Digest {
+                reference: name,
+                what: format!("layer {}", layer.digest),
+                expected: layer.digest.clone(),
+                actual: format!("sha256:{actual}"),
+            });
+        }
+        if let Some(cache) = cache {
+            store_blob(cache, &hex, &bytes);
+            store_manifest(cache, &manifest_digest, &raw);
+        }
+        Ok(Pulled {
+            bytes,
+            sha256: hex,
+            manifest_digest,
+            pinned,
+            cached: false,
+        })
+    }
+
+    /// Streams the layer, bounded by its declared size and the limit, and
+    /// logs progress at most once a second.
+    async fn pull_layer(
+        &self,
+        reference: &Reference,
+        layer: &manifest::OciDescriptor,
+        declared: u64,
+        module: &str,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let name = reference.whole();
+        let limit = if declared > 0 { declared } else { self.max_size };
+        let started = Instant::now();
+        let mut stream = self
+            .client
+            .pull_blob_stream(reference, layer)
+            .await
+            .map_err(|e| classify(&name, reference, e))?;
+        let mut bytes = Vec::with_capacity(usize::try_from(limit.min(64 << 20)).unwrap_or(0));
+        let mut logged = Instant::now();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| stream_error(&name, layer, e))?;
+            if (bytes.len() + chunk.len()) as u64 > limit {
+                return Err(if limit == declared && declared <= self.max_size {
+                    RegistryError::Digest {
+                        reference: name,
+                        what: format!("layer {}", layer.digest),
+                        expected: format!("{declared} bytes"),
+                        actual: "more bytes".into(),
+                    }
+                } else {
+                    RegistryError::TooLarge {
+                        reference: name,
+                        size: (bytes.len() + chunk.len()) as u64,
+                        max: self.max_size,
+                    }
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+            if logged.elapsed() >= Duration::from_secs(1) {
+                logged = Instant::now();
+                let percent = (declared > 0).then(|| bytes.len() as u64 * 100 / declared);
+                tracing::info!(module, reference = %name, bytes = bytes.len(), total = declared, percent, "pulling");
+            }
+        }
+        tracing::info!(
+            module,
+            reference = %name,
+            bytes = bytes.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "pulled"
+        );
+        Ok(bytes)
+    }
+
+    /// Pushes `component` to `reference` as a CNCF Wasm artifact, with its
+    /// imports and exports in the config and `annotations` on the
+    /// manifest. Returns the manifest digest.
+    pub async fn push(
+        &self,
+        component: Vec<u8>,
+        reference: &str,
+        annotations: BTreeMap<String, String>,
+    ) -> Result<String, RegistryError> {
+        let parsed = parse(reference)?;
+        let name = parsed.whole();
+        let (config, layer) = oci_wasm::WasmConfig::from_raw_component(component, None).map_err(
+            |e| RegistryError::NotWasm {
+                reference: name.clone(),
+                reason: format!("not a WebAssembly component: {e:#}"),
+            },
+        )?;
+        let auth = self.credentials.for_registry(parsed.resolve_registry())?;
+        let client = oci_wasm::WasmClient::new(self.client.clone());
+        client
+            .push(&parsed, &auth, layer, config, Some(annotations))
+            .await
+            .map_err(|e| match e.downcast::<OciDistributionError>() {
+                Ok(e) => classify(&name, &parsed, e),
+                Err(e) => RegistryError::Other {
+                    reference: name.clone(),
+                    detail: format!("{e:#}"),
+                },
+            })?;
+        self.client
+            .fetch_manifest_digest(&parsed, &auth)
+            .await
+            .map_err(|e| classify(&name, &parsed, e))
+    }
+}
+
+/// Parses a reference, with or without an `oci://` prefix.
+pub fn parse(reference: &str) -> Result<Reference, RegistryError> {
+    let bare = reference.strip_prefix("oci://").unwrap_or(reference);
+    bare.parse()
+        .map_err(|e| RegistryError::Reference(format!("`{reference}` is not an OCI reference: {e}")))
+}
+
+/// `registry/repository@digest`.
+fn pinned(reference: &Reference, digest: &str) -> String {
+    format!("{}/{}@{digest}", reference.registry(), reference.repository())
+}
+
+/// The one Wasm layer of a manifest.
+fn wasm_layer(name: &str, raw: &[u8]) -> Result<manifest::OciDescriptor, RegistryError> {
+    let manifest: OciImageManifest =
+        serde_json::from_slice(raw).map_err(|e| RegistryError::NotWasm {
+            reference: name.to_owned(),
+            reason: format!("not an image manifest (an index needs a platform's digest): {e}"),
+        })?;
+    let mut wasm = manifest
+        .layers
+        .iter()
+        .filter(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()));
+    match (wasm.next(), wasm.next()) {
+        (Some(layer), None) => Ok(layer.clone()),
+        (None, _) => Err(RegistryError::NotWasm {
+            reference: name.to_owned(),
+            reason: format!(
+                "no Wasm layer (layers: [{}]; accepted: {})",
+                manifest
+                    .layers
+                    .iter()
+                    .map(|l| l.media_type.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                WASM_LAYER_TYPES.join(", ")
+            ),
+        }),
+        (Some(_), Some(_)) => Err(RegistryError::NotWasm {
+            reference: name.to_owned(),
+            reason: "more than one Wasm layer; Berth serves one component per module".into(),
+        }),
+    }
+}
+
+/// The hex of a `sha256:` layer digest. Validated strictly: it names a
+/// file in the cache, and a hostile manifest could carry `../`.
+fn layer_hex(name: &str, digest: &str) -> Result<String, RegistryError> {
+    match digest.strip_prefix("sha256:") {
+        Some(hex) if hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_hexdigit()) => {
+            Ok(hex.to_ascii_lowercase())
+        }
+        _ => Err(RegistryError::NotWasm {
+            reference: name.to_owned(),
+            reason: format!("layer digest `{digest}` is not sha256 with 64 hex digits"),
+        }),
+    }
+}
+
+/// Maps a client error to what an operator can act on.
+fn classify(name: &str, reference: &Reference, err: OciDistributionError) -> RegistryError {
+    let reference_s = name.to_owned();
+    let registry = reference.resolve_registry().to_owned();
+    let detail = err.to_string();
+    match &err {
+        OciDistributionError::AuthenticationFailure(_) | OciDistributionError::UnauthorizedError { .. } => {
+            RegistryError::Auth {
+                reference: reference_s,
+                registry,
+                detail,
+            }
+        }
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
+            if codes
+                .iter()
+                .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
+            {
+                RegistryError::Auth {
+                    reference: reference_s,
+                    registry,
+                    detail,
+                }
+            } else if codes.iter().any(|c| {
+                matches!(
+                    c,
+                    OciErrorCode::ManifestUnknown
+                        | OciErrorCode::NameUnknown
+                        | OciErrorCode::BlobUnknown
+                        | OciErrorCode::NotFound
+                )
+            }) {
+                RegistryError::NotFound {
+                    reference: reference_s,
+                    detail,
+                }
+            } else if codes.iter().any(|c| matches!(c, OciErrorCode::Toomanyrequests)) {
+                RegistryError::Unavailable {
+                    reference: reference_s,
+                    detail,
+                }
+            } else {
+                RegistryError::Other {
+                    reference: reference_s,
+                    detail,
+                }
+            }
+        }
+        OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound {
+            reference: reference_s,
+            detail,
+        },
+        OciDistributionError::ServerError { code, .. } if *code >= 500 || *code == 429 => {
+            RegistryError::Unavailable {
+                reference: reference_s,
+                detail,
+            }
+        }
+        OciDistributionError::ServerError { code: 404, .. } => RegistryError::NotFound {
+            reference: reference_s,
+            detail,
+        },
+        OciDistributionError::ServerError { code: 401 | 403, .. } => RegistryError::Auth {
+            reference: reference_s,
+            registry,
+            detail,
+        },
+        OciDistributionError::DigestError(_) => RegistryError::Digest {
+            reference: reference_s,
+            what: "a blob".into(),
+            expected: "its digest".into(),
+            actual: detail,
+        },
+        OciDistributionError::RequestError(e) => RegistryError::Unavailable {
+            reference: reference_s,
+            detail: format!("cannot reach {registry}: {}", error_chain(e)),
+        },
+        OciDistributionError::IoError(_) => RegistryError::Unavailable {
+            reference: reference_s,
+            detail,
+        },
+        _ => RegistryError::Other {
+            reference: reference_s,
+            detail,
+        },
+    }
+}
+
+/// An error while streaming a layer: the client's own digest check (which
+/// fails at the end of a tampered blob) or the connection.
+fn stream_error(name: &str, layer: &manifest::OciDescriptor, err: std::io::Error) -> RegistryError {
+    match err.get_ref().and_then(|e| e.downcast_ref::<oci_client::errors::DigestError>()) {
+        Some(digest) => RegistryError::Digest {
+            reference: name.to_owned(),
+            what: format!("layer {}", layer.digest),
+            expected: layer.digest.clone(),
+            actual: digest.to_string(),
+        },
+        None => RegistryError::Unavailable {
+            reference: name.to_owned(),
+            detail: format!("the layer download broke off: {}", error_chain(&err)),
+        },
+    }
+}
+
+/// reqwest puts the cause (refused, TLS, timeout) in the source chain.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn manifest_path(cache: &Path, digest: &str) -> Option<PathBuf> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_hexdigit()))
+        .then(|| cache.join("oci").join(format!("{hex}.json")))
+}
+
+fn blob_path(cache: &Path, hex: &str) -> PathBuf {
+    cache.join("downloads").join(format!("{hex}.wasm"))
+}
+
+/// A pinned reference served from the cache: its manifest has the pinned
+/// digest, and the layer it names is there with its digest.
+fn from_cache(cache: &Path, reference: &Reference, digest: &str) -> Option<Pulled> {
+    let raw = std::fs::read(manifest_path(cache, digest)?).ok()?;
+    if format!("sha256:{}", hex::encode(Sha256::digest(&raw))) != digest {
+        return None;
+    }
+    let name = reference.whole();
+    let layer = wasm_layer(&name, &raw).ok()?;
+    let hex = layer_hex(&name, &layer.digest).ok()?;
+    let bytes = cached_blob(cache, &hex)?;
+    Some(Pulled {
+        bytes,
+        sha256: hex,
+        manifest_digest: digest.to_owned(),
+        pinned: pinned(reference, digest),
+        cached: true,
+    })
+}
+
+/// A cached layer, if present and intact.
+fn cached_blob(cache: &Path, hex: &str) -> Option<Vec<u8>> {
+    let bytes = std::fs::read(blob_path(cache, hex)).ok()?;
+    (hex::encode(Sha256::digest(&bytes)) == hex).then_some(bytes)
+}
+
+fn store_blob(cache: &Path, hex: &str, bytes: &[u8]) {
+    write_atomic(&blob_path(cache, hex), bytes);
+}
+
+fn store_manifest(cache: &Path, digest: &str, raw: &[u8]) {
+    if let Some(path) = manifest_path(cache, digest) {
+        write_atomic(&path, raw);
+    }
+}
+
+/// Best effort: a cache that cannot be written (a full disk) only costs
+/// the next pull.
+fn write_atomic(path: &Path, bytes: &[u8]) {
+    let Some(dir) = path.parent() else { return };
+    let tmp = path.with_extension(format!("part{}", std::process::id()));
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(path = %path.display(), error = %e, "cannot cache a pulled module");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(layers: &[(&str, &str, i64)]) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": manifest::OCI_IMAGE_MEDIA_TYPE,
+            "config": {"mediaType": oci_wasm::WASM_MANIFEST_CONFIG_MEDIA_TYPE,
+                       "digest": format!("sha256:{}", "0".repeat(64)), "size": 2},
+            "layers": layers.iter().map(|(t, d, s)| serde_json::json!({
+                "mediaType": t, "digest": d, "size": s})).collect::<Vec<_>>(),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_one_wasm_layer_is_picked_among_others() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        for media in WASM_LAYER_TYPES {
+            let raw = manifest(&[("application/vnd.fermyon.spin.application.v1+config", &d, 3), (media, &d, 9)]);
+            assert_eq!(wasm_layer("r", &raw).unwrap().size, 9);
+        }
+        let err = wasm_layer("r", &manifest(&[("text/plain", &d, 1)])).unwrap_err().to_string();
+        assert!(err.contains("no Wasm layer") && err.contains("text/plain"), "{err}");
+        let two = manifest(&[("application/wasm", &d, 1), ("application/wasm", &d, 1)]);
+        assert!(wasm_layer("r", &two).unwrap_err().to_string().contains("more than one"));
+    }
+
+    #[test]
+    fn layer_digests_that_could_escape_the_cache_are_refused() {
+        for bad in ["sha256:../../etc/passwd", "sha512:aa", "sha256:", &format!("sha256:{}/", "a".repeat(63))] {
+            assert!(layer_hex("r", bad).is_err(), "{bad}");
+        }
+        assert_eq!(layer_hex("r", &format!("sha256:{}", "A".repeat(64))).unwrap(), "a".repeat(64));
+    }
+
+    #[test]
+    fn the_cache_serves_only_verified_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = b"\0asm component bytes".to_vec();
+        let hex = hex::encode(Sha256::digest(&blob));
+        let raw = manifest(&[("application/wasm", &format!("sha256:{hex}"), blob.len() as i64)]);
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&raw)));
+        let reference = parse(&format!("127.0.0.1:5000/team/m@{digest}")).unwrap();
+        assert!(from_cache(dir.path(), &reference, &digest).is_none());
+        store_blob(dir.path(), &hex, &blob);
+        store_manifest(dir.path(), &digest, &raw);
+        let hit = from_cache(dir.path(), &reference, &digest).unwrap();
+        assert_eq!((hit.bytes, hit.cached), (blob.clone(), true));
+        assert_eq!(hit.pinned, format!("127.0.0.1:5000/team/m@{digest}"));
+        // A tampered blob, or a manifest that is not the pinned one, is a miss.
+        std::fs::write(blob_path(dir.path(), &hex), b"tampered").unwrap();
+        assert!(from_cache(dir.path(), &reference, &digest).is_none());
+        store_blob(dir.path(), &hex, &blob);
+        std::fs::write(manifest_path(dir.path(), &digest).unwrap(), b"{}").unwrap();
+        assert!(from_cache(dir.path(), &reference, &digest).is_none());
+    }
+}
