@@ -36,3 +36,30 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
+
+# The OCI tests: the CNCF distribution registry, and Node.js for building
+# the JavaScript example with componentize-js.
+registry_packages=()
+command -v docker-registry >/dev/null || registry_packages+=(docker-registry)
+command -v npm >/dev/null || registry_packages+=(nodejs npm)
+if [ ${#registry_packages[@]} -gt 0 ]; then
+  echo "setup: installing ${registry_packages[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  # The package's service is not wanted: the tests start their own.
+  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $SUDO apt-get install -y -qq --no-install-recommends "${registry_packages[@]}" >/dev/null
+fi
+
+# wkg, the Bytecode Alliance's package tool, at a pinned version, for the
+# interop tests. A test tool: built without optimisation, which halves the
+# build on two cores, in its own folder so it never touches ours.
+WKG_VERSION=0.16.1
+if [ "$(.tools/bin/wkg --version 2>/dev/null)" != "wkg $WKG_VERSION" ]; then
+  echo "setup: building wkg $WKG_VERSION (a few minutes, once)"
+  CARGO_PROFILE_RELEASE_OPT_LEVEL=0 CARGO_PROFILE_RELEASE_DEBUG=false \
+    CARGO_PROFILE_RELEASE_CODEGEN_UNITS=256 CARGO_PROFILE_RELEASE_LTO=false \
+    CARGO_TARGET_DIR="$PWD/.tools/wkg-build" \
+    cargo install --quiet --locked --root .tools wkg --version "$WKG_VERSION"
+  rm -rf .tools/wkg-build
+fi

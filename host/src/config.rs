@@ -1098,7 +1098,10 @@ fn check_source(key: &dyn Fn(&str) -> String, module: &ModuleConfig) -> Result<(
         }
     }
     if module.allow_tags && module.oci.is_none() {
-        return Err(rejected(key("allow_tags"), "only applies to an `oci` module"));
+        return Err(rejected(
+            key("allow_tags"),
+            "only applies to an `oci` module",
+        ));
     }
     if let Some(file) = &module.file
         && file.as_os_str().is_empty()
@@ -1109,7 +1112,10 @@ fn check_source(key: &dyn Fn(&str) -> String, module: &ModuleConfig) -> Result<(
         if !(url.starts_with("https://") || url.starts_with("http://"))
             || url.parse::<http::Uri>().is_err()
         {
-            return Err(rejected(key("url"), format!("`{url}` is not an http(s) URL")));
+            return Err(rejected(
+                key("url"),
+                format!("`{url}` is not an http(s) URL"),
+            ));
         }
         let digest_ok = module
             .sha256

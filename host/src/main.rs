@@ -251,7 +251,8 @@ fn push(
     registry: &RegistryArgs,
 ) -> ExitCode {
     let result = block_on(async {
-        let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let bytes =
+            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
         let size = bytes.len();
         let parsed = berth_host::registry::parse(reference)?;
         let mut annotations = BTreeMap::from([(
@@ -268,7 +269,10 @@ fn push(
             annotations.insert("org.opencontainers.image.version".into(), tag.to_owned());
         }
         annotations.extend(extra);
-        let digest = registry.client()?.push(bytes, reference, annotations).await?;
+        let digest = registry
+            .client()?
+            .push(bytes, reference, annotations)
+            .await?;
         eprintln!(
             "pushed {} ({size} bytes) to {reference}; pin it as {}/{}@{digest}",
             file.display(),

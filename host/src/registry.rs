@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::manifest::{self, OciImageManifest};
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
@@ -228,7 +228,10 @@ impl Registry {
                 .unwrap_or_else(|_| {
                     Err(RegistryError::Unavailable {
                         reference: reference.to_owned(),
-                        detail: format!("the pull took longer than registry.timeout ({:?})", self.timeout),
+                        detail: format!(
+                            "the pull took longer than registry.timeout ({:?})",
+                            self.timeout
+                        ),
                     })
                 });
             match result {
@@ -250,16 +253,21 @@ impl Registry {
         module: &str,
     ) -> Result<Pulled, RegistryError> {
         let name = reference.whole();
-        let auth = self.credentials.for_registry(reference.resolve_registry())?;
+        let auth = self
+            .credentials
+            .for_registry(reference.resolve_registry())?;
         let (raw, _) = self
             .client
             .pull_manifest_raw(reference, &auth, MANIFEST_TYPES)
             .await
-            .map_err(|e| classify(&name, reference, e))?;
+            .map_err(|e| classify(&name, reference, "the manifest", e))?;
         if raw.len() > MAX_MANIFEST {
             return Err(RegistryError::NotWasm {
                 reference: name,
-                reason: format!("the manifest is {} bytes, more than any Wasm artifact's", raw.len()),
+                reason: format!(
+                    "the manifest is {} bytes, more than any Wasm artifact's",
+                    raw.len()
+                ),
             });
         }
         // The digest is computed here, over the bytes received, rather than
@@ -298,9 +306,7 @@ impl Registry {
                 max: self.max_size,
             });
         }
-        let bytes = self
-            .pull_layer(reference, &layer, declared, module)
-            .await?;
+        let bytes = self.pull_layer(reference, &layer, declared, module).await?;
         let actual = hex::encode(Sha256::digest(&bytes));
         if actual != hex {
             return Err(RegistryError::Digest {
@@ -333,13 +339,17 @@ impl Registry {
         module: &str,
     ) -> Result<Vec<u8>, RegistryError> {
         let name = reference.whole();
-        let limit = if declared > 0 { declared } else { self.max_size };
+        let limit = if declared > 0 {
+            declared
+        } else {
+            self.max_size
+        };
         let started = Instant::now();
         let mut stream = self
             .client
             .pull_blob_stream(reference, layer)
             .await
-            .map_err(|e| classify(&name, reference, e))?;
+            .map_err(|e| classify(&name, reference, &format!("layer {}", layer.digest), e))?;
         let mut bytes = Vec::with_capacity(usize::try_from(limit.min(64 << 20)).unwrap_or(0));
         let mut logged = Instant::now();
         while let Some(chunk) = stream.next().await {
@@ -388,19 +398,20 @@ impl Registry {
     ) -> Result<String, RegistryError> {
         let parsed = parse(reference)?;
         let name = parsed.whole();
-        let (config, layer) = oci_wasm::WasmConfig::from_raw_component(component, None).map_err(
-            |e| RegistryError::NotWasm {
-                reference: name.clone(),
-                reason: format!("not a WebAssembly component: {e:#}"),
-            },
-        )?;
+        let (config, layer) =
+            oci_wasm::WasmConfig::from_raw_component(component, None).map_err(|e| {
+                RegistryError::NotWasm {
+                    reference: name.clone(),
+                    reason: format!("not a WebAssembly component: {e:#}"),
+                }
+            })?;
         let auth = self.credentials.for_registry(parsed.resolve_registry())?;
         let client = oci_wasm::WasmClient::new(self.client.clone());
         client
             .push(&parsed, &auth, layer, config, Some(annotations))
             .await
             .map_err(|e| match e.downcast::<OciDistributionError>() {
-                Ok(e) => classify(&name, &parsed, e),
+                Ok(e) => classify(&name, &parsed, "the artifact", e),
                 Err(e) => RegistryError::Other {
                     reference: name.clone(),
                     detail: format!("{e:#}"),
@@ -409,20 +420,25 @@ impl Registry {
         self.client
             .fetch_manifest_digest(&parsed, &auth)
             .await
-            .map_err(|e| classify(&name, &parsed, e))
+            .map_err(|e| classify(&name, &parsed, "the manifest", e))
     }
 }
 
 /// Parses a reference, with or without an `oci://` prefix.
 pub fn parse(reference: &str) -> Result<Reference, RegistryError> {
     let bare = reference.strip_prefix("oci://").unwrap_or(reference);
-    bare.parse()
-        .map_err(|e| RegistryError::Reference(format!("`{reference}` is not an OCI reference: {e}")))
+    bare.parse().map_err(|e| {
+        RegistryError::Reference(format!("`{reference}` is not an OCI reference: {e}"))
+    })
 }
 
 /// `registry/repository@digest`.
 fn pinned(reference: &Reference, digest: &str) -> String {
-    format!("{}/{}@{digest}", reference.registry(), reference.repository())
+    format!(
+        "{}/{}@{digest}",
+        reference.registry(),
+        reference.repository()
+    )
 }
 
 /// The one Wasm layer of a manifest.
@@ -472,19 +488,24 @@ fn layer_hex(name: &str, digest: &str) -> Result<String, RegistryError> {
     }
 }
 
-/// Maps a client error to what an operator can act on.
-fn classify(name: &str, reference: &Reference, err: OciDistributionError) -> RegistryError {
+/// Maps a client error to what an operator can act on; `what` names the
+/// content a digest error is about.
+fn classify(
+    name: &str,
+    reference: &Reference,
+    what: &str,
+    err: OciDistributionError,
+) -> RegistryError {
     let reference_s = name.to_owned();
     let registry = reference.resolve_registry().to_owned();
     let detail = err.to_string();
     match &err {
-        OciDistributionError::AuthenticationFailure(_) | OciDistributionError::UnauthorizedError { .. } => {
-            RegistryError::Auth {
-                reference: reference_s,
-                registry,
-                detail,
-            }
-        }
+        OciDistributionError::AuthenticationFailure(_)
+        | OciDistributionError::UnauthorizedError { .. } => RegistryError::Auth {
+            reference: reference_s,
+            registry,
+            detail,
+        },
         OciDistributionError::RegistryError { envelope, .. } => {
             let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
             if codes
@@ -509,7 +530,10 @@ fn classify(name: &str, reference: &Reference, err: OciDistributionError) -> Reg
                     reference: reference_s,
                     detail,
                 }
-            } else if codes.iter().any(|c| matches!(c, OciErrorCode::Toomanyrequests)) {
+            } else if codes
+                .iter()
+                .any(|c| matches!(c, OciErrorCode::Toomanyrequests))
+            {
                 RegistryError::Unavailable {
                     reference: reference_s,
                     detail,
@@ -535,21 +559,34 @@ fn classify(name: &str, reference: &Reference, err: OciDistributionError) -> Reg
             reference: reference_s,
             detail,
         },
-        OciDistributionError::ServerError { code: 401 | 403, .. } => RegistryError::Auth {
+        OciDistributionError::ServerError {
+            code: 401 | 403, ..
+        } => RegistryError::Auth {
             reference: reference_s,
             registry,
             detail,
         },
-        OciDistributionError::DigestError(_) => RegistryError::Digest {
-            reference: reference_s,
-            what: "a blob".into(),
-            expected: "its digest".into(),
-            actual: detail,
-        },
-        OciDistributionError::RequestError(e) => RegistryError::Unavailable {
-            reference: reference_s,
-            detail: format!("cannot reach {registry}: {}", error_chain(e)),
-        },
+        OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
+            RegistryError::Digest {
+                reference: reference_s,
+                what: what.to_owned(),
+                expected: expected.clone(),
+                actual: actual.clone(),
+            }
+        }
+        OciDistributionError::RequestError(e) => {
+            let chain = error_chain(e);
+            // rustls's words for an answer that is not TLS at all.
+            let hint = if chain.contains("InvalidContentType") {
+                "; it does not speak TLS: list it in insecure_registries if it is plain HTTP"
+            } else {
+                ""
+            };
+            RegistryError::Unavailable {
+                reference: reference_s,
+                detail: format!("cannot reach {registry}: {chain}{hint}"),
+            }
+        }
         OciDistributionError::IoError(_) => RegistryError::Unavailable {
             reference: reference_s,
             detail,
@@ -564,12 +601,16 @@ fn classify(name: &str, reference: &Reference, err: OciDistributionError) -> Reg
 /// An error while streaming a layer: the client's own digest check (which
 /// fails at the end of a tampered blob) or the connection.
 fn stream_error(name: &str, layer: &manifest::OciDescriptor, err: std::io::Error) -> RegistryError {
-    match err.get_ref().and_then(|e| e.downcast_ref::<oci_client::errors::DigestError>()) {
-        Some(digest) => RegistryError::Digest {
+    match err.get_ref().and_then(|e| e.downcast_ref::<DigestError>()) {
+        Some(DigestError::VerificationError { expected, actual }) => RegistryError::Digest {
             reference: name.to_owned(),
             what: format!("layer {}", layer.digest),
-            expected: layer.digest.clone(),
-            actual: digest.to_string(),
+            expected: expected.clone(),
+            actual: actual.clone(),
+        },
+        Some(other) => RegistryError::Other {
+            reference: name.to_owned(),
+            detail: other.to_string(),
         },
         None => RegistryError::Unavailable {
             reference: name.to_owned(),
@@ -670,21 +711,42 @@ mod tests {
     fn the_one_wasm_layer_is_picked_among_others() {
         let d = format!("sha256:{}", "a".repeat(64));
         for media in WASM_LAYER_TYPES {
-            let raw = manifest(&[("application/vnd.fermyon.spin.application.v1+config", &d, 3), (media, &d, 9)]);
+            let raw = manifest(&[
+                ("application/vnd.fermyon.spin.application.v1+config", &d, 3),
+                (media, &d, 9),
+            ]);
             assert_eq!(wasm_layer("r", &raw).unwrap().size, 9);
         }
-        let err = wasm_layer("r", &manifest(&[("text/plain", &d, 1)])).unwrap_err().to_string();
-        assert!(err.contains("no Wasm layer") && err.contains("text/plain"), "{err}");
+        let err = wasm_layer("r", &manifest(&[("text/plain", &d, 1)]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no Wasm layer") && err.contains("text/plain"),
+            "{err}"
+        );
         let two = manifest(&[("application/wasm", &d, 1), ("application/wasm", &d, 1)]);
-        assert!(wasm_layer("r", &two).unwrap_err().to_string().contains("more than one"));
+        assert!(
+            wasm_layer("r", &two)
+                .unwrap_err()
+                .to_string()
+                .contains("more than one")
+        );
     }
 
     #[test]
     fn layer_digests_that_could_escape_the_cache_are_refused() {
-        for bad in ["sha256:../../etc/passwd", "sha512:aa", "sha256:", &format!("sha256:{}/", "a".repeat(63))] {
+        for bad in [
+            "sha256:../../etc/passwd",
+            "sha512:aa",
+            "sha256:",
+            &format!("sha256:{}/", "a".repeat(63)),
+        ] {
             assert!(layer_hex("r", bad).is_err(), "{bad}");
         }
-        assert_eq!(layer_hex("r", &format!("sha256:{}", "A".repeat(64))).unwrap(), "a".repeat(64));
+        assert_eq!(
+            layer_hex("r", &format!("sha256:{}", "A".repeat(64))).unwrap(),
+            "a".repeat(64)
+        );
     }
 
     #[test]
@@ -692,7 +754,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blob = b"\0asm component bytes".to_vec();
         let hex = hex::encode(Sha256::digest(&blob));
-        let raw = manifest(&[("application/wasm", &format!("sha256:{hex}"), blob.len() as i64)]);
+        let raw = manifest(&[(
+            "application/wasm",
+            &format!("sha256:{hex}"),
+            blob.len() as i64,
+        )]);
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&raw)));
         let reference = parse(&format!("127.0.0.1:5000/team/m@{digest}")).unwrap();
         assert!(from_cache(dir.path(), &reference, &digest).is_none());

@@ -60,6 +60,11 @@ def test_lint_strict(values):
         (["--set", "modules.hello.sha256=nothex"], "sha256"),
         (["--set", "modules.x.route=/x", "--set", "modules.x.url=https://e/x.wasm"], "sha256"),
         (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+        # An `oci` module needs a digest unless tags are allowed...
+        (["--set", "modules.x.route=/x", "--set", "modules.x.oci=reg.example/t/x:1.0"], "sha256"),
+        # ...and is one source only.
+        (["--set", "modules.hello.oci=reg.example/t/x@sha256:" + "a" * 64], "not"),
+        (["--set", "registry.retries=99"], "retries"),
     ],
 )
 def test_schema_rejects_bad_values(bad, message):
@@ -174,8 +179,86 @@ def test_security_scans_pass_with_justified_skips():
     assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout
 
 
+def test_environments_promote_one_oci_digest_and_mount_the_pull_secrets():
+    refs = set()
+    for env in ENVS:
+        docs = render("-f", os.path.join(CHART, env))
+        config = find(docs, "ConfigMap", "-config")["data"]["berth.toml"]
+        refs.add(re.search(r'oci = "([^"]+)"', config).group(1))
+        assert "/var/run/secrets/berth/registry/shop-registry/config.json" in config
+        pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "pull-secret-shop-registry")
+        assert volume["secret"]["items"] == [{"key": ".dockerconfigjson", "path": "config.json"}]
+    assert len(refs) == 1 and "@sha256:" in refs.pop()
+    # Allowing tags lets a tag through the schema.
+    render("--set", "modules.x.route=/x", "--set", "modules.x.oci=reg.example/t/x:1.0",
+           "--set", "modules.x.allowTags=true")
+    # Without `oci` modules nothing is mounted for them.
+    docs = render("--set", "imagePullSecrets[0].name=regcred")
+    pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+    assert not any(v["name"].startswith("pull-secret") for v in pod["volumes"])
+
+
+def test_an_oci_module_of_the_chart_is_pulled_from_a_real_registry_and_served(tmp_path):
+    """The promoted digest flow: `berth push` to a registry, pin the digest
+    in the values, and the config the chart renders pulls and serves it."""
+    port = free_port()
+    host = f"127.0.0.1:{port}"
+    (tmp_path / "registry.yml").write_text(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+        f"    rootdirectory: {tmp_path / 'data'}\nhttp:\n  addr: {host}\n"
+    )
+    registry = subprocess.Popen(["docker-registry", "serve", str(tmp_path / "registry.yml")])
+    try:
+        wait_listening(host)
+        hello = os.path.join(TARGET, "wasm32-wasip2", "release", "hello.wasm")
+        pushed = run(BERTH_BIN, "push", hello, f"{host}/shop/orders:1.4.2", "--insecure-registry", host)
+        digest = pushed.stdout.strip()
+        serve_rendered(
+            tmp_path,
+            ["-f", os.path.join(CHART, "values-prod.yaml"),
+             "--set", f"modules.orders.oci={host}/shop/orders@{digest}",
+             "--set", "modules.orders.config.greeting=Hello from the registry",
+             "--set", f"registry.insecureRegistries={{{host}}}"],
+            "/orders?name=chart",
+            {"message": "Hello from the registry, chart!"},
+        )
+    finally:
+        registry.kill()
+        registry.wait()
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(host, limit=20):
+    import socket
+    import time
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        try:
+            socket.create_connection(host.split(":"), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"nothing listens on {host}")
+
+
 def test_rendered_config_is_served_by_the_real_host(tmp_path):
-    docs = render("-f", os.path.join(CHART, "values-dev.yaml"))
+    serve_rendered(
+        tmp_path,
+        ["-f", os.path.join(CHART, "values-dev.yaml"), "--set", "modules.orders=null"],
+        "/hello?name=chart",
+        {"message": "Hello from dev, chart!"},
+    )
+
+
+def serve_rendered(tmp_path, values, path, want):
+    docs = render(*values)
     toml = find(docs, "ConfigMap", "-config")["data"]["berth.toml"]
     config = tmp_path / "berth.toml"
     config.write_text(toml)
@@ -204,8 +287,8 @@ def test_rendered_config_is_served_by_the_real_host(tmp_path):
                 break
         else:
             pytest.fail(f"berth exited with {proc.wait()}")
-        body = json.load(urllib.request.urlopen(f"http://{addrs['traffic']}/hello?name=chart", timeout=10))
-        assert body == {"message": "Hello from dev, chart!"}
+        body = json.load(urllib.request.urlopen(f"http://{addrs['traffic']}{path}", timeout=10))
+        assert body == want
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

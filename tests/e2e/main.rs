@@ -9,6 +9,7 @@ mod core;
 mod downstream;
 mod lifecycle;
 mod observability;
+mod oci;
 mod otlp;
 mod p3;
 mod resilience;

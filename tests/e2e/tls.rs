@@ -11,6 +11,8 @@ use tokio_rustls::rustls;
 pub struct PrivateCa {
     pub ca_file: PathBuf,
     pub server: Arc<rustls::ServerConfig>,
+    /// The server's certificate and key, PEM, for servers of other kinds.
+    leaf_pem: (String, String),
     _dir: tempfile::TempDir,
 }
 
@@ -20,7 +22,7 @@ impl PrivateCa {
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
         let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
             .unwrap()
             .signed_by(&leaf_key, &ca)
             .unwrap();
@@ -39,7 +41,16 @@ impl PrivateCa {
         PrivateCa {
             ca_file,
             server: Arc::new(server),
+            leaf_pem: (leaf.pem(), leaf_key.serialize_pem()),
             _dir: dir,
         }
+    }
+
+    /// Writes the server's certificate and key into `dir`.
+    pub fn leaf_pem_files(&self, dir: &std::path::Path) -> (PathBuf, PathBuf) {
+        let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+        std::fs::write(&cert, &self.leaf_pem.0).unwrap();
+        std::fs::write(&key, &self.leaf_pem.1).unwrap();
+        (cert, key)
     }
 }

@@ -45,7 +45,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $modules := dict -}}
 {{- range $name, $m := .Values.modules -}}
 {{- $entry := dict "route" $m.route -}}
-{{- if $m.url -}}
+{{- if $m.oci -}}
+{{- $_ := set $entry "oci" $m.oci -}}
+{{- if $m.allowTags }}{{ $_ := set $entry "allow_tags" true }}{{ end -}}
+{{- else if $m.url -}}
 {{- $_ := set $entry "url" $m.url -}}
 {{- else -}}
 {{- $_ := set $entry "file" (default (printf "%s.wasm" $name) $m.file) -}}
@@ -58,6 +61,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- $limits := dict "timeout" .Values.limits.timeout "memory" .Values.limits.memory "max_concurrency" (int .Values.limits.maxConcurrency) "max_body" .Values.limits.maxBody -}}
 {{- $outbound := dict "connect_timeout" .Values.outbound.connectTimeout "timeout" .Values.outbound.timeout "retries" (int .Values.outbound.retries) -}}
+{{- /* Module pulls: the imagePullSecrets (mounted as files by the
+Deployment) give the credentials, the CA Secret the extra roots. */ -}}
+{{- $authFiles := list -}}
+{{- if include "berth.usesOci" . -}}
+{{- range .Values.imagePullSecrets -}}
+{{- $authFiles = append $authFiles (printf "/var/run/secrets/berth/registry/%s/config.json" .name) -}}
+{{- end -}}
+{{- end -}}
+{{- $registry := dict "auth_files" $authFiles "insecure_registries" .Values.registry.insecureRegistries "timeout" .Values.registry.timeout "retries" (int .Values.registry.retries) -}}
+{{- if .Values.registry.caSecret }}{{ $_ := set $registry "ca_file" "/var/run/secrets/berth/registry-ca/ca.crt" }}{{ end -}}
 {{- $admin := dict "listen" (printf "0.0.0.0:%d" (int .Values.admin.port)) -}}
 {{- if include "berth.adminTokenSecret" . }}{{ $_ := set $admin "token_file" "/var/run/secrets/berth/token" }}{{ end -}}
 {{- $cfg := dict
@@ -68,6 +81,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   "log" (dict "access_log" .Values.log.accessLog)
   "defaults" (dict "limits" $limits "outbound" $outbound)
   "modules" $modules
+  "registry" $registry
 -}}
 {{- toToml $cfg -}}
+{{- end }}
+
+{{/* Whether any module is pulled from an OCI registry. */}}
+{{- define "berth.usesOci" -}}
+{{- range $name, $m := .Values.modules -}}{{ if $m.oci }}true{{ end }}{{- end -}}
 {{- end }}

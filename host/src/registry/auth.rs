@@ -76,7 +76,9 @@ impl Credentials {
         {
             return Ok(match (&c.token, &c.username, &c.password) {
                 (Some(token), _, _) => RegistryAuth::Bearer(token.0.0.clone()),
-                (None, Some(user), Some(pass)) => RegistryAuth::Basic(user.clone(), pass.0.0.clone()),
+                (None, Some(user), Some(pass)) => {
+                    RegistryAuth::Basic(user.clone(), pass.0.0.clone())
+                }
                 _ => RegistryAuth::Anonymous,
             });
         }
@@ -117,10 +119,16 @@ fn from_docker_file(file: &Path, wanted: &str) -> Result<Option<RegistryAuth>, A
             .decode(auth.trim())
             .ok()
             .and_then(|d| String::from_utf8(d).ok())
-            .ok_or_else(|| err(format!("`auths.\"{key}\".auth` is not base64 of user:password")))?;
-        let (user, pass) = decoded
-            .split_once(':')
-            .ok_or_else(|| err(format!("`auths.\"{key}\".auth` is not base64 of user:password")))?;
+            .ok_or_else(|| {
+                err(format!(
+                    "`auths.\"{key}\".auth` is not base64 of user:password"
+                ))
+            })?;
+        let (user, pass) = decoded.split_once(':').ok_or_else(|| {
+            err(format!(
+                "`auths.\"{key}\".auth` is not base64 of user:password"
+            ))
+        })?;
         return Ok(Some(RegistryAuth::Basic(user.to_owned(), pass.to_owned())));
     }
     Ok(None)
@@ -174,8 +182,14 @@ mod tests {
             configured: BTreeMap::new(),
             files: vec![dir.path().join("missing.json"), file],
         };
-        assert_eq!(creds.for_registry("docker.io").unwrap(), basic("alice", "s3cret"));
-        assert_eq!(creds.for_registry("127.0.0.1:5000").unwrap(), basic("bob", "pw"));
+        assert_eq!(
+            creds.for_registry("docker.io").unwrap(),
+            basic("alice", "s3cret")
+        );
+        assert_eq!(
+            creds.for_registry("127.0.0.1:5000").unwrap(),
+            basic("bob", "pw")
+        );
         assert_eq!(
             creds.for_registry("ghcr.io").unwrap(),
             RegistryAuth::Bearer("tok".into())
@@ -205,7 +219,10 @@ mod tests {
             )]),
             files: vec![file],
         };
-        assert_eq!(creds.for_registry("reg.example").unwrap(), basic("cfg", "y"));
+        assert_eq!(
+            creds.for_registry("reg.example").unwrap(),
+            basic("cfg", "y")
+        );
     }
 
     #[test]
@@ -218,7 +235,10 @@ mod tests {
         };
         let err = creds.for_registry("x.io").unwrap_err().to_string();
         assert!(err.contains(&file.display().to_string()), "{err}");
-        write(dir.path(), r#"{"auths": {"x.io": {"auth": "bm9jb2xvbg=="}}}"#);
+        write(
+            dir.path(),
+            r#"{"auths": {"x.io": {"auth": "bm9jb2xvbg=="}}}"#,
+        );
         let err = creds.for_registry("x.io").unwrap_err().to_string();
         assert!(err.contains("user:password"), "{err}");
         // The secret's bytes never appear in the message.

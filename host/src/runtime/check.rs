@@ -41,7 +41,12 @@ pub fn check_file(runtime: &Runtime, file: &Path) -> anyhow::Result<CheckReport>
     let name = file
         .file_stem()
         .map_or_else(|| "module".into(), |s| s.to_string_lossy().into_owned());
-    Ok(check_bytes(runtime, &name, &file.display().to_string(), bytes))
+    Ok(check_bytes(
+        runtime,
+        &name,
+        &file.display().to_string(),
+        bytes,
+    ))
 }
 
 /// Compiles a component (read from `origin`) and checks it against the
