@@ -44,6 +44,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "berth.config" -}}
 {{- $modules := dict -}}
 {{- range $name, $m := .Values.modules -}}
+{{- if $m -}}
 {{- $entry := dict "route" $m.route -}}
 {{- if $m.oci -}}
 {{- $_ := set $entry "oci" $m.oci -}}
@@ -58,6 +59,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with $m.allowedOutboundHosts }}{{ $_ := set $entry "allowed_outbound_hosts" . }}{{ end -}}
 {{- with $m.limits }}{{ $_ := set $entry "limits" . }}{{ end -}}
 {{- $_ := set $modules $name $entry -}}
+{{- end -}}
 {{- end -}}
 {{- $limits := dict "timeout" .Values.limits.timeout "memory" .Values.limits.memory "max_concurrency" (int .Values.limits.maxConcurrency) "max_body" .Values.limits.maxBody -}}
 {{- $outbound := dict "connect_timeout" .Values.outbound.connectTimeout "timeout" .Values.outbound.timeout "retries" (int .Values.outbound.retries) -}}
@@ -88,5 +90,19 @@ Deployment) give the credentials, the CA Secret the extra roots. */ -}}
 
 {{/* Whether any module is pulled from an OCI registry. */}}
 {{- define "berth.usesOci" -}}
-{{- range $name, $m := .Values.modules -}}{{ if $m.oci }}true{{ end }}{{- end -}}
+{{- range $name, $m := .Values.modules -}}{{ if and $m $m.oci }}true{{ end }}{{- end -}}
+{{- end }}
+
+{{/* The route of the first module (modules set to null are gone). */}}
+{{- define "berth.firstRoute" -}}
+{{- $routes := list -}}
+{{- range $name, $m := .Values.modules -}}{{ if $m }}{{ $routes = append $routes $m.route }}{{ end }}{{- end -}}
+{{- first $routes | default "/" -}}
+{{- end }}
+
+{{/* The names of the modules served. */}}
+{{- define "berth.moduleNames" -}}
+{{- $names := list -}}
+{{- range $name, $m := .Values.modules -}}{{ if $m }}{{ $names = append $names $name }}{{ end }}{{- end -}}
+{{- $names | join ", " -}}
 {{- end }}
