@@ -358,6 +358,10 @@ def write_results(results, starts, instantiation, idle_rss):
         f"| idle RSS < 40 MiB with the examples loaded (compiled at start-up) | {idle_rss['compiled at start-up']:.1f} MiB | {yes(idle_rss['compiled at start-up'] < 40)} |",
         "",
     ]
+    # The registry figures of bench/oci.py (run first by bench/run.sh).
+    oci = os.path.join(ROOT, "bench", "OCI.md")
+    if os.path.exists(oci):
+        lines.insert(lines.index("## Targets"), open(oci).read())
     notes = os.path.join(ROOT, "bench", "NOTES.md")
     if os.path.exists(notes):
         lines += [open(notes).read()]

@@ -16,4 +16,5 @@ make guests
 cargo build --release --locked --bin berth
 cargo build --release --locked -p native-hello
 make conformance
+python3 bench/oci.py
 exec python3 bench/bench.py

@@ -1173,6 +1173,14 @@ fn check_registry(registry: &RegistryConfig) -> Result<(), ConfigError> {
     if registry.retries > 10 {
         return Err(rejected("registry.retries", "at most 10"));
     }
+    if let Some(ca) = &registry.ca_file
+        && let Err(e) = std::fs::metadata(ca)
+    {
+        return Err(rejected(
+            "registry.ca_file",
+            format!("cannot read {}: {e}", ca.display()),
+        ));
+    }
     if registry.max_module_size.0 == 0 {
         return Err(rejected("registry.max_module_size", "must be more than 0"));
     }

@@ -354,18 +354,21 @@ impl Registry {
         let mut logged = Instant::now();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| stream_error(&name, layer, e))?;
-            if (bytes.len() + chunk.len()) as u64 > limit {
-                return Err(if limit == declared && declared <= self.max_size {
-                    RegistryError::Digest {
+            let seen = (bytes.len() + chunk.len()) as u64;
+            if seen > limit {
+                return Err(if declared > 0 {
+                    RegistryError::NotWasm {
                         reference: name,
-                        what: format!("layer {}", layer.digest),
-                        expected: format!("{declared} bytes"),
-                        actual: "more bytes".into(),
+                        reason: format!(
+                            "layer {} runs past the {declared} bytes its manifest declares; \
+                             refusing it",
+                            layer.digest
+                        ),
                     }
                 } else {
                     RegistryError::TooLarge {
                         reference: name,
-                        size: (bytes.len() + chunk.len()) as u64,
+                        size: seen,
                         max: self.max_size,
                     }
                 });

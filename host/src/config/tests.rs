@@ -110,6 +110,62 @@ fn errors_name_the_key() {
 }
 
 #[test]
+fn oci_sources_and_registry_settings_are_checked_with_their_key() {
+    Jail::expect_with(|jail| {
+        let digest = "a".repeat(64);
+        let cases = [
+            (
+                format!(
+                    "[modules.a]\noci = \"r.example/t/a@sha256:{digest}\"\nfile = \"a.wasm\"\nroute = \"/a\"\n"
+                ),
+                "modules.a.oci",
+            ),
+            (
+                "[modules.a]\noci = \"r.example/t/a:1.0\"\nroute = \"/a\"\n".to_owned(),
+                "allow_tags",
+            ),
+            (
+                "[modules.a]\nfile = \"a.wasm\"\nallow_tags = true\nroute = \"/a\"\n".to_owned(),
+                "modules.a.allow_tags",
+            ),
+            (
+                format!(
+                    "[modules.a]\noci = \"r.example/t/a@sha256:{digest}\"\nsha256 = \"{digest}\"\nroute = \"/a\"\n"
+                ),
+                "modules.a.sha256",
+            ),
+            (
+                "[registry.credentials.\"r.example\"]\nusername = \"bot\"\n".to_owned(),
+                "registry.credentials",
+            ),
+            (
+                "[registry]\nca_file = \"/nonexistent/ca.pem\"\n".to_owned(),
+                "registry.ca_file",
+            ),
+            (
+                "[registry]\ninsecure_registries = [\"http://x\"]\n".to_owned(),
+                "insecure_registries[0]",
+            ),
+        ];
+        for (toml, key) in cases {
+            jail.create_file("berth.toml", &toml)?;
+            let err = load(jail).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        // A tag with allow_tags, and credentials that are never printed.
+        jail.create_file(
+            "berth.toml",
+            "[modules.a]\noci = \"r.example/t/a:1.0\"\nallow_tags = true\nroute = \"/a\"\n\
+             [registry.credentials.\"r.example\"]\nusername = \"bot\"\npassword = \"hunter2\"\n",
+        )?;
+        let cfg = load(jail).unwrap();
+        let printed = format!("{} {:?}", serde_json::to_string(&cfg).unwrap(), cfg);
+        assert!(!printed.contains("hunter2"), "{printed}");
+        Ok(())
+    });
+}
+
+#[test]
 fn missing_config_file_is_an_error() {
     let err = Config::load(
         Some(Path::new("/nonexistent/berth.toml")),
