@@ -4,7 +4,7 @@
 //! # Layout
 //! The modules form layers; each imports only from layers below it
 //! (`scripts/check_layers.py`, run by `make lint`, enforces this), so data
-//! flows one way: config → outbound → runtime → router → reload →
+//! flows one way: config → outbound and registry → runtime → router → reload →
 //! server and admin → app.
 //!
 //! - Foundations, importing nothing above them:

@@ -684,7 +684,8 @@ fn store_manifest(cache: &Path, digest: &str, raw: &[u8]) {
 /// the next pull.
 fn write_atomic(path: &Path, bytes: &[u8]) {
     let Some(dir) = path.parent() else { return };
-    let tmp = path.with_extension(format!("part{}", std::process::id()));
+    // Unique: two modules may pull the same layer at once.
+    let tmp = path.with_extension(format!("part{}", fastrand::u64(..)));
     let written = std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::write(&tmp, bytes))
         .and_then(|()| std::fs::rename(&tmp, path));
@@ -733,6 +734,22 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("more than one")
+        );
+    }
+
+    #[test]
+    fn a_cache_that_cannot_be_written_costs_only_the_next_pull() {
+        let dir = tempfile::tempdir().unwrap();
+        // `downloads` is a file, so nothing can be stored below it (as on
+        // a full or read-only volume).
+        std::fs::write(dir.path().join("downloads"), b"").unwrap();
+        let hex = "b".repeat(64);
+        store_blob(dir.path(), &hex, b"bytes");
+        assert!(cached_blob(dir.path(), &hex).is_none());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "a temporary file was left"
         );
     }
 

@@ -221,10 +221,12 @@ fn oci_module(name: &str, route: &str, reference: &str, extra: &str) -> String {
     format!("[modules.{name}]\noci = {reference:?}\nroute = {route:?}\n{extra}\n")
 }
 
-/// A config with its own compile cache folder (kept across restarts).
+/// A config with its own compile cache folder (kept across restarts), on
+/// one worker thread: pulls run on a blocking thread driven by the
+/// single-threaded scheduler a pod limited to one CPU gets.
 fn with_cache(cache: &Path, rest: &str) -> String {
     format!(
-        "[runtime]\ncache_dir = {:?}\n{rest}",
+        "[runtime]\ncache_dir = {:?}\nworker_threads = 1\n{rest}",
         cache.display().to_string()
     )
 }
