@@ -74,6 +74,7 @@ smoke_test:
 	@./scripts/smoke_test.sh
 
 ## test: everything CI runs: lint, unit and end-to-end tests, chart and image checks
+test: export WKG_BACKGROUND := 1
 test: guests lint
 	$(CARGO) test --release --locked --workspace
 	$(MAKE) chart-check image-check

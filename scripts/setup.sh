@@ -53,13 +53,31 @@ fi
 
 # wkg, the Bytecode Alliance's package tool, at a pinned version, for the
 # interop tests. A test tool: built without optimisation, which halves the
-# build on two cores, in its own folder so it never touches ours.
+# build on two cores, in its own folder so it never touches ours. With
+# WKG_BACKGROUND=1 (`make test`) it builds alongside the host's builds,
+# filling the cores their serial phases leave idle; the interop test waits
+# for it (.tools/wkg-building marks a build in progress).
 WKG_VERSION=0.16.1
-if [ "$(.tools/bin/wkg --version 2>/dev/null)" != "wkg $WKG_VERSION" ]; then
-  echo "setup: building wkg $WKG_VERSION (a few minutes, once)"
-  CARGO_PROFILE_RELEASE_OPT_LEVEL=0 CARGO_PROFILE_RELEASE_DEBUG=false \
-    CARGO_PROFILE_RELEASE_CODEGEN_UNITS=256 CARGO_PROFILE_RELEASE_LTO=false \
-    CARGO_TARGET_DIR="$PWD/.tools/wkg-build" \
-    cargo install --quiet --locked --root .tools wkg --version "$WKG_VERSION"
-  rm -rf .tools/wkg-build
+# A marker left by a build that was killed would block every later one.
+if [ -d .tools/wkg-building ] && ! pgrep -f "cargo install .*wkg --version" >/dev/null; then
+  rm -rf .tools/wkg-building .tools/wkg-build
+fi
+if [ "$(.tools/bin/wkg --version 2>/dev/null)" != "wkg $WKG_VERSION" ] && ! [ -d .tools/wkg-building ]; then
+  mkdir -p .tools/wkg-building
+  build_wkg() {
+    CARGO_PROFILE_RELEASE_OPT_LEVEL=0 CARGO_PROFILE_RELEASE_DEBUG=false \
+      CARGO_PROFILE_RELEASE_CODEGEN_UNITS=256 CARGO_PROFILE_RELEASE_LTO=false \
+      CARGO_TARGET_DIR="$PWD/.tools/wkg-build" \
+      cargo install --quiet --locked --root .tools wkg --version "$WKG_VERSION"
+    local rc=$?
+    rm -rf .tools/wkg-build .tools/wkg-building
+    return $rc
+  }
+  if [ "${WKG_BACKGROUND:-0}" = 1 ]; then
+    echo "setup: building wkg $WKG_VERSION in the background (.tools/wkg-build.log)"
+    (build_wkg > .tools/wkg-build.log 2>&1 &)
+  else
+    echo "setup: building wkg $WKG_VERSION (a few minutes, once)"
+    build_wkg
+  fi
 fi

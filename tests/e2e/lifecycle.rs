@@ -265,40 +265,14 @@ fn kubelet_style_swaps_under_load_fail_no_request() {
     let berth = Berth::start(&swap_config(dir.path(), ""));
     assert_eq!(get(&berth.url("/svc")).body, "v1\n");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let served = Arc::new(AtomicUsize::new(0));
     // Four fast clients, and two whose requests take 300 ms each, so
     // requests are in flight across every swap.
-    let spans = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let load: Vec<_> = (0..6)
-        .map(|i| {
-            let path = if i < 4 { "/svc" } else { "/svc?ms=300" };
-            let spans = spans.clone();
-            let (url, stop, failures, served) = (
-                berth.url(path),
-                stop.clone(),
-                failures.clone(),
-                served.clone(),
-            );
-            std::thread::spawn(move || {
-                let deadline = Instant::now() + Duration::from_secs(120);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    let started = Instant::now();
-                    let r = get(&url);
-                    spans.lock().unwrap().push((started, Instant::now()));
-                    if r.status == 200 && (r.body == "v1\n" || r.body == "v2\n") {
-                        served.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("{} {}", r.status, r.body));
-                    }
-                }
-            })
-        })
+    let urls = (0..6)
+        .map(|i| berth.url(if i < 4 { "/svc" } else { "/svc?ms=300" }))
         .collect();
+    let load = Load::start(urls, Duration::from_secs(120), |r| {
+        r.status == 200 && (r.body == "v1\n" || r.body == "v2\n")
+    });
 
     let mut switch_times = Vec::new();
     let mut swapped_at = Vec::new();
@@ -316,19 +290,16 @@ fn kubelet_style_swaps_under_load_fail_no_request() {
         // Let a slow request start on this version before the next swap.
         std::thread::sleep(Duration::from_millis(100));
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.join().unwrap();
-    }
-    let failures = failures.lock().unwrap();
+    let report = load.finish();
     assert!(
-        failures.is_empty(),
-        "failed requests during swaps: {failures:?}"
+        report.failures.is_empty(),
+        "failed requests during swaps: {:?}",
+        report.failures
     );
-    assert!(served.load(Ordering::Relaxed) > 100);
+    assert!(report.served > 100);
     // Every answer above was whole; check that many were in flight when
     // the router switched.
-    let spans = spans.lock().unwrap();
+    let spans = &report.spans;
     let across = swapped_at
         .iter()
         .filter(|&&t| spans.iter().any(|&(a, b)| a < t && t < b))
@@ -340,7 +311,7 @@ fn kubelet_style_swaps_under_load_fail_no_request() {
     switch_times.sort();
     println!(
         "hot-swap: 20 swaps, {} requests served, switch time median {:?}, max {:?}",
-        served.load(Ordering::Relaxed),
+        report.served,
         switch_times[switch_times.len() / 2],
         switch_times.last().unwrap()
     );

@@ -7,8 +7,6 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -299,8 +297,26 @@ fn push_then_pull_round_trips_over_tls_with_auth_and_bad_credentials_are_named()
         checked.stdout
     );
 
-    // A wrong password, and no credentials at all: refused, and said so.
+    // The Docker config found through DOCKER_CONFIG, as `docker login` leaves it.
+    let docker_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        registry.docker_config(PASSWORD),
+        docker_dir.path().join("config.json"),
+    )
+    .unwrap();
     let ca = registry.ca.as_ref().unwrap().ca_file.display().to_string();
+    let via_env = Command::new(berth_bin())
+        .args(["pull", &pinned, "-o", &out_s, "--ca-file", &ca])
+        .env("DOCKER_CONFIG", docker_dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        via_env.status.success(),
+        "{}",
+        String::from_utf8_lossy(&via_env.stderr)
+    );
+
+    // A wrong password, and no credentials at all: refused, and said so.
     let wrong = registry.docker_config("wrong").display().to_string();
     for auth in [
         vec!["--auth-file", &wrong],
@@ -336,6 +352,25 @@ fn a_module_is_served_from_a_registry_and_a_restart_does_not_pull_again() {
     let mut registry = Registry::secured();
     let pinned = registry.push("hello", "team/hello:1.0");
     let cache = tempfile::tempdir().unwrap();
+    // Credentials in the config itself: used, and never printed.
+    let ca = registry.ca.as_ref().unwrap().ca_file.display().to_string();
+    let inline = format!(
+        "[registry]\nca_file = {ca:?}\nretries = 0\n\
+         [registry.credentials.{:?}]\nusername = {USER:?}\npassword = {PASSWORD:?}\n",
+        registry.host
+    );
+    let berth = Berth::start(&with_cache(
+        cache.path(),
+        &(inline + &oci_module("hello", "/hello", &pinned, "")),
+    ));
+    assert_eq!(get(&berth.url("/hello")).status, 200);
+    assert!(
+        !berth.log_text().contains(PASSWORD),
+        "the registry password was logged"
+    );
+    drop(berth);
+    std::fs::remove_dir_all(cache.path().join("downloads")).unwrap();
+
     let config = with_cache(
         cache.path(),
         &(registry.section() + &oci_module("hello", "/hello", &pinned, "")),
@@ -564,33 +599,11 @@ fn a_config_edit_from_digest_a_to_b_under_load_fails_no_request() {
     let berth = Berth::start(&config(&a));
     assert_eq!(get(&berth.url("/svc")).body, "v1\n");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let load: Vec<_> = (0..4)
-        .map(|_| {
-            let (url, stop, served, failures) = (
-                berth.url("/svc"),
-                stop.clone(),
-                served.clone(),
-                failures.clone(),
-            );
-            std::thread::spawn(move || {
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    let r = get(&url);
-                    if r.status == 200 && (r.body == "v1\n" || r.body == "v2\n") {
-                        served.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("{} {}", r.status, r.body));
-                    }
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(
+        (0..4).map(|_| berth.url("/svc")).collect(),
+        Duration::from_secs(60),
+        |r| r.status == 200 && (r.body == "v1\n" || r.body == "v2\n"),
+    );
     // A ConfigMap edit, seen by the watcher: A -> B -> A -> B.
     for (i, (reference, want)) in [(&b, "v2\n"), (&a, "v1\n"), (&b, "v2\n")]
         .into_iter()
@@ -607,16 +620,13 @@ fn a_config_edit_from_digest_a_to_b_under_load_fails_no_request() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.join().unwrap();
-    }
-    let failures = failures.lock().unwrap();
+    let report = load.finish();
     assert!(
-        failures.is_empty(),
-        "failed requests during the swaps: {failures:?}"
+        report.failures.is_empty(),
+        "failed requests during the swaps: {:?}",
+        report.failures
     );
-    assert!(served.load(Ordering::Relaxed) > 50);
+    assert!(report.served > 50);
 }
 
 /// `wkg`, installed by `scripts/setup.sh` into `.tools/bin`.

@@ -435,3 +435,77 @@ pub fn established_to(pid: i32, port: u16) -> usize {
         })
         .count()
 }
+
+/// Clients sending GETs back to back until [`Load::finish`] (or a time
+/// limit): answers `ok` accepts are counted, others kept as failures, and
+/// the span of every request is recorded.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    served: Arc<std::sync::atomic::AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    spans: Arc<Mutex<Vec<(Instant, Instant)>>>,
+}
+
+/// What a [`Load`] saw.
+pub struct LoadReport {
+    pub served: usize,
+    pub failures: Vec<String>,
+    pub spans: Vec<(Instant, Instant)>,
+}
+
+impl Load {
+    /// One client per URL.
+    pub fn start(urls: Vec<String>, limit: Duration, ok: fn(&Reply) -> bool) -> Load {
+        let load = Load {
+            stop: Arc::default(),
+            threads: Vec::new(),
+            served: Arc::default(),
+            failures: Arc::default(),
+            spans: Arc::default(),
+        };
+        let threads = urls
+            .into_iter()
+            .map(|url| {
+                let (stop, served, failures, spans) = (
+                    load.stop.clone(),
+                    load.served.clone(),
+                    load.failures.clone(),
+                    load.spans.clone(),
+                );
+                std::thread::spawn(move || {
+                    let deadline = Instant::now() + limit;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        && Instant::now() < deadline
+                    {
+                        let started = Instant::now();
+                        let r = get(&url);
+                        spans.lock().unwrap().push((started, Instant::now()));
+                        if ok(&r) {
+                            served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        } else {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("{} {}", r.status, r.body));
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { threads, ..load }
+    }
+
+    /// Stops the clients and reports.
+    pub fn finish(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        LoadReport {
+            served: self.served.load(std::sync::atomic::Ordering::Relaxed),
+            failures: std::mem::take(&mut self.failures.lock().unwrap()),
+            spans: std::mem::take(&mut self.spans.lock().unwrap()),
+        }
+    }
+}
