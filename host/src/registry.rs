@@ -664,13 +664,15 @@ fn from_cache(cache: &Path, reference: &Reference, digest: &str) -> Option<Pulle
     })
 }
 
-/// A cached layer, if present and intact.
-fn cached_blob(cache: &Path, hex: &str) -> Option<Vec<u8>> {
+/// A cached component (a registry layer or a URL download) by its hex
+/// sha256, if present and intact.
+pub fn cached_blob(cache: &Path, hex: &str) -> Option<Vec<u8>> {
     let bytes = std::fs::read(blob_path(cache, hex)).ok()?;
     (hex::encode(Sha256::digest(&bytes)) == hex).then_some(bytes)
 }
 
-fn store_blob(cache: &Path, hex: &str, bytes: &[u8]) {
+/// Keeps a component whose sha256 is `hex` (already verified) in the cache.
+pub fn store_blob(cache: &Path, hex: &str, bytes: &[u8]) {
     write_atomic(&blob_path(cache, hex), bytes);
 }
 

@@ -215,6 +215,20 @@ fn tamper(file: &Path) {
     std::fs::write(file, bytes).unwrap();
 }
 
+/// Starts berth with `config`, expecting it to stop with exit code 2 and a
+/// message holding every one of `needles`.
+fn start_fails(config: &str, needles: &[&str]) {
+    let failed = run_expecting_exit(config, &[]);
+    assert_eq!(failed.status.code(), Some(2), "{}", failed.stderr);
+    for needle in needles {
+        assert!(
+            failed.stderr.contains(needle),
+            "no `{needle}` in: {}",
+            failed.stderr
+        );
+    }
+}
+
 fn oci_module(name: &str, route: &str, reference: &str, extra: &str) -> String {
     format!("[modules.{name}]\noci = {reference:?}\nroute = {route:?}\n{extra}\n")
 }
@@ -408,13 +422,7 @@ fn a_module_is_served_from_a_registry_and_a_restart_does_not_pull_again() {
             .join("downloads")
             .join(format!("{}.wasm", &layer[7..])),
     );
-    let failed = run_expecting_exit(&config, &[]);
-    assert_eq!(failed.status.code(), Some(2), "{}", failed.stderr);
-    assert!(
-        failed.stderr.contains("module `hello`"),
-        "{}",
-        failed.stderr
-    );
+    start_fails(&config, &["module `hello`"]);
 }
 
 #[test]
@@ -429,15 +437,10 @@ fn tampered_manifests_and_layers_are_refused_before_compiling() {
         cache.path(),
         &(registry.section() + &oci_module("hello", "/hello", &pinned, "")),
     );
-    let failed = run_expecting_exit(&config, &[]);
-    assert_eq!(failed.status.code(), Some(2), "{}", failed.stderr);
-    assert!(
-        failed.stderr.contains("module `hello`")
-            && failed.stderr.contains(&format!("layer {layer}")),
-        "{}",
-        failed.stderr
+    start_fails(
+        &config,
+        &["module `hello`", &format!("layer {layer}"), "refusing it"],
     );
-    assert!(failed.stderr.contains("refusing it"), "{}", failed.stderr);
 
     // The manifest itself altered (a registry serving other content under
     // the pinned digest): refused by the digest computed here.
@@ -445,14 +448,7 @@ fn tampered_manifests_and_layers_are_refused_before_compiling() {
     let manifest = registry.blob_file(digest_of(&pinned));
     let text = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(&manifest, text.replace("\"1.0\"", "\"6.6\"")).unwrap();
-    let failed = run_expecting_exit(&config, &[]);
-    assert_eq!(failed.status.code(), Some(2), "{}", failed.stderr);
-    assert!(
-        failed.stderr.contains("the manifest has digest")
-            && failed.stderr.contains(digest_of(&pinned)),
-        "{}",
-        failed.stderr
-    );
+    start_fails(&config, &["the manifest has digest", digest_of(&pinned)]);
 }
 
 #[test]
@@ -461,27 +457,14 @@ fn references_need_a_digest_unless_tags_are_allowed() {
     let pinned = registry.push("hello", "team/hello:1.0");
     let tagged = registry.reference("team/hello:1.0");
 
-    let failed = run_expecting_exit(
+    start_fails(
         &(registry.section() + &oci_module("hello", "/hello", &tagged, "")),
-        &[],
+        &["modules.hello.oci", "allow_tags"],
     );
-    assert_eq!(failed.status.code(), Some(2));
-    assert!(
-        failed.stderr.contains("modules.hello.oci") && failed.stderr.contains("allow_tags"),
-        "{}",
-        failed.stderr
-    );
-    let failed = run_expecting_exit(
+    start_fails(
         &(registry.section()
             + &oci_module("hello", "/hello", "registry.example/team/x@sha256:abc", "")),
-        &[],
-    );
-    assert_eq!(failed.status.code(), Some(2));
-    assert!(
-        failed.stderr.contains("modules.hello.oci")
-            && failed.stderr.contains("not an OCI reference"),
-        "{}",
-        failed.stderr
+        &["modules.hello.oci", "not an OCI reference"],
     );
 
     // A digest nobody pushed: the registry has no such manifest.
@@ -490,27 +473,15 @@ fn references_need_a_digest_unless_tags_are_allowed() {
         registry.reference("team/hello"),
         "1".repeat(64)
     );
-    let failed = run_expecting_exit(
+    start_fails(
         &(registry.section() + &oci_module("hello", "/hello", &unknown, "")),
-        &[],
-    );
-    assert_eq!(failed.status.code(), Some(2));
-    assert!(
-        failed.stderr.contains("not found in the registry"),
-        "{}",
-        failed.stderr
+        &["not found in the registry"],
     );
 
     // Plain HTTP only for registries listed as insecure; the error says so.
-    let failed = run_expecting_exit(
+    start_fails(
         &("[registry]\nretries = 0\n".to_owned() + &oci_module("hello", "/hello", &pinned, "")),
-        &[],
-    );
-    assert_eq!(failed.status.code(), Some(2));
-    assert!(
-        failed.stderr.contains("insecure_registries"),
-        "{}",
-        failed.stderr
+        &["insecure_registries"],
     );
 
     // With tags allowed, the tag is resolved and the digest shown.
@@ -526,20 +497,13 @@ fn references_need_a_digest_unless_tags_are_allowed() {
 fn a_registry_down_at_start_up_exits_2_naming_module_and_reference() {
     let host = format!("127.0.0.1:{}", free_port());
     let reference = format!("{host}/team/hello@sha256:{}", "2".repeat(64));
-    let failed = run_expecting_exit(
+    start_fails(
         &format!(
             "[registry]\ninsecure_registries = [{host:?}]\nretries = 1\n{}",
             oci_module("orders", "/orders", &reference, "")
         ),
-        &[],
+        &["module `orders`", &reference, "cannot reach"],
     );
-    assert_eq!(failed.status.code(), Some(2), "{}", failed.stderr);
-    assert!(
-        failed.stderr.contains("module `orders`") && failed.stderr.contains(&reference),
-        "{}",
-        failed.stderr
-    );
-    assert!(failed.stderr.contains("cannot reach"), "{}", failed.stderr);
 }
 
 /// Rewrites the served config and has it reloaded through the admin API.

@@ -21,6 +21,7 @@ use super::{Flavor, Host, LogBudget, RequestContext, Runtime, World};
 use crate::config::{Limits, ModuleSource, ModuleSpec};
 use crate::metrics::{GuestMetrics, Metrics, ModuleMetrics};
 use crate::outbound::ModuleOutbound;
+use crate::registry;
 
 /// Why a module could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -289,44 +290,38 @@ impl Fetched {
     }
 
     /// A download, from the cache's copy when it has one of that digest.
-    /// Only content of the pinned digest is kept in the cache.
+    /// Only content of the pinned digest is kept in the cache, in the same
+    /// verified store as registry layers.
     async fn download(runtime: &Runtime, url: &str, sha256: &str) -> Result<Fetched, String> {
-        let cached = runtime
-            .cache()
-            .map(|c| c.dir().join("downloads").join(format!("{sha256}.wasm")));
-        if let Some(path) = &cached
-            && let Ok((bytes, actual, _)) = read_hashed_async(path.clone()).await
-            && actual == sha256
-        {
-            return Ok(Fetched {
-                bytes,
-                sha256: actual,
-                stamp: None,
-                resolved: None,
-            });
+        let cache = runtime.cache().map(|c| c.dir().to_path_buf());
+        let fetched = |bytes, sha256| Fetched {
+            bytes,
+            sha256,
+            stamp: None,
+            resolved: None,
+        };
+        let (dir, pin) = (cache.clone(), sha256.to_owned());
+        let hit = tokio::task::spawn_blocking(move || registry::cached_blob(dir.as_deref()?, &pin))
+            .await
+            .ok()
+            .flatten();
+        if let Some(bytes) = hit {
+            return Ok(fetched(bytes, sha256.to_owned()));
         }
         let bytes = runtime.clients().download(url, MAX_DOWNLOAD).await?;
+        let pin = sha256.to_owned();
         let (bytes, actual) = tokio::task::spawn_blocking(move || {
             let actual = hex::encode(Sha256::digest(&bytes));
+            if let Some(dir) = cache
+                && actual == pin
+            {
+                registry::store_blob(&dir, &actual, &bytes);
+            }
             (bytes, actual)
         })
         .await
         .map_err(|e| e.to_string())?;
-        if let Some(path) = cached
-            && actual == sha256
-        {
-            let _ = std::fs::create_dir_all(path.parent().unwrap_or(&path));
-            let tmp = path.with_extension("part");
-            if tokio::fs::write(&tmp, &bytes).await.is_ok() {
-                let _ = tokio::fs::rename(&tmp, &path).await;
-            }
-        }
-        Ok(Fetched {
-            bytes,
-            sha256: actual,
-            stamp: None,
-            resolved: None,
-        })
+        Ok(fetched(bytes, actual))
     }
 
     /// A pull from a registry (or its cached copy). It runs on a blocking
