@@ -31,14 +31,15 @@ LAYERS = {
     "outbound": 2,
     "registry": 2,
     "runtime": 3,
-    "router": 4,
-    "reload": 5,
-    "server": 6,
-    "admin": 6,
-    "app": 7,
+    "canary": 4,
+    "router": 5,
+    "reload": 6,
+    "server": 7,
+    "admin": 7,
+    "app": 8,
     # Helpers of the in-process tests (`#[cfg(test)]`): may use anything,
     # and only test code may use them.
-    "testing": 8,
+    "testing": 9,
 }
 
 PATH = re.compile(r"\b(crate|super|self)((?:::[a-z_][a-z0-9_]*)*)(?:::\{([^}]*)\})?")

@@ -9,6 +9,7 @@
 //! | `GET /info`    | JSON: version, uptime, modules (route, file, size, sha256) |
 //! | `GET /metrics` | Prometheus text format                                     |
 //! | `POST /admin/reload` | re-read config and modules now; JSON report (422 if something failed) |
+//! | `POST /admin/canary/NAME/ACTION` | `promote`, `abort`, `pause` or `resume` a module's canary; JSON state (404 no canary, 409 already ended) |
 //!
 //! Probes, `/info` and `/metrics` are read-only and open, for the kubelet
 //! and Prometheus. Endpoints that change state (`POST /admin/...`) need
@@ -31,6 +32,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::canary::Action;
 use crate::config::AdminConfig;
 use crate::metrics::Metrics;
 use crate::reload::ReloadHandle;
@@ -308,6 +310,12 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
     {
         return refused;
     }
+    if let Some(rest) = req.uri().path().strip_prefix("/admin/canary/") {
+        return match *req.method() {
+            Method::POST => canary(state, rest),
+            _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        };
+    }
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/admin/reload") => reload(&state.reload).await,
         (&Method::GET | &Method::HEAD, "/healthz") => match state.liveness.check() {
@@ -351,6 +359,43 @@ async fn reload(handle: &ReloadHandle) -> Response<Full<Bytes>> {
     }
 }
 
+/// `POST /admin/canary/NAME/{promote,abort,pause,resume}`.
+fn canary(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
+    let Some((module, action)) = path.split_once('/') else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "use /admin/canary/NAME/promote, abort, pause or resume\n",
+        );
+    };
+    let Ok(action) = action.parse::<Action>() else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "unknown canary action: use promote, abort, pause or resume\n",
+        );
+    };
+    let Some(canary) = state.reload.canaries.get(module) else {
+        // The name is the client's: it goes into the answer as JSON only.
+        let mut resp = json_response(&json!({
+            "error": "no canary runs for this module",
+            "module": module,
+        }));
+        *resp.status_mut() = StatusCode::NOT_FOUND;
+        return resp;
+    };
+    tracing::info!(module, ?action, "canary action requested on the admin port");
+    match canary.act(action) {
+        Ok(snapshot) => json_response(&serde_json::to_value(snapshot).unwrap_or_default()),
+        Err(refused) => {
+            let mut resp = json_response(&json!({
+                "error": refused.to_string(),
+                "state": refused.state,
+            }));
+            *resp.status_mut() = StatusCode::CONFLICT;
+            resp
+        }
+    }
+}
+
 fn json_response(body: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     resp.headers_mut().insert(
@@ -378,6 +423,7 @@ fn info(state: &AdminState) -> Response<Full<Bytes>> {
                 "world": m.world,
                 "instances": m.reuse,
                 "loaded_at": humantime::format_rfc3339_seconds(m.loaded_at).to_string(),
+                "canary": state.reload.canaries.info(&m.name),
                 "limits": {
                     "timeout": humantime::format_duration(m.limits.timeout).to_string(),
                     "memory": m.limits.memory.to_string(),

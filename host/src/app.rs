@@ -95,7 +95,7 @@ pub async fn run(
         runtime,
         routes.clone(),
         metrics,
-        reload.status.clone(),
+        &reload,
         source,
         config.clone(),
     );

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 mod allow;
 mod spec;
 pub use allow::{AllowList, AllowRule, Specificity, default_port};
-pub use spec::{ConfigSource, ModuleSource, ModuleSpec, OutboundSpec};
+pub use spec::{CanarySpec, ConfigSource, ModuleSource, ModuleSpec, OutboundSpec, Track};
 
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/berth/berth.toml";
@@ -621,6 +621,142 @@ pub struct ModuleConfig {
     /// Instance reuse; unset fields take the default of the module's world.
     #[serde(default)]
     pub instances: Instances,
+    /// A second version given part of this module's traffic, judged
+    /// against this one, and promoted or rolled back on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryConfig>,
+}
+
+impl ModuleConfig {
+    /// Where this module's component comes from, as written.
+    pub fn source(&self) -> SourceFields<'_> {
+        SourceFields {
+            file: self.file.as_deref(),
+            url: self.url.as_deref(),
+            oci: self.oci.as_deref(),
+            allow_tags: self.allow_tags,
+            sha256: self.sha256.as_deref(),
+        }
+    }
+}
+
+/// The keys that say where a component comes from, shared by a module and
+/// its canary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceFields<'a> {
+    /// `file`
+    pub file: Option<&'a Path>,
+    /// `url`
+    pub url: Option<&'a str>,
+    /// `oci`
+    pub oci: Option<&'a str>,
+    /// `allow_tags`
+    pub allow_tags: bool,
+    /// `sha256`
+    pub sha256: Option<&'a str>,
+}
+
+/// A canary release of a module (`[modules.NAME.canary]`): a second
+/// version that serves a growing share of the module's requests, step by
+/// step, while each step's window of its figures is judged against the
+/// thresholds and the stable version's. It runs with the module's route,
+/// config, secrets, limits and outbound policy; only the code differs.
+///
+/// The thresholds follow Flagger's built-in checks: success rate (share of
+/// answers that are not 5xx: guest traps, timeouts, memory-limit hits and
+/// shed requests all count as failures) and p99 latency.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryConfig {
+    /// The new version's file, relative to `runtime.modules_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// Or: where to download it; requires `sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Or: its OCI reference, pinned by digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<String>,
+    /// Let `oci` be a tag without a digest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_tags: bool,
+    /// The hex sha256 the component must have (required with `url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The canary's share of requests at each step, in percent, rising.
+    /// After the last step passes, the canary is promoted.
+    #[serde(default = "CanaryConfig::default_steps")]
+    pub steps: Vec<u8>,
+    /// How long each step runs before its window is judged.
+    #[serde(default = "CanaryConfig::default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Least share of non-5xx answers, in percent, the canary must keep.
+    #[serde(default = "CanaryConfig::default_success_rate")]
+    pub min_success_rate: f64,
+    /// Most the canary's p99 latency may be.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_p99: Option<Duration>,
+    /// Most the canary's p99 may be as a multiple of the stable version's
+    /// in the same window (judged when the stable version served at least
+    /// `min_requests` in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_ratio: Option<f64>,
+    /// Failed judgements in a row before the canary is rolled back.
+    #[serde(default = "CanaryConfig::default_max_failures")]
+    pub max_failures: u32,
+    /// Requests the canary must serve in a window for it to be judged;
+    /// with fewer, the step waits for the next window.
+    #[serde(default = "CanaryConfig::default_min_requests")]
+    pub min_requests: u64,
+    /// Send every request with the same key to the same version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<Sticky>,
+}
+
+impl CanaryConfig {
+    fn default_steps() -> Vec<u8> {
+        vec![5, 25, 50, 100]
+    }
+    fn default_interval() -> Duration {
+        Duration::from_secs(60)
+    }
+    fn default_success_rate() -> f64 {
+        99.0
+    }
+    fn default_max_failures() -> u32 {
+        1
+    }
+    fn default_min_requests() -> u64 {
+        20
+    }
+
+    /// Where the canary's component comes from, as written.
+    pub fn source(&self) -> SourceFields<'_> {
+        SourceFields {
+            file: self.file.as_deref(),
+            url: self.url.as_deref(),
+            oci: self.oci.as_deref(),
+            allow_tags: self.allow_tags,
+            sha256: self.sha256.as_deref(),
+        }
+    }
+}
+
+/// What keeps a client on one version during a canary: a request header
+/// or a cookie, exactly one. Requests without it are split at random.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Sticky {
+    /// The header whose value is the key (e.g. `x-user-id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// The cookie whose value is the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
 }
 
 /// How many requests one guest instance may serve.
@@ -968,7 +1104,10 @@ impl Config {
                     ),
                 ));
             }
-            check_source(&key, module)?;
+            check_source(&key, module.source())?;
+            if let Some(canary) = &module.canary {
+                check_canary(&|k: &str| key(&format!("canary.{k}")), module, canary)?;
+            }
             check_limits(&key("limits"), &module.limits.over(self.defaults.limits))?;
             check_instances(&key("instances"), &module.instances)?;
             check_outbound(
@@ -1073,11 +1212,11 @@ fn check_limits(key: &str, limits: &Limits) -> Result<(), ConfigError> {
 }
 
 /// Exactly one of `file`, `url` and `oci`, each well formed.
-fn check_source(key: &dyn Fn(&str) -> String, module: &ModuleConfig) -> Result<(), ConfigError> {
+fn check_source(key: &dyn Fn(&str) -> String, source: SourceFields) -> Result<(), ConfigError> {
     let given: Vec<&str> = [
-        ("file", module.file.is_some()),
-        ("url", module.url.is_some()),
-        ("oci", module.oci.is_some()),
+        ("file", source.file.is_some()),
+        ("url", source.url.is_some()),
+        ("oci", source.oci.is_some()),
     ]
     .into_iter()
     .filter_map(|(k, set)| set.then_some(k))
@@ -1097,18 +1236,18 @@ fn check_source(key: &dyn Fn(&str) -> String, module: &ModuleConfig) -> Result<(
             ));
         }
     }
-    if module.allow_tags && module.oci.is_none() {
+    if source.allow_tags && source.oci.is_none() {
         return Err(rejected(
             key("allow_tags"),
             "only applies to an `oci` module",
         ));
     }
-    if let Some(file) = &module.file
+    if let Some(file) = source.file
         && file.as_os_str().is_empty()
     {
         return Err(rejected(key("file"), "must name a .wasm file"));
     }
-    if let Some(url) = &module.url {
+    if let Some(url) = source.url {
         if !(url.starts_with("https://") || url.starts_with("http://"))
             || url.parse::<http::Uri>().is_err()
         {
@@ -1117,9 +1256,8 @@ fn check_source(key: &dyn Fn(&str) -> String, module: &ModuleConfig) -> Result<(
                 format!("`{url}` is not an http(s) URL"),
             ));
         }
-        let digest_ok = module
+        let digest_ok = source
             .sha256
-            .as_deref()
             .is_some_and(|d| d.len() == 64 && d.chars().all(|c| c.is_ascii_hexdigit()));
         if !digest_ok {
             return Err(rejected(
@@ -1128,14 +1266,116 @@ fn check_source(key: &dyn Fn(&str) -> String, module: &ModuleConfig) -> Result<(
             ));
         }
     }
-    if let Some(reference) = &module.oci {
-        if module.sha256.is_some() {
+    if let Some(reference) = source.oci {
+        if source.sha256.is_some() {
             return Err(rejected(
                 key("sha256"),
                 "an `oci` module is pinned by the digest in its reference (`...@sha256:...`)",
             ));
         }
-        check_oci_reference(reference, module.allow_tags).map_err(|r| rejected(key("oci"), r))?;
+        check_oci_reference(reference, source.allow_tags).map_err(|r| rejected(key("oci"), r))?;
+    }
+    Ok(())
+}
+
+/// A canary's source (which must differ from the module's), steps,
+/// thresholds and stickiness.
+fn check_canary(
+    key: &dyn Fn(&str) -> String,
+    module: &ModuleConfig,
+    canary: &CanaryConfig,
+) -> Result<(), ConfigError> {
+    check_source(key, canary.source())?;
+    let (ours, theirs) = (canary.source(), module.source());
+    if (ours.file, ours.url, ours.oci) == (theirs.file, theirs.url, theirs.oci)
+        && ours.sha256.map(str::to_ascii_lowercase) == theirs.sha256.map(str::to_ascii_lowercase)
+    {
+        return Err(rejected(
+            key("file"),
+            "the canary has the same source as the module: name the new version",
+        ));
+    }
+    let steps = &canary.steps;
+    if steps.is_empty() || steps.len() > 100 {
+        return Err(rejected(
+            key("steps"),
+            "give 1 to 100 steps, e.g. [5, 25, 50, 100]",
+        ));
+    }
+    if let Some(bad) = steps.iter().find(|w| !(1..=100).contains(*w)) {
+        return Err(rejected(
+            key("steps"),
+            format!("{bad} is not a weight: each step is a percentage from 1 to 100"),
+        ));
+    }
+    if steps.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(rejected(
+            key("steps"),
+            "the weights must rise from step to step",
+        ));
+    }
+    if canary.interval < Duration::from_millis(100) {
+        return Err(rejected(key("interval"), "must be at least 100ms"));
+    }
+    check_duration(
+        &key("interval"),
+        canary.interval,
+        Duration::from_secs(24 * 3600),
+    )?;
+    if !(0.0..=100.0).contains(&canary.min_success_rate) {
+        return Err(rejected(
+            key("min_success_rate"),
+            "a percentage from 0 to 100 (e.g. 99)",
+        ));
+    }
+    if let Some(p99) = canary.max_p99
+        && p99.is_zero()
+    {
+        return Err(rejected(key("max_p99"), "must be longer than 0s"));
+    }
+    if let Some(ratio) = canary.max_p99_ratio
+        && !(ratio.is_finite() && ratio > 0.0)
+    {
+        return Err(rejected(
+            key("max_p99_ratio"),
+            "a positive multiple of the stable version's p99 (e.g. 1.5)",
+        ));
+    }
+    if canary.max_failures == 0 {
+        return Err(rejected(key("max_failures"), "must be at least 1"));
+    }
+    if canary.min_requests == 0 {
+        return Err(rejected(
+            key("min_requests"),
+            "must be at least 1: a canary is never promoted on no data",
+        ));
+    }
+    if let Some(sticky) = &canary.sticky {
+        match (&sticky.header, &sticky.cookie) {
+            (Some(h), None) => {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return Err(rejected(
+                        key("sticky.header"),
+                        format!("`{h}` is not a header name"),
+                    ));
+                }
+            }
+            (None, Some(c)) => {
+                let token = |b: u8| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b);
+                if c.is_empty() || !c.bytes().all(token) {
+                    return Err(rejected(
+                        key("sticky.cookie"),
+                        format!("`{c}` is not a cookie name"),
+                    ));
+                }
+            }
+            _ => {
+                return Err(rejected(
+                    key("sticky"),
+                    "give exactly one of `header` and `cookie`",
+                ));
+            }
+        }
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! # Layout
 //! The modules form layers; each imports only from layers below it
 //! (`scripts/check_layers.py`, run by `make lint`, enforces this), so data
-//! flows one way: config → outbound and registry → runtime → router → reload →
+//! flows one way: config → outbound and registry → runtime → canary → router → reload →
 //! server and admin → app.
 //!
 //! - Foundations, importing nothing above them:
@@ -20,7 +20,10 @@
 //! - [`registry`]: pulling and pushing modules as OCI artifacts.
 //! - [`runtime`]: the wasmtime engine, the linker holding the guest world,
 //!   module loading and checking, and a module's per-request store.
-//! - [`router`]: path-prefix routing, and the table in force.
+//! - [`canary`]: a module's canary version: which version serves each
+//!   request, each step's window, judgements, promotion and rollback.
+//! - [`router`]: path-prefix routing to each module's release (stable
+//!   version, and canary), and the table in force.
 //! - [`reload`]: loading modules and hot-swapping them (watcher, rescan,
 //!   `SIGHUP`, `POST /admin/reload`); owns the load status.
 //! - [`server`]: the traffic listener; each request as named steps, one
@@ -31,6 +34,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod canary;
 pub mod config;
 pub mod metrics;
 pub mod outbound;

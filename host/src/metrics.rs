@@ -58,6 +58,12 @@ pub struct Metrics {
     /// Breaker state by module and upstream: 0 closed, 1 half-open, 2 open.
     pub breaker_state: IntGaugeVec,
     guest_dropped: IntCounterVec,
+    /// A module's canary: its share of requests in percent.
+    pub canary_weight: IntGaugeVec,
+    /// A module's canary: 0 progressing, 1 paused, 2 promoted, 3 rolled back.
+    pub canary_state: IntGaugeVec,
+    /// Canary judgements by module and result (pass, fail, wait).
+    pub canary_judgements: IntCounterVec,
     /// Guest log lines dropped, by module and reason (`rate_limit`).
     pub guest_logs_dropped: IntCounterVec,
     /// Log lines the writer dropped because stdout fell behind.
@@ -124,14 +130,16 @@ impl Metrics {
             requests: counter(
                 &r,
                 "berth_http_server_requests_total",
-                "Inbound requests by module, route, method and status code.",
-                &["module", "route", "method", "status"],
+                "Inbound requests by module, route, method, status code, and the version \
+                 (sha256 prefix) and track (stable, canary) that served them.",
+                &["module", "route", "method", "status", "version", "track"],
             ),
             duration: histogram(
                 &r,
                 "berth_http_server_request_duration_seconds",
-                "Inbound request duration until the response head, by module and route.",
-                &["module", "route"],
+                "Inbound request duration until the response head, by module, route, version \
+                 and track.",
+                &["module", "route", "version", "track"],
                 LATENCY_BUCKETS,
             ),
             in_flight: gauge(
@@ -255,6 +263,24 @@ impl Metrics {
                 "Guest metric updates dropped, by module and reason (invalid, mismatch, series_limit).",
                 &["module", "reason"],
             ),
+            canary_weight: gauge(
+                &r,
+                "berth_canary_weight",
+                "Share of a module's requests its canary serves, in percent.",
+                &["module"],
+            ),
+            canary_state: gauge(
+                &r,
+                "berth_canary_state",
+                "State of a module's canary: 0 progressing, 1 paused, 2 promoted, 3 rolled back.",
+                &["module"],
+            ),
+            canary_judgements: counter(
+                &r,
+                "berth_canary_judgements_total",
+                "Canary step judgements by module and result (pass, fail, wait).",
+                &["module", "result"],
+            ),
             guest_logs_dropped: counter(
                 &r,
                 "berth_guest_log_lines_dropped_total",
@@ -314,14 +340,26 @@ impl Metrics {
         out
     }
 
-    /// The handles one module's requests use.
-    pub fn for_module(&self, module: &str, route: &str) -> ModuleMetrics {
+    /// The handles one version of a module uses: `version` is a prefix of
+    /// its sha256, `track` says whether it is the stable version or a
+    /// canary.
+    pub fn for_module(
+        &self,
+        module: &str,
+        route: &str,
+        version: &str,
+        track: &'static str,
+    ) -> ModuleMetrics {
         ModuleMetrics {
             module: module.to_owned(),
             route: route.to_owned(),
+            version: version.to_owned(),
+            track,
             requests: self.requests.clone(),
             by_status: Default::default(),
-            duration: self.duration.with_label_values(&[module, route]),
+            duration: self
+                .duration
+                .with_label_values(&[module, route, version, track]),
             in_flight: self.in_flight.with_label_values(&[module, route]),
             instantiate: self.instantiate.with_label_values(&[module]),
             traps: self.guest_failures.with_label_values(&[module, "trap"]),
@@ -369,6 +407,8 @@ type StatusSlots = [OnceLock<IntCounter>; 500];
 pub struct ModuleMetrics {
     module: String,
     route: String,
+    version: String,
+    track: &'static str,
     requests: IntCounterVec,
     /// Counters by method, then status code 100..=599, made on first use.
     by_status: [OnceLock<Box<StatusSlots>>; METHODS.len()],
@@ -421,8 +461,14 @@ impl ModuleMetrics {
         slots[code]
             .get_or_init(|| {
                 let status = (code + 100).to_string();
-                self.requests
-                    .with_label_values(&[&self.module, &self.route, METHODS[m], &status])
+                self.requests.with_label_values(&[
+                    &self.module,
+                    &self.route,
+                    METHODS[m],
+                    &status,
+                    &self.version,
+                    self.track,
+                ])
             })
             .inc();
     }
@@ -435,16 +481,16 @@ mod tests {
     #[test]
     fn counts_land_in_the_right_series() {
         let metrics = Metrics::new();
-        let m = metrics.for_module("hello", "/hello");
+        let m = metrics.for_module("hello", "/hello", "0123456789ab", "stable");
         m.count(&http::Method::GET, 200);
         m.count(&http::Method::GET, 200);
         m.count(&http::Method::POST, 503);
         m.count(&http::Method::from_bytes(b"BREW").unwrap(), 418);
         let text = String::from_utf8(metrics.render()).unwrap();
         for line in [
-            r#"berth_http_server_requests_total{method="GET",module="hello",route="/hello",status="200"} 2"#,
-            r#"berth_http_server_requests_total{method="POST",module="hello",route="/hello",status="503"} 1"#,
-            r#"berth_http_server_requests_total{method="OTHER",module="hello",route="/hello",status="418"} 1"#,
+            r#"berth_http_server_requests_total{method="GET",module="hello",route="/hello",status="200",track="stable",version="0123456789ab"} 2"#,
+            r#"berth_http_server_requests_total{method="POST",module="hello",route="/hello",status="503",track="stable",version="0123456789ab"} 1"#,
+            r#"berth_http_server_requests_total{method="OTHER",module="hello",route="/hello",status="418",track="stable",version="0123456789ab"} 1"#,
             r#"berth_build_info{version=""#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");

@@ -28,10 +28,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
+use crate::canary::{Board, Canary};
 use crate::config::{Config, ConfigSource, ModuleSource, ModuleSpec};
 use crate::metrics::Metrics;
-use crate::router::{Router, Routes};
+use crate::router::{Release, Router, Routes};
 use crate::runtime::{Fetched, LoadError, Module, Runtime};
+
+mod canaries;
 
 /// How long the watcher waits for a burst of file events to settle.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -62,8 +65,12 @@ pub struct ReloadReport {
     pub changed: Vec<String>,
     /// Modules no longer served.
     pub removed: Vec<String>,
-    /// Modules that failed to load, with why.
+    /// Modules that failed to load, with why (a canary's under
+    /// `NAME.canary`).
     pub errors: BTreeMap<String, String>,
+    /// Modules whose canary started (or started again) at its first step.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub canaries_started: Vec<String>,
 }
 
 /// What the last reload left wrong, for `/info`.
@@ -107,6 +114,8 @@ pub struct ReloadHandle {
     requests: mpsc::Sender<ReloadRequest>,
     /// What the last reload left wrong.
     pub status: Arc<ReloadStatus>,
+    /// Every module's canary.
+    pub canaries: Arc<Board>,
 }
 
 impl ReloadHandle {
@@ -135,6 +144,7 @@ pub fn channel() -> (ReloadHandle, ReloadRequests) {
     let handle = ReloadHandle {
         requests: tx,
         status: Arc::default(),
+        canaries: Arc::default(),
     };
     (handle, ReloadRequests(rx))
 }
@@ -148,35 +158,63 @@ pub struct Modules {
     source: ConfigSource,
     /// The running config; the lock also serializes reloads.
     config: Mutex<Config>,
+    /// Every module's canary, as the admin port sees it.
+    canaries: Arc<Board>,
+    /// The run task of each canary this process started, aborted when the
+    /// canary is replaced or removed, or the reloader stops.
+    runs: std::sync::Mutex<HashMap<String, tokio_util::task::AbortOnDropHandle<()>>>,
+    /// Canaries that were just promoted or rolled back, for the table swap.
+    finished: mpsc::UnboundedSender<Arc<Canary>>,
+    finished_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Arc<Canary>>>>,
+    /// Where how canaries ended is kept across restarts (in the cache
+    /// folder), if anywhere.
+    state_file: Option<PathBuf>,
 }
 
 /// One module's load result, and whether it compiled something.
 type Loaded = (Result<Arc<Module>, LoadError>, bool);
 
+/// A module version to load, with the version it may replace.
+type Job = (ModuleSpec, Option<Arc<Module>>);
+
 impl Modules {
     /// Loads every module of `config` and publishes the routing table; any
-    /// failure stops start-up.
+    /// failure stops start-up. Canaries start too; one that fails to load
+    /// is a failed canary and does not stop start-up.
     pub async fn start(
         runtime: Runtime,
         routes: Arc<Routes>,
         metrics: Arc<Metrics>,
-        status: Arc<ReloadStatus>,
+        handle: &ReloadHandle,
         source: ConfigSource,
         config: Config,
     ) -> Result<Arc<Modules>, LoadError> {
+        let (finished, finished_rx) = mpsc::unbounded_channel();
         let modules = Arc::new(Modules {
             runtime,
             routes,
             metrics,
-            status,
+            status: handle.status.clone(),
+            canaries: handle.canaries.clone(),
+            runs: Default::default(),
+            finished,
+            finished_rx: std::sync::Mutex::new(Some(finished_rx)),
+            state_file: canaries::state_file(&config, &source),
             source,
             config: Mutex::new(config.clone()),
         });
+        modules.restore_settled(&config);
+        let specs = modules.stable_specs(&config);
+        let pending = modules.pending_canaries(&config);
+        let jobs = specs
+            .iter()
+            .cloned()
+            .map(|s| (s, None))
+            .chain(pending.iter().map(|c| (c.module.clone(), None)))
+            .collect();
+        let mut results = modules.load_all(jobs).await.into_iter();
         let mut loaded = Vec::new();
-        for (spec, result) in modules
-            .load_all(config.module_specs(), &HashMap::new())
-            .await
-        {
+        for (spec, result) in results.by_ref().take(specs.len()) {
             let outcome = if result.is_ok() { "ok" } else { "error" };
             let metrics = &modules.metrics;
             metrics
@@ -187,19 +225,26 @@ impl Modules {
             metrics.module_serving(&spec.name, &module.sha256, None, module.loaded_at);
             loaded.push(module);
         }
-        modules.routes.publish(Router::new(loaded));
+        let mut report = ReloadReport::default();
+        let mut started = HashMap::new();
+        for (canary, (_, result)) in pending.into_iter().zip(results) {
+            if let Some(c) = modules.canary_loaded(canary, result, "start", &mut report) {
+                started.insert(c.module.name.to_string(), c);
+            }
+        }
+        let releases = loaded.into_iter().map(|stable| Release {
+            canary: started.remove(&*stable.name),
+            stable,
+        });
+        modules.routes.publish(Router::with_releases(releases));
         Ok(modules)
     }
 
-    /// Loads `specs` concurrently, each as [`Modules::load_one`] decides.
-    async fn load_all(
-        &self,
-        specs: Vec<ModuleSpec>,
-        current: &HashMap<String, Arc<Module>>,
-    ) -> Vec<(ModuleSpec, Result<Arc<Module>, LoadError>)> {
+    /// Loads every job concurrently, each as [`Modules::load_one`] decides.
+    async fn load_all(&self, jobs: Vec<Job>) -> Vec<(ModuleSpec, Result<Arc<Module>, LoadError>)> {
         let mut tasks = tokio::task::JoinSet::new();
-        for (i, spec) in specs.iter().cloned().enumerate() {
-            let prev = current.get(&spec.name).cloned();
+        let specs: Vec<ModuleSpec> = jobs.iter().map(|(s, _)| s.clone()).collect();
+        for (i, (spec, prev)) in jobs.into_iter().enumerate() {
             let (runtime, metrics) = (self.runtime.clone(), self.metrics.clone());
             tasks.spawn(async move { (i, Self::load_one(runtime, metrics, spec, prev).await) });
         }
@@ -295,7 +340,10 @@ impl Modules {
             .filter_map(|r| r.as_ref()?.0.as_ref().ok())
             .map(|m| m.sha256.clone())
             .collect();
-        live.extend(self.routes.current().modules().map(|m| m.sha256.clone()));
+        for release in self.routes.current().releases() {
+            live.insert(release.stable.sha256.clone());
+            live.extend(release.canary.as_ref().map(|c| c.module.sha256.clone()));
+        }
         let runtime = self.runtime.clone();
         tokio::task::spawn_blocking(move || {
             if let Some(cache) = runtime.cache() {
@@ -314,16 +362,45 @@ impl Modules {
             ..Default::default()
         };
         let config = self.read_config(&running, &mut report);
-        let current: HashMap<String, Arc<Module>> = self
-            .routes
-            .current()
+        let table = self.routes.current();
+        let current: HashMap<String, Arc<Module>> = table
             .modules()
             .map(|m| (m.name.to_string(), m.clone()))
             .collect();
-        let loaded = self.load_all(config.module_specs(), &current).await;
+        self.prune_settled(&config);
+        let specs = self.stable_specs(&config);
+        let (kept, pending) = self.canaries_to_load(&config);
+        let stables = specs.len();
+        let jobs = specs
+            .into_iter()
+            .map(|s| {
+                let prev = current.get(&s.name).cloned();
+                (s, prev)
+            })
+            .chain(pending.iter().map(|c| {
+                let prev = self.canaries.get(&c.module.name).map(|c| c.module.clone());
+                (c.module.clone(), prev)
+            }))
+            .collect();
+        let mut loaded = self.load_all(jobs).await;
+        let canary_results = loaded.split_off(stables);
         let serving = self.reconcile(loaded, &current, &mut report, since);
-        if !report.changed.is_empty() || !report.removed.is_empty() {
-            self.routes.publish(Router::new(serving));
+        let mut canaries = kept;
+        for (canary, (_, result)) in pending.into_iter().zip(canary_results) {
+            if let Some(c) = self.canary_loaded(canary, result, trigger, &mut report) {
+                canaries.insert(c.module.name.to_string(), c);
+            }
+        }
+        self.stop_canaries_not_in(&canaries, &config);
+        let releases: Vec<Release> = serving
+            .into_iter()
+            .map(|stable| Release {
+                canary: canaries.remove(&*stable.name),
+                stable,
+            })
+            .collect();
+        if !same_releases(&table, &releases) {
+            self.routes.publish(Router::with_releases(releases));
         }
         self.status.set_errors(report.errors.clone());
         if report.config_error.is_none() {
@@ -475,8 +552,18 @@ impl Modules {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut rescan = tokio::time::interval(config.runtime.rescan_interval);
         rescan.tick().await;
+        let mut finished = self
+            .finished_rx
+            .lock()
+            .unwrap()
+            .take()
+            .expect("Modules::watch runs once");
         loop {
             let (trigger, since) = tokio::select! {
+                Some(canary) = finished.recv() => {
+                    self.settle(canary).await;
+                    continue;
+                }
                 Some(first) = events.recv() => {
                     settle(&mut events, first).await;
                     ("watch", Some(first))
@@ -494,6 +581,23 @@ impl Modules {
             *names.write().unwrap() = watched_names(&config, config_path.as_deref());
         }
     }
+}
+
+/// Whether `new` serves exactly what `table` does (same versions, same
+/// canaries), so nothing needs publishing.
+fn same_releases(table: &Router, new: &[Release]) -> bool {
+    let old: Vec<&Release> = table.releases().collect();
+    old.len() == new.len()
+        && new.iter().all(|n| {
+            old.iter().any(|o| {
+                Arc::ptr_eq(&o.stable, &n.stable)
+                    && match (&o.canary, &n.canary) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        _ => false,
+                    }
+            })
+        })
 }
 
 /// Lets a burst of file events (new folder, symlink swap, old folder
@@ -515,9 +619,11 @@ async fn settle(events: &mut mpsc::Receiver<Instant>, first: Instant) {
 /// there (a log file, an editor's swap file) is ignored, so it cannot keep
 /// postponing a reload.
 fn watched_names(config: &Config, config_path: Option<&Path>) -> HashSet<OsString> {
+    let canaries = config.canary_specs().into_iter().map(|c| c.module);
     let mut names: HashSet<OsString> = config
         .module_specs()
-        .iter()
+        .into_iter()
+        .chain(canaries)
         .filter_map(|spec| match &spec.source {
             ModuleSource::File { path, .. } => path.file_name().map(OsString::from),
             ModuleSource::Url { .. } | ModuleSource::Oci { .. } => None,
@@ -616,7 +722,7 @@ mod tests {
             runtime,
             routes.clone(),
             Arc::new(Metrics::new()),
-            handle.status.clone(),
+            &handle,
             file.source.clone(),
             config,
         )

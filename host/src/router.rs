@@ -5,39 +5,82 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use http::HeaderMap;
 
-use crate::config::normalize_route;
+use crate::canary::Canary;
+use crate::config::{Track, normalize_route};
 use crate::runtime::Module;
+
+/// What serves one route: the stable version, and a canary while one runs.
+#[derive(Clone)]
+pub struct Release {
+    /// The version serving.
+    pub stable: Arc<Module>,
+    /// A canary given part of the traffic, if one runs.
+    pub canary: Option<Arc<Canary>>,
+}
+
+impl Release {
+    /// A release with no canary.
+    pub fn stable(module: Arc<Module>) -> Self {
+        Release {
+            stable: module,
+            canary: None,
+        }
+    }
+
+    /// The version to serve a request with these headers, and the canary
+    /// that picked it (whose window counts the request).
+    pub fn pick(&self, headers: &HeaderMap) -> (&Arc<Module>, Option<(&Arc<Canary>, Track)>) {
+        match &self.canary {
+            None => (&self.stable, None),
+            Some(canary) => match canary.pick(headers) {
+                Track::Canary => (&canary.module, Some((canary, Track::Canary))),
+                Track::Stable => (&self.stable, Some((canary, Track::Stable))),
+            },
+        }
+    }
+}
 
 /// An immutable routing table.
 #[derive(Default)]
 pub struct Router {
     /// Sorted by route length, longest first, so the first match wins.
-    routes: Vec<(String, Arc<Module>)>,
+    routes: Vec<(String, Release)>,
 }
 
 impl Router {
-    /// Builds a table from loaded modules.
+    /// Builds a table from loaded modules, none with a canary.
     pub fn new(modules: impl IntoIterator<Item = Arc<Module>>) -> Self {
-        let mut routes: Vec<_> = modules
+        Self::with_releases(modules.into_iter().map(Release::stable))
+    }
+
+    /// Builds a table from releases.
+    pub fn with_releases(releases: impl IntoIterator<Item = Release>) -> Self {
+        let mut routes: Vec<_> = releases
             .into_iter()
-            .map(|m| (normalize_route(&m.route).to_owned(), m))
+            .map(|r| (normalize_route(&r.stable.route).to_owned(), r))
             .collect();
         routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
         Router { routes }
     }
 
-    /// The module serving `path`, if any.
-    pub fn route(&self, path: &str) -> Option<&Arc<Module>> {
+    /// The release serving `path`, if any.
+    pub fn route(&self, path: &str) -> Option<&Release> {
         self.routes
             .iter()
             .find(|(prefix, _)| matches_prefix(prefix, path))
-            .map(|(_, m)| m)
+            .map(|(_, r)| r)
     }
 
-    /// Every module, in routing order.
+    /// Every module's stable version, in routing order.
     pub fn modules(&self) -> impl Iterator<Item = &Arc<Module>> {
-        self.routes.iter().map(|(_, m)| m)
+        self.routes.iter().map(|(_, r)| &r.stable)
+    }
+
+    /// Every release, in routing order.
+    pub fn releases(&self) -> impl Iterator<Item = &Release> {
+        self.routes.iter().map(|(_, r)| r)
     }
 }
 

@@ -152,8 +152,13 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<HyperOutgoingBody> {
     let request_id = request_id(&req);
-    let Some(module) = routes.current().route(req.uri().path()).cloned() else {
-        return respond(Err(RequestError::NoRoute), &request_id);
+    let (module, canary) = {
+        let table = routes.current();
+        let Some(release) = table.route(req.uri().path()) else {
+            return respond(Err(RequestError::NoRoute), &request_id);
+        };
+        let (module, canary) = release.pick(req.headers());
+        (module.clone(), canary.map(|(c, track)| (c.clone(), track)))
     };
     let observed = observe::Observed::start(&req, module, request_id.clone());
     let module = observed.module();
@@ -164,7 +169,10 @@ async fn handle(
         counter.inc();
     }
     let resp = respond(result, &request_id);
-    observed.finish(resp.status(), access_log);
+    let elapsed = observed.finish(resp.status(), access_log);
+    if let Some((canary, track)) = canary {
+        canary.record(track, resp.status().as_u16(), elapsed);
+    }
     resp
 }
 

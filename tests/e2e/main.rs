@@ -4,6 +4,7 @@
 // Helpers are `pub` for the test modules of this one binary.
 #![allow(unreachable_pub)]
 
+mod canary;
 mod conformance;
 mod core;
 mod downstream;

@@ -47,7 +47,9 @@ pub struct Berth {
     logs: Arc<(Mutex<Logs>, Condvar)>,
     pub addr: String,
     pub admin: String,
-    dir: tempfile::TempDir,
+    /// Holds the config file, unless the test keeps its own.
+    _dir: tempfile::TempDir,
+    config: PathBuf,
 }
 
 /// A `berth` run that ended.
@@ -103,10 +105,22 @@ impl Berth {
         berth
     }
 
+    /// Starts berth with the config file at `path` (which the test keeps)
+    /// and waits until it is ready.
+    pub fn start_at(path: &Path) -> Berth {
+        let berth = Self::spawn_at(tempfile::tempdir().unwrap(), path, &[]);
+        berth.wait_ready(Duration::from_secs(60));
+        berth
+    }
+
     /// Starts berth and returns once it has bound its ports, ready or not.
     pub fn spawn(config: &str, env: &[(&str, &str)]) -> Berth {
         let (dir, path) = write_config(config);
-        let mut child = command(&path, env)
+        Self::spawn_at(dir, &path, env)
+    }
+
+    fn spawn_at(dir: tempfile::TempDir, path: &Path, env: &[(&str, &str)]) -> Berth {
+        let mut child = command(path, env)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -134,7 +148,8 @@ impl Berth {
             logs,
             addr: String::new(),
             admin: String::new(),
-            dir,
+            _dir: dir,
+            config: path.to_path_buf(),
         };
         let addr_of = |which: &str, b: &Berth| {
             b.wait_for_log(Duration::from_secs(30), |l| {
@@ -231,7 +246,7 @@ impl Berth {
 
     /// The config file berth was started with; tests may rewrite it.
     pub fn config_path(&self) -> std::path::PathBuf {
-        self.dir.path().join("berth.toml")
+        self.config.clone()
     }
 
     /// The process id, to send it signals.

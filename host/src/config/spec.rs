@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{
-    AllowList, Config, ConfigError, Instances, Limits, OutboundConfig, OutboundOverride, Overrides,
+    AllowList, CanaryConfig, Config, ConfigError, Instances, Limits, OutboundConfig,
+    OutboundOverride, Overrides, SourceFields,
 };
 
 /// Where the configuration comes from, to read it again on reload.
@@ -99,6 +100,64 @@ pub struct ModuleSpec {
     pub outbound: OutboundSpec,
     /// Instance reuse as configured; the world fills in what is unset.
     pub instances: Instances,
+    /// Which version of the module this is.
+    pub track: Track,
+}
+
+/// Which of a module's versions a loaded module is: the one serving, or a
+/// canary being judged against it. Labels its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Track {
+    /// The version serving (all of the module's traffic when no canary runs).
+    #[default]
+    Stable,
+    /// A canary's version.
+    Canary,
+}
+
+impl Track {
+    /// `stable` or `canary`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Track::Stable => "stable",
+            Track::Canary => "canary",
+        }
+    }
+}
+
+/// A module's canary: its version's spec (the module's settings with the
+/// canary's source) and how it is judged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanarySpec {
+    /// The canary version, on the canary track.
+    pub module: ModuleSpec,
+    /// Steps, interval, thresholds and stickiness.
+    pub policy: Arc<CanaryConfig>,
+}
+
+impl SourceFields<'_> {
+    /// The source these keys name; a module without any reads
+    /// `<modules_dir>/<name>.wasm`.
+    fn resolve(&self, dir: &Path, name: &str) -> ModuleSource {
+        let pin = self.sha256.map(str::to_ascii_lowercase);
+        match (self.file, self.url, self.oci) {
+            (_, _, Some(reference)) => ModuleSource::Oci {
+                reference: reference.to_owned(),
+            },
+            (_, Some(url), None) => ModuleSource::Url {
+                url: url.to_owned(),
+                sha256: pin.unwrap_or_default(),
+            },
+            (file, None, None) => ModuleSource::File {
+                path: match file {
+                    Some(file) => dir.join(file),
+                    None => dir.join(format!("{name}.wasm")),
+                },
+                sha256: pin,
+            },
+        }
+    }
 }
 
 impl Config {
@@ -115,23 +174,7 @@ impl Config {
                     .map(|(k, v)| (k.clone(), v.0.clone()))
                     .collect();
                 values.extend(m.secrets.iter().map(|(k, v)| (k.clone(), v.0.0.clone())));
-                let pin = m.sha256.as_ref().map(|d| d.to_ascii_lowercase());
-                let source = match (&m.file, &m.url, &m.oci) {
-                    (_, _, Some(reference)) => ModuleSource::Oci {
-                        reference: reference.clone(),
-                    },
-                    (_, Some(url), None) => ModuleSource::Url {
-                        url: url.clone(),
-                        sha256: pin.unwrap_or_default(),
-                    },
-                    (file, None, None) => ModuleSource::File {
-                        path: match file {
-                            Some(file) => dir.join(file),
-                            None => dir.join(format!("{name}.wasm")),
-                        },
-                        sha256: pin,
-                    },
-                };
+                let source = m.source().resolve(&dir, name);
                 ModuleSpec {
                     name: name.clone(),
                     route: m.route.clone(),
@@ -144,7 +187,27 @@ impl Config {
                         upstreams: upstreams.clone(),
                     },
                     instances: m.instances,
+                    track: Track::Stable,
                 }
+            })
+            .collect()
+    }
+
+    /// The canary of each module that has one.
+    pub fn canary_specs(&self) -> Vec<CanarySpec> {
+        let dir = self.modules_dir();
+        self.module_specs()
+            .into_iter()
+            .filter_map(|stable| {
+                let canary = self.modules.get(&stable.name)?.canary.as_ref()?;
+                Some(CanarySpec {
+                    module: ModuleSpec {
+                        source: canary.source().resolve(&dir, &stable.name),
+                        track: Track::Canary,
+                        ..stable
+                    },
+                    policy: Arc::new(canary.clone()),
+                })
             })
             .collect()
     }

@@ -263,3 +263,75 @@ fn only_known_sections_are_read_from_the_environment() {
         Ok(())
     });
 }
+
+#[test]
+fn a_canary_is_checked_with_its_key_and_resolved_next_to_its_module() {
+    Jail::expect_with(|jail| {
+        let module = "[modules.a]\nfile = \"a.wasm\"\nroute = \"/a\"\n[modules.a.canary]\n";
+        let cases = [
+            ("", "modules.a.canary.file`: missing"),
+            ("file = \"a.wasm\"\n", "same source as the module"),
+            ("file = \"b.wasm\"\nsteps = []\n", "modules.a.canary.steps"),
+            ("file = \"b.wasm\"\nsteps = [5, 0]\n", "0 is not a weight"),
+            ("file = \"b.wasm\"\nsteps = [50, 20]\n", "must rise"),
+            (
+                "file = \"b.wasm\"\nsteps = [5, 101]\n",
+                "101 is not a weight",
+            ),
+            (
+                "file = \"b.wasm\"\ninterval = \"10ms\"\n",
+                "modules.a.canary.interval",
+            ),
+            (
+                "file = \"b.wasm\"\nmin_success_rate = 101\n",
+                "min_success_rate",
+            ),
+            ("file = \"b.wasm\"\nmax_p99_ratio = -1\n", "max_p99_ratio"),
+            ("file = \"b.wasm\"\nmax_failures = 0\n", "max_failures"),
+            (
+                "file = \"b.wasm\"\nmin_requests = 0\n",
+                "never promoted on no data",
+            ),
+            (
+                "file = \"b.wasm\"\nsticky = {}\n",
+                "modules.a.canary.sticky",
+            ),
+            (
+                "file = \"b.wasm\"\nsticky = { header = \"a b\" }\n",
+                "sticky.header",
+            ),
+            (
+                "file = \"b.wasm\"\nsticky = { cookie = \"a;b\" }\n",
+                "sticky.cookie",
+            ),
+            (
+                "url = \"https://x.example/b.wasm\"\n",
+                "modules.a.canary.sha256",
+            ),
+            ("file = \"b.wasm\"\nweight = 5\n", "weight"),
+        ];
+        for (canary, want) in cases {
+            let toml = format!("{module}{canary}");
+            jail.create_file("berth.toml", &toml)?;
+            let err = load(jail).unwrap_err().to_string();
+            assert!(err.contains(want), "{toml}: {err}");
+        }
+        jail.create_file(
+            "berth.toml",
+            &format!("{module}file = \"b.wasm\"\nsticky = {{ cookie = \"uid\" }}\n"),
+        )?;
+        let cfg = load(jail).unwrap();
+        let [canary] = cfg.canary_specs().try_into().unwrap();
+        assert_eq!(canary.policy.steps, [5, 25, 50, 100]);
+        assert_eq!(canary.policy.min_success_rate, 99.0);
+        assert_eq!(canary.policy.max_failures, 1);
+        assert_eq!(canary.module.track, Track::Canary);
+        assert_eq!(canary.module.route, "/a");
+        let ModuleSource::File { path, .. } = &canary.module.source else {
+            panic!("{:?}", canary.module.source)
+        };
+        assert!(path.ends_with("b.wasm"), "{path:?}");
+        assert_eq!(cfg.module_specs()[0].track, Track::Stable);
+        Ok(())
+    });
+}

@@ -139,6 +139,8 @@ pub struct Module {
     pub world: World,
     /// How long its instances live.
     pub reuse: Reuse,
+    /// Stable, or a canary being judged.
+    pub track: crate::config::Track,
     /// The spec it was built from, to tell what a reload changes.
     pub(crate) spec: ModuleSpec,
     /// The compiled, linked component, for a respec.
@@ -479,7 +481,12 @@ impl Module {
     ) -> Result<Module, LoadError> {
         let name: Arc<str> = spec.name.as_str().into();
         let origin = spec.source.to_string();
-        let module_metrics = metrics.for_module(&name, &spec.route);
+        let module_metrics = metrics.for_module(
+            &name,
+            &spec.route,
+            version(&content.sha256),
+            spec.track.as_str(),
+        );
         let guest_metrics = metrics.guest(&name, spec.limits.metric_series as usize);
         let logs = Arc::new(LogBudget::new(
             spec.limits.log_rate,
@@ -544,6 +551,7 @@ impl Module {
             limits: spec.limits,
             world: linked.world,
             reuse,
+            track: spec.track,
             serving,
             linked,
             config,
@@ -552,6 +560,12 @@ impl Module {
             spec,
         })
     }
+}
+
+/// The `version` label of a module's metrics: enough of its sha256 to
+/// tell versions apart, short enough to read on a dashboard.
+pub(crate) fn version(sha256: &str) -> &str {
+    sha256.get(..12).unwrap_or(sha256)
 }
 
 /// The engine a module runs on: the fresh-instance one only for a WASI 0.2

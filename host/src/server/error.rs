@@ -230,7 +230,7 @@ mod tests {
 
     #[test]
     fn shed_requests_and_guest_failures_land_in_their_counters() {
-        let metrics = crate::metrics::Metrics::new().for_module("m", "/m");
+        let metrics = crate::metrics::Metrics::new().for_module("m", "/m", "v", "stable");
         RequestError::Shed.counter(&metrics).unwrap().inc();
         assert_eq!(metrics.shed.get(), 1);
         assert!(RequestError::NoRoute.counter(&metrics).is_none());

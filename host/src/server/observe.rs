@@ -62,8 +62,8 @@ impl Observed {
     }
 
     /// Records the status on the span, counts the request and its
-    /// duration, and writes the access line.
-    pub(super) fn finish(self, status: StatusCode, access_log: bool) {
+    /// duration, and writes the access line; returns the duration.
+    pub(super) fn finish(self, status: StatusCode, access_log: bool) -> std::time::Duration {
         let status = status.as_u16();
         let span = &self.cx.trace.span;
         span.record("http.response.status_code", status);
@@ -84,8 +84,10 @@ impl Observed {
                 route = self.module.route.as_str(),
                 status,
                 duration_ms = elapsed.as_secs_f64() * 1e3,
+                track = self.module.track.as_str(),
                 "request"
             );
         }
+        elapsed
     }
 }

@@ -1,0 +1,865 @@
+//! Canary releases inside the process: a module's second version serves a
+//! share of its requests, rising step by step, while each step's window of
+//! both versions' figures is judged. A pass moves to the next step (and
+//! after the last, promotes the canary); failures roll it back at once.
+//!
+//! A [`Canary`] is shared by the routing table (which asks it, per
+//! request, which version serves: one atomic load and a random number or a
+//! hash of the sticky key), the admin port (promote, abort, pause, resume,
+//! and `/info`) and its run task ([`Canary::run`], started by the reloader).
+//! Every transition happens under one lock in this type, so the timer and
+//! an operator cannot both decide. What a finished canary leaves to do —
+//! swapping the routing table — is the reloader's: it hears of it through
+//! the channel given to [`Canary::new`]. The weight already sends all
+//! traffic to the right version by then.
+
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::HeaderMap;
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc};
+
+use crate::config::{CanaryConfig, CanarySpec, Track};
+use crate::metrics::Metrics;
+use crate::runtime::Module;
+
+/// Judgements kept for `/info`; a canary that waits for traffic for days
+/// must not grow without bound.
+const HISTORY: usize = 64;
+
+/// Where a canary is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Serving its step's weight; judged at the end of each interval.
+    Progressing,
+    /// Held at its weight by an operator; not judged.
+    Paused,
+    /// Became the stable version.
+    Promoted,
+    /// Taken out of traffic; the stable version serves everything.
+    RolledBack,
+}
+
+impl State {
+    /// The value of `berth_canary_state`.
+    fn gauge(self) -> i64 {
+        match self {
+            State::Progressing => 0,
+            State::Paused => 1,
+            State::Promoted => 2,
+            State::RolledBack => 3,
+        }
+    }
+
+    /// Promoted or rolled back: nothing changes any more.
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Promoted | State::RolledBack)
+    }
+}
+
+/// What an operator may ask of a canary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Make it the stable version now.
+    Promote,
+    /// Roll it back now.
+    Abort,
+    /// Hold the weight; stop judging.
+    Pause,
+    /// Judge again, from a fresh window.
+    Resume,
+}
+
+impl std::str::FromStr for Action {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Ok(match s {
+            "promote" => Action::Promote,
+            "abort" => Action::Abort,
+            "pause" => Action::Pause,
+            "resume" => Action::Resume,
+            _ => return Err(()),
+        })
+    }
+}
+
+/// Why an operator's action was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("the canary of module `{module}` is already {state:?}: {action:?} does not apply")]
+pub struct Refused {
+    /// The module.
+    pub module: String,
+    /// Where the canary is.
+    pub state: State,
+    /// What was asked.
+    pub action: Action,
+}
+
+/// One version's figures over a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Figures {
+    /// Requests answered.
+    pub requests: u64,
+    /// Of those, answered 5xx.
+    pub errors: u64,
+    /// Share of non-5xx answers, in percent (none without requests).
+    pub success_rate: Option<f64>,
+    /// 99th percentile latency until the response head, in milliseconds.
+    pub p99_ms: Option<f64>,
+}
+
+/// A judgement, or an operator's action.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+    /// The step (0-based) it applied to.
+    pub step: usize,
+    /// The canary's weight during that window, in percent.
+    pub weight: u8,
+    /// `pass`, `fail`, `wait`, `promoted`, `rolled_back`, `paused` or
+    /// `resumed`.
+    pub result: &'static str,
+    /// Why: the threshold missed, the measured values, or who acted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The stable version's figures in the window (judgements only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stable: Option<Figures>,
+    /// The canary's figures in the window (judgements only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Figures>,
+}
+
+/// What a canary looks like now, for `/info`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    /// Where it is.
+    pub state: State,
+    /// The current step (0-based).
+    pub step: usize,
+    /// Every step's weight.
+    pub steps: Vec<u8>,
+    /// The canary's share of requests now, in percent.
+    pub weight: u8,
+    /// Where the canary's component comes from.
+    pub source: String,
+    /// Its sha256.
+    pub sha256: String,
+    /// Failed judgements in a row.
+    pub failures: u32,
+    /// Why it finished, when it has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Both versions' figures in the window running now.
+    pub window: WindowFigures,
+    /// Judgements and actions, oldest first (the most recent 64).
+    pub history: Vec<Entry>,
+}
+
+/// The figures of both versions in one window.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct WindowFigures {
+    /// The stable version's.
+    pub stable: Figures,
+    /// The canary's.
+    pub canary: Figures,
+}
+
+/// The outcome of judging one window.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Every threshold held.
+    Pass,
+    /// A threshold was missed; says which, with the values.
+    Fail(String),
+    /// Too few requests to judge; says how many.
+    Wait(String),
+}
+
+/// Judges a window: too few canary requests wait; then success rate, the
+/// absolute p99 and the p99 against the stable version's.
+pub fn judge(policy: &CanaryConfig, stable: &Figures, canary: &Figures) -> Verdict {
+    if canary.requests < policy.min_requests {
+        return Verdict::Wait(format!(
+            "{} canary requests in the window, {} needed",
+            canary.requests, policy.min_requests
+        ));
+    }
+    let rate = canary.success_rate.unwrap_or(0.0);
+    if rate < policy.min_success_rate {
+        return Verdict::Fail(format!(
+            "success rate {rate:.2}% is below {}% ({} of {} requests failed)",
+            policy.min_success_rate, canary.errors, canary.requests
+        ));
+    }
+    let p99 = canary.p99_ms.unwrap_or(0.0);
+    if let Some(max) = policy.max_p99 {
+        let max_ms = max.as_secs_f64() * 1e3;
+        if p99 > max_ms {
+            return Verdict::Fail(format!(
+                "p99 latency {p99:.1}ms is over max_p99 {max_ms:.1}ms"
+            ));
+        }
+    }
+    if let Some(ratio) = policy.max_p99_ratio
+        && stable.requests >= policy.min_requests
+        && let Some(base) = stable.p99_ms
+        && p99 > base * ratio
+    {
+        return Verdict::Fail(format!(
+            "p99 latency {p99:.1}ms is over {ratio} x the stable version's {base:.1}ms"
+        ));
+    }
+    Verdict::Pass
+}
+
+/// Upper bounds of the latency buckets, in seconds: 100 µs growing by a
+/// fifth each, up to about a minute, so a p99 read from them is within 20 %.
+fn bounds() -> &'static [f64] {
+    static BOUNDS: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    BOUNDS.get_or_init(|| {
+        std::iter::successors(Some(1e-4), |b| Some(b * 1.2))
+            .take_while(|b| *b < 60.0)
+            .collect()
+    })
+}
+
+/// One version's counts over the current window: atomic adds on the
+/// request path, taken (and reset) when the window is judged.
+struct Window {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    /// One slot per bound, and one past the last.
+    buckets: Box<[AtomicU64]>,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            buckets: (0..=bounds().len()).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn record(&self, status: u16, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let slot = bounds().partition_point(|b| *b < secs);
+        self.buckets[slot].fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The figures so far; with `reset`, the window starts again.
+    fn figures(&self, reset: bool) -> Figures {
+        let read = |a: &AtomicU64| {
+            if reset {
+                a.swap(0, Ordering::Relaxed)
+            } else {
+                a.load(Ordering::Relaxed)
+            }
+        };
+        let requests = read(&self.requests);
+        let errors = read(&self.errors).min(requests);
+        let buckets: Vec<u64> = self.buckets.iter().map(read).collect();
+        Figures {
+            requests,
+            errors,
+            success_rate: (requests > 0)
+                .then(|| 100.0 * (requests - errors) as f64 / requests as f64),
+            p99_ms: quantile(&buckets, 0.99).map(|s| s * 1e3),
+        }
+    }
+}
+
+/// The `q` quantile of bucket counts, interpolated within its bucket as
+/// Prometheus' `histogram_quantile` does.
+fn quantile(buckets: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let bounds = bounds();
+    let mut seen = 0u64;
+    for (i, &n) in buckets.iter().enumerate() {
+        if n > 0 && (seen + n) as f64 >= rank {
+            let lower = if i == 0 { 0.0 } else { bounds[i - 1] };
+            let Some(&upper) = bounds.get(i) else {
+                return Some(lower);
+            };
+            let within = (rank - seen as f64) / n as f64;
+            return Some(lower + (upper - lower) * within.clamp(0.0, 1.0));
+        }
+        seen += n;
+    }
+    bounds.last().copied()
+}
+
+/// Where a canary stands; changed only under [`Canary`]'s lock.
+struct Progress {
+    state: State,
+    step: usize,
+    failures: u32,
+    reason: Option<String>,
+    history: VecDeque<Entry>,
+}
+
+/// A module's canary: its version, its weight, its windows and its state.
+pub struct Canary {
+    /// The canary version.
+    pub module: Arc<Module>,
+    /// What it was started from.
+    pub spec: CanarySpec,
+    weight: AtomicU8,
+    /// Keys the sticky hash, so which keys land on the canary differs from
+    /// one canary to the next and cannot be worked out ahead of time.
+    seed: std::hash::RandomState,
+    /// Indexed by [`Track`]: stable, canary.
+    windows: [Window; 2],
+    progress: Mutex<Progress>,
+    /// Wakes the run task when an operator changes the state.
+    wake: Notify,
+    metrics: Arc<Metrics>,
+    finished: mpsc::UnboundedSender<Arc<Canary>>,
+}
+
+impl Canary {
+    /// A canary at its first step. `finished` hears of it once it is
+    /// promoted or rolled back.
+    pub fn new(
+        module: Arc<Module>,
+        spec: CanarySpec,
+        metrics: Arc<Metrics>,
+        finished: mpsc::UnboundedSender<Arc<Canary>>,
+    ) -> Arc<Self> {
+        let first = spec.policy.steps[0];
+        let canary = Arc::new(Canary {
+            module,
+            weight: AtomicU8::new(first),
+            seed: std::hash::RandomState::new(),
+            windows: [Window::new(), Window::new()],
+            progress: Mutex::new(Progress {
+                state: State::Progressing,
+                step: 0,
+                failures: 0,
+                reason: None,
+                history: VecDeque::new(),
+            }),
+            wake: Notify::new(),
+            metrics,
+            finished,
+            spec,
+        });
+        canary.publish(State::Progressing, first);
+        tracing::info!(
+            module = canary.name(),
+            sha256 = canary.module.sha256.as_str(),
+            source = %canary.spec.module.source,
+            steps = ?canary.spec.policy.steps,
+            interval_ms = canary.spec.policy.interval.as_millis() as u64,
+            weight = first,
+            "canary started"
+        );
+        canary
+    }
+
+    /// A canary that failed to load: rolled back before it served.
+    pub fn failed_to_load(module: &str, metrics: &Metrics, why: &str) {
+        metrics.canary_weight.with_label_values(&[module]).set(0);
+        metrics
+            .canary_state
+            .with_label_values(&[module])
+            .set(State::RolledBack.gauge());
+        metrics
+            .canary_judgements
+            .with_label_values(&[module, "fail"])
+            .inc();
+        tracing::error!(
+            module,
+            error = why,
+            "canary rolled back: it failed to load; the stable version keeps serving"
+        );
+    }
+
+    fn name(&self) -> &str {
+        &self.module.name
+    }
+
+    /// The canary's share of requests now, in percent.
+    pub fn weight(&self) -> u8 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Where it is now.
+    pub fn state(&self) -> State {
+        self.progress.lock().unwrap().state
+    }
+
+    /// Which version serves a request with these headers. Without a sticky
+    /// key it is a fresh random draw against the weight; with one, a hash
+    /// of the key, so a key stays on its version while the weight holds
+    /// (and, as the weight rises, only moves from stable to canary).
+    pub fn pick(&self, headers: &HeaderMap) -> Track {
+        let weight = u64::from(self.weight.load(Ordering::Relaxed));
+        if weight == 0 {
+            return Track::Stable;
+        }
+        if weight >= 100 {
+            return Track::Canary;
+        }
+        let roll = match self.sticky_key(headers) {
+            Some(key) => self.seed.hash_one(key) % 10_000,
+            None => fastrand::u64(0..10_000),
+        };
+        if roll < weight * 100 {
+            Track::Canary
+        } else {
+            Track::Stable
+        }
+    }
+
+    fn sticky_key<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]> {
+        let sticky = self.spec.policy.sticky.as_ref()?;
+        if let Some(name) = &sticky.header {
+            return headers.get(name.as_str()).map(|v| v.as_bytes());
+        }
+        let name = sticky.cookie.as_deref()?;
+        // A plain split of `Cookie: a=1; b=2`: the key only picks a
+        // version (either is the client's to get), so a hostile value can
+        // do no more than choose one, which a sticky key lets it do anyway.
+        headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+            .find_map(|pair| {
+                let pair = pair.trim_ascii_start();
+                let value = pair.strip_prefix(name.as_bytes())?.strip_prefix(b"=")?;
+                Some(value.trim_ascii_end())
+            })
+    }
+
+    /// Counts a finished request of `track` in the running window.
+    pub fn record(&self, track: Track, status: u16, elapsed: Duration) {
+        self.windows[track as usize].record(status, elapsed);
+    }
+
+    /// What `/info` shows.
+    pub fn snapshot(&self) -> Snapshot {
+        let p = self.progress.lock().unwrap();
+        Snapshot {
+            state: p.state,
+            step: p.step,
+            steps: self.spec.policy.steps.clone(),
+            weight: self.weight(),
+            source: self.spec.module.source.to_string(),
+            sha256: self.module.sha256.clone(),
+            failures: p.failures,
+            reason: p.reason.clone(),
+            window: self.window(false),
+            history: p.history.iter().cloned().collect(),
+        }
+    }
+
+    fn window(&self, reset: bool) -> WindowFigures {
+        WindowFigures {
+            stable: self.windows[Track::Stable as usize].figures(reset),
+            canary: self.windows[Track::Canary as usize].figures(reset),
+        }
+    }
+
+    /// Judges a window at the end of every interval until the canary is
+    /// promoted or rolled back; holds while paused. Aborting the task
+    /// (the module's canary is removed or replaced) stops it.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            match self.state() {
+                State::Progressing => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.spec.policy.interval) => self.judge_window(),
+                        // An operator acted: look at the state again.
+                        _ = self.wake.notified() => {}
+                    }
+                }
+                State::Paused => self.wake.notified().await,
+                State::Promoted | State::RolledBack => return,
+            }
+        }
+    }
+
+    /// Judges the window that just ended and acts on the verdict.
+    fn judge_window(self: &Arc<Self>) {
+        let mut guard = self.progress.lock().unwrap();
+        let p = &mut *guard;
+        if p.state != State::Progressing {
+            return;
+        }
+        let figures = self.window(true);
+        let policy = &self.spec.policy;
+        let weight = self.weight();
+        let verdict = judge(policy, &figures.stable, &figures.canary);
+        let (result, reason) = match &verdict {
+            Verdict::Pass => ("pass", None),
+            Verdict::Fail(why) => ("fail", Some(why.clone())),
+            Verdict::Wait(why) => ("wait", Some(why.clone())),
+        };
+        self.metrics
+            .canary_judgements
+            .with_label_values(&[self.name(), result])
+            .inc();
+        push(
+            &mut p.history,
+            Entry {
+                at_ms: now_ms(),
+                step: p.step,
+                weight,
+                result,
+                reason: reason.clone(),
+                stable: Some(figures.stable),
+                canary: Some(figures.canary),
+            },
+        );
+        tracing::info!(
+            module = self.name(),
+            step = p.step,
+            weight,
+            result,
+            reason = reason.as_deref(),
+            canary_requests = figures.canary.requests,
+            canary_errors = figures.canary.errors,
+            canary_p99_ms = figures.canary.p99_ms,
+            stable_requests = figures.stable.requests,
+            stable_errors = figures.stable.errors,
+            stable_p99_ms = figures.stable.p99_ms,
+            "canary judged"
+        );
+        match verdict {
+            Verdict::Wait(_) => {}
+            Verdict::Pass => {
+                p.failures = 0;
+                p.step += 1;
+                match policy.steps.get(p.step) {
+                    Some(&next) => {
+                        self.weight.store(next, Ordering::Relaxed);
+                        self.publish(State::Progressing, next);
+                        tracing::info!(
+                            module = self.name(),
+                            step = p.step,
+                            from = weight,
+                            to = next,
+                            "canary advanced"
+                        );
+                    }
+                    None => {
+                        p.step -= 1;
+                        self.finish(p, State::Promoted, "every step passed".into());
+                    }
+                }
+            }
+            Verdict::Fail(why) => {
+                p.failures += 1;
+                if p.failures >= policy.max_failures {
+                    self.finish(p, State::RolledBack, why);
+                }
+            }
+        }
+    }
+
+    /// An operator's action; the new snapshot, or why it does not apply.
+    pub fn act(self: &Arc<Self>, action: Action) -> Result<Snapshot, Refused> {
+        {
+            let mut p = self.progress.lock().unwrap();
+            let refused = || Refused {
+                module: self.name().to_owned(),
+                state: p.state,
+                action,
+            };
+            match (action, p.state) {
+                (_, State::Promoted | State::RolledBack) => return Err(refused()),
+                (Action::Promote, _) => {
+                    self.finish(&mut p, State::Promoted, "promoted by an operator".into())
+                }
+                (Action::Abort, _) => {
+                    self.finish(&mut p, State::RolledBack, "aborted by an operator".into())
+                }
+                (Action::Pause, State::Progressing) => {
+                    p.state = State::Paused;
+                    self.transition(&mut p, "paused", None);
+                }
+                (Action::Resume, State::Paused) => {
+                    // Requests served while paused are not this window's.
+                    self.window(true);
+                    p.state = State::Progressing;
+                    self.transition(&mut p, "resumed", None);
+                }
+                (Action::Pause | Action::Resume, _) => return Err(refused()),
+            }
+            self.publish(p.state, self.weight());
+        }
+        self.wake.notify_one();
+        Ok(self.snapshot())
+    }
+
+    /// Promotes (weight 100) or rolls back (weight 0) at once, and tells
+    /// the reloader to swap the routing table.
+    fn finish(self: &Arc<Self>, p: &mut Progress, state: State, reason: String) {
+        let weight = if state == State::Promoted { 100 } else { 0 };
+        self.weight.store(weight, Ordering::Relaxed);
+        p.state = state;
+        p.reason = Some(reason.clone());
+        let result = if state == State::Promoted {
+            "promoted"
+        } else {
+            "rolled_back"
+        };
+        self.transition(p, result, Some(reason));
+        self.publish(state, weight);
+        let _ = self.finished.send(self.clone());
+    }
+
+    /// Records and logs a change of state.
+    fn transition(&self, p: &mut Progress, result: &'static str, reason: Option<String>) {
+        let weight = self.weight();
+        if result == "rolled_back" {
+            tracing::warn!(
+                module = self.name(),
+                step = p.step,
+                reason = reason.as_deref(),
+                "canary rolled back: the stable version serves every request"
+            );
+        } else {
+            tracing::info!(
+                module = self.name(),
+                step = p.step,
+                weight,
+                reason = reason.as_deref(),
+                "canary {result}"
+            );
+        }
+        push(
+            &mut p.history,
+            Entry {
+                at_ms: now_ms(),
+                step: p.step,
+                weight,
+                result,
+                reason,
+                stable: None,
+                canary: None,
+            },
+        );
+    }
+
+    fn publish(&self, state: State, weight: u8) {
+        let name = self.name();
+        self.metrics
+            .canary_weight
+            .with_label_values(&[name])
+            .set(i64::from(weight));
+        self.metrics
+            .canary_state
+            .with_label_values(&[name])
+            .set(state.gauge());
+    }
+}
+
+/// How a canary ended, kept so a reload or a restart does not run it
+/// again: a promoted canary keeps serving as the stable version, and a
+/// rolled-back one stays out of traffic, for as long as the config names
+/// the same stable and canary sources.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Settled {
+    /// The module's stable source when the canary ended.
+    pub stable: String,
+    /// The canary's source.
+    pub canary: String,
+    /// The canary's sha256.
+    pub sha256: String,
+    /// Promoted or rolled back.
+    pub state: State,
+    /// Why.
+    pub reason: String,
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+}
+
+/// Every module's canary as the admin port sees it: the running or
+/// finished canary of this process, how an earlier one ended, or why one
+/// could not load. The reloader writes it.
+#[derive(Default)]
+pub struct Board(Mutex<BoardInner>);
+
+#[derive(Default)]
+struct BoardInner {
+    live: std::collections::BTreeMap<String, Arc<Canary>>,
+    settled: std::collections::BTreeMap<String, Settled>,
+    errors: std::collections::BTreeMap<String, String>,
+}
+
+impl Board {
+    /// The canary of `module` this process started, if any.
+    pub fn get(&self, module: &str) -> Option<Arc<Canary>> {
+        self.0.lock().unwrap().live.get(module).cloned()
+    }
+
+    /// What `/info` shows for `module`'s canary.
+    pub fn info(&self, module: &str) -> Option<serde_json::Value> {
+        let inner = self.0.lock().unwrap();
+        if let Some(error) = inner.errors.get(module) {
+            return Some(serde_json::json!({ "state": "failed_to_load", "error": error }));
+        }
+        if let Some(canary) = inner.live.get(module) {
+            return serde_json::to_value(canary.snapshot()).ok();
+        }
+        inner
+            .settled
+            .get(module)
+            .and_then(|s| serde_json::to_value(s).ok())
+    }
+
+    /// Names of the modules with an entry.
+    pub fn modules(&self) -> Vec<String> {
+        let inner = self.0.lock().unwrap();
+        let mut names: Vec<String> = inner
+            .live
+            .keys()
+            .chain(inner.settled.keys())
+            .chain(inner.errors.keys())
+            .cloned()
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    pub(crate) fn set_live(&self, module: &str, canary: Option<Arc<Canary>>) {
+        let mut inner = self.0.lock().unwrap();
+        match canary {
+            Some(c) => inner.live.insert(module.to_owned(), c),
+            None => inner.live.remove(module),
+        };
+    }
+
+    /// Records a load failure; says whether it is news (not the error it
+    /// had already).
+    pub(crate) fn set_error(&self, module: &str, error: Option<String>) -> bool {
+        let mut inner = self.0.lock().unwrap();
+        match error {
+            Some(e) => inner.errors.insert(module.to_owned(), e.clone()).as_ref() != Some(&e),
+            None => inner.errors.remove(module).is_some(),
+        }
+    }
+
+    pub(crate) fn settled(&self) -> std::collections::BTreeMap<String, Settled> {
+        self.0.lock().unwrap().settled.clone()
+    }
+
+    pub(crate) fn set_settled(&self, settled: std::collections::BTreeMap<String, Settled>) {
+        self.0.lock().unwrap().settled = settled;
+    }
+}
+
+fn push(history: &mut VecDeque<Entry>, entry: Entry) {
+    if history.len() == HISTORY {
+        history.pop_front();
+    }
+    history.push_back(entry);
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(toml: &str) -> CanaryConfig {
+        use figment::providers::{Format, Toml};
+        figment::Figment::from(Toml::string(&format!("file = \"v2.wasm\"\n{toml}")))
+            .extract()
+            .unwrap()
+    }
+
+    fn figures(requests: u64, errors: u64, p99_ms: f64) -> Figures {
+        Figures {
+            requests,
+            errors,
+            success_rate: (requests > 0)
+                .then(|| 100.0 * (requests - errors) as f64 / requests as f64),
+            p99_ms: Some(p99_ms),
+        }
+    }
+
+    #[test]
+    fn a_window_is_judged_on_requests_success_rate_and_latency() {
+        let p = policy("min_requests = 10\nmax_p99 = \"200ms\"\nmax_p99_ratio = 2.0");
+        let stable = figures(100, 0, 50.0);
+        assert_eq!(judge(&p, &stable, &figures(100, 0, 60.0)), Verdict::Pass);
+        assert!(matches!(
+            judge(&p, &stable, &figures(9, 0, 1.0)),
+            Verdict::Wait(_)
+        ));
+        let Verdict::Fail(why) = judge(&p, &stable, &figures(100, 30, 10.0)) else {
+            panic!("30% errors passed")
+        };
+        assert!(
+            why.contains("success rate 70.00%") && why.contains("99%"),
+            "{why}"
+        );
+        let Verdict::Fail(why) = judge(&p, &stable, &figures(100, 0, 250.0)) else {
+            panic!("slow passed")
+        };
+        assert!(why.contains("max_p99"), "{why}");
+        let Verdict::Fail(why) = judge(&p, &stable, &figures(100, 0, 150.0)) else {
+            panic!("3x the stable p99 passed")
+        };
+        assert!(why.contains("stable version's 50.0ms"), "{why}");
+        // Too little stable traffic to compare with: only the absolute bound.
+        assert_eq!(
+            judge(&p, &figures(3, 0, 1.0), &figures(100, 0, 150.0)),
+            Verdict::Pass
+        );
+    }
+
+    #[test]
+    fn the_p99_of_a_window_is_read_from_its_buckets() {
+        let w = Window::new();
+        for _ in 0..990 {
+            w.record(200, Duration::from_millis(10));
+        }
+        for _ in 0..10 {
+            w.record(503, Duration::from_millis(400));
+        }
+        let f = w.figures(true);
+        assert_eq!((f.requests, f.errors), (1000, 10));
+        assert_eq!(f.success_rate, Some(99.0));
+        let p99 = f.p99_ms.unwrap();
+        assert!((8.0..=12.0).contains(&p99), "p99 {p99}");
+        // Taken with a reset: the next window starts empty.
+        assert_eq!(w.figures(false).requests, 0);
+        for _ in 0..100 {
+            w.record(200, Duration::from_millis(300));
+        }
+        let p99 = w.figures(false).p99_ms.unwrap();
+        assert!((250.0..=360.0).contains(&p99), "p99 {p99}");
+    }
+
+    #[test]
+    fn actions_are_parsed_by_name() {
+        assert_eq!("promote".parse::<Action>(), Ok(Action::Promote));
+        assert_eq!("resume".parse::<Action>(), Ok(Action::Resume));
+        assert!("rollback".parse::<Action>().is_err());
+    }
+}

@@ -1,0 +1,378 @@
+//! The reloader's side of canaries: which to start, keep or stop on a
+//! reload, what a finished one changes in the routing table, and how the
+//! ones that ended are remembered across reloads and restarts.
+//!
+//! A canary is identified by its module's stable source and its own
+//! source. While both stay as they are in the config:
+//! - a canary in progress keeps running, unless its spec changed (steps,
+//!   thresholds, the module's settings): then it starts again at step 0;
+//! - a promoted canary keeps serving as the module's stable version, even
+//!   though the config still names the old one as `file`/`url`/`oci`;
+//! - a rolled-back canary stays out of traffic.
+//!
+//! How canaries ended is written to `canaries/<config>.json` in the cache folder,
+//! so a restart keeps those outcomes. A canary in progress is not written:
+//! after a restart it starts again at step 0, at the first step's weight,
+//! which never gives an unjudged version more traffic than it had.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::{Modules, ReloadReport};
+use crate::canary::{Canary, Settled, State};
+use crate::config::{CanarySpec, Config, ModuleSpec, Track};
+use crate::router::{Release, Router};
+use crate::runtime::{LoadError, Module};
+
+/// The folder, in the cache folder, that keeps how canaries ended.
+const STATE_DIR: &str = "canaries";
+
+/// Where how canaries ended is kept for this config: one file per config
+/// file, so two hosts sharing a cache folder (the default one, on a
+/// workstation) do not take each other's outcomes.
+pub(super) fn state_file(
+    config: &Config,
+    source: &crate::config::ConfigSource,
+) -> Option<std::path::PathBuf> {
+    use sha2::{Digest, Sha256};
+    let key = source
+        .path()
+        .and_then(|p| std::fs::canonicalize(&p).ok().or(Some(p)))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let name = format!(
+        "{}.json",
+        &hex::encode(Sha256::digest(key.as_bytes()))[..16]
+    );
+    Some(config.cache_dir()?.join(STATE_DIR).join(name))
+}
+
+impl Modules {
+    /// Reads how canaries ended before this start, keeping what still
+    /// applies to `config`.
+    pub(super) fn restore_settled(&self, config: &Config) {
+        let Some(path) = &self.state_file else { return };
+        let settled = match std::fs::read(path) {
+            Ok(bytes) => match serde_json::from_slice::<BTreeMap<String, Settled>>(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e,
+                        "canary state unreadable: canaries start from their first step");
+                    return;
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e,
+                    "canary state unreadable: canaries start from their first step");
+                return;
+            }
+        };
+        self.canaries.set_settled(settled);
+        self.prune_settled(config);
+        for (module, s) in self.canaries.settled() {
+            tracing::info!(
+                module = module.as_str(),
+                state = ?s.state,
+                canary = s.canary.as_str(),
+                sha256 = s.sha256.as_str(),
+                reason = s.reason.as_str(),
+                "canary ended before this start: not run again"
+            );
+        }
+    }
+
+    /// Drops the outcomes `config` no longer matches (its stable or canary
+    /// source changed, or the canary is gone), and writes the rest.
+    pub(super) fn prune_settled(&self, config: &Config) {
+        let settled = self.canaries.settled();
+        let canaries = canary_specs(config);
+        let stables: HashMap<String, ModuleSpec> = config
+            .module_specs()
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        let kept: BTreeMap<String, Settled> = settled
+            .iter()
+            .filter(|(name, s)| {
+                matches!((stables.get(*name), canaries.get(*name)),
+                    (Some(stable), Some(canary)) if applies(s, stable, canary))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if kept != settled {
+            self.canaries.set_settled(kept);
+            self.persist();
+        }
+    }
+
+    /// The specs of the stable versions: the config's, except that a
+    /// promoted canary serves in place of the version it replaced.
+    pub(super) fn stable_specs(&self, config: &Config) -> Vec<ModuleSpec> {
+        let settled = self.canaries.settled();
+        let canaries = canary_specs(config);
+        config
+            .module_specs()
+            .into_iter()
+            .map(
+                |stable| match (settled.get(&stable.name), canaries.get(&stable.name)) {
+                    (Some(s), Some(canary))
+                        if s.state == State::Promoted && applies(s, &stable, canary) =>
+                    {
+                        promoted(canary)
+                    }
+                    _ => stable,
+                },
+            )
+            .collect()
+    }
+
+    /// The canaries of `config` that have not ended.
+    pub(super) fn pending_canaries(&self, config: &Config) -> Vec<CanarySpec> {
+        let settled = self.canaries.settled();
+        let stables: HashMap<String, ModuleSpec> = config
+            .module_specs()
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        canary_specs(config)
+            .into_values()
+            .filter(|c| {
+                let name = &c.module.name;
+                !matches!((settled.get(name), stables.get(name)),
+                    (Some(s), Some(stable)) if applies(s, stable, c))
+            })
+            .collect()
+    }
+
+    /// The canaries in progress that go on as they are, and the ones to
+    /// load (new, or changed).
+    pub(super) fn canaries_to_load(
+        &self,
+        config: &Config,
+    ) -> (HashMap<String, Arc<Canary>>, Vec<CanarySpec>) {
+        let mut kept = HashMap::new();
+        let mut load = Vec::new();
+        for spec in self.pending_canaries(config) {
+            // One that just ended stays until its settling swaps the
+            // table, so the weight it ended at keeps holding until then.
+            match self.canaries.get(&spec.module.name) {
+                Some(live) if live.spec == spec => {
+                    kept.insert(spec.module.name.clone(), live);
+                }
+                _ => load.push(spec),
+            }
+        }
+        (kept, load)
+    }
+
+    /// Starts a canary whose version loaded, or records why it did not:
+    /// a canary that cannot load is rolled back before it serves, and the
+    /// stable version goes on alone.
+    pub(super) fn canary_loaded(
+        &self,
+        spec: CanarySpec,
+        result: Result<Arc<Module>, LoadError>,
+        trigger: &'static str,
+        report: &mut ReloadReport,
+    ) -> Option<Arc<Canary>> {
+        let name = spec.module.name.clone();
+        self.stop_run(&name);
+        match result {
+            Ok(module) => {
+                self.canaries.set_error(&name, None);
+                let canary = Canary::new(module, spec, self.metrics.clone(), self.finished.clone());
+                let task = tokio::spawn(canary.clone().run());
+                self.runs
+                    .lock()
+                    .unwrap()
+                    .insert(name.clone(), tokio_util::task::AbortOnDropHandle::new(task));
+                self.canaries.set_live(&name, Some(canary.clone()));
+                report.canaries_started.push(name);
+                Some(canary)
+            }
+            Err(err) => {
+                let message = err.to_string();
+                self.canaries.set_live(&name, None);
+                if self.canaries.set_error(&name, Some(message.clone())) {
+                    tracing::warn!(trigger, module = name.as_str(), "canary failed to load");
+                    Canary::failed_to_load(&name, &self.metrics, &message);
+                }
+                report.errors.insert(format!("{name}.canary"), message);
+                None
+            }
+        }
+    }
+
+    /// Stops the canaries of modules that no longer have one in `config`
+    /// (or no longer exist), keeping those in `keep`.
+    pub(super) fn stop_canaries_not_in(
+        &self,
+        keep: &HashMap<String, Arc<Canary>>,
+        config: &Config,
+    ) {
+        let wanted = canary_specs(config);
+        for name in self.canaries.modules() {
+            if wanted.contains_key(&name) {
+                continue;
+            }
+            if keep.contains_key(&name) {
+                continue;
+            }
+            self.stop_run(&name);
+            if self.canaries.get(&name).is_some() || self.canaries.set_error(&name, None) {
+                tracing::info!(module = name.as_str(), "canary removed from the config");
+            }
+            self.canaries.set_live(&name, None);
+            let _ = self.metrics.canary_weight.remove_label_values(&[&name]);
+            let _ = self.metrics.canary_state.remove_label_values(&[&name]);
+        }
+    }
+
+    fn stop_run(&self, module: &str) {
+        self.runs.lock().unwrap().remove(module);
+    }
+
+    /// A canary was promoted or rolled back: swap the table so the
+    /// promoted version is the module's stable one, or the rolled-back one
+    /// is gone from it, and remember the outcome.
+    pub(super) async fn settle(&self, canary: Arc<Canary>) {
+        let running = self.config.lock().await;
+        let name = canary.module.name.to_string();
+        // A reload replaced or removed it meanwhile: nothing to settle.
+        if !self
+            .canaries
+            .get(&name)
+            .is_some_and(|live| Arc::ptr_eq(&live, &canary))
+        {
+            return;
+        }
+        self.stop_run(&name);
+        let table = self.routes.current();
+        let Some(release) = table.releases().find(|r| *r.stable.name == *name) else {
+            return;
+        };
+        let stable_source = running
+            .module_specs()
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| s.source.to_string())
+            .unwrap_or_default();
+        let mut state = canary.state();
+        let mut new = Release {
+            stable: release.stable.clone(),
+            canary: None,
+        };
+        if state == State::Promoted {
+            match canary
+                .module
+                .respec(&self.runtime, promoted(&canary.spec), &self.metrics)
+            {
+                Some(Ok(module)) => {
+                    let module = Arc::new(module);
+                    self.metrics.reloads.with_label_values(&[&name, "ok"]).inc();
+                    self.metrics.module_serving(
+                        &name,
+                        &module.sha256,
+                        Some(&release.stable.sha256),
+                        module.loaded_at,
+                    );
+                    tracing::info!(
+                        trigger = "canary",
+                        module = name.as_str(),
+                        sha256 = module.sha256.as_str(),
+                        previous = release.stable.sha256.as_str(),
+                        "module swapped in: the canary is the stable version now"
+                    );
+                    new.stable = module;
+                }
+                // Cannot happen for the same code under the same
+                // settings; if it does, the stable version serves on.
+                other => {
+                    let why = other
+                        .and_then(Result::err)
+                        .map_or_else(|| "it needs another engine".into(), |e| e.to_string());
+                    tracing::error!(
+                        module = name.as_str(),
+                        error = why.as_str(),
+                        "the promoted canary could not become the stable version: rolled back"
+                    );
+                    state = State::RolledBack;
+                }
+            }
+        }
+        let mut settled = self.canaries.settled();
+        settled.insert(
+            name.clone(),
+            Settled {
+                stable: stable_source,
+                canary: canary.spec.module.source.to_string(),
+                sha256: canary.module.sha256.clone(),
+                state,
+                reason: canary.snapshot().reason.unwrap_or_default(),
+                at_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis() as u64,
+            },
+        );
+        self.canaries.set_settled(settled);
+        self.persist();
+        let releases = table.releases().map(|r| {
+            if *r.stable.name == *name {
+                new.clone()
+            } else {
+                r.clone()
+            }
+        });
+        self.routes.publish(Router::with_releases(releases));
+    }
+
+    /// Writes how canaries ended, atomically; a failed write costs only
+    /// the memory of it across a restart.
+    fn persist(&self) {
+        let Some(path) = &self.state_file else { return };
+        let settled = self.canaries.settled();
+        let result = (|| {
+            let dir = path.parent().unwrap_or(std::path::Path::new("."));
+            std::fs::create_dir_all(dir)?;
+            let tmp = tempfile_in(dir)?;
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&settled)?)?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = result {
+            tracing::warn!(file = %path.display(), error = %e,
+                "cannot write the canary state: a restart will run finished canaries again");
+        }
+    }
+}
+
+/// A unique temporary name next to the state file.
+fn tempfile_in(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    Ok(dir.join(format!(
+        ".state.{}.{}",
+        std::process::id(),
+        fastrand::u64(..)
+    )))
+}
+
+/// Whether an outcome is about this stable version and this canary.
+fn applies(s: &Settled, stable: &ModuleSpec, canary: &CanarySpec) -> bool {
+    s.stable == stable.source.to_string() && s.canary == canary.module.source.to_string()
+}
+
+/// A promoted canary's spec as the module's stable version.
+fn promoted(canary: &CanarySpec) -> ModuleSpec {
+    ModuleSpec {
+        track: Track::Stable,
+        ..canary.module.clone()
+    }
+}
+
+fn canary_specs(config: &Config) -> HashMap<String, CanarySpec> {
+    config
+        .canary_specs()
+        .into_iter()
+        .map(|c| (c.module.name.clone(), c))
+        .collect()
+}
