@@ -358,10 +358,12 @@ def write_results(results, starts, instantiation, idle_rss):
         f"| idle RSS < 40 MiB with the examples loaded (compiled at start-up) | {idle_rss['compiled at start-up']:.1f} MiB | {yes(idle_rss['compiled at start-up'] < 40)} |",
         "",
     ]
-    # The registry figures of bench/oci.py (run first by bench/run.sh).
-    oci = os.path.join(ROOT, "bench", "OCI.md")
-    if os.path.exists(oci):
-        lines.insert(lines.index("## Targets"), open(oci).read())
+    # The registry and canary figures of bench/oci.py and bench/canary.py
+    # (run first by bench/run.sh).
+    for part in ("OCI.md", "CANARY.md"):
+        path = os.path.join(ROOT, "bench", part)
+        if os.path.exists(path):
+            lines.insert(lines.index("## Targets"), open(path).read())
     notes = os.path.join(ROOT, "bench", "NOTES.md")
     if os.path.exists(notes):
         lines += [open(notes).read()]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make bench`: installs what the benchmark needs (wrk from Debian,
 # wasmtime-cli 50.0.1 from crates.io into .tools/), builds everything in
-# release mode, and runs bench/bench.py, which writes bench/RESULTS.md.
+# release mode, and runs bench/oci.py, bench/canary.py and bench/bench.py,
+# which write bench/RESULTS.md.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -17,4 +18,5 @@ cargo build --release --locked --bin berth
 cargo build --release --locked -p native-hello
 make conformance
 python3 bench/oci.py
+python3 bench/canary.py
 exec python3 bench/bench.py

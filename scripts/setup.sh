@@ -37,6 +37,18 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
 
+# The status page test: headless Chromium driven through chromedriver.
+browser_packages=()
+command -v chromium >/dev/null || browser_packages+=(chromium)
+command -v chromedriver >/dev/null || browser_packages+=(chromium-driver)
+if [ ${#browser_packages[@]} -gt 0 ]; then
+  echo "setup: installing ${browser_packages[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${browser_packages[@]}" >/dev/null
+fi
+
 # The OCI tests: the CNCF distribution registry, and Node.js for building
 # the JavaScript example with componentize-js.
 registry_packages=()

@@ -4,6 +4,7 @@
 //!
 //! | endpoint       | answer                                                     |
 //! |----------------|------------------------------------------------------------|
+//! | `GET /`        | the status page (HTML; see [`status`])                     |
 //! | `GET /healthz` | 200 while the traffic side makes progress (heartbeat, log writer) |
 //! | `GET /ready`   | 200 once every module is loaded, 503 before and when draining |
 //! | `GET /info`    | JSON: version, uptime, modules (route, file, size, sha256) |
@@ -31,6 +32,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+mod status;
 
 use crate::canary::Action;
 use crate::config::AdminConfig;
@@ -275,6 +278,18 @@ pub fn spawn(listener: TcpListener, state: AdminState) -> anyhow::Result<AdminTh
 
 /// Serves the admin endpoints on `listener` until `stop`.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+    // The status page's rates: counts sampled on this thread's runtime.
+    let sampler = Arc::new(status::Sampler::default());
+    let sampling = {
+        let (state, sampler) = (state.clone(), sampler.clone());
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(status::EVERY);
+            loop {
+                tick.tick().await;
+                sampler.sample(&state);
+            }
+        }))
+    };
     // Reloads answer after the new modules compiled; probes must not wait.
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -282,7 +297,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
         .header_read_timeout(Duration::from_secs(5));
     loop {
         let stream = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                drop(sampling);
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(_) => {
@@ -291,19 +309,23 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
                 }
             },
         };
-        let state = state.clone();
+        let (state, sampler) = (state.clone(), sampler.clone());
         let builder = builder.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req).await) }
+                let (state, sampler) = (state.clone(), sampler.clone());
+                async move { Ok::<_, Infallible>(route(&state, &sampler, &req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
-async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(
+    state: &AdminState,
+    sampler: &status::Sampler,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     if req.method() == Method::POST
         && req.uri().path().starts_with("/admin/")
         && let Some(refused) = state.auth.refusal(req)
@@ -335,10 +357,18 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
             }
         }
         (&Method::GET | &Method::HEAD, "/info") => info(state),
-        (&Method::GET | &Method::HEAD, "/metrics") => metrics(&state.metrics),
-        (_, "/healthz" | "/ready" | "/info" | "/metrics" | "/admin/reload") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            state.metrics.set_ready(state.health.is_ready());
+            metrics(&state.metrics)
         }
+        (&Method::GET | &Method::HEAD, "/") => {
+            page(status::page(state, sampler), "text/html; charset=utf-8")
+        }
+        (&Method::GET | &Method::HEAD, "/status.css") => page(status::CSS.into(), "text/css"),
+        (
+            _,
+            "/" | "/status.css" | "/healthz" | "/ready" | "/info" | "/metrics" | "/admin/reload",
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -394,6 +424,28 @@ fn canary(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
             resp
         }
     }
+}
+
+/// The status page or its style sheet, under a policy that allows
+/// nothing but that style sheet.
+fn page(body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(status::CSP),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
 fn json_response(body: &serde_json::Value) -> Response<Full<Bytes>> {

@@ -432,19 +432,7 @@ impl Canary {
         if let Some(name) = &sticky.header {
             return headers.get(name.as_str()).map(|v| v.as_bytes());
         }
-        let name = sticky.cookie.as_deref()?;
-        // A plain split of `Cookie: a=1; b=2`: the key only picks a
-        // version (either is the client's to get), so a hostile value can
-        // do no more than choose one, which a sticky key lets it do anyway.
-        headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
-            .find_map(|pair| {
-                let pair = pair.trim_ascii_start();
-                let value = pair.strip_prefix(name.as_bytes())?.strip_prefix(b"=")?;
-                Some(value.trim_ascii_end())
-            })
+        cookie(headers, sticky.cookie.as_deref()?)
     }
 
     /// Counts a finished request of `track` in the running window.
@@ -767,6 +755,24 @@ impl Board {
     }
 }
 
+/// The value of cookie `name` in the request's `Cookie` headers. A plain
+/// split of `a=1; b=2` rather than a cookie crate: the value only picks a
+/// version (either is the client's to get), so a hostile one can do no
+/// more than choose, which a sticky key lets any client do anyway.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .find_map(|pair| {
+            let value = pair
+                .trim_ascii_start()
+                .strip_prefix(name.as_bytes())?
+                .strip_prefix(b"=")?;
+            Some(value.trim_ascii_end())
+        })
+}
+
 fn push(history: &mut VecDeque<Entry>, entry: Entry) {
     if history.len() == HISTORY {
         history.pop_front();
@@ -854,6 +860,20 @@ mod tests {
         }
         let p99 = w.figures(false).p99_ms.unwrap();
         assert!((250.0..=360.0).contains(&p99), "p99 {p99}");
+    }
+
+    #[test]
+    fn the_sticky_cookie_is_found_among_others_and_not_by_prefix() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            http::header::COOKIE,
+            "theme=dark; uid-old=1".parse().unwrap(),
+        );
+        headers.append(http::header::COOKIE, "a=b;uid=42 ; z=9".parse().unwrap());
+        assert_eq!(cookie(&headers, "uid"), Some(&b"42"[..]));
+        assert_eq!(cookie(&headers, "theme"), Some(&b"dark"[..]));
+        assert_eq!(cookie(&headers, "ui"), None);
+        assert_eq!(cookie(&HeaderMap::new(), "uid"), None);
     }
 
     #[test]

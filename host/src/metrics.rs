@@ -58,6 +58,8 @@ pub struct Metrics {
     /// Breaker state by module and upstream: 0 closed, 1 half-open, 2 open.
     pub breaker_state: IntGaugeVec,
     guest_dropped: IntCounterVec,
+    /// 1 while the host is ready for traffic, 0 while loading or draining.
+    ready: IntGauge,
     /// A module's canary: its share of requests in percent.
     pub canary_weight: IntGaugeVec,
     /// A module's canary: 0 progressing, 1 paused, 2 promoted, 3 rolled back.
@@ -263,6 +265,13 @@ impl Metrics {
                 "Guest metric updates dropped, by module and reason (invalid, mismatch, series_limit).",
                 &["module", "reason"],
             ),
+            ready: gauge(
+                &r,
+                "berth_ready",
+                "1 while the host is ready for traffic (/ready answers 200), 0 while it loads or drains.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
             canary_weight: gauge(
                 &r,
                 "berth_canary_weight",
@@ -326,6 +335,32 @@ impl Metrics {
     pub fn module_removed(&self, module: &str, sha256: &str) {
         let _ = self.module_info.remove_label_values(&[module, sha256]);
         let _ = self.module_loaded.remove_label_values(&[module]);
+    }
+
+    /// Records whether the host is ready for traffic.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// Every outbound upstream's breaker: module, upstream and state
+    /// (0 closed, 1 half-open, 2 open), as the gauges hold them.
+    pub fn breakers(&self) -> Vec<(String, String, i64)> {
+        use prometheus::core::Collector;
+        let mut out = Vec::new();
+        for family in self.breaker_state.collect() {
+            for m in &family.metric {
+                let label = |name: &str| {
+                    m.label
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default()
+                };
+                out.push((label("module"), label("upstream"), m.gauge.value() as i64));
+            }
+        }
+        out.sort();
+        out
     }
 
     /// The text exposition of every metric.
@@ -451,7 +486,42 @@ impl InstanceMetrics {
     }
 }
 
+/// A version's request counts so far, for rates over a window.
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    /// Requests answered.
+    pub requests: u64,
+    /// Of those, answered 5xx.
+    pub errors: u64,
+    /// Cumulative counts at each latency bucket's upper bound (seconds).
+    pub buckets: Vec<(f64, u64)>,
+}
+
 impl ModuleMetrics {
+    /// This version's counts so far.
+    pub fn sample(&self) -> Sample {
+        use prometheus::core::Metric;
+        let errors = self
+            .by_status
+            .iter()
+            .filter_map(|slots| slots.get())
+            .flat_map(|slots| slots[400..].iter())
+            .filter_map(|c| c.get())
+            .map(|c| c.get())
+            .sum();
+        let metric = self.duration.metric();
+        let histogram = &metric.histogram;
+        Sample {
+            requests: histogram.sample_count(),
+            errors,
+            buckets: histogram
+                .bucket
+                .iter()
+                .map(|b| (b.upper_bound(), b.cumulative_count()))
+                .collect(),
+        }
+    }
+
     /// Counts one finished request.
     pub fn count(&self, method: &http::Method, status: u16) {
         let m = method_slot(method);

@@ -29,7 +29,7 @@ pub use check::{CheckReport, check_bytes, check_file};
 pub use host::{Host, LogBudget, MemoryLimitExceeded, RequestContext};
 pub use link::Unsatisfied;
 pub(crate) use module::Serving;
-pub use module::{Fetched, FileStamp, LoadError, Module};
+pub use module::{Fetched, FileStamp, LoadError, Module, version_label};
 pub(crate) use reuse::Workers;
 pub use reuse::{Retired, Retirement, Reuse, Ticket};
 

@@ -65,6 +65,11 @@ def test_lint_strict(values):
         # ...and is one source only.
         (["--set", "modules.hello.oci=reg.example/t/x@sha256:" + "a" * 64], "not"),
         (["--set", "registry.retries=99"], "retries"),
+        # A canary needs a source, and rising percentages.
+        (["--set", "modules.hello.canary.steps={5,50}"], "canary"),
+        (["--set", "modules.hello.canary.file=api.wasm", "--set", "modules.hello.canary.steps={5,500}"], "steps"),
+        (["--set", "modules.hello.canary.file=api.wasm", "--set", "modules.hello.canary.interval=soon"], "interval"),
+        (["--set", "modules.hello.canary.file=api.wasm", "--set", "modules.hello.canary.sticky.header=a b"], "header"),
     ],
 )
 def test_schema_rejects_bad_values(bad, message):
@@ -257,7 +262,29 @@ def test_rendered_config_is_served_by_the_real_host(tmp_path):
     )
 
 
-def serve_rendered(tmp_path, values, path, want):
+def test_a_canary_in_values_runs_in_the_real_host(tmp_path):
+    """`modules.NAME.canary` renders to berth's keys, with integer steps,
+    and the host starts that canary at its first step."""
+    values = tmp_path / "canary.yaml"
+    values.write_text(
+        "modules:\n  hello:\n    canary:\n      file: api.wasm\n      steps: [10, 50]\n"
+        "      interval: 1h\n      minSuccessRate: 99.5\n      maxP99: 200ms\n"
+        "      maxP99Ratio: 1.5\n      minRequests: 30\n      sticky: {header: x-user}\n"
+    )
+    docs = render("-f", str(values))
+    toml = find(docs, "ConfigMap", "-config")["data"]["berth.toml"]
+    assert "steps = [10, 50]" in toml and "min_requests = 30" in toml, toml
+
+    def check(info):
+        hello = next(m for m in info["modules"] if m["name"] == "hello")
+        canary = hello["canary"]
+        assert canary["state"] == "progressing" and canary["weight"] == 10, canary
+        assert canary["source"].endswith("api.wasm"), canary
+
+    serve_rendered(tmp_path, ["-f", str(values)], "/hello?name=chart", None, check)
+
+
+def serve_rendered(tmp_path, values, path, want, check_info=None):
     docs = render(*values)
     toml = find(docs, "ConfigMap", "-config")["data"]["berth.toml"]
     config = tmp_path / "berth.toml"
@@ -288,7 +315,10 @@ def serve_rendered(tmp_path, values, path, want):
         else:
             pytest.fail(f"berth exited with {proc.wait()}")
         body = json.load(urllib.request.urlopen(f"http://{addrs['traffic']}{path}", timeout=10))
-        assert body == want
+        if want is not None:
+            assert body == want
+        if check_info:
+            check_info(json.load(urllib.request.urlopen(f"http://{addrs['admin']}/info", timeout=10)))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

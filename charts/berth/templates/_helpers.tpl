@@ -58,6 +58,33 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with $m.config }}{{ $_ := set $entry "config" . }}{{ end -}}
 {{- with $m.allowedOutboundHosts }}{{ $_ := set $entry "allowed_outbound_hosts" . }}{{ end -}}
 {{- with $m.limits }}{{ $_ := set $entry "limits" . }}{{ end -}}
+{{- /* A canary: camelCase values to berth's keys, integers kept integers. */ -}}
+{{- with $m.canary -}}
+{{- $cv := . -}}
+{{- $c := dict -}}
+{{- if $cv.oci -}}
+{{- $_ := set $c "oci" $cv.oci -}}
+{{- if $cv.allowTags }}{{ $_ := set $c "allow_tags" true }}{{ end -}}
+{{- else if $cv.url -}}
+{{- $_ := set $c "url" $cv.url -}}
+{{- else if $cv.file -}}
+{{- $_ := set $c "file" $cv.file -}}
+{{- end -}}
+{{- with $cv.sha256 }}{{ $_ := set $c "sha256" . }}{{ end -}}
+{{- if $cv.steps -}}
+{{- $steps := list -}}
+{{- range $cv.steps }}{{ $steps = append $steps (int .) }}{{ end -}}
+{{- $_ := set $c "steps" $steps -}}
+{{- end -}}
+{{- with $cv.interval }}{{ $_ := set $c "interval" . }}{{ end -}}
+{{- if hasKey $cv "minSuccessRate" }}{{ $_ := set $c "min_success_rate" (float64 $cv.minSuccessRate) }}{{ end -}}
+{{- with $cv.maxP99 }}{{ $_ := set $c "max_p99" . }}{{ end -}}
+{{- with $cv.maxP99Ratio }}{{ $_ := set $c "max_p99_ratio" (float64 .) }}{{ end -}}
+{{- with $cv.maxFailures }}{{ $_ := set $c "max_failures" (int .) }}{{ end -}}
+{{- with $cv.minRequests }}{{ $_ := set $c "min_requests" (int .) }}{{ end -}}
+{{- with $cv.sticky }}{{ $_ := set $c "sticky" . }}{{ end -}}
+{{- $_ := set $entry "canary" $c -}}
+{{- end -}}
 {{- $_ := set $modules $name $entry -}}
 {{- end -}}
 {{- end -}}

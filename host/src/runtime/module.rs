@@ -484,7 +484,7 @@ impl Module {
         let module_metrics = metrics.for_module(
             &name,
             &spec.route,
-            version(&content.sha256),
+            version_label(&content.sha256),
             spec.track.as_str(),
         );
         let guest_metrics = metrics.guest(&name, spec.limits.metric_series as usize);
@@ -564,7 +564,7 @@ impl Module {
 
 /// The `version` label of a module's metrics: enough of its sha256 to
 /// tell versions apart, short enough to read on a dashboard.
-pub(crate) fn version(sha256: &str) -> &str {
+pub fn version_label(sha256: &str) -> &str {
     sha256.get(..12).unwrap_or(sha256)
 }
 
