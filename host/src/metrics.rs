@@ -60,6 +60,11 @@ pub struct Metrics {
     guest_dropped: IntCounterVec,
     /// 1 while the host is ready for traffic, 0 while loading or draining.
     ready: IntGauge,
+    /// 1 while a module's last load failed (the previous version, if any,
+    /// serving), by module.
+    pub load_error: IntGaugeVec,
+    /// 1 while the config file on disk is rejected.
+    pub config_error: IntGauge,
     /// A module's canary: its share of requests in percent.
     pub canary_weight: IntGaugeVec,
     /// A module's canary: 0 progressing, 1 paused, 2 promoted, 3 rolled back.
@@ -269,6 +274,19 @@ impl Metrics {
                 &r,
                 "berth_ready",
                 "1 while the host is ready for traffic (/ready answers 200), 0 while it loads or drains.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            load_error: gauge(
+                &r,
+                "berth_module_load_error",
+                "1 while the module's last load or reload failed (the previous version keeps serving).",
+                &["module"],
+            ),
+            config_error: gauge(
+                &r,
+                "berth_config_error",
+                "1 while the config file on disk is rejected (the running config stays).",
                 &[],
             )
             .with_label_values(&[] as &[&str]),

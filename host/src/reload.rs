@@ -223,6 +223,7 @@ impl Modules {
                 .inc();
             let module = result?;
             metrics.module_serving(&spec.name, &module.sha256, None, module.loaded_at);
+            metrics.load_error.with_label_values(&[&spec.name]).set(0);
             loaded.push(module);
         }
         let mut report = ReloadReport::default();
@@ -403,6 +404,7 @@ impl Modules {
             self.routes.publish(Router::with_releases(releases));
         }
         self.status.set_errors(report.errors.clone());
+        self.count_load_errors(&running, &config, &report);
         if report.config_error.is_none() {
             if *running != config {
                 self.metrics.config_reloads.with_label_values(&["ok"]).inc();
@@ -410,6 +412,28 @@ impl Modules {
             *running = config;
         }
         report
+    }
+
+    /// Sets `berth_module_load_error` (1 for each module whose load just
+    /// failed, 0 for the others, gone for modules no longer configured)
+    /// and `berth_config_error`. A gauge, not only the reload counter: a
+    /// module that fails the first time it is seen has no earlier sample,
+    /// so `increase()` of its counter never sees the failure.
+    fn count_load_errors(&self, running: &Config, config: &Config, report: &ReloadReport) {
+        let gauge = &self.metrics.load_error;
+        for name in config.modules.keys() {
+            gauge
+                .with_label_values(&[name])
+                .set(i64::from(report.errors.contains_key(name)));
+        }
+        for name in running.modules.keys() {
+            if !config.modules.contains_key(name) {
+                let _ = gauge.remove_label_values(&[name]);
+            }
+        }
+        self.metrics
+            .config_error
+            .set(i64::from(report.config_error.is_some()));
     }
 
     /// The config to reconcile with: the file's if it is valid, else the

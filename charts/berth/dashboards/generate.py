@@ -81,6 +81,9 @@ SECTIONS = [
             (f"sum by (module, result) (increase(berth_module_reloads_total{{{MOD}}}[{RATE}]))", "reload {{module}} {{result}}"),
             (f"sum by (module, result) (increase(berth_module_loads_total{{{MOD}}}[{RATE}]))", "load {{module}} {{result}}"),
         ]),
+        ("Modules whose last load failed", "timeseries", "short", [
+            (f"max by (pod, module) (berth_module_load_error{{{MOD}}})", "{{pod}} {{module}}"),
+        ]),
         ("Config reloads by result", "timeseries", "short", [
             (f"sum by (result) (increase(berth_config_reloads_total{{{SEL}}}[{RATE}]))", "{{result}}"),
         ]),
