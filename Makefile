@@ -64,9 +64,11 @@ lint-static: setup
 k8s-tools:
 	@./scripts/k8s-tools.sh
 
-## chart-check: helm lint/template, Kubernetes schemas, security scans, chart tests
+## chart-check: helm lint/template, Kubernetes schemas, security scans, chart
+## tests, and the views (dashboard and alerts against a real Prometheus,
+## status page in headless Chromium)
 chart-check: k8s-tools build
-	.tools/venv/bin/pytest -q tests/chart tests/scripts
+	.tools/venv/bin/pytest -q tests/chart tests/scripts tests/observe
 
 ## image-check: build the image from the Dockerfile (emulated engine) and run it as the chart's pod
 image-check: k8s-tools

@@ -78,13 +78,17 @@ impl Sampler {
     /// Rate, error ratio and p99 of each version over the window.
     fn figures(&self) -> BTreeMap<(String, String), Figures> {
         let samples = self.0.lock().unwrap();
-        let (Some((t0, first)), Some((t1, last))) = (samples.front(), samples.back()) else {
+        let Some((t1, last)) = samples.back() else {
             return BTreeMap::new();
         };
-        let secs = t1.duration_since(*t0).as_secs_f64();
+        // Each version from its oldest sample: one loaded a moment ago
+        // has a rate as soon as it has two.
         last.iter()
             .filter_map(|(key, now)| {
-                let before = first.get(key)?;
+                let (t0, before) = samples
+                    .iter()
+                    .find_map(|(t, counts)| Some((t, counts.get(key)?)))?;
+                let secs = t1.duration_since(*t0).as_secs_f64();
                 Some((key.clone(), Figures::between(before, now, secs)))
             })
             .collect()
