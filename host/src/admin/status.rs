@@ -191,7 +191,12 @@ pub(super) fn page(state: &AdminState, sampler: &Sampler) -> String {
                                     td { (m.name) }
                                     td { code { (m.route) } }
                                     td { (m.world.as_str()) }
-                                    td { code { (m.origin) } }
+                                    td {
+                                        code { (m.origin) }
+                                        @if let Some(resolved) = &m.resolved {
+                                            br; span.meta { "resolved: " } code { (resolved) }
+                                        }
+                                    }
                                     td { code title=(m.sha256) { (crate::runtime::version_label(&m.sha256)) } }
                                     td {
                                         (m.track.as_str())
