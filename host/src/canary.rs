@@ -269,39 +269,27 @@ impl Window {
         };
         let requests = read(&self.requests);
         let errors = read(&self.errors).min(requests);
-        let buckets: Vec<u64> = self.buckets.iter().map(read).collect();
+        let mut seen = 0;
+        let cumulative: Vec<(f64, u64)> = self
+            .buckets
+            .iter()
+            .map(read)
+            .zip(bounds().iter().copied().chain([f64::INFINITY]))
+            .map(|(n, le)| {
+                seen += n;
+                (le, seen)
+            })
+            .collect();
         Figures {
             requests,
             errors,
             success_rate: (requests > 0)
                 .then(|| 100.0 * (requests - errors) as f64 / requests as f64),
-            p99_ms: quantile(&buckets, 0.99).map(|s| s * 1e3),
+            // Past the last bound (a minute) is past every threshold.
+            p99_ms: crate::metrics::quantile(&cumulative[..bounds().len()], seen, 0.99)
+                .map(|s| s * 1e3),
         }
     }
-}
-
-/// The `q` quantile of bucket counts, interpolated within its bucket as
-/// Prometheus' `histogram_quantile` does.
-fn quantile(buckets: &[u64], q: f64) -> Option<f64> {
-    let total: u64 = buckets.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let rank = q * total as f64;
-    let bounds = bounds();
-    let mut seen = 0u64;
-    for (i, &n) in buckets.iter().enumerate() {
-        if n > 0 && (seen + n) as f64 >= rank {
-            let lower = if i == 0 { 0.0 } else { bounds[i - 1] };
-            let Some(&upper) = bounds.get(i) else {
-                return Some(lower);
-            };
-            let within = (rank - seen as f64) / n as f64;
-            return Some(lower + (upper - lower) * within.clamp(0.0, 1.0));
-        }
-        seen += n;
-    }
-    bounds.last().copied()
 }
 
 /// Where a canary stands; changed only under [`Canary`]'s lock.
@@ -780,7 +768,8 @@ fn push(history: &mut VecDeque<Entry>, entry: Entry) {
     history.push_back(entry);
 }
 
-fn now_ms() -> u64 {
+/// Unix time in milliseconds.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()

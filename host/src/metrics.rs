@@ -515,6 +515,26 @@ pub struct Sample {
     pub buckets: Vec<(f64, u64)>,
 }
 
+/// The `q` quantile of `total` observations from cumulative counts at
+/// each bucket's upper bound, interpolated within its bucket as
+/// Prometheus' `histogram_quantile` does: `None` without observations, the
+/// last bound for a rank past it.
+pub fn quantile(cumulative: &[(f64, u64)], total: u64, q: f64) -> Option<f64> {
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut lower = (0.0, 0u64);
+    for &(le, n) in cumulative {
+        if n > lower.1 && n as f64 >= rank {
+            let within = (rank - lower.1 as f64) / (n - lower.1) as f64;
+            return Some(lower.0 + (le - lower.0) * within.clamp(0.0, 1.0));
+        }
+        lower = (le, n);
+    }
+    Some(lower.0)
+}
+
 impl ModuleMetrics {
     /// This version's counts so far.
     pub fn sample(&self) -> Sample {

@@ -199,6 +199,31 @@ fn a_healthy_canary_is_promoted_through_every_step_at_its_weights() {
     );
     assert_eq!(module["sha256"], sha256_of("swap_v2"));
     assert_eq!(get(&berth.url("/shop")).body.trim(), "v2");
+    // The config file now names v2 as the module's source, without the
+    // canary; reloading it changes nothing that serves.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let written = loop {
+        let text = std::fs::read_to_string(berth.config_path()).unwrap();
+        if !text.contains("canary") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the config file still has the canary:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        written.contains(&wasm("swap_v2").display().to_string()),
+        "{written}"
+    );
+    assert!(
+        !written.contains(&wasm("swap_v1").display().to_string()),
+        "{written}"
+    );
+    let report = admin_post(&berth.admin_url("/admin/reload")).json();
+    assert_eq!(report["changed"], serde_json::json!([]), "{report}");
+    assert_eq!(canary_info(&berth)["sha256"], sha256_of("swap_v2"));
 
     let page = berth.metrics();
     assert_eq!(

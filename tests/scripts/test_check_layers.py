@@ -56,5 +56,5 @@ def test_test_code_and_parents_naming_children_are_not_imports(tmp_path):
 
 
 def test_a_module_without_a_layer_is_reported(tmp_path):
-    problems = tree(tmp_path, {"canary.rs": "use crate::router::Router;\n"})
-    assert problems == ["canary: `canary` has no layer in scripts/check_layers.py"]
+    problems = tree(tmp_path, {"rollout.rs": "use crate::router::Router;\n"})
+    assert problems == ["rollout: `rollout` has no layer in scripts/check_layers.py"]

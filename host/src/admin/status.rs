@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use maud::{DOCTYPE, Markup, html};
 
 use super::AdminState;
-use crate::metrics::Sample;
+use crate::metrics::{Sample, quantile};
 
 /// How often the sampler takes the counts.
 pub(super) const EVERY: Duration = Duration::from_secs(2);
@@ -118,25 +118,6 @@ impl Figures {
             p99: quantile(&deltas, requests, 0.99),
         }
     }
-}
-
-/// The `q` quantile from cumulative bucket counts, interpolated within
-/// the bucket as Prometheus' `histogram_quantile` does.
-fn quantile(cumulative: &[(f64, u64)], total: u64, q: f64) -> Option<f64> {
-    if total == 0 {
-        return None;
-    }
-    let rank = q * total as f64;
-    let mut lower = (0.0, 0u64);
-    for &(le, n) in cumulative {
-        if n as f64 >= rank {
-            let within = (rank - lower.1 as f64) / (n - lower.1).max(1) as f64;
-            return Some(lower.0 + (le - lower.0) * within.clamp(0.0, 1.0));
-        }
-        lower = (le, n);
-    }
-    // Past the last bound: the last bound is all that is known.
-    Some(lower.0)
 }
 
 /// The page.

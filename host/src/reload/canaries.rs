@@ -205,7 +205,10 @@ impl Modules {
     }
 
     /// Stops the canaries of modules that no longer have one in `config`
-    /// (or no longer exist), keeping those in `keep`.
+    /// (or no longer exist), keeping those in `keep`. A canary that ended
+    /// stays on the board of a module still configured, so `/info` keeps
+    /// its outcome and history after the config drops it (as a promotion's
+    /// write-back does).
     pub(super) fn stop_canaries_not_in(
         &self,
         keep: &HashMap<String, Arc<Canary>>,
@@ -213,10 +216,15 @@ impl Modules {
     ) {
         let wanted = canary_specs(config);
         for name in self.canaries.modules() {
-            if wanted.contains_key(&name) {
+            if wanted.contains_key(&name) || keep.contains_key(&name) {
                 continue;
             }
-            if keep.contains_key(&name) {
+            if config.modules.contains_key(&name)
+                && self
+                    .canaries
+                    .get(&name)
+                    .is_some_and(|c| c.state().is_final())
+            {
                 continue;
             }
             self.stop_run(&name);
@@ -310,14 +318,14 @@ impl Modules {
                 sha256: canary.module.sha256.clone(),
                 state,
                 reason: canary.snapshot().reason.unwrap_or_default(),
-                at_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis() as u64,
+                at_ms: crate::canary::now_ms(),
             },
         );
         self.canaries.set_settled(settled);
         self.persist();
+        if state == State::Promoted {
+            self.write_back(&name, &canary.spec);
+        }
         let releases = table.releases().map(|r| {
             if *r.stable.name == *name {
                 new.clone()
@@ -328,6 +336,34 @@ impl Modules {
         self.routes.publish(Router::with_releases(releases));
     }
 
+    /// After a promotion, makes the config file name what serves: the
+    /// module's source becomes the canary's, and its `canary` table goes.
+    /// The next reload then finds nothing to change. Only when the table
+    /// is in the file (not set through the environment) and the file can
+    /// be written; a ConfigMap is read-only, and there the kept outcome
+    /// holds until the values are updated.
+    fn write_back(&self, module: &str, canary: &CanarySpec) {
+        let Some(path) = self.source.path() else {
+            return;
+        };
+        let path = std::fs::canonicalize(&path).unwrap_or(path);
+        match promote_in_file(&path, module) {
+            Ok(true) => tracing::info!(
+                module,
+                file = %path.display(),
+                source = %canary.module.source,
+                "config file updated: the promoted canary is the module's source"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::info!(
+                module,
+                file = %path.display(),
+                error = %e,
+                "config file left as it is: set the module's source to the promoted canary's"
+            ),
+        }
+    }
+
     /// Writes how canaries ended, atomically; a failed write costs only
     /// the memory of it across a restart.
     fn persist(&self) {
@@ -336,7 +372,7 @@ impl Modules {
         let result = (|| {
             let dir = path.parent().unwrap_or(std::path::Path::new("."));
             std::fs::create_dir_all(dir)?;
-            let tmp = tempfile_in(dir)?;
+            let tmp = temp_name(dir);
             std::fs::write(&tmp, serde_json::to_vec_pretty(&settled)?)?;
             std::fs::rename(&tmp, path)
         })();
@@ -347,13 +383,57 @@ impl Modules {
     }
 }
 
-/// A unique temporary name next to the state file.
-fn tempfile_in(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
-    Ok(dir.join(format!(
-        ".state.{}.{}",
+/// Rewrites `modules.NAME` in the TOML file at `path`: the source keys of
+/// its `canary` table replace the module's, and the table goes; comments
+/// and layout stay. `Ok(false)` when the file has no such table.
+fn promote_in_file(path: &std::path::Path, module: &str) -> Result<bool, String> {
+    const SOURCE_KEYS: [&str; 5] = ["file", "url", "oci", "sha256", "allow_tags"];
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| format!("{e}"))?;
+    let Some(table) = doc
+        .get_mut("modules")
+        .and_then(|m| m.get_mut(module))
+        .and_then(|m| m.as_table_like_mut())
+    else {
+        return Ok(false);
+    };
+    let Some(canary) = table.remove("canary") else {
+        return Ok(false);
+    };
+    let Some(canary) = canary.as_table_like() else {
+        return Err("`canary` is not a table".into());
+    };
+    for key in SOURCE_KEYS {
+        table.remove(key);
+    }
+    for key in SOURCE_KEYS {
+        if let Some(value) = canary.get(key) {
+            table.insert(key, value.clone());
+        }
+    }
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let tmp = temp_name(dir);
+    let written = std::fs::write(&tmp, doc.to_string()).and_then(|()| {
+        // Keep the file's mode (it may hold secrets).
+        if let Ok(meta) = std::fs::metadata(path) {
+            std::fs::set_permissions(&tmp, meta.permissions())?;
+        }
+        std::fs::rename(&tmp, path)
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.to_string());
+    }
+    Ok(true)
+}
+
+/// A unique temporary name in `dir`, for a write renamed into place.
+fn temp_name(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join(format!(
+        ".berth-tmp.{}.{}",
         std::process::id(),
         fastrand::u64(..)
-    )))
+    ))
 }
 
 /// Whether an outcome is about this stable version and this canary.
@@ -375,4 +455,35 @@ fn canary_specs(config: &Config) -> HashMap<String, CanarySpec> {
         .into_iter()
         .map(|c| (c.module.name.clone(), c))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::promote_in_file;
+
+    #[test]
+    fn a_promotion_rewrites_only_the_modules_source_and_keeps_comments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        let text = "# the shop\n[modules.shop]\nfile = \"v1.wasm\"  # pinned\nsha256 = \"aa\"\n\
+                    route = \"/shop\"\n\n[modules.shop.canary]\nfile = \"v2.wasm\"\nsteps = [5, 50]\n\n\
+                    [modules.other]\nfile = \"o.wasm\"\nroute = \"/o\"\n";
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(promote_in_file(&path, "shop"), Ok(true));
+        let after = std::fs::read_to_string(&path).unwrap();
+        let doc: toml_edit::DocumentMut = after.parse().unwrap();
+        let shop = &doc["modules"]["shop"];
+        assert_eq!(shop["file"].as_str(), Some("v2.wasm"), "{after}");
+        assert!(
+            shop.get("sha256").is_none() && shop.get("canary").is_none(),
+            "{after}"
+        );
+        assert_eq!(shop["route"].as_str(), Some("/shop"));
+        assert_eq!(doc["modules"]["other"]["file"].as_str(), Some("o.wasm"));
+        assert!(after.starts_with("# the shop"), "{after}");
+        // Nothing left to promote; a module without a canary is left alone.
+        assert_eq!(promote_in_file(&path, "shop"), Ok(false));
+        assert_eq!(promote_in_file(&path, "other"), Ok(false));
+        assert!(promote_in_file(&dir.path().join("gone.toml"), "shop").is_err());
+    }
 }
