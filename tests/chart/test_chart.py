@@ -281,7 +281,8 @@ def test_a_canary_in_values_runs_in_the_real_host(tmp_path):
         assert canary["state"] == "progressing" and canary["weight"] == 10, canary
         assert canary["source"].endswith("api.wasm"), canary
 
-    serve_rendered(tmp_path, ["-f", str(values)], "/hello?name=chart", None, check)
+    # No request: at 10 % one may reach api.wasm, which has no /hello.
+    serve_rendered(tmp_path, ["-f", str(values)], None, None, check)
 
 
 def serve_rendered(tmp_path, values, path, want, check_info=None):
@@ -314,8 +315,8 @@ def serve_rendered(tmp_path, values, path, want, check_info=None):
                 break
         else:
             pytest.fail(f"berth exited with {proc.wait()}")
-        body = json.load(urllib.request.urlopen(f"http://{addrs['traffic']}{path}", timeout=10))
-        if want is not None:
+        if path is not None:
+            body = json.load(urllib.request.urlopen(f"http://{addrs['traffic']}{path}", timeout=10))
             assert body == want
         if check_info:
             check_info(json.load(urllib.request.urlopen(f"http://{addrs['admin']}/info", timeout=10)))
