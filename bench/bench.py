@@ -174,6 +174,19 @@ def start_berth(name, modules, env=None, access_log=False, cache_dir="", runtime
     return s
 
 
+def splice_results(text, begin, end):
+    """Puts `text` (a section between the markers `begin` and `end`) into
+    RESULTS.md in place of the previous one, before "## Targets"."""
+    results = os.path.join(ROOT, "bench", "RESULTS.md")
+    current = open(results).read() if os.path.exists(results) else "# Benchmark results\n"
+    if begin in current:
+        current = current[:current.index(begin)] + current[current.index(end) + len(end) + 1:]
+    anchor = "## Targets"
+    current = current.replace(anchor, text + "\n" + anchor, 1) if anchor in current else current + "\n" + text
+    with open(results, "w") as f:
+        f.write(current)
+
+
 def summary(values):
     return statistics.median(values), min(values), max(values)
 

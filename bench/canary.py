@@ -14,7 +14,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BERTH, HELLO, ROOT, Server, fmt, free_port, measure, wrk  # noqa: E402
+from bench import BERTH, HELLO, ROOT, Server, fmt, free_port, measure, splice_results, wrk  # noqa: E402
 
 ROUNDS = int(os.environ.get("CANARY_ROUNDS", "5"))
 MARK_BEGIN, MARK_END = "<!-- canary: begin -->", "<!-- canary: end -->"
@@ -95,14 +95,7 @@ def main():
     ])
     with open(os.path.join(ROOT, "bench", "CANARY.md"), "w") as f:
         f.write(text)
-    results_md = os.path.join(ROOT, "bench", "RESULTS.md")
-    current = open(results_md).read() if os.path.exists(results_md) else "# Benchmark results\n"
-    if MARK_BEGIN in current:
-        current = current[:current.index(MARK_BEGIN)] + current[current.index(MARK_END) + len(MARK_END) + 1:]
-    anchor = "## Targets"
-    current = current.replace(anchor, text + "\n" + anchor, 1) if anchor in current else current + "\n" + text
-    with open(results_md, "w") as f:
-        f.write(current)
+    splice_results(text, MARK_BEGIN, MARK_END)
     print(text)
 
 

@@ -19,7 +19,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BERTH, ROOT, ROUNDS, WASM, Server, fmt, free_port, measure, wait_http, wrk  # noqa: E402
+from bench import BERTH, ROOT, ROUNDS, WASM, Server, fmt, free_port, measure, wait_http, splice_results, wrk  # noqa: E402
 
 JS = os.path.join(WASM, "js-hello.wasm")
 MARK_BEGIN, MARK_END = "<!-- oci: begin -->", "<!-- oci: end -->"
@@ -141,14 +141,7 @@ def main():
     ])
     with open(os.path.join(ROOT, "bench", "OCI.md"), "w") as f:
         f.write(text)
-    results = os.path.join(ROOT, "bench", "RESULTS.md")
-    current = open(results).read() if os.path.exists(results) else "# Benchmark results\n"
-    if MARK_BEGIN in current:
-        current = current[:current.index(MARK_BEGIN)] + current[current.index(MARK_END) + len(MARK_END) + 1:]
-    anchor = "## Targets"
-    current = current.replace(anchor, text + "\n" + anchor, 1) if anchor in current else current + "\n" + text
-    with open(results, "w") as f:
-        f.write(current)
+    splice_results(text, MARK_BEGIN, MARK_END)
     print(text)
 
 
