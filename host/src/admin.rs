@@ -412,7 +412,11 @@ fn canary(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
         *resp.status_mut() = StatusCode::NOT_FOUND;
         return resp;
     };
-    tracing::info!(module, ?action, "canary action requested on the admin port");
+    tracing::info!(
+        module,
+        action = action.as_str(),
+        "canary action requested on the admin port"
+    );
     match canary.act(action) {
         Ok(snapshot) => json_response(&serde_json::to_value(snapshot).unwrap_or_default()),
         Err(refused) => {
@@ -486,6 +490,17 @@ fn info(state: &AdminState) -> Response<Full<Bytes>> {
             })
         })
         .collect();
+    // Modules being read, pulled or compiled (at start-up: all of them).
+    for (name, since) in state.reload.status.loading() {
+        if !router.modules().any(|m| *m.name == *name) {
+            modules.push(json!({
+                "name": name,
+                "serving": false,
+                "state": "loading",
+                "since": humantime::format_rfc3339_seconds(since).to_string(),
+            }));
+        }
+    }
     // Modules added by a reload that failed to load: nothing serves them.
     for (name, error) in &errors {
         if !router.modules().any(|m| &*m.name == name) {

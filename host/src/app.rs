@@ -208,16 +208,11 @@ async fn drain(
     }
 }
 
-/// The configuration as JSON for the start-up log: secrets are redacted by
-/// their `Serialize` impl, paths shown resolved.
+/// The configuration as JSON for the start-up log: secrets and URLs are
+/// redacted by their types' `Serialize` impls, paths shown resolved.
 fn effective_config(config: &Config) -> serde_json::Value {
     let mut value = serde_json::to_value(config).unwrap_or_default();
     value["runtime"]["modules_dir"] = config.modules_dir().display().to_string().into();
-    for (name, m) in &config.modules {
-        if let Some(url) = &m.url {
-            value["modules"][name]["url"] = crate::redact::url(url).into();
-        }
-    }
     value
 }
 

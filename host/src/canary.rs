@@ -56,6 +56,16 @@ impl State {
         }
     }
 
+    /// The API's word for it (as `/info` shows it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Progressing => "progressing",
+            State::Paused => "paused",
+            State::Promoted => "promoted",
+            State::RolledBack => "rolled_back",
+        }
+    }
+
     /// Promoted or rolled back: nothing changes any more.
     pub fn is_final(self) -> bool {
         matches!(self, State::Promoted | State::RolledBack)
@@ -75,6 +85,18 @@ pub enum Action {
     Resume,
 }
 
+impl Action {
+    /// The action's name in the admin API's path.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Promote => "promote",
+            Action::Abort => "abort",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+        }
+    }
+}
+
 impl std::str::FromStr for Action {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
@@ -90,7 +112,11 @@ impl std::str::FromStr for Action {
 
 /// Why an operator's action was refused.
 #[derive(Debug, thiserror::Error)]
-#[error("the canary of module `{module}` is already {state:?}: {action:?} does not apply")]
+#[error(
+    "the canary of module `{module}` is already {}: {} does not apply",
+    state.as_str(),
+    action.as_str()
+)]
 pub struct Refused {
     /// The module.
     pub module: String,
@@ -111,6 +137,10 @@ pub struct Figures {
     pub success_rate: Option<f64>,
     /// 99th percentile latency until the response head, in milliseconds.
     pub p99_ms: Option<f64>,
+    /// Requests the host refused before the version ran (shed at its
+    /// concurrency limit): shown, never judged, so that a client cannot
+    /// force a rollback by saturating a version.
+    pub refused: u64,
 }
 
 /// A judgement, or an operator's action.
@@ -235,6 +265,7 @@ fn bounds() -> &'static [f64] {
 struct Window {
     requests: AtomicU64,
     errors: AtomicU64,
+    refused: AtomicU64,
     /// One slot per bound, and one past the last.
     buckets: Box<[AtomicU64]>,
 }
@@ -244,6 +275,7 @@ impl Window {
         Window {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             buckets: (0..=bounds().len()).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -269,6 +301,7 @@ impl Window {
         };
         let requests = read(&self.requests);
         let errors = read(&self.errors).min(requests);
+        let refused = read(&self.refused);
         let mut seen = 0;
         let cumulative: Vec<(f64, u64)> = self
             .buckets
@@ -288,6 +321,7 @@ impl Window {
             // Past the last bound (a minute) is past every threshold.
             p99_ms: crate::metrics::quantile(&cumulative[..bounds().len()], seen, 0.99)
                 .map(|s| s * 1e3),
+            refused,
         }
     }
 }
@@ -426,6 +460,13 @@ impl Canary {
     /// Counts a finished request of `track` in the running window.
     pub fn record(&self, track: Track, status: u16, elapsed: Duration) {
         self.windows[track as usize].record(status, elapsed);
+    }
+
+    /// Counts a request the host refused before `track`'s version ran.
+    pub fn refused(&self, track: Track) {
+        self.windows[track as usize]
+            .refused
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// What `/info` shows.
@@ -650,13 +691,21 @@ impl Canary {
 /// How a canary ended, kept so a reload or a restart does not run it
 /// again: a promoted canary keeps serving as the stable version, and a
 /// rolled-back one stays out of traffic, for as long as the config names
-/// the same stable and canary sources.
+/// the same versions of both: the same digests, whatever names them.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Settled {
-    /// The module's stable source when the canary ended.
+    /// The module's stable source when the canary ended, as shown.
     pub stable: String,
-    /// The canary's source.
+    /// The canary's source, as shown.
     pub canary: String,
+    /// What the stable version is: its digest (see
+    /// `reload::canaries::identity`). An outcome written before these
+    /// existed has none, and matches nothing.
+    #[serde(default)]
+    pub stable_id: String,
+    /// What the judged canary is: the digest of the bytes that ran.
+    #[serde(default)]
+    pub canary_id: String,
     /// The canary's sha256.
     pub sha256: String,
     /// Promoted or rolled back.
@@ -794,6 +843,7 @@ mod tests {
             success_rate: (requests > 0)
                 .then(|| 100.0 * (requests - errors) as f64 / requests as f64),
             p99_ms: Some(p99_ms),
+            refused: 0,
         }
     }
 

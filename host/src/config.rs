@@ -10,13 +10,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::value::magic::RelativePathBuf;
 use serde::{Deserialize, Serialize};
 
 mod allow;
+mod env;
 mod spec;
 pub use allow::{AllowList, AllowRule, Specificity, default_port};
+pub use env::ignored_env_vars;
 pub use spec::{CanarySpec, ConfigSource, ModuleSource, ModuleSpec, OutboundSpec, Track};
 
 /// The file read when `--config` is not given, if it exists.
@@ -28,8 +30,10 @@ pub enum ConfigError {
     /// `--config` named a file that does not exist.
     #[error("config file {0} does not exist")]
     MissingFile(PathBuf),
-    /// A value has the wrong type, a key is unknown, or a required key is missing.
-    #[error("invalid config: {0}")]
+    /// A value has the wrong type, a key is unknown, or a required key is
+    /// missing. Shown without the file's text: a syntax error quotes its
+    /// line, which may hold a secret, and this text reaches the admin port.
+    #[error("invalid config: {}", without_source(&.0.to_string()))]
     Invalid(Box<figment::Error>),
     /// Values that parse but do not make sense together.
     #[error("invalid config: key `{key}`: {reason}")]
@@ -45,6 +49,21 @@ impl From<figment::Error> for ConfigError {
     fn from(err: figment::Error) -> Self {
         ConfigError::Invalid(Box::new(err))
     }
+}
+
+/// A parser's error without the lines that quote the source (`3 | key =
+/// value`, and the caret line under it); the position stays in its first
+/// line.
+fn without_source(text: &str) -> String {
+    let quoted = |line: &str| {
+        let line = line.trim_start();
+        let line = line.trim_start_matches(|c: char| c.is_ascii_digit());
+        line.trim_start().starts_with('|')
+    };
+    text.lines()
+        .filter(|line| !quoted(line))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn rejected(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -582,7 +601,7 @@ pub struct ModuleConfig {
     /// Or: where to download the component (`https://` or `http://`), for
     /// modules too large for a ConfigMap. Requires `sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
+    pub url: Option<SourceUrl>,
     /// Or: an OCI reference, `registry/repository[:tag]@sha256:...`, for
     /// modules shipped through a registry. The digest pins the content.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -673,7 +692,7 @@ pub struct CanaryConfig {
     pub file: Option<PathBuf>,
     /// Or: where to download it; requires `sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
+    pub url: Option<SourceUrl>,
     /// Or: its OCI reference, pinned by digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci: Option<String>,
@@ -818,6 +837,32 @@ impl<'de> Deserialize<'de> for ConfigValue {
     }
 }
 
+/// A component's download URL: presigned URLs carry credentials in their
+/// userinfo and query, so it is printed and serialized (the start-up log)
+/// redacted, whichever field holds it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SourceUrl(pub String);
+
+impl std::ops::Deref for SourceUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SourceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::redact::url(&self.0))
+    }
+}
+
+impl Serialize for SourceUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::redact::url(&self.0))
+    }
+}
+
 /// A secret config value: handed to the guest like any other, printed as
 /// `<redacted>`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -902,54 +947,6 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// The top-level sections that `BERTH_` variables may set. Only these are
-/// read from the environment: the kubelet injects service links such as
-/// `BERTH_SERVICE_HOST` and `BERTH_PORT_80_TCP_ADDR` for any Service whose
-/// name starts with `berth`, and those must not stop the pod.
-const ENV_SECTIONS: &[&str] = &[
-    "server",
-    "admin",
-    "runtime",
-    "defaults",
-    "log",
-    "shutdown",
-    "modules",
-    "upstreams",
-    "registry",
-];
-
-/// The section a `BERTH_` variable's key (after the prefix, `__` split into
-/// dots, lower case) would set, when it is one of ours.
-fn env_section(key: &str) -> Option<&str> {
-    let section = key.split('.').next()?;
-    ENV_SECTIONS.contains(&section).then_some(section)
-}
-
-/// `BERTH_*` variables, `__` for nesting, for the known sections only.
-/// `BERTH_CONFIG` names the file itself (see the CLI); it is not a key.
-fn env_layer() -> Env {
-    Env::prefixed("BERTH_")
-        .split("__")
-        // Keys are still in the variable's case here.
-        .filter(|key| env_section(&key.as_str().to_ascii_lowercase()).is_some())
-}
-
-/// `BERTH_` variables that the config ignores because they name no section
-/// (service links, mostly), to name them in one warning at start-up.
-pub fn ignored_env_vars() -> Vec<String> {
-    let mut names: Vec<String> = std::env::vars_os()
-        .filter_map(|(name, _)| name.into_string().ok())
-        .filter(|name| {
-            name.strip_prefix("BERTH_").is_some_and(|rest| {
-                let key = rest.to_ascii_lowercase().replace("__", ".");
-                key != "config" && env_section(&key).is_none()
-            })
-        })
-        .collect();
-    names.sort();
-    names
-}
-
 /// Values given on the command line, the top layer.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -957,6 +954,52 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     /// `--admin-listen`
     pub admin_listen: Option<SocketAddr>,
+    /// `--secrets-file`: a TOML file of secrets (a mounted Secret), merged
+    /// over the config file. Its keys keep their case, which environment
+    /// variable names cannot carry.
+    pub secrets_file: Option<PathBuf>,
+}
+
+/// The `--secrets-file` layer: a TOML file that may set secrets and
+/// nothing else (module `secrets`, registry credentials, the admin token),
+/// so a Secret cannot change a route or a limit behind a review of the
+/// ConfigMap.
+fn secrets_layer(path: &Path) -> Result<figment::providers::Data<Toml>, ConfigError> {
+    use figment::Provider as _;
+    if !path.is_file() {
+        return Err(ConfigError::MissingFile(path.to_path_buf()));
+    }
+    let data = Toml::file_exact(path).data()?;
+    let file = path.display();
+    for dict in data.values() {
+        for (section, value) in dict {
+            let allowed = match section.as_str() {
+                "modules" => value.as_dict().is_some_and(|modules| {
+                    modules.values().all(|m| {
+                        m.as_dict()
+                            .is_some_and(|m| m.keys().all(|k| k == "secrets"))
+                    })
+                }),
+                "admin" => value
+                    .as_dict()
+                    .is_some_and(|d| d.keys().all(|k| k == "token")),
+                "registry" => value
+                    .as_dict()
+                    .is_some_and(|d| d.keys().all(|k| k == "credentials")),
+                _ => false,
+            };
+            if !allowed {
+                return Err(rejected(
+                    section.clone(),
+                    format!(
+                        "the secrets file {file} may set only `modules.NAME.secrets`, \
+                         `admin.token` and `registry.credentials`"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(Toml::file_exact(path))
 }
 
 impl Config {
@@ -974,7 +1017,10 @@ impl Config {
             }
             None => {}
         }
-        fig = fig.merge(env_layer());
+        if let Some(path) = &overrides.secrets_file {
+            fig = fig.merge(secrets_layer(path)?);
+        }
+        fig = fig.merge(env::EnvLayer::default());
         if let Some(addr) = overrides.listen {
             fig = fig.merge(("server.listen", addr.to_string()));
         }
@@ -1065,10 +1111,32 @@ impl Config {
                 "must be longer than 0s",
             ));
         }
-        if self.server.max_header_bytes.0 < 1024 || self.server.max_headers == 0 {
+        // hyper allocates room for `max_headers` on every request, and
+        // buffers up to `max_header_bytes` per connection.
+        if self.server.max_header_bytes.0 < 1024
+            || self.server.max_header_bytes.0 > MAX_HEADER_BYTES
+        {
             return Err(rejected(
                 "server.max_header_bytes",
-                "must allow at least 1KiB and one header",
+                "must be between 1KiB and 1MiB",
+            ));
+        }
+        if !(1..=MAX_HEADERS).contains(&self.server.max_headers) {
+            return Err(rejected(
+                "server.max_headers",
+                format!("must be between 1 and {MAX_HEADERS}"),
+            ));
+        }
+        if self.runtime.max_instances > MAX_INSTANCES {
+            return Err(rejected(
+                "runtime.max_instances",
+                format!("must be at most {MAX_INSTANCES}"),
+            ));
+        }
+        if self.runtime.decommit_batch > self.runtime.max_instances {
+            return Err(rejected(
+                "runtime.decommit_batch",
+                "must be at most runtime.max_instances",
             ));
         }
         check_registry(&self.registry)?;
@@ -1202,10 +1270,10 @@ fn check_limits(key: &str, limits: &Limits) -> Result<(), ConfigError> {
         limits.timeout,
         MAX_REQUEST_DURATION,
     )?;
-    if limits.memory.0 < 64 << 10 {
+    if limits.memory.0 < 64 << 10 || limits.memory.0 > 4 << 30 {
         return Err(rejected(
             format!("{key}.memory"),
-            "must be at least 64KiB (one wasm page)",
+            "must be between 64KiB (one wasm page) and 4GiB (a 32-bit memory)",
         ));
     }
     Ok(())
@@ -1464,6 +1532,14 @@ fn check_instances(key: &str, instances: &Instances) -> Result<(), ConfigError> 
     Ok(())
 }
 
+/// Most headers a request may be allowed (hyper's default is 100; it
+/// allocates a slot for each on every request).
+const MAX_HEADERS: u32 = 1000;
+/// Largest request head that may be allowed.
+const MAX_HEADER_BYTES: u64 = 1 << 20;
+/// Most instances the pooling allocator may be sized for (it reserves
+/// address space for every one).
+const MAX_INSTANCES: u32 = 100_000;
 /// The longest a request or an outbound call may be given: far beyond any
 /// sane setting, and far from where `Instant + Duration` overflows.
 const MAX_REQUEST_DURATION: Duration = Duration::from_secs(24 * 3600);

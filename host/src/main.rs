@@ -43,6 +43,11 @@ struct ServeArgs {
     /// Admin address, overrides `admin.listen`.
     #[arg(long, global = true)]
     admin_listen: Option<std::net::SocketAddr>,
+    /// A TOML file of secrets (`[modules.NAME.secrets]`, `[admin] token`,
+    /// `[registry.credentials.HOST]`), merged over the config file with
+    /// its keys' case kept: how the chart delivers its Secret.
+    #[arg(long, env = "BERTH_SECRETS_FILE", global = true)]
+    secrets_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -164,6 +169,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     let overrides = Overrides {
         listen: args.listen,
         admin_listen: args.admin_listen,
+        secrets_file: args.secrets_file,
     };
     let source = ConfigSource {
         file: args.config,
@@ -255,10 +261,22 @@ fn push(
             std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
         let size = bytes.len();
         let parsed = berth_host::registry::parse(reference)?;
-        let mut annotations = BTreeMap::from([(
-            "org.opencontainers.image.created".to_owned(),
-            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-        )]);
+        // No time of its own: the same bytes pushed twice give the same
+        // digest, so one digest can be promoted from dev to prod.
+        // SOURCE_DATE_EPOCH (the reproducible-builds convention) dates it.
+        let mut annotations = BTreeMap::new();
+        if let Ok(epoch) = std::env::var("SOURCE_DATE_EPOCH") {
+            let secs: u64 = epoch.trim().parse().with_context(|| {
+                format!("SOURCE_DATE_EPOCH `{epoch}` is not a number of seconds")
+            })?;
+            annotations.insert(
+                "org.opencontainers.image.created".to_owned(),
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+                )
+                .to_string(),
+            );
+        }
         if let Some(title) = file.file_name() {
             annotations.insert(
                 "org.opencontainers.image.title".into(),

@@ -558,7 +558,10 @@ impl Upstream {
             return None;
         }
         let wait = backoff(cfg, attempt).max(result.retry_after().unwrap_or_default());
-        (Instant::now() + wait < deadline && self.budget.withdraw()).then_some(wait)
+        // `Retry-After` is the upstream's to choose: compared with what is
+        // left, never added to an instant (where a huge one overflows).
+        let left = deadline.saturating_duration_since(Instant::now());
+        (wait < left && self.budget.withdraw()).then_some(wait)
     }
 
     async fn call(

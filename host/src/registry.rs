@@ -12,12 +12,12 @@
 //! digests on every use.
 
 pub mod auth;
+mod pull;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt as _;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::manifest::{self, OciImageManifest};
@@ -41,9 +41,6 @@ const MANIFEST_TYPES: &[&str] = &[
     manifest::OCI_IMAGE_MEDIA_TYPE,
     manifest::IMAGE_MANIFEST_MEDIA_TYPE,
 ];
-
-/// Largest manifest accepted (the distribution registry's own limit is 4 MiB).
-const MAX_MANIFEST: usize = 4 << 20;
 
 /// Why a pull or push failed; each names the reference.
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +148,10 @@ pub struct Pulled {
 /// A client for pulling and pushing modules, with the settings of
 /// `[registry]`.
 pub struct Registry {
+    /// For pushes (the CLI).
     client: Client,
+    /// For pulls: bounded reads, credentials read anew on each.
+    http: pull::Http,
     credentials: Credentials,
     timeout: Duration,
     retries: u32,
@@ -159,22 +159,56 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// `err`, with why the credentials may be missing when access was
+    /// refused.
+    fn noted(&self, err: RegistryError, reference: &Reference) -> RegistryError {
+        match err {
+            RegistryError::Auth {
+                reference: name,
+                registry,
+                detail,
+            } => {
+                let detail = match self.credentials.helper_note(reference.resolve_registry()) {
+                    Some(note) => format!("{detail}; {note}"),
+                    None => detail,
+                };
+                RegistryError::Auth {
+                    reference: name,
+                    registry,
+                    detail,
+                }
+            }
+            other => other,
+        }
+    }
+
     /// A client for `config`. Fails if the CA file cannot be read.
     pub fn new(config: &RegistryConfig) -> Result<Self, RegistryError> {
         // reqwest is built without a provider of its own: ring, as
         // everywhere in the host (a no-op when already installed).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut extra_root_certificates = Vec::new();
+        let mut extra_roots = Vec::new();
         if let Some(ca) = &config.ca_file {
             let data = std::fs::read(ca).map_err(|e| RegistryError::Other {
                 reference: "registry.ca_file".into(),
                 detail: format!("cannot read {}: {e}", ca.display()),
             })?;
+            extra_roots = data.clone();
             extra_root_certificates.push(Certificate {
                 encoding: CertificateEncoding::Pem,
                 data,
             });
         }
+        let http = pull::Http::new(
+            &extra_roots,
+            config.insecure_registries.clone(),
+            config.connect_timeout,
+        )
+        .map_err(|detail| RegistryError::Other {
+            reference: "registry".into(),
+            detail,
+        })?;
         let client_config = ClientConfig {
             protocol: ClientProtocol::HttpsExcept(config.insecure_registries.clone()),
             extra_root_certificates,
@@ -195,6 +229,7 @@ impl Registry {
         };
         Ok(Registry {
             client,
+            http,
             credentials: Credentials {
                 configured: config.credentials.clone(),
                 files,
@@ -234,6 +269,7 @@ impl Registry {
                         ),
                     })
                 });
+            let result = result.map_err(|e| self.noted(e, &parsed));
             match result {
                 Err(e) if e.retryable() && attempt < self.retries => {
                     attempt += 1;
@@ -253,23 +289,12 @@ impl Registry {
         module: &str,
     ) -> Result<Pulled, RegistryError> {
         let name = reference.whole();
+        // Read now, for this pull: a rotated Secret counts at once.
         let auth = self
             .credentials
             .for_registry(reference.resolve_registry())?;
-        let (raw, _) = self
-            .client
-            .pull_manifest_raw(reference, &auth, MANIFEST_TYPES)
-            .await
-            .map_err(|e| classify(&name, reference, "the manifest", e))?;
-        if raw.len() > MAX_MANIFEST {
-            return Err(RegistryError::NotWasm {
-                reference: name,
-                reason: format!(
-                    "the manifest is {} bytes, more than any Wasm artifact's",
-                    raw.len()
-                ),
-            });
-        }
+        let mut session = self.http.session(reference, auth);
+        let raw = session.manifest(MANIFEST_TYPES).await?;
         // The digest is computed here, over the bytes received, rather than
         // taken from the registry's `Docker-Content-Digest` header.
         let manifest_digest = format!("sha256:{}", hex::encode(Sha256::digest(&raw)));
@@ -306,7 +331,9 @@ impl Registry {
                 max: self.max_size,
             });
         }
-        let bytes = self.pull_layer(reference, &layer, declared, module).await?;
+        let bytes = self
+            .pull_layer(&mut session, &layer, declared, module)
+            .await?;
         let actual = hex::encode(Sha256::digest(&bytes));
         if actual != hex {
             return Err(RegistryError::Digest {
@@ -333,27 +360,29 @@ impl Registry {
     /// logs progress at most once a second.
     async fn pull_layer(
         &self,
-        reference: &Reference,
+        session: &mut pull::Session<'_>,
         layer: &manifest::OciDescriptor,
         declared: u64,
         module: &str,
     ) -> Result<Vec<u8>, RegistryError> {
-        let name = reference.whole();
+        let name = session.name();
         let limit = if declared > 0 {
             declared
         } else {
             self.max_size
         };
         let started = Instant::now();
-        let mut stream = self
-            .client
-            .pull_blob_stream(reference, layer)
-            .await
-            .map_err(|e| classify(&name, reference, &format!("layer {}", layer.digest), e))?;
+        let mut response = session.blob(&layer.digest).await?;
         let mut bytes = Vec::with_capacity(usize::try_from(limit.min(64 << 20)).unwrap_or(0));
         let mut logged = Instant::now();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| stream_error(&name, layer, e))?;
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| RegistryError::Unavailable {
+                reference: name.clone(),
+                detail: format!("the layer download broke off: {}", error_chain(&e)),
+            })?
+        {
             let seen = (bytes.len() + chunk.len()) as u64;
             if seen > limit {
                 return Err(if declared > 0 {
@@ -417,9 +446,10 @@ impl Registry {
                 Ok(e) => classify(&name, &parsed, "the artifact", e),
                 Err(e) => RegistryError::Other {
                     reference: name.clone(),
-                    detail: format!("{e:#}"),
+                    detail: crate::telemetry::truncate(&format!("{e:#}"), pull::MAX_ERROR),
                 },
-            })?;
+            })
+            .map_err(|e| self.noted(e, &parsed))?;
         self.client
             .fetch_manifest_digest(&parsed, &auth)
             .await
@@ -501,7 +531,8 @@ fn classify(
 ) -> RegistryError {
     let reference_s = name.to_owned();
     let registry = reference.resolve_registry().to_owned();
-    let detail = err.to_string();
+    // oci-client puts whole error bodies in its errors.
+    let detail = crate::telemetry::truncate(&err.to_string(), pull::MAX_ERROR);
     match &err {
         OciDistributionError::AuthenticationFailure(_)
         | OciDistributionError::UnauthorizedError { .. } => RegistryError::Auth {
@@ -581,7 +612,8 @@ fn classify(
             let chain = error_chain(e);
             // rustls's words for an answer that is not TLS at all.
             let hint = if chain.contains("InvalidContentType") {
-                "; it does not speak TLS: list it in insecure_registries if it is plain HTTP"
+                "; it does not speak TLS: list it in registry.insecure_registries (or pass \
+                 --insecure-registry to the CLI) if it is plain HTTP"
             } else {
                 ""
             };
@@ -597,27 +629,6 @@ fn classify(
         _ => RegistryError::Other {
             reference: reference_s,
             detail,
-        },
-    }
-}
-
-/// An error while streaming a layer: the client's own digest check (which
-/// fails at the end of a tampered blob) or the connection.
-fn stream_error(name: &str, layer: &manifest::OciDescriptor, err: std::io::Error) -> RegistryError {
-    match err.get_ref().and_then(|e| e.downcast_ref::<DigestError>()) {
-        Some(DigestError::VerificationError { expected, actual }) => RegistryError::Digest {
-            reference: name.to_owned(),
-            what: format!("layer {}", layer.digest),
-            expected: expected.clone(),
-            actual: actual.clone(),
-        },
-        Some(other) => RegistryError::Other {
-            reference: name.to_owned(),
-            detail: other.to_string(),
-        },
-        None => RegistryError::Unavailable {
-            reference: name.to_owned(),
-            detail: format!("the layer download broke off: {}", error_chain(&err)),
         },
     }
 }

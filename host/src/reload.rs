@@ -29,7 +29,7 @@ use serde::Serialize;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::canary::{Board, Canary};
-use crate::config::{Config, ConfigSource, ModuleSource, ModuleSpec};
+use crate::config::{Config, ConfigSource, ModuleSource, ModuleSpec, Track};
 use crate::metrics::Metrics;
 use crate::router::{Release, Router, Routes};
 use crate::runtime::{Fetched, LoadError, Module, Runtime};
@@ -78,6 +78,8 @@ pub struct ReloadReport {
 pub struct ReloadStatus {
     /// The last load error of each module that has one.
     errors: std::sync::Mutex<BTreeMap<String, String>>,
+    /// Modules being loaded now (read, pulled, compiled), and since when.
+    loading: std::sync::Mutex<BTreeMap<String, std::time::SystemTime>>,
     /// Why the config file on disk is not the one running, if it is not.
     config_error: std::sync::Mutex<Option<String>>,
 }
@@ -86,6 +88,20 @@ impl ReloadStatus {
     /// The last load error of each module that has one.
     pub fn errors(&self) -> BTreeMap<String, String> {
         self.errors.lock().unwrap().clone()
+    }
+
+    /// Modules being loaded now, and since when.
+    pub fn loading(&self) -> BTreeMap<String, std::time::SystemTime> {
+        self.loading.lock().unwrap().clone()
+    }
+
+    fn set_loading(&self, module: &str, loading: bool) {
+        let mut map = self.loading.lock().unwrap();
+        if loading {
+            map.insert(module.to_owned(), std::time::SystemTime::now());
+        } else {
+            map.remove(module);
+        }
     }
 
     /// Why the config file on disk is not the one running, if it is not.
@@ -190,6 +206,7 @@ impl Modules {
         config: Config,
     ) -> Result<Arc<Modules>, LoadError> {
         let (finished, finished_rx) = mpsc::unbounded_channel();
+        let state_file = canaries::state_file(runtime.cache().map(|c| c.dir()), &source);
         let modules = Arc::new(Modules {
             runtime,
             routes,
@@ -199,7 +216,7 @@ impl Modules {
             runs: Default::default(),
             finished,
             finished_rx: std::sync::Mutex::new(Some(finished_rx)),
-            state_file: canaries::state_file(&config, &source),
+            state_file,
             source,
             config: Mutex::new(config.clone()),
         });
@@ -247,7 +264,17 @@ impl Modules {
         let specs: Vec<ModuleSpec> = jobs.iter().map(|(s, _)| s.clone()).collect();
         for (i, (spec, prev)) in jobs.into_iter().enumerate() {
             let (runtime, metrics) = (self.runtime.clone(), self.metrics.clone());
-            tasks.spawn(async move { (i, Self::load_one(runtime, metrics, spec, prev).await) });
+            let status = self.status.clone();
+            tasks.spawn(async move {
+                let name = match spec.track {
+                    Track::Canary => format!("{}.canary", spec.name),
+                    Track::Stable => spec.name.clone(),
+                };
+                status.set_loading(&name, true);
+                let loaded = Self::load_one(runtime, metrics, spec, prev).await;
+                status.set_loading(&name, false);
+                (i, loaded)
+            });
         }
         let mut results: Vec<Option<Loaded>> = specs.iter().map(|_| None).collect();
         while let Some(joined) = tasks.join_next().await {
@@ -259,6 +286,7 @@ impl Modules {
         // Only a load can add a cache entry: rescans that found nothing new
         // leave the folder alone.
         if results.iter().flatten().any(|(_, compiled)| *compiled) {
+            self.runtime.forget_compiled(&self.live(&results));
             return_freed_memory();
             self.prune_cache(&results);
         }
@@ -332,10 +360,8 @@ impl Modules {
 
     /// Prunes the compile cache around the modules now loaded (and those
     /// still serving), off the async threads.
-    fn prune_cache(&self, results: &[Option<Loaded>]) {
-        if self.runtime.cache().is_none() {
-            return;
-        }
+    /// The sha256 of every version just loaded or serving now.
+    fn live(&self, results: &[Option<Loaded>]) -> HashSet<String> {
         let mut live: HashSet<String> = results
             .iter()
             .filter_map(|r| r.as_ref()?.0.as_ref().ok())
@@ -345,6 +371,14 @@ impl Modules {
             live.insert(release.stable.sha256.clone());
             live.extend(release.canary.as_ref().map(|c| c.module.sha256.clone()));
         }
+        live
+    }
+
+    fn prune_cache(&self, results: &[Option<Loaded>]) {
+        if self.runtime.cache().is_none() {
+            return;
+        }
+        let live = self.live(results);
         let runtime = self.runtime.clone();
         tokio::task::spawn_blocking(move || {
             if let Some(cache) = runtime.cache() {

@@ -26,6 +26,7 @@ use wasmtime::{
 
 pub use cache::CompileCache;
 pub use check::{CheckReport, check_bytes, check_file};
+pub(crate) use host::Tasks;
 pub use host::{Host, LogBudget, MemoryLimitExceeded, RequestContext};
 pub use link::Unsatisfied;
 pub(crate) use module::Serving;
@@ -173,7 +174,7 @@ impl World {
 }
 
 /// The two engine settings a module can be compiled for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Flavor {
     /// No component-model-async support: a WASI 0.2 handler called once
     /// per fresh instance skips the async bookkeeping (a task, scopes and
@@ -205,8 +206,17 @@ struct Inner {
     clients: Arc<Clients>,
     registry: Arc<Registry>,
     cache: Option<CompileCache>,
+    /// Components compiled by this process, by flavour and sha256: modules
+    /// with the same bytes (many routes of one component, a canary of the
+    /// version serving elsewhere, a hot-swap to bytes already loaded)
+    /// share one compile and one copy of the code. A cell per key, so two
+    /// loads of the same bytes at once compile them once.
+    compiled: std::sync::Mutex<std::collections::HashMap<(Flavor, String), Arc<Compiled>>>,
     ticker_stop: Arc<AtomicBool>,
 }
+
+/// A component compiled once, or why it would not compile.
+pub(crate) type Compiled = OnceLock<Result<wasmtime::component::Component, String>>;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -215,6 +225,26 @@ impl Drop for Inner {
 }
 
 impl Runtime {
+    /// The cell holding the component of `sha256` for `flavor`.
+    pub(crate) fn compiled(&self, flavor: Flavor, sha256: &str) -> Arc<Compiled> {
+        self.inner
+            .compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((flavor, sha256.to_owned()))
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets the compiled components no module in `live` (sha256s) uses.
+    pub(crate) fn forget_compiled(&self, live: &std::collections::HashSet<String>) {
+        self.inner
+            .compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(_, sha), _| live.contains(sha));
+    }
+
     /// Builds the engine and linker of the fresh-instance flavour and
     /// starts the epoch ticker; the concurrent flavour is built when a
     /// module first needs it.
@@ -247,6 +277,7 @@ impl Runtime {
                 clients: Arc::default(),
                 registry,
                 cache,
+                compiled: Default::default(),
                 ticker_stop,
             }),
         })

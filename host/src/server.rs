@@ -163,6 +163,8 @@ async fn handle(
     let observed = observe::Observed::start(&req, module, request_id.clone());
     let module = observed.module();
     let result = invoke::invoke(module, tracker, req, observed.context()).await;
+    // Shedding is the host's answer, not the version's: never judged.
+    let refused = matches!(result, Err(RequestError::Shed));
     if let Err(err) = &result
         && let Some(counter) = err.counter(&module.metrics)
     {
@@ -170,8 +172,10 @@ async fn handle(
     }
     let resp = respond(result, &request_id);
     let elapsed = observed.finish(resp.status(), access_log);
-    if let Some((canary, track)) = canary {
-        canary.record(track, resp.status().as_u16(), elapsed);
+    match canary {
+        Some((canary, track)) if refused => canary.refused(track),
+        Some((canary, track)) => canary.record(track, resp.status().as_u16(), elapsed),
+        None => {}
     }
     resp
 }

@@ -78,6 +78,87 @@ impl Write for WatchedStdout {
     }
 }
 
+/// Longest log line written. The fmt layer writes each event as one
+/// `write`, so a longer one is replaced whole by a line that says so and
+/// keeps its start: an error text from outside (a registry's body, a
+/// guest's) can never make a megabyte line.
+pub const MAX_LOG_LINE: usize = 64 << 10;
+
+/// `text` cut to at most `max` bytes on a character boundary, with `…`
+/// when cut.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// Caps each line a writer of `M` is given (see [`MAX_LOG_LINE`]).
+struct Capped<M> {
+    inner: M,
+    json: bool,
+}
+
+impl<'a, M: tracing_subscriber::fmt::MakeWriter<'a>> tracing_subscriber::fmt::MakeWriter<'a>
+    for Capped<M>
+{
+    type Writer = CappedWriter<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        CappedWriter {
+            inner: self.inner.make_writer(),
+            json: self.json,
+        }
+    }
+}
+
+struct CappedWriter<W> {
+    inner: W,
+    json: bool,
+}
+
+impl<W: Write> Write for CappedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() <= MAX_LOG_LINE {
+            return self.inner.write(buf);
+        }
+        self.inner.write_all(cut_line(buf, self.json).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The line written instead of one over [`MAX_LOG_LINE`]: still one JSON
+/// object in the JSON format.
+fn cut_line(line: &[u8], json: bool) -> String {
+    let head = truncate(
+        &String::from_utf8_lossy(&line[..4096.min(line.len())]),
+        4000,
+    );
+    if json {
+        let mut out = serde_json::json!({
+            "level": "WARN",
+            "target": "berth::log",
+            "message": "log line cut: it was over the longest line written",
+            "bytes": line.len(),
+            "max": MAX_LOG_LINE,
+            "head": head,
+        })
+        .to_string();
+        out.push('\n');
+        out
+    } else {
+        format!("{head} … (log line of {} bytes cut)\n", line.len())
+    }
+}
+
 /// Whether spans are exported; the request path makes none otherwise.
 pub fn tracing_enabled() -> bool {
     TRACING.get().copied().unwrap_or(false)
@@ -120,6 +201,7 @@ pub fn settings_from_env() -> Result<(EnvFilter, LogFormat), String> {
     let filter = EnvFilter::builder()
         .parse(&directives)
         .map_err(|e| format!("invalid {var} `{directives}`: {e}"))?;
+    let filter = quiet_dependencies(filter, &directives);
     let format = match std::env::var("LOG_FORMAT").as_deref() {
         Err(_) | Ok("json") | Ok("") => LogFormat::Json,
         Ok("pretty") | Ok("text") => LogFormat::Pretty,
@@ -130,6 +212,37 @@ pub fn settings_from_env() -> Result<(EnvFilter, LogFormat), String> {
         }
     };
     Ok((filter, format))
+}
+
+/// Dependencies whose debug lines are noise or worse, held at `info`
+/// unless a directive names them: oci-client logs whole token answers
+/// (bearer tokens) at debug, and Cranelift writes hundreds of thousands of
+/// lines compiling one large module.
+const QUIET: &[&str] = &[
+    "oci_client",
+    "oci_wasm",
+    "cranelift_codegen",
+    "cranelift_frontend",
+    "wasmtime_cranelift",
+    "wasmtime_internal_cranelift",
+    "regalloc2",
+    "reqwest",
+    "hyper_util",
+    "h2",
+    "rustls",
+];
+
+fn quiet_dependencies(mut filter: EnvFilter, directives: &str) -> EnvFilter {
+    for target in QUIET {
+        if !directives.contains(target) {
+            filter = filter.add_directive(
+                format!("{target}=info")
+                    .parse()
+                    .expect("a target and a level make a directive"),
+            );
+        }
+    }
+    filter
 }
 
 fn env_set(name: &str) -> bool {
@@ -191,6 +304,11 @@ pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, Stri
     // records from every dependency would be built and filtered at runtime.)
     let events = filter_fn(|meta| meta.is_event()).with_max_level_hint(LevelFilter::TRACE);
     let filter = filter.and(events);
+    let json = format == LogFormat::Json;
+    let writer = Capped {
+        inner: writer,
+        json,
+    };
     let logs = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -200,7 +318,9 @@ pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, Stri
             .with_writer(writer)
             .with_filter(filter)
             .boxed(),
+        // Colours only on a terminal: a file or a pipe gets plain text.
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .with_writer(writer)
             .with_filter(filter)
             .boxed(),
@@ -231,4 +351,47 @@ pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, Stri
         provider,
         _writer: guard,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_over_the_cap_is_replaced_by_one_that_says_so() {
+        let mut out = Vec::new();
+        let mut w = CappedWriter {
+            inner: &mut out,
+            json: true,
+        };
+        let huge = format!("{{\"message\":\"{}\"}}\n", "x".repeat(MAX_LOG_LINE * 2));
+        assert_eq!(w.write(huge.as_bytes()).unwrap(), huge.len());
+        let line = String::from_utf8(out).unwrap();
+        assert!(line.len() < 8 << 10, "{}", line.len());
+        let v: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(v["bytes"], huge.len());
+        let mut out = Vec::new();
+        CappedWriter {
+            inner: &mut out,
+            json: true,
+        }
+        .write_all(b"short\n")
+        .unwrap();
+        assert_eq!(out, b"short\n");
+    }
+
+    #[test]
+    fn dependencies_stay_at_info_unless_named() {
+        let filter = quiet_dependencies(EnvFilter::new("debug"), "debug");
+        let text = filter.to_string();
+        assert!(text.contains("oci_client=info"), "{text}");
+        let filter = quiet_dependencies(EnvFilter::new("oci_client=trace"), "oci_client=trace");
+        assert!(!filter.to_string().contains("oci_client=info"));
+    }
+
+    #[test]
+    fn truncation_keeps_characters_whole() {
+        assert_eq!(truncate("héllo", 2), "h…");
+        assert_eq!(truncate("hi", 2), "hi");
+    }
 }

@@ -9,9 +9,11 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import tempfile
+import tomllib
 import urllib.request
 
 import pytest
@@ -37,8 +39,8 @@ def run(*args, check=True, env=None):
     return proc
 
 
-def render(*extra):
-    out = run(HELM, "template", "rel", CHART, "--namespace", "shop", *extra).stdout
+def render(*extra, release="rel"):
+    out = run(HELM, "template", release, CHART, "--namespace", "shop", *extra).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -70,6 +72,27 @@ def test_lint_strict(values):
         (["--set", "modules.hello.canary.file=api.wasm", "--set", "modules.hello.canary.steps={5,500}"], "steps"),
         (["--set", "modules.hello.canary.file=api.wasm", "--set", "modules.hello.canary.interval=soon"], "interval"),
         (["--set", "modules.hello.canary.file=api.wasm", "--set", "modules.hello.canary.sticky.header=a b"], "header"),
+        # Module keys are camelCase like the rest of the values; the error
+        # lists the keys there are.
+        (["--set", "modules.hello.limits.max_concurrency=5"], "maxConcurrency"),
+        (["--set", "modules.hello.instances.max_requests=5"], "maxRequests"),
+        (["--set", "modules.hello.outbound.connect_timeout=1s"], "connectTimeout"),
+        (["--set", "modules.hello.outbound.circuitBreaker.open_for=1s"], "openFor"),
+        (["--set", "modules.hello.limits.cpu=1"], "maxConcurrency"),
+        # Integers where the host reads integers, sizes and durations it parses.
+        (["--set-json", "modules.hello.limits.maxConcurrency=5.5"], "integer"),
+        (["--set", "modules.hello.limits.maxConcurrency=five"], "integer"),
+        (["--set-json", "modules.hello.limits.maxConcurrency=0"], "maxConcurrency"),
+        (["--set-json", "modules.hello.instances.maxRequests=1.5"], "integer"),
+        (["--set-json", "modules.hello.instances.maxConcurrent=0"], "maxConcurrent"),
+        (["--set-json", "modules.hello.outbound.retries=1.5"], "integer"),
+        (["--set-json", "modules.hello.outbound.circuitBreaker.failures=2.5"], "integer"),
+        (["--set-json", "modules.hello.limits.memory=1.5"], "memory"),
+        (["--set", "modules.hello.limits.memory=lots"], "memory"),
+        (["--set", "modules.hello.limits.timeout=0s"], "timeout"),
+        (["--set", "modules.hello.instances.idleTimeout=soon"], "idleTimeout"),
+        (["--set-json", "modules.hello.outbound.retryBudget=20"], "retryBudget"),
+        (["--set-json", "limits.maxConcurrency=5.5"], "integer"),
     ],
 )
 def test_schema_rejects_bad_values(bad, message):
@@ -158,12 +181,128 @@ def test_blue_green_by_track():
     assert find(docs, "Service")["spec"]["selector"]["track"] == "blue"
 
 
-def test_secrets_become_environment_for_the_host():
-    docs = render("--set", "secrets.hello.api_key=s3cr3t")
-    secret = find(docs, "Secret")
-    assert secret["stringData"] == {"BERTH_MODULES__HELLO__SECRETS__API_KEY": "s3cr3t"}
-    env_from = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["envFrom"]
-    assert env_from[0]["secretRef"]["name"] == secret["metadata"]["name"]
+def selects(selector, labels):
+    """Whether a matchLabels selector (a Service's, a Deployment's) picks `labels`."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def pod_labels(docs):
+    return find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+
+def documented_commands(heading):
+    """The commands of the first `sh` block under `heading` in
+    docs/deploy.md, as argument lists (continuation lines joined)."""
+    doc = open(os.path.join(ROOT, "docs", "deploy.md")).read()
+    section = doc.split("\n" + heading + "\n", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    lines = block.replace("\\\n", " ").splitlines()
+    return [shlex.split(line, comments=True) for line in lines if line.strip()]
+
+
+def helm_as_documented(cmd):
+    """`helm install|upgrade NAME CHART ARGS` of the docs as render() would
+    run it: the release name, and ARGS without the namespace."""
+    assert cmd[:2] in (["helm", "install"], ["helm", "upgrade"]), cmd
+    name, chart, args = cmd[2], cmd[3], cmd[4:]
+    assert os.path.join(ROOT, chart) == CHART, cmd
+    rendered = []
+    while args:
+        arg = args.pop(0)
+        if arg in ("-n", "--namespace"):
+            args.pop(0)
+        elif arg in ("-f", "--values"):
+            rendered += [arg, os.path.join(ROOT, args.pop(0))]
+        else:
+            rendered.append(arg)
+    return name, rendered
+
+
+def reached_by_helm_test(releases, name):
+    """The releases whose pods `helm test NAME` reaches: through the Service
+    its pod calls, past the NetworkPolicy of the pods that Service selects."""
+    test_pod = find(releases[name], "Pod", "-test-ready")
+    url = test_pod["spec"]["containers"][0]["command"][-1]
+    service_name = re.match(r"http://([^:/]+)", url).group(1)
+    service = next(d for docs in releases.values() for d in docs
+                   if d["kind"] == "Service" and d["metadata"]["name"] == service_name)
+    reached = set()
+    for release, docs in releases.items():
+        if selects(service["spec"]["selector"], pod_labels(docs)):
+            policy = next((d for d in docs if d["kind"] == "NetworkPolicy"), None)
+            assert policy is None or admits(policy, "http", test_pod["metadata"]["labels"], None), release
+            reached.add(release)
+    return reached
+
+
+def test_blue_green_switch_as_documented_moves_traffic_to_the_green_pods_only():
+    """docs/deploy.md "Blue/green", command by command: a second release of
+    the app on track green, `helm test` on it, then `service.track: green`
+    on the serving release moves its Service to the green pods, and only
+    those; the Service of the new release and `helm test` follow."""
+    prod = ["-f", os.path.join(CHART, "values-prod.yaml")]
+    # The serving release, as "Promote" installs it; another app beside it.
+    releases = {"shop": render(*prod, release="shop")}
+    payments = render(*prod, "--set", "track=green", release="payments")
+    tests = []
+    for cmd in documented_commands("## Blue/green"):
+        if cmd[:2] == ["helm", "test"]:
+            tests.append((cmd[2], reached_by_helm_test(releases, cmd[2])))
+        else:
+            name, args = helm_as_documented(cmd)
+            releases[name] = render(*args, release=name)
+    # Checked through its own Service before the switch, through the
+    # serving one after it: the green pods each time.
+    assert tests == [("shop-green", {"shop-green"}), ("shop", {"shop-green"})], tests
+    blue, green = pod_labels(releases["shop"]), pod_labels(releases["shop-green"])
+    assert blue["track"] == "blue" and green["track"] == "green"
+    selector = find(releases["shop"], "Service")["spec"]["selector"]
+    assert selects(selector, green) and not selects(selector, blue), selector
+    assert not selects(selector, pod_labels(payments)), selector
+    # Each Deployment's own selector: its pods, not the other release's.
+    for own, other in [(releases["shop"], green), (releases["shop-green"], blue)]:
+        dep_selector = find(own, "Deployment")["spec"]["selector"]["matchLabels"]
+        assert selects(dep_selector, pod_labels(own)) and not selects(dep_selector, other)
+    # "Roll back": the same upgrade with service.track=blue.
+    switch = next(c for c in documented_commands("## Blue/green") if "service.track=green" in c)
+    _, args = helm_as_documented(switch)
+    rolled_back = render(*[a.replace("=green", "=blue") for a in args], release="shop")
+    selector = find(rolled_back, "Service")["spec"]["selector"]
+    assert selects(selector, blue) and not selects(selector, green), selector
+
+
+def admits(policy, port, labels, namespace_labels):
+    """Whether a NetworkPolicy (matchLabels only) admits a pod with `labels`,
+    in a namespace with `namespace_labels` (None: the policy's own), to the
+    named `port` of the pods it selects."""
+    for rule in policy["spec"].get("ingress", []):
+        if "ports" in rule and port not in [p["port"] for p in rule["ports"]]:
+            continue
+        if "from" not in rule:
+            return True
+        for peer in rule["from"]:
+            if "namespaceSelector" in peer:
+                ns_ok = namespace_labels is not None and selects(
+                    peer["namespaceSelector"].get("matchLabels", {}), namespace_labels)
+            else:
+                ns_ok = namespace_labels is None
+            if ns_ok and selects(peer.get("podSelector", {}).get("matchLabels", {}), labels):
+                return True
+    return False
+
+
+def test_helm_test_passes_the_prod_network_policy():
+    """docs/deploy.md checks each release with `helm test`; in prod the
+    NetworkPolicy admits the traffic port only from the ingress namespace."""
+    docs = render("-f", os.path.join(CHART, "values-prod.yaml"), release="shop")
+    policy = find(docs, "NetworkPolicy")
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels(docs))
+    test_pod = find(docs, "Pod", "-test-ready")
+    assert admits(policy, "http", test_pod["metadata"]["labels"], None)
+    # Still closed to everything else in the namespace, open to the ingress.
+    assert not admits(policy, "http", {"app": "other"}, None)
+    assert admits(policy, "http", {}, {"kubernetes.io/metadata.name": "ingress"})
+    assert not admits(policy, "admin", test_pod["metadata"]["labels"], None)
 
 
 def test_security_scans_pass_with_justified_skips():
@@ -283,6 +422,112 @@ def test_a_canary_in_values_runs_in_the_real_host(tmp_path):
 
     # No request: at 10 % one may reach api.wasm, which has no /hello.
     serve_rendered(tmp_path, ["-f", str(values)], None, None, check)
+
+
+MODULE_KEYS = """
+modules:
+  hello:
+    config:
+      greeting: Hi
+      retries: 3
+    allowedOutboundHosts: ["https://api.example.com"]
+    limits:
+      timeout: 5s
+      memory: 64MiB
+      maxConcurrency: 5
+      maxBody: 1048576
+      maxResponseBody: 8MiB
+      metricSeries: 50
+      logRate: 20
+    instances:
+      maxRequests: 8
+      maxConcurrent: 2
+      idleTimeout: 2s
+    outbound:
+      connectTimeout: 1s
+      firstByteTimeout: 3s
+      betweenBytesTimeout: 3s
+      timeout: 4s
+      retries: 1
+      retryBackoff: 20ms
+      retryBackoffMax: 1s
+      retryBudget: 0.1
+      retryNonIdempotent: true
+      maxRetryBody: 32KiB
+      circuitBreaker: {failures: 3, openFor: 10s, halfOpenProbes: 2}
+"""
+
+
+def snake(key):
+    return re.sub(r"([A-Z])", r"_\1", key).lower()
+
+
+def test_every_module_key_in_a_values_file_runs_in_the_real_host(tmp_path):
+    """A values file (helm reads its numbers as float64) setting each key a
+    module has renders berth's keys with integers kept integers, and the
+    real host starts on it, serves, and shows those limits in /info."""
+    values = tmp_path / "modules.yaml"
+    values.write_text(MODULE_KEYS)
+    hello = yaml.safe_load(MODULE_KEYS)["modules"]["hello"]
+    run(HELM, "lint", "--strict", CHART, "-f", str(values))
+    docs = render("-f", str(values))
+    config = tomllib.loads(find(docs, "ConfigMap", "-config")["data"]["berth.toml"])
+    module = config["modules"]["hello"]
+
+    def host_keys(section):
+        return {snake(k): (host_keys(v) if isinstance(v, dict) else v) for k, v in section.items()}
+
+    for section in ["limits", "instances", "outbound"]:
+        assert module[section] == host_keys(hello[section]), section
+    assert type(module["limits"]["max_concurrency"]) is int and type(module["limits"]["max_body"]) is int
+    assert type(module["outbound"]["circuit_breaker"]["failures"]) is int
+    assert module["allowed_outbound_hosts"] == ["https://api.example.com"]
+
+    def check(info):
+        served = next(m for m in info["modules"] if m["name"] == "hello")
+        assert served["limits"] == {
+            "timeout": "5s", "memory": "64MiB", "max_concurrency": 5,
+            "max_body": "1MiB", "max_response_body": "8MiB",
+        }, served["limits"]
+        # A WASI 0.2 handler runs one request at a time per instance.
+        concurrent = 2 if served["world"] == "wasi:http@0.3" else 1
+        assert served["instances"] == {
+            "max_requests": 8, "max_concurrent": concurrent, "idle_timeout": "2s",
+        }, served["instances"]
+
+    serve_rendered(tmp_path, ["-f", str(values)], "/hello?name=chart", {"message": "Hi, chart!"}, check)
+    # The example of the module keys in values.yaml's comments is valid too.
+    comments = open(os.path.join(CHART, "values.yaml")).read()
+    example = re.search(r"\n(#   config:.*?)\n#\n", comments, re.S).group(1)
+    documented = tmp_path / "documented.yaml"
+    documented.write_text("modules:\n  hello:\n" + re.sub(r"(?m)^#", "", example) + "\n")
+    assert sorted(yaml.safe_load(documented.read_text())["modules"]["hello"]) == sorted(hello)
+    run(HELM, "lint", "--strict", CHART, "-f", str(documented))
+    # Every key the schema knows for a module was set here.
+    schema = json.load(open(os.path.join(CHART, "values.schema.json")))["definitions"]
+    for section in ["limits", "instances", "outbound"]:
+        assert sorted(hello[section]) == sorted(schema[section]["properties"]), section
+    assert sorted(hello["outbound"]["circuitBreaker"]) == sorted(schema["circuitBreaker"]["properties"])
+
+
+def host_fields(struct):
+    """The serde field names of `pub struct NAME` in host/src/config.rs."""
+    source = open(os.path.join(ROOT, "host", "src", "config.rs")).read()
+    body = re.search(r"pub struct %s \{(.*?)\n\}" % struct, source, re.S).group(1)
+    return set(re.findall(r"^    pub (\w+):", body, re.M))
+
+
+@pytest.mark.parametrize(
+    "definition, struct",
+    [("limits", "LimitsOverride"), ("instances", "Instances"),
+     ("outbound", "OutboundOverride"), ("circuitBreaker", "BreakerConfig")],
+)
+def test_module_keys_are_the_hosts_in_camel_case(definition, struct):
+    schema = json.load(open(os.path.join(CHART, "values.schema.json")))["definitions"][definition]
+    assert {snake(k) for k in schema["properties"]} == host_fields(struct)
+    # The error for a key that is not there lists those that are.
+    assert schema["additionalProperties"] is False
+    assert sorted(schema["propertyNames"]["enum"]) == sorted(schema["properties"])
 
 
 def serve_rendered(tmp_path, values, path, want, check_info=None):

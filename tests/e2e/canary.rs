@@ -490,7 +490,13 @@ fn operators_promote_abort_pause_and_resume_from_the_admin_port() {
     }
     let again = admin_post(&url("promote"));
     assert_eq!(again.status, 409, "{}", again.body);
-    assert!(again.body.contains("RolledBack"), "{}", again.body);
+    assert!(
+        again
+            .body
+            .contains("already rolled_back: promote does not apply"),
+        "{}",
+        again.body
+    );
 
     // A reload that names a new canary starts it; promote it by hand.
     let config = quiet(config("steps = [10, 50]\ninterval = \"1h\"", "")).replace(
@@ -680,5 +686,246 @@ fn a_restart_keeps_a_rollback_and_restarts_a_running_canary_at_step_zero() {
             .log_lines()
             .iter()
             .any(|l| l["message"] == "canary ended before this start: not run again")
+    );
+}
+
+/// Waits until every one of 20 answers of `/shop` is `want`.
+fn wait_serving(berth: &Berth, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answers: Vec<String> = (0..20)
+            .map(|_| get(&berth.url("/shop")).body.trim().to_owned())
+            .collect();
+        if answers.iter().all(|a| a == want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never served only {want}: {answers:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_promotion_writes_back_only_the_version_that_was_judged() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("berth.toml");
+    let text = config("steps = [10, 50]\ninterval = \"1h\"", "").replace(
+        "cache_dir = \"\"",
+        &format!(
+            "cache_dir = {:?}\nwatch = false",
+            cache.path().display().to_string()
+        ),
+    );
+    std::fs::write(&path, &text).unwrap();
+    let berth = Berth::start_at(&path);
+    assert_eq!(canary_info(&berth)["canary"]["state"], "progressing");
+
+    // The operator starts v3 (plain_hello) and leaves a typo elsewhere, so
+    // that this file does not load; then v2 is promoted.
+    let edited = text.replace(
+        &wasm("swap_v2").display().to_string(),
+        &wasm("plain_hello").display().to_string(),
+    ) + "\n[log]\naccess_log = maybe\n";
+    std::fs::write(&path, &edited).unwrap();
+    assert_eq!(
+        admin_post(&berth.admin_url("/admin/canary/shop/promote")).status,
+        200
+    );
+    wait_state(&berth, "promoted", Duration::from_secs(5));
+    wait_serving(&berth, "v2");
+    assert!(
+        berth
+            .wait_for_log(Duration::from_secs(5), |l| l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("config file left as it is")))
+            .is_some(),
+        "no line says why the file was left"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        edited,
+        "the operator's edit was overwritten"
+    );
+
+    // With the typo fixed, v3 is a new canary: judged from its first step,
+    // never served whole.
+    std::fs::write(
+        &path,
+        edited.replace("access_log = maybe", "access_log = true"),
+    )
+    .unwrap();
+    let report = admin_post(&berth.admin_url("/admin/reload")).json();
+    assert_eq!(
+        report["canaries_started"],
+        serde_json::json!(["shop"]),
+        "{report}"
+    );
+    let canary = canary_info(&berth)["canary"].clone();
+    assert_eq!(
+        (canary["state"].as_str(), canary["weight"].as_u64()),
+        (Some("progressing"), Some(10)),
+        "{canary:#}"
+    );
+}
+
+#[test]
+fn a_rolled_back_file_rebuilt_in_place_is_a_new_canary() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let next = dir.path().join("next.wasm");
+    std::fs::copy(wasm("swap_v2"), &next).unwrap();
+    let path = dir.path().join("berth.toml");
+    let text = config("steps = [10, 50]\ninterval = \"1h\"", "")
+        .replace(
+            "cache_dir = \"\"",
+            &format!(
+                "cache_dir = {:?}\nwatch = false",
+                cache.path().display().to_string()
+            ),
+        )
+        .replace(
+            &wasm("swap_v2").display().to_string(),
+            &next.display().to_string(),
+        );
+    std::fs::write(&path, &text).unwrap();
+    let berth = Berth::start_at(&path);
+    assert_eq!(
+        admin_post(&berth.admin_url("/admin/canary/shop/abort")).status,
+        200
+    );
+    wait_state(&berth, "rolled_back", Duration::from_secs(5));
+    wait_serving(&berth, "v1");
+    // The status page keeps the ended canary, with why and when.
+    let page = get(&berth.admin_url("/")).body;
+    let canaries = page.split("<h2>Canaries</h2>").nth(1).unwrap_or_default();
+    for shown in ["shop", "rolled_back", "aborted by an operator", "next.wasm"] {
+        assert!(
+            canaries.contains(shown),
+            "no {shown} in the Canaries section: {page}"
+        );
+    }
+    // The same name, new bytes: a reload judges them.
+    std::fs::copy(wasm("plain_hello"), &next).unwrap();
+    let report = admin_post(&berth.admin_url("/admin/reload")).json();
+    assert_eq!(
+        report["canaries_started"],
+        serde_json::json!(["shop"]),
+        "{report}"
+    );
+    assert_eq!(canary_info(&berth)["canary"]["state"], "progressing");
+    assert_eq!(
+        canary_info(&berth)["canary"]["sha256"],
+        sha256_of("plain_hello")
+    );
+
+    // And across a restart with new content, the same.
+    admin_post(&berth.admin_url("/admin/canary/shop/abort"));
+    wait_state(&berth, "rolled_back", Duration::from_secs(5));
+    drop(berth);
+    std::fs::copy(wasm("swap_v2"), &next).unwrap();
+    let berth = Berth::start_at(&path);
+    let canary = canary_info(&berth)["canary"].clone();
+    assert_eq!(canary["state"], "progressing", "{canary:#}");
+    assert_eq!(canary["weight"], 10, "{canary:#}");
+}
+
+#[test]
+fn an_outcome_survives_a_configmap_update_and_a_restart() {
+    // The kubelet's layout: berth.toml -> ..data/berth.toml, ..data ->
+    // ..<timestamp>/, and every update writes a new timestamped folder and
+    // swaps the link.
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config("steps = [10, 50]\ninterval = \"1h\"", "").replace(
+        "cache_dir = \"\"",
+        &format!(
+            "cache_dir = {:?}\nwatch = false",
+            cache.path().display().to_string()
+        ),
+    );
+    let publish = |stamp: &str, text: &str| {
+        let folder = dir.path().join(stamp);
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::write(folder.join("berth.toml"), text).unwrap();
+        let tmp = dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(stamp, &tmp).unwrap();
+        std::fs::rename(&tmp, dir.path().join("..data")).unwrap();
+    };
+    publish("..2026_12_05_01", &text);
+    let path = dir.path().join("berth.toml");
+    std::os::unix::fs::symlink("..data/berth.toml", &path).unwrap();
+
+    let berth = Berth::start_at(&path);
+    assert_eq!(
+        admin_post(&berth.admin_url("/admin/canary/shop/promote")).status,
+        200
+    );
+    wait_state(&berth, "promoted", Duration::from_secs(5));
+    wait_serving(&berth, "v2");
+    drop(berth);
+
+    // An unrelated update (a comment), then a restart.
+    publish(
+        "..2026_12_05_02",
+        &format!("# another replica count\n{text}"),
+    );
+    let berth = Berth::start_at(&path);
+    let canary = canary_info(&berth)["canary"].clone();
+    assert_eq!(canary["state"], "promoted", "{canary:#}");
+    wait_serving(&berth, "v2");
+}
+
+#[test]
+fn shedding_a_saturated_canary_is_not_held_against_it() {
+    // v2 takes 300 ms and may run one request at a time: six clients on
+    // it at once are mostly shed. Shedding is the host protecting it, and
+    // a client must not be able to force a rollback that way.
+    let berth = Berth::start(&config(
+        "steps = [100]\ninterval = \"2s\"\nmin_requests = 1",
+        "config = { delay_ms = \"300\" }\nlimits = { max_concurrency = 1 }",
+    ));
+    let traffic = Traffic::start(&berth, 6);
+    let module = wait_state(&berth, "promoted", Duration::from_secs(15));
+    let seen = traffic.finish();
+    assert!(
+        seen.iter().any(|s| s.status == 503),
+        "nothing was shed: the test proves nothing"
+    );
+    let judged = judgements(&module["canary"]);
+    let refused: u64 = judged
+        .iter()
+        .filter_map(|e| e["canary"]["refused"].as_u64())
+        .sum();
+    assert!(refused > 0, "{module:#}");
+    assert!(judged.iter().all(|e| e["result"] != "fail"), "{module:#}");
+}
+
+#[test]
+fn a_cache_folder_refused_as_not_berths_keeps_no_canary_state_either() {
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(project.path().join("NOTES.txt"), b"mine").unwrap();
+    let berth = Berth::start(&config("steps = [10, 50]\ninterval = \"1h\"", "").replace(
+        "cache_dir = \"\"",
+        &format!("cache_dir = {:?}", project.path().display().to_string()),
+    ));
+    assert_eq!(
+        admin_post(&berth.admin_url("/admin/canary/shop/abort")).status,
+        200
+    );
+    wait_state(&berth, "rolled_back", Duration::from_secs(5));
+    wait_serving(&berth, "v1");
+    let names: Vec<String> = std::fs::read_dir(project.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["NOTES.txt"], "berth wrote into a folder it refused");
+    assert!(
+        berth
+            .log_lines()
+            .iter()
+            .any(|l| l["message"] == "compile cache disabled: cannot use its folder")
     );
 }

@@ -756,3 +756,88 @@ fn url_modules_are_verified_against_their_digest() {
         out.stderr
     );
 }
+
+#[test]
+fn a_module_being_compiled_is_listed_as_loading_and_the_log_says_so() {
+    // The 13 MB JavaScript module takes seconds to compile, with no cache.
+    let berth = Berth::spawn(
+        &format!(
+            "[runtime]\ncache_dir = \"\"\n{}",
+            module("js", "/js", "js-hello", "")
+        ),
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let loading = loop {
+        let info = get(&berth.admin_url("/info")).json();
+        if let Some(m) = info["modules"].as_array().and_then(|m| m.first()) {
+            break m.clone();
+        }
+        assert!(Instant::now() < deadline, "/info never listed the module");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(loading["name"], "js", "{loading}");
+    assert_eq!(loading["state"], "loading", "{loading}");
+    assert_eq!(loading["serving"], false, "{loading}");
+    let page = get(&berth.admin_url("/")).body;
+    assert!(page.contains("loading"), "{page}");
+    berth.wait_ready(Duration::from_secs(120));
+    let line = berth
+        .wait_for_log(Duration::from_secs(5), |l| {
+            l["message"] == "compiling" && l["module"] == "js"
+        })
+        .expect("no `compiling` line");
+    assert!(line["bytes"].as_u64().unwrap() > 10 << 20, "{line}");
+    let info = get(&berth.admin_url("/info")).json();
+    assert_eq!(info["modules"][0]["serving"], true, "{info}");
+}
+
+#[test]
+fn modules_of_the_same_bytes_are_compiled_once() {
+    let modules: String = (0..20)
+        .map(|i| module(&format!("m{i}"), &format!("/m{i}"), "hello", ""))
+        .collect();
+    let berth = Berth::start(&format!("[runtime]\ncache_dir = \"\"\n{modules}"));
+    for i in [0, 19] {
+        assert_eq!(get(&berth.url(&format!("/m{i}"))).status, 200);
+    }
+    let compiles = berth
+        .log_lines()
+        .iter()
+        .filter(|l| l["message"] == "compiling")
+        .count();
+    assert_eq!(compiles, 1, "{}", berth.log_text());
+    // Two of them swapped at once to new bytes: one compile between them.
+    let swapped = modules.replacen(
+        &wasm("hello").display().to_string(),
+        &wasm("plain_hello").display().to_string(),
+        2,
+    );
+    std::fs::write(
+        berth.config_path(),
+        format!("[runtime]\ncache_dir = \"\"\n{swapped}"),
+    )
+    .unwrap();
+    let report = admin_post(&berth.admin_url("/admin/reload")).json();
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    let compiles = berth
+        .log_lines()
+        .iter()
+        .filter(|l| l["message"] == "compiling")
+        .count();
+    assert_eq!(compiles, 2, "one more, for the new bytes only");
+    // And back to bytes already loaded (the other 18 serve them): none.
+    std::fs::write(
+        berth.config_path(),
+        format!("[runtime]\ncache_dir = \"\"\n{modules}"),
+    )
+    .unwrap();
+    let report = admin_post(&berth.admin_url("/admin/reload")).json();
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    let compiles = berth
+        .log_lines()
+        .iter()
+        .filter(|l| l["message"] == "compiling")
+        .count();
+    assert_eq!(compiles, 2, "{}", berth.log_text());
+}

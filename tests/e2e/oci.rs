@@ -108,6 +108,15 @@ impl Registry {
         }
     }
 
+    /// Restarts the registry with another password, as an operator
+    /// rotating the registry's credentials would.
+    fn rotate(&mut self, password: &str) {
+        self.stop();
+        let hash = bcrypt::hash(password, 4).unwrap();
+        std::fs::write(self.dir.path().join("htpasswd"), format!("{USER}:{hash}\n")).unwrap();
+        self.resume();
+    }
+
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -283,7 +292,9 @@ fn push_then_pull_round_trips_over_tls_with_auth_and_bad_credentials_are_named()
         manifest["annotations"]["org.opencontainers.image.version"],
         "1.0"
     );
-    assert!(manifest["annotations"]["org.opencontainers.image.created"].is_string());
+    // No push time: the same bytes pushed again are the same digest.
+    assert!(manifest["annotations"]["org.opencontainers.image.created"].is_null());
+    assert_eq!(registry.push("hello", "team/hello:1.0"), pinned);
     let config: serde_json::Value = serde_json::from_slice(
         &std::fs::read(registry.blob_file(manifest["config"]["digest"].as_str().unwrap())).unwrap(),
     )
@@ -373,14 +384,25 @@ fn a_module_is_served_from_a_registry_and_a_restart_does_not_pull_again() {
          [registry.credentials.{:?}]\nusername = {USER:?}\npassword = {PASSWORD:?}\n",
         registry.host
     );
-    let berth = Berth::start(&with_cache(
-        cache.path(),
-        &(inline + &oci_module("hello", "/hello", &pinned, "")),
-    ));
+    // At the most verbose level: no credential in any line.
+    let berth = Berth::start_with(
+        &with_cache(
+            cache.path(),
+            &(inline + &oci_module("hello", "/hello", &pinned, "")),
+        ),
+        &[("LOG_LEVEL", "trace")],
+    );
     assert_eq!(get(&berth.url("/hello")).status, 200);
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    let log = berth.log_text();
+    assert!(!log.contains(PASSWORD), "the registry password was logged");
     assert!(
-        !berth.log_text().contains(PASSWORD),
-        "the registry password was logged"
+        !log.contains(&basic),
+        "the registry credentials were logged"
+    );
+    assert!(
+        !log.to_lowercase().contains("authorization: basic"),
+        "an auth header was logged"
     );
     drop(berth);
     std::fs::remove_dir_all(cache.path().join("downloads")).unwrap();
@@ -504,6 +526,127 @@ fn a_registry_down_at_start_up_exits_2_naming_module_and_reference() {
         ),
         &["module `orders`", &reference, "cannot reach"],
     );
+}
+
+/// A hostile registry: a manifest of 1 GiB (chunked, no length), and for
+/// another repository a 400 whose body is 50 MiB.
+fn hostile_registry() -> (String, tokio::runtime::Runtime) {
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::{Bytes, Frame};
+    let chunk = Bytes::from(vec![b'{'; 1 << 20]);
+    let error = Bytes::from(
+        format!(
+            "{{\"errors\":[{{\"code\":\"DENIED\",\"message\":\"{}\"}}]}}",
+            "x".repeat(50 << 20)
+        )
+        .into_bytes(),
+    );
+    let (addr, runtime) = crate::downstream::serve(
+        move |req: hyper::Request<hyper::body::Incoming>| {
+            let (chunk, error) = (chunk.clone(), error.clone());
+            async move {
+                let body = if req.uri().path().contains("/huge/") {
+                    let frames = (0..1024).map(move |_| {
+                        Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))
+                    });
+                    StreamBody::new(futures_util::stream::iter(frames)).boxed()
+                } else {
+                    Full::new(error).boxed()
+                };
+                let status = if req.uri().path().contains("/huge/") {
+                    200
+                } else {
+                    400
+                };
+                Ok::<_, std::convert::Infallible>(
+                    hyper::Response::builder()
+                        .status(status)
+                        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                        .body(body)
+                        .unwrap(),
+                )
+            }
+        },
+        None,
+    );
+    (addr.to_string(), runtime)
+}
+
+#[test]
+fn a_hostile_registry_cannot_take_memory_or_flood_the_admin_port_and_logs() {
+    let (host, _registry) = hostile_registry();
+    let base = format!(
+        "[registry]\ninsecure_registries = [{host:?}]\nretries = 0\n{}",
+        module("hello", "/hello", "hello", "")
+    );
+    let berth = Berth::start(&base);
+    let digest = format!("sha256:{}", "3".repeat(64));
+    let report = reconfigure(
+        &berth,
+        &format!(
+            "{base}{}{}",
+            oci_module("huge", "/huge", &format!("{host}/team/huge@{digest}"), ""),
+            oci_module("loud", "/loud", &format!("{host}/team/loud@{digest}"), "")
+        ),
+    );
+    let errors = report["errors"].to_string();
+    assert!(
+        errors.contains("huge") && errors.contains("more than"),
+        "{errors:.2000}"
+    );
+    assert!(
+        errors.contains("loud") && errors.contains("DENIED"),
+        "{errors:.2000}"
+    );
+    assert!(errors.len() < 8 << 10, "{} bytes of errors", errors.len());
+    let peak = berth.peak_rss_kib();
+    assert!(peak < 300 << 10, "peak RSS {peak} KiB");
+    let info = get(&berth.admin_url("/info"));
+    assert!(
+        info.body.len() < 64 << 10,
+        "/info is {} bytes",
+        info.body.len()
+    );
+    let page = get(&berth.admin_url("/"));
+    assert!(
+        page.body.len() < 256 << 10,
+        "the status page is {} bytes",
+        page.body.len()
+    );
+    let longest = berth.log_text().lines().map(str::len).max().unwrap_or(0);
+    assert!(longest <= 64 << 10, "a log line of {longest} bytes");
+    assert_eq!(get(&berth.url("/hello")).status, 200);
+}
+
+#[test]
+fn rotated_registry_credentials_take_effect_at_the_next_pull() {
+    let mut registry = Registry::secured();
+    let v1 = registry.push("hello", "team/rot:1");
+    let v2 = registry.push("plain_hello", "team/rot:2");
+    let secret = tempfile::tempdir().unwrap();
+    let auth = secret.path().join("config.json");
+    std::fs::copy(registry.docker_config(PASSWORD), &auth).unwrap();
+    let ca = registry.ca.as_ref().unwrap().ca_file.display().to_string();
+    let config = |reference: &str| {
+        format!(
+            "[runtime]\ncache_dir = \"\"\n[registry]\nca_file = {ca:?}\nauth_files = [{:?}]\n\
+             retries = 0\n{}",
+            auth.display().to_string(),
+            oci_module("rot", "/rot", reference, "")
+        )
+    };
+    let berth = Berth::start(&config(&v1));
+    assert_eq!(get(&berth.url("/rot")).status, 200);
+
+    // The password changes, and the mounted Secret with it.
+    let rotated = "a new password for the new quarter";
+    registry.rotate(rotated);
+    std::fs::copy(registry.docker_config(rotated), &auth).unwrap();
+    let report = reconfigure(&berth, &config(&v2));
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    let info = get(&berth.admin_url("/info")).json();
+    let sha = info["modules"][0]["sha256"].as_str().unwrap().to_owned();
+    assert_eq!(format!("sha256:{sha}"), layer_digest(&registry, &v2));
 }
 
 /// Rewrites the served config and has it reloaded through the admin API.

@@ -368,6 +368,146 @@ fn p3_bodies_stream_both_ways_and_limits_hold() {
     }
 }
 
+#[test]
+fn a_p3_response_the_client_never_reads_frees_its_slot_at_the_deadline() {
+    use std::io::Write;
+    let berth = Berth::start(&p3(
+        "limits = { max_concurrency = 2, timeout = \"2s\", max_body = \"64MiB\" }",
+    ));
+    // Two clients post 16 MiB to the streaming echo and read nothing: far
+    // more than the kernel's buffers hold, so the echo backs up.
+    let hogs: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+            let mut w = conn.try_clone().unwrap();
+            w.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
+            std::thread::spawn(move || {
+                let head = format!(
+                    "POST /p3/echo HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+                    16 << 20
+                );
+                let _ = w.write_all(head.as_bytes());
+                let chunk = vec![b'x'; 64 << 10];
+                for _ in 0..256 {
+                    if w.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+            });
+            conn
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(800));
+    let shed = get(&berth.url("/p3/count"));
+    assert_eq!(
+        shed.status, 503,
+        "the echoes should hold both slots: {}",
+        shed.body
+    );
+    // `limits.timeout` bounds the delivery too: 2 s after they arrived,
+    // their slots are free although nobody read a byte.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get(&berth.url("/p3/count"));
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unread responses still hold the slots: {} {}",
+            r.status,
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        berth
+            .log_lines()
+            .iter()
+            .any(|l| l["message"] == "response body not delivered within limits.timeout: cut off")
+    );
+    drop(hogs);
+}
+
+#[test]
+fn concurrent_requests_on_one_p3_instance_keep_their_own_trace_and_ids() {
+    // A downstream that records the `traceparent` of every call.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let record = seen.clone();
+    let (addr, _downstream) = crate::downstream::serve(
+        move |req: hyper::Request<hyper::body::Incoming>| {
+            let record = record.clone();
+            async move {
+                let parent = req
+                    .headers()
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                record.lock().unwrap().push(parent);
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                    hyper::body::Bytes::from_static(b"ok"),
+                )))
+            }
+        },
+        None,
+    );
+    let berth = Berth::start(&p3(&format!(
+        "allowed_outbound_hosts = [\"http://{addr}\"]\ninstances = {{ max_concurrent = 4 }}"
+    )));
+    let target = format!("http://{addr}/");
+    let parent = |id: char| format!("00-{}-{}-01", id.to_string().repeat(32), "1".repeat(16));
+    // A waits, then calls; B starts on the same instance meanwhile, and
+    // calls at once.
+    let slow = {
+        let (url, target, parent) = (berth.url("/p3/fetch"), target.clone(), parent('a'));
+        std::thread::spawn(move || {
+            get_with(
+                &url,
+                &[
+                    ("x-url", &target),
+                    ("x-sleep-ms", "800"),
+                    ("traceparent", &parent),
+                    ("x-request-id", "request-a"),
+                ],
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let fast = get_with(
+        &berth.url("/p3/fetch"),
+        &[
+            ("x-url", &target),
+            ("traceparent", &parent('b')),
+            ("x-request-id", "request-b"),
+        ],
+    );
+    assert_eq!(fast.status, 200, "{}", fast.body);
+    assert_eq!(slow.join().unwrap().status, 200);
+    assert_eq!(count(&berth), 3, "all three on one instance");
+    let trace_ids: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.split('-').nth(1).unwrap_or_default().to_owned())
+        .collect();
+    let mut sorted = trace_ids.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["a".repeat(32), "b".repeat(32)], "{trace_ids:?}");
+    // Each guest log line is the request's own.
+    for (id, trace) in [("request-a", 'a'), ("request-b", 'b')] {
+        let line = berth
+            .wait_for_log(Duration::from_secs(5), |l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("fetching"))
+                    && l["request_id"] == id
+            })
+            .unwrap_or_else(|| panic!("no guest line of {id}"));
+        assert_eq!(line["trace_id"], trace.to_string().repeat(32), "{line}");
+    }
+}
+
 fn fetch(berth: &Berth, url: &str) -> Reply {
     get_with(&berth.url("/p3/fetch"), &[("x-url", url)])
 }

@@ -536,6 +536,46 @@ fn outbound_honours_retry_after() {
 }
 
 #[test]
+fn a_huge_retry_after_is_not_waited_for_and_panics_nothing() {
+    // `Instant::now() + Retry-After` overflowed and panicked the worker.
+    let down = Downstream::start(Mode::FailFirst(1, Some(i64::MAX as u64)));
+    let berth = Berth::start(&caller(&down, "retries = 1, retry_backoff = \"1ms\""));
+    let r = fetch(&berth, &down.url("/"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["status"], 503, "{}", r.body);
+    assert_eq!(down.hits(), 1, "a wait past the deadline is no retry");
+    assert!(
+        !berth.log_text().contains("panicked"),
+        "{}",
+        berth.log_text()
+    );
+    // The worker is still there.
+    assert_eq!(fetch(&berth, &down.url("/")).json()["status"], 200);
+}
+
+#[test]
+fn a_body_that_stops_arriving_is_the_clients_408_not_the_guests_504() {
+    let berth = Berth::start(&module(
+        "m",
+        "/m",
+        "misbehave",
+        "limits = { timeout = \"1s\" }",
+    ));
+    let mut conn = TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"POST /m/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\nonly ten b")
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = conn.read(&mut answer).unwrap_or(0);
+    let head = String::from_utf8_lossy(&answer[..n]);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    // A guest that is itself too slow is still a 504.
+    let slow = get(&berth.url("/m/sleep?ms=3000"));
+    assert_eq!(slow.status, 504, "{}", slow.body);
+}
+
+#[test]
 fn the_breaker_opens_fails_fast_and_closes_after_the_cool_down() {
     let down = Downstream::start(Mode::AlwaysFail);
     let berth = Berth::start(&caller(

@@ -16,6 +16,20 @@ app.kubernetes.io/name: {{ include "berth.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The application the pods serve (label `app`): one for both releases of
+a blue/green pair, so a Service can move between them by `track`. */}}
+{{- define "berth.app" -}}
+{{- default .Release.Name .Values.app | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The labels of the chart's `helm test` pod, which the NetworkPolicy of
+every release of the app admits to the traffic port. */}}
+{{- define "berth.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "berth.name" . }}
+app.kubernetes.io/component: test
+app: {{ include "berth.app" . }}
+{{- end }}
+
 {{- define "berth.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ include "berth.selectorLabels" . }}
@@ -40,6 +54,25 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end }}
 
+{{/* Values in camelCase (limits, instances, outbound) set into `out` under
+berth's snake_case keys, nested tables too. Helm reads the numbers of a
+values file as float64, which berth refuses where it wants an integer:
+whole numbers are set as integers (a share such as retryBudget: 0.2 stays
+a float). Called as (dict "in" VALUES "out" DICT); renders nothing. */}}
+{{- define "berth.hostKeys" -}}
+{{- range $key, $value := .in -}}
+{{- if kindIs "map" $value -}}
+{{- $table := dict -}}
+{{- include "berth.hostKeys" (dict "in" $value "out" $table) -}}
+{{- $_ := set $.out (snakecase $key) $table -}}
+{{- else if and (kindIs "float64" $value) (eq $value (floor $value)) -}}
+{{- $_ := set $.out (snakecase $key) (int64 $value) -}}
+{{- else -}}
+{{- $_ := set $.out (snakecase $key) $value -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
 {{/* berth.toml, rendered from values. */}}
 {{- define "berth.config" -}}
 {{- $modules := dict -}}
@@ -57,7 +90,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with $m.sha256 }}{{ $_ := set $entry "sha256" . }}{{ end -}}
 {{- with $m.config }}{{ $_ := set $entry "config" . }}{{ end -}}
 {{- with $m.allowedOutboundHosts }}{{ $_ := set $entry "allowed_outbound_hosts" . }}{{ end -}}
-{{- with $m.limits }}{{ $_ := set $entry "limits" . }}{{ end -}}
+{{- range $section := list "limits" "instances" "outbound" -}}
+{{- with get $m $section -}}
+{{- $table := dict -}}
+{{- include "berth.hostKeys" (dict "in" . "out" $table) -}}
+{{- $_ := set $entry $section $table -}}
+{{- end -}}
+{{- end -}}
 {{- /* A canary: camelCase values to berth's keys, integers kept integers. */ -}}
 {{- with $m.canary -}}
 {{- $cv := . -}}
@@ -88,8 +127,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $modules $name $entry -}}
 {{- end -}}
 {{- end -}}
-{{- $limits := dict "timeout" .Values.limits.timeout "memory" .Values.limits.memory "max_concurrency" (int .Values.limits.maxConcurrency) "max_body" .Values.limits.maxBody -}}
-{{- $outbound := dict "connect_timeout" .Values.outbound.connectTimeout "timeout" .Values.outbound.timeout "retries" (int .Values.outbound.retries) -}}
+{{- $limits := dict -}}
+{{- include "berth.hostKeys" (dict "in" .Values.limits "out" $limits) -}}
+{{- $outbound := dict -}}
+{{- include "berth.hostKeys" (dict "in" .Values.outbound "out" $outbound) -}}
 {{- /* Module pulls: the imagePullSecrets (mounted as files by the
 Deployment) give the credentials, the CA Secret the extra roots. */ -}}
 {{- $authFiles := list -}}

@@ -124,6 +124,7 @@ impl Figures {
 pub(super) fn page(state: &AdminState, sampler: &Sampler) -> String {
     let table = state.routes.current();
     let errors = state.reload.status.errors();
+    let loading = state.reload.status.loading();
     let figures = sampler.figures();
     let ready = state.health.is_ready();
     let draining = state.health.draining();
@@ -132,6 +133,12 @@ pub(super) fn page(state: &AdminState, sampler: &Sampler) -> String {
         .unwrap_or_default();
     let config_error = state.reload.status.config_error();
     let breakers = state.metrics.breakers();
+    let board = &state.reload.canaries;
+    let canaries: Vec<(String, serde_json::Value)> = board
+        .modules()
+        .into_iter()
+        .filter_map(|m| Some((m.clone(), board.info(&m)?)))
+        .collect();
     let markup: Markup = html! {
         (DOCTYPE)
         html lang="en" {
@@ -196,6 +203,15 @@ pub(super) fn page(state: &AdminState, sampler: &Sampler) -> String {
                                 }
                             }
                         }
+                        @for (name, since) in &loading {
+                            @if !table.modules().any(|m| &*m.name == name) {
+                                tr {
+                                    td { (name) }
+                                    td colspan="6" { span.warn { "loading" } }
+                                    td colspan="4" { "since " (humantime::format_rfc3339_seconds(*since)) }
+                                }
+                            }
+                        }
                         // Added by a reload that failed: nothing serves them.
                         @for (name, e) in &errors {
                             @if !table.modules().any(|m| &*m.name == name) {
@@ -203,6 +219,38 @@ pub(super) fn page(state: &AdminState, sampler: &Sampler) -> String {
                                     td { (name) }
                                     td colspan="6" { span.bad { "not serving" } }
                                     td colspan="4" { span.bad { "failed: " code { (e) } } }
+                                }
+                            }
+                        }
+                    }
+                }
+                h2 { "Canaries" }
+                @if canaries.is_empty() {
+                    p.meta { "No canary." }
+                } @else {
+                    table {
+                        thead { tr {
+                            th { "module" } th { "state" } th { "weight" } th { "source" }
+                            th { "sha256" } th { "reason" } th { "ended" }
+                        } }
+                        tbody {
+                            @for (module, c) in &canaries {
+                                @let text = |key: &str| c[key].as_str().unwrap_or("").to_owned();
+                                @let state = text("state");
+                                tr {
+                                    td { (module) }
+                                    td {
+                                        @match state.as_str() {
+                                            "rolled_back" | "failed_to_load" => span.bad { (state) },
+                                            "promoted" => span.ok { (state) },
+                                            _ => span.warn { (state) },
+                                        }
+                                    }
+                                    td.n { (c["weight"].as_u64().map_or("–".to_owned(), |w| format!("{w} %"))) }
+                                    td { code { (text("source")) (text("canary")) } }
+                                    td { code { (crate::runtime::version_label(&text("sha256"))) } }
+                                    td { (text("reason")) (text("error")) }
+                                    td { (ended(c)) }
                                 }
                             }
                         }
@@ -238,6 +286,24 @@ pub(super) fn page(state: &AdminState, sampler: &Sampler) -> String {
         }
     };
     markup.into_string()
+}
+
+/// When a canary ended, from its outcome or its last history entry.
+fn ended(canary: &serde_json::Value) -> String {
+    let state = canary["state"].as_str().unwrap_or("");
+    if !matches!(state, "promoted" | "rolled_back") {
+        return "–".to_owned();
+    }
+    let at = canary["at_ms"].as_u64().or_else(|| {
+        canary["history"]
+            .as_array()
+            .and_then(|h| h.last())
+            .and_then(|e| e["at_ms"].as_u64())
+    });
+    at.map_or("–".to_owned(), |ms| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+            .to_string()
+    })
 }
 
 fn num(value: Option<f64>, unit: &str, digits: usize) -> String {

@@ -35,7 +35,7 @@ fn layers_file_then_env_then_flags() {
         assert_eq!(cfg.admin.listen.port(), 2000);
         let flags = Overrides {
             listen: Some("127.0.0.1:3000".parse().unwrap()),
-            admin_listen: None,
+            ..Overrides::default()
         };
         let cfg = Config::load(Some(&jail.directory().join("berth.toml")), &flags).unwrap();
         assert_eq!(cfg.server.listen.port(), 3000);
@@ -186,6 +186,24 @@ fn secrets_are_redacted_when_printed() {
         assert_eq!(cfg.modules["a"].secrets["token"].0.0, "s3cr3t");
         let printed = format!("{} {:?}", serde_json::to_string(&cfg).unwrap(), cfg);
         assert!(!printed.contains("s3cr3t"), "{printed}");
+
+        // Every URL field, a canary's too, through the same type.
+        let sha = "a".repeat(64);
+        jail.create_file(
+            "berth.toml",
+            &format!(
+                "[modules.a]\nurl = \"https://u:hunter2@h/a.wasm?sig=k3y\"\nsha256 = \"{sha}\"\n\
+                 route = \"/a\"\n[modules.a.canary]\nurl = \"https://u:hunter3@h/b.wasm?sig=k4y\"\n\
+                 sha256 = \"{}\"\n",
+                "b".repeat(64)
+            ),
+        )?;
+        let cfg = load(jail).unwrap();
+        let printed = format!("{} {:?}", serde_json::to_string(&cfg).unwrap(), cfg);
+        for secret in ["hunter2", "hunter3", "k3y", "k4y"] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        assert!(printed.contains("h/b.wasm"), "{printed}");
         Ok(())
     });
 }
@@ -332,6 +350,129 @@ fn a_canary_is_checked_with_its_key_and_resolved_next_to_its_module() {
         };
         assert!(path.ends_with("b.wasm"), "{path:?}");
         assert_eq!(cfg.module_specs()[0].track, Track::Stable);
+        Ok(())
+    });
+}
+
+#[test]
+fn a_syntax_error_names_the_line_but_never_quotes_it() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "berth.toml",
+            "[modules.a]\nfile = \"a.wasm\"\nroute = \"/a\"\nsecrets = { api_key = sk_live_abc123 }\n",
+        )?;
+        let err = load(jail).unwrap_err().to_string();
+        assert!(!err.contains("sk_live"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("berth.toml"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn sizes_that_would_make_hyper_or_the_pool_allocate_without_bound_are_refused() {
+    for (text, key) in [
+        ("[server]\nmax_headers = 4000000000\n", "server.max_headers"),
+        ("[server]\nmax_headers = 0\n", "server.max_headers"),
+        (
+            "[server]\nmax_header_bytes = \"1GiB\"\n",
+            "server.max_header_bytes",
+        ),
+        (
+            "[runtime]\nmax_instances = 4000000000\n",
+            "runtime.max_instances",
+        ),
+        (
+            "[runtime]\nmax_instances = 10\ndecommit_batch = 11\n",
+            "runtime.decommit_batch",
+        ),
+        (
+            "[defaults.limits]\nmemory = \"1TiB\"\n",
+            "defaults.limits.memory",
+        ),
+    ] {
+        Jail::expect_with(|jail| {
+            jail.create_file("berth.toml", text)?;
+            let err = load(jail).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+            Ok(())
+        });
+    }
+    Jail::expect_with(|jail| {
+        jail.create_file("berth.toml", "[server]\nmax_headers = 1000\n")?;
+        assert_eq!(load(jail).unwrap().server.max_headers, 1000);
+        Ok(())
+    });
+}
+
+#[test]
+fn environment_values_are_strings_as_written() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "berth.toml",
+            "[modules.a]\nfile = \"a.wasm\"\nroute = \"/a\"\n",
+        )?;
+        jail.set_env("BERTH_ADMIN__TOKEN", "000420");
+        jail.set_env("BERTH_MODULES__A__CONFIG__VERSION", "1.10");
+        jail.set_env("BERTH_MODULES__A__SECRETS__PIN", "0042");
+        jail.set_env("BERTH_SERVER__MAX_HEADERS", "50");
+        let cfg = load(jail).unwrap();
+        assert_eq!(cfg.admin.token.unwrap().0.0, "000420");
+        assert_eq!(cfg.modules["a"].config["version"].0, "1.10");
+        assert_eq!(cfg.modules["a"].secrets["pin"].0.0, "0042");
+        assert_eq!(cfg.server.max_headers, 50);
+        // A number that is not written as one is refused by its key, not
+        // read as another number.
+        jail.set_env("BERTH_SERVER__MAX_HEADERS", "050");
+        let err = load(jail).unwrap_err().to_string();
+        assert!(err.contains("BERTH_SERVER__MAX_HEADERS"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_secrets_file_keeps_the_case_of_its_keys_and_sets_only_secrets() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "berth.toml",
+            "[modules.cfg]\nfile = \"a.wasm\"\nroute = \"/a\"\n",
+        )?;
+        jail.create_file(
+            "secrets.toml",
+            "[modules.cfg.secrets]\napiKey = \"s3cr3t\"\nPIN = \"0042\"\n[admin]\ntoken = \"t\"\n",
+        )?;
+        let with = |file: &str| Overrides {
+            secrets_file: Some(jail.directory().join(file)),
+            ..Overrides::default()
+        };
+        let cfg = Config::load(
+            Some(&jail.directory().join("berth.toml")),
+            &with("secrets.toml"),
+        )
+        .unwrap();
+        let secrets = &cfg.modules["cfg"].secrets;
+        assert_eq!(secrets["apiKey"].0.0, "s3cr3t");
+        assert_eq!(secrets["PIN"].0.0, "0042");
+        assert_eq!(cfg.admin.token.unwrap().0.0, "t");
+
+        jail.create_file(
+            "bad.toml",
+            "[modules.cfg]\nroute = \"/stolen\"\n[modules.cfg.secrets]\nk = \"v\"\n",
+        )?;
+        let err = Config::load(
+            Some(&jail.directory().join("berth.toml")),
+            &with("bad.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bad.toml") && err.contains("modules"), "{err}");
+        let err = Config::load(
+            Some(&jail.directory().join("berth.toml")),
+            &with("gone.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("gone.toml"), "{err}");
         Ok(())
     });
 }

@@ -45,6 +45,13 @@ pub enum AuthError {
 struct DockerConfig {
     #[serde(default)]
     auths: BTreeMap<String, DockerAuth>,
+    /// A credential helper for every registry (`docker login` on a
+    /// workstation writes `desktop`, `osxkeychain`, ...).
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+    /// Credential helpers per registry.
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -88,6 +95,37 @@ impl Credentials {
             }
         }
         Ok(RegistryAuth::Anonymous)
+    }
+}
+
+impl Credentials {
+    /// Why there may be no credentials for `registry` although the
+    /// operator logged in: a Docker config that keeps them in a credential
+    /// helper, which Berth does not run (a pod has none).
+    pub fn helper_note(&self, registry: &str) -> Option<String> {
+        let wanted = normalize(registry);
+        self.files.iter().find_map(|file| {
+            let config: DockerConfig = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
+            let usable = config.auths.iter().any(|(k, e)| {
+                normalize(k) == wanted
+                    && (e.auth.is_some() || e.username.is_some() || e.registrytoken.is_some())
+            });
+            if usable {
+                return None;
+            }
+            let helper = config
+                .cred_helpers
+                .iter()
+                .find(|(k, _)| normalize(k) == wanted)
+                .map(|(_, h)| h.clone())
+                .or(config.creds_store)?;
+            Some(format!(
+                "{} keeps the credentials for {registry} in the `{helper}` credential helper \
+                 (docker-credential-{helper}), which berth does not run: pass --auth-file with a \
+                 config.json that holds them under `auths` (or set registry.credentials)",
+                file.display()
+            ))
+        })
     }
 }
 
@@ -162,6 +200,44 @@ mod tests {
 
     fn basic(user: &str, pass: &str) -> RegistryAuth {
         RegistryAuth::Basic(user.into(), pass.into())
+    }
+
+    #[test]
+    fn a_credential_helper_is_named_with_what_to_do_instead() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.json");
+        std::fs::write(
+            &file,
+            r#"{"auths": {"ghcr.io": {}}, "credsStore": "desktop"}"#,
+        )
+        .unwrap();
+        let creds = Credentials {
+            files: vec![file.clone()],
+            ..Credentials::default()
+        };
+        let note = creds.helper_note("ghcr.io").unwrap();
+        assert!(
+            note.contains("`desktop`") && note.contains("--auth-file"),
+            "{note}"
+        );
+        std::fs::write(
+            &file,
+            r#"{"credHelpers": {"registry.example": "ecr-login"}}"#,
+        )
+        .unwrap();
+        assert!(
+            creds
+                .helper_note("registry.example")
+                .unwrap()
+                .contains("ecr-login")
+        );
+        assert_eq!(creds.helper_note("ghcr.io"), None);
+        std::fs::write(
+            &file,
+            r#"{"auths": {"ghcr.io": {"auth": "dTpw"}}, "credsStore": "desktop"}"#,
+        )
+        .unwrap();
+        assert_eq!(creds.helper_note("ghcr.io"), None);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use super::{Modules, ReloadReport};
 use crate::canary::{Canary, Settled, State};
-use crate::config::{CanarySpec, Config, ModuleSpec, Track};
+use crate::config::{CanarySpec, Config, ModuleSource, ModuleSpec, Track};
 use crate::router::{Release, Router};
 use crate::runtime::{LoadError, Module};
 
@@ -29,22 +29,25 @@ const STATE_DIR: &str = "canaries";
 
 /// Where how canaries ended is kept for this config: one file per config
 /// file, so two hosts sharing a cache folder (the default one, on a
-/// workstation) do not take each other's outcomes.
+/// workstation) do not take each other's outcomes. Keyed on the path as
+/// given, never resolved: a ConfigMap's file resolves through the
+/// kubelet's `..data` link into a folder that every update replaces.
+/// `cache` is the compile cache's folder, once it passed its checks: one
+/// check guards everything Berth keeps on disk.
 pub(super) fn state_file(
-    config: &Config,
+    cache: Option<&std::path::Path>,
     source: &crate::config::ConfigSource,
 ) -> Option<std::path::PathBuf> {
     use sha2::{Digest, Sha256};
     let key = source
         .path()
-        .and_then(|p| std::fs::canonicalize(&p).ok().or(Some(p)))
-        .map(|p| p.display().to_string())
+        .map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string())
         .unwrap_or_default();
     let name = format!(
         "{}.json",
         &hex::encode(Sha256::digest(key.as_bytes()))[..16]
     );
-    Some(config.cache_dir()?.join(STATE_DIR).join(name))
+    Some(cache?.join(STATE_DIR).join(name))
 }
 
 impl Modules {
@@ -156,8 +159,13 @@ impl Modules {
         for spec in self.pending_canaries(config) {
             // One that just ended stays until its settling swaps the
             // table, so the weight it ended at keeps holding until then.
+            // The same spec and the same bytes: a file rebuilt in place is
+            // another version, to be judged from its first step.
             match self.canaries.get(&spec.module.name) {
-                Some(live) if live.spec == spec => {
+                Some(live)
+                    if live.spec == spec
+                        && judged_identity(&live) == identity(&spec.module.source) =>
+                {
                     kept.insert(spec.module.name.clone(), live);
                 }
                 _ => load.push(spec),
@@ -264,8 +272,7 @@ impl Modules {
             .module_specs()
             .into_iter()
             .find(|s| s.name == name)
-            .map(|s| s.source.to_string())
-            .unwrap_or_default();
+            .map(|s| s.source);
         let mut state = canary.state();
         let mut new = Release {
             stable: release.stable.clone(),
@@ -313,8 +320,13 @@ impl Modules {
         settled.insert(
             name.clone(),
             Settled {
-                stable: stable_source,
+                stable: stable_source
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
                 canary: canary.spec.module.source.to_string(),
+                stable_id: stable_source.as_ref().map(identity).unwrap_or_default(),
+                canary_id: judged_identity(&canary),
                 sha256: canary.module.sha256.clone(),
                 state,
                 reason: canary.snapshot().reason.unwrap_or_default(),
@@ -324,7 +336,7 @@ impl Modules {
         self.canaries.set_settled(settled);
         self.persist();
         if state == State::Promoted {
-            self.write_back(&name, &canary.spec);
+            self.write_back(&name, &canary);
         }
         let releases = table.releases().map(|r| {
             if *r.stable.name == *name {
@@ -342,25 +354,57 @@ impl Modules {
     /// is in the file (not set through the environment) and the file can
     /// be written; a ConfigMap is read-only, and there the kept outcome
     /// holds until the values are updated.
-    fn write_back(&self, module: &str, canary: &CanarySpec) {
+    ///
+    /// Only when the file still names the version that was judged: it
+    /// loads, its canary has the same source, and that source's digest is
+    /// the judged bytes'. An operator may have started another canary
+    /// since (a reload that a typo elsewhere refused, or an edit inside the
+    /// watcher's debounce): promoting that one would put a version that was
+    /// never judged into all of the traffic, and lose the edit.
+    fn write_back(&self, module: &str, canary: &Canary) {
         let Some(path) = self.source.path() else {
             return;
         };
         let path = std::fs::canonicalize(&path).unwrap_or(path);
-        match promote_in_file(&path, module) {
+        let leave = |why: &str| {
+            tracing::info!(
+                module,
+                file = %path.display(),
+                why,
+                "config file left as it is: set the module's source to the promoted canary's"
+            );
+        };
+        let Ok(before) = std::fs::read_to_string(&path) else {
+            return leave("it cannot be read");
+        };
+        let now = match self.source.load() {
+            Ok(config) => config
+                .canary_specs()
+                .into_iter()
+                .find(|c| c.module.name == module),
+            Err(_) => {
+                return leave("it does not load as it is now (being edited?)");
+            }
+        };
+        let judged = judged_identity(canary);
+        match now {
+            Some(c)
+                if c.module.source == canary.spec.module.source
+                    && identity(&c.module.source) == judged => {}
+            Some(_) => {
+                return leave("its canary is no longer the version that was judged");
+            }
+            None => return,
+        }
+        match promote_in_file(&path, module, &before) {
             Ok(true) => tracing::info!(
                 module,
                 file = %path.display(),
-                source = %canary.module.source,
+                source = %canary.spec.module.source,
                 "config file updated: the promoted canary is the module's source"
             ),
             Ok(false) => {}
-            Err(e) => tracing::info!(
-                module,
-                file = %path.display(),
-                error = %e,
-                "config file left as it is: set the module's source to the promoted canary's"
-            ),
+            Err(e) => leave(&e),
         }
     }
 
@@ -385,10 +429,15 @@ impl Modules {
 
 /// Rewrites `modules.NAME` in the TOML file at `path`: the source keys of
 /// its `canary` table replace the module's, and the table goes; comments
-/// and layout stay. `Ok(false)` when the file has no such table.
-fn promote_in_file(path: &std::path::Path, module: &str) -> Result<bool, String> {
+/// and layout stay. `Ok(false)` when the file has no such table. `checked`
+/// is the text the caller checked: a file that changed since is left
+/// alone.
+fn promote_in_file(path: &std::path::Path, module: &str, checked: &str) -> Result<bool, String> {
     const SOURCE_KEYS: [&str; 5] = ["file", "url", "oci", "sha256", "allow_tags"];
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    if text != checked {
+        return Err("it changed while the promotion was written".into());
+    }
     let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| format!("{e}"))?;
     let Some(table) = doc
         .get_mut("modules")
@@ -436,9 +485,44 @@ fn temp_name(dir: &std::path::Path) -> std::path::PathBuf {
     ))
 }
 
-/// Whether an outcome is about this stable version and this canary.
+/// Whether an outcome is about this stable version and this canary: the
+/// same digests, not the same names. A file rebuilt in place, or a URL
+/// whose query changed (shown redacted), is another version.
 fn applies(s: &Settled, stable: &ModuleSpec, canary: &CanarySpec) -> bool {
-    s.stable == stable.source.to_string() && s.canary == canary.module.source.to_string()
+    !s.stable_id.is_empty()
+        && !s.canary_id.is_empty()
+        && s.stable_id == identity(&stable.source)
+        && s.canary_id == identity(&canary.module.source)
+}
+
+/// What version a source names now: the sha256 of a file's bytes as they
+/// are, a URL's pinned sha256, an OCI reference's manifest digest (or the
+/// reference itself where a tag is allowed: a tag is all there is to go
+/// on before a pull).
+pub(super) fn identity(source: &ModuleSource) -> String {
+    use sha2::{Digest, Sha256};
+    match source {
+        ModuleSource::File { path, .. } => match std::fs::read(path) {
+            Ok(bytes) => format!("sha256:{}", hex::encode(Sha256::digest(&bytes))),
+            // Matches no outcome: a canary that cannot be read is not
+            // known to have ended.
+            Err(_) => String::new(),
+        },
+        ModuleSource::Url { sha256, .. } => format!("sha256:{sha256}"),
+        ModuleSource::Oci { reference } => match reference.split_once('@') {
+            Some((_, digest)) => format!("oci@{digest}"),
+            None => format!("oci://{reference}"),
+        },
+    }
+}
+
+/// The identity of the canary that was judged: for a file, the bytes that
+/// were loaded and ran, whatever the file holds now.
+fn judged_identity(canary: &Canary) -> String {
+    match &canary.spec.module.source {
+        ModuleSource::File { .. } => format!("sha256:{}", canary.module.sha256),
+        other => identity(other),
+    }
 }
 
 /// A promoted canary's spec as the module's stable version.
@@ -469,7 +553,10 @@ mod tests {
                     route = \"/shop\"\n\n[modules.shop.canary]\nfile = \"v2.wasm\"\nsteps = [5, 50]\n\n\
                     [modules.other]\nfile = \"o.wasm\"\nroute = \"/o\"\n";
         std::fs::write(&path, text).unwrap();
-        assert_eq!(promote_in_file(&path, "shop"), Ok(true));
+        // A file that changed since it was checked is left alone.
+        assert!(promote_in_file(&path, "shop", "something else").is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        assert_eq!(promote_in_file(&path, "shop", text), Ok(true));
         let after = std::fs::read_to_string(&path).unwrap();
         let doc: toml_edit::DocumentMut = after.parse().unwrap();
         let shop = &doc["modules"]["shop"];
@@ -482,8 +569,8 @@ mod tests {
         assert_eq!(doc["modules"]["other"]["file"].as_str(), Some("o.wasm"));
         assert!(after.starts_with("# the shop"), "{after}");
         // Nothing left to promote; a module without a canary is left alone.
-        assert_eq!(promote_in_file(&path, "shop"), Ok(false));
-        assert_eq!(promote_in_file(&path, "other"), Ok(false));
-        assert!(promote_in_file(&dir.path().join("gone.toml"), "shop").is_err());
+        assert_eq!(promote_in_file(&path, "shop", &after), Ok(false));
+        assert_eq!(promote_in_file(&path, "other", &after), Ok(false));
+        assert!(promote_in_file(&dir.path().join("gone.toml"), "shop", "").is_err());
     }
 }

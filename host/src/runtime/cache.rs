@@ -8,9 +8,10 @@
 //!
 //! Entries are native code that the engine runs unchecked, so the folder
 //! must be berth's own: owned by the process's user, mode 0700, not a
-//! symlink. A folder of another user is refused (the cache is then off); a
-//! folder of ours that others could write to is emptied and closed to
-//! them. Old entries are pruned: the live modules' and the newest few are
+//! symlink, holding only what Berth writes. A folder of another user, or
+//! one holding anything else, is refused and left as it is (the cache is
+//! then off); a folder of ours that others could write to (an emptyDir is
+//! 0777) has its entries deleted and is closed to them. Old entries are pruned: the live modules' and the newest few are
 //! kept, within a total size (below the chart's emptyDir `sizeLimit`).
 
 use std::collections::HashSet;
@@ -70,6 +71,9 @@ impl CompileCache {
                     continue;
                 }
                 let name = entry.file_name().to_string_lossy().into_owned();
+                if !ours_in(&dir, &self.dir, &name) {
+                    continue;
+                }
                 let sha = name.split(['-', '.']).next().unwrap_or_default();
                 let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
                 entries.push((path, meta.len(), modified, live.contains(sha)));
@@ -100,6 +104,9 @@ impl CompileCache {
             for dir in [self.dir.clone(), self.dir.join("downloads")] {
                 for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                     let name = entry.file_name().to_string_lossy().into_owned();
+                    if !ours_in(&dir, &self.dir, &name) {
+                        continue;
+                    }
                     let sha = name.split(['-', '.']).next().unwrap_or_default().to_owned();
                     if let Ok(meta) = entry.metadata()
                         && meta.is_file()
@@ -173,7 +180,8 @@ impl CompileCache {
                 }
             }
         }
-        let payload = engine.precompile_component(bytes)?;
+        let payload =
+            super::module::announced(module, bytes.len(), || engine.precompile_component(bytes))?;
         if let Err(e) = self.store(&path, &payload) {
             tracing::warn!(module, file = %path.display(), error = %e, "cannot write the compile cache");
         }
@@ -192,7 +200,47 @@ impl CompileCache {
     }
 }
 
-/// Makes sure `dir` is a folder only this process's user can touch.
+/// The folders Berth keeps inside the cache folder: downloaded and pulled
+/// components, OCI manifests, and how canaries ended.
+const SUBFOLDERS: [&str; 3] = ["downloads", "oci", "canaries"];
+
+/// Whether Berth writes entries of this name in the cache folder: a
+/// compiled entry (`<sha256>-<engine>.cwasm`), its temporary file, or one
+/// of [`SUBFOLDERS`].
+fn ours(name: &str) -> bool {
+    if SUBFOLDERS.contains(&name) {
+        return true;
+    }
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|c| c.is_ascii_hexdigit());
+    let Some((sha, rest)) = name.split_once('-') else {
+        return false;
+    };
+    let Some((engine, ext)) = rest.split_once('.') else {
+        return false;
+    };
+    hex(sha, 64)
+        && hex(engine, 16)
+        && (ext == "cwasm"
+            || ext
+                .strip_prefix("tmp")
+                .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|c| c.is_ascii_digit())))
+}
+
+/// Whether pruning may delete the file `name` of `folder` (the cache's
+/// own folder, or its `downloads`): only entries Berth writes there.
+fn ours_in(folder: &Path, cache: &Path, name: &str) -> bool {
+    if folder == cache {
+        return ours(name) && !SUBFOLDERS.contains(&name);
+    }
+    name.strip_suffix(".wasm")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// Makes sure `dir` is a folder only this process's user can touch, and
+/// one that holds nothing but Berth's own entries. Berth never deletes or
+/// re-permissions what it did not write: a `cache_dir` that points at a
+/// folder with other files in it (`.`, a project, `/var/cache`) is refused,
+/// and the host runs without the cache.
 fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     if let Some(parent) = dir.parent() {
@@ -221,15 +269,33 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
             ),
         ));
     }
+    let mut entries = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // A volume's root (a PVC) has one; it is the filesystem's.
+        if name == "lost+found" {
+            continue;
+        }
+        if !ours(&name) {
+            return Err(Error::other(format!(
+                "{} holds `{name}`, which Berth did not write: refusing to use it as the cache \
+                 (set runtime.cache_dir to a folder of its own)",
+                dir.display()
+            )));
+        }
+        entries.push(entry);
+    }
     if meta.mode() & 0o077 != 0 {
-        // Others could have written entries: trust none of them.
+        // Others could have written entries: trust none of them. Only
+        // names Berth writes are here (checked above).
         tracing::warn!(
             dir = %dir.display(),
             mode = format!("{:o}", meta.mode() & 0o777),
-            "compile cache folder was open to others: emptied and set to 0700"
+            "compile cache folder was open to others: its entries deleted and the folder set to 0700"
         );
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        for entry in std::fs::read_dir(dir)?.flatten() {
+        for entry in entries {
             let path = entry.path();
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 std::fs::remove_dir_all(&path)?;
@@ -277,16 +343,57 @@ mod tests {
         assert_eq!(mode(&dir), 0o700);
     }
 
+    const ENTRY: &str =
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef-0123456789abcdef.cwasm";
+
     #[test]
     fn a_folder_open_to_others_is_emptied_and_closed() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("cache");
         std::fs::create_dir(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        std::fs::write(dir.join("planted.cwasm"), b"evil").unwrap();
+        std::fs::write(dir.join(ENTRY), b"evil").unwrap();
+        std::fs::create_dir(dir.join("downloads")).unwrap();
+        std::fs::write(dir.join("downloads").join("x.wasm"), b"evil").unwrap();
         private_dir(&dir).unwrap();
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_folder_holding_anything_berth_did_not_write_is_refused_and_left_alone() {
+        for open in [0o755, 0o700] {
+            let root = tempfile::tempdir().unwrap();
+            let dir = root.path().join("project");
+            std::fs::create_dir_all(dir.join(".git")).unwrap();
+            std::fs::create_dir_all(dir.join("src")).unwrap();
+            std::fs::write(dir.join("NOTES.txt"), b"mine").unwrap();
+            std::fs::write(dir.join(ENTRY), b"ours").unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(open)).unwrap();
+            let err = private_dir(&dir).unwrap_err().to_string();
+            assert!(err.contains("Berth did not write"), "{err}");
+            assert_eq!(mode(&dir), open, "the folder's mode was changed");
+            for kept in [".git", "src", "NOTES.txt", ENTRY] {
+                assert!(dir.join(kept).exists(), "{kept} was deleted");
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_names_berth_writes_are_its_own() {
+        assert!(ours(ENTRY));
+        assert!(ours(&ENTRY.replace(".cwasm", ".tmp123")));
+        assert!(ours("downloads") && ours("oci") && ours("canaries"));
+        for theirs in [
+            "NOTES.txt",
+            "planted.cwasm",
+            ".git",
+            "a-b.cwasm",
+            "src",
+            &ENTRY.replace(".cwasm", ".tmp"),
+        ] {
+            assert!(!ours(theirs), "{theirs}");
+        }
     }
 
     #[test]
@@ -319,7 +426,7 @@ mod tests {
         };
         // 12 old entries of 1000 bytes, oldest first, and one live one.
         for i in 0..12 {
-            let path = dir.join(format!("{i:064}-k.cwasm"));
+            let path = dir.join(format!("{i:064}-{:016}.cwasm", 0));
             std::fs::write(&path, vec![0u8; 1000]).unwrap();
             let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + i);
             std::fs::File::options()
@@ -330,8 +437,12 @@ mod tests {
                 .unwrap();
         }
         let live = format!("{:064}", 99);
-        std::fs::write(dir.join(format!("{live}-k.cwasm")), vec![0u8; 5000]).unwrap();
+        std::fs::write(dir.join(format!("{live}-{:016}.cwasm", 0)), vec![0u8; 5000]).unwrap();
+        // A file someone put there later is not an entry to prune.
+        std::fs::write(dir.join("NOTES.txt"), b"mine").unwrap();
         cache.prune(&HashSet::from([live.clone()]));
+        std::fs::remove_file(dir.join("NOTES.txt"))
+            .expect("pruning deleted a file it did not write");
         let mut left: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| {

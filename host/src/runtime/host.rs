@@ -120,7 +120,7 @@ fn capped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     format!("{}… [{} bytes cut]", &text[..end], text.len() - end).into()
 }
 
-/// The data of one `Store`: one per request.
+/// The data of one `Store`: one per request, or one per reused instance.
 pub struct Host {
     table: ResourceTable,
     wasi: WasiCtx,
@@ -129,7 +129,80 @@ pub struct Host {
     config: Arc<WasiConfigVariables>,
     guest_metrics: Arc<GuestMetrics>,
     pub(crate) limits: MemoryLimiter,
+    /// The request this store serves; on a reused instance, the one whose
+    /// task is running now (see [`Tasks`]), or the instance's own between
+    /// requests.
     pub(crate) cx: RequestContext,
+    /// On a reused instance: each request's context by its task group.
+    tasks: Option<Tasks>,
+}
+
+/// The requests of a reused WASI 0.3 instance, by the task group of each.
+///
+/// One store serves several requests at once, so a context set on the
+/// store would belong to whichever request started last: request A's
+/// outbound call would carry request B's `traceparent`, and A's log lines
+/// B's ids. wasmtime's task-group hook says which group's thread runs each
+/// time it switches; a guest's call into the host runs on its task's
+/// thread, so the context is looked up there. Where no request's task is
+/// running (between requests, or a host task of the instance's own), the
+/// instance's own context is used: never another request's.
+#[derive(Clone, Default)]
+pub(crate) struct Tasks(Arc<std::sync::Mutex<TaskState>>);
+
+#[derive(Default)]
+struct TaskState {
+    current: Option<wasmtime::component::TaskGroupId>,
+    requests: std::collections::HashMap<wasmtime::component::TaskGroupId, RequestContext>,
+}
+
+impl Tasks {
+    /// The hook to set on the store, sharing this map.
+    pub(crate) fn hook(&self) -> impl wasmtime::component::TaskGroupHook + use<> {
+        TaskHook(self.clone())
+    }
+
+    /// `cx` is the request whose task runs in `group`.
+    pub(crate) fn start(&self, group: wasmtime::component::TaskGroupId, cx: RequestContext) {
+        self.lock().requests.insert(group, cx);
+    }
+
+    /// The context of the request whose task is running now, if any.
+    fn current(&self) -> Option<RequestContext> {
+        let state = self.lock();
+        state.current.and_then(|g| state.requests.get(&g).cloned())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TaskState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct TaskHook(Tasks);
+
+impl wasmtime::component::TaskGroupHook for TaskHook {
+    fn handle_start(&mut self, _: wasmtime::component::TaskGroupId) -> wasmtime::Result<()> {
+        Ok(())
+    }
+
+    fn handle_enter(&mut self, id: wasmtime::component::TaskGroupId) -> wasmtime::Result<()> {
+        self.0.lock().current = Some(id);
+        Ok(())
+    }
+
+    fn handle_exit(&mut self, id: wasmtime::component::TaskGroupId) -> wasmtime::Result<()> {
+        let mut state = self.0.lock();
+        if state.current == Some(id) {
+            state.current = None;
+        }
+        Ok(())
+    }
+
+    fn handle_finish(&mut self, id: wasmtime::component::TaskGroupId) -> wasmtime::Result<()> {
+        // Ids are reused once finished: forget its request.
+        self.0.lock().requests.remove(&id);
+        Ok(())
+    }
 }
 
 impl Host {
@@ -161,16 +234,53 @@ impl Host {
             guest_metrics,
             limits,
             cx,
+            tasks: None,
         }
     }
-}
 
-impl Host {
-    /// Moves a reused instance on to its next request: its log lines and
-    /// outbound calls belong to `cx` from now on.
-    pub(crate) fn serve(&mut self, cx: RequestContext) {
+    /// State for a reused instance, whose requests are told apart by
+    /// `tasks`; `idle` is its own context, for what no request does.
+    pub(crate) fn reused(
+        idle: RequestContext,
+        tasks: Tasks,
+        config: Arc<WasiConfigVariables>,
+        outbound: Arc<ModuleOutbound>,
+        guest_metrics: Arc<GuestMetrics>,
+        memory_limit: u64,
+    ) -> Self {
+        let mut host = Host::new(idle, config, outbound, guest_metrics, memory_limit);
+        host.wasi = WasiCtx::builder()
+            .stdout(GuestOutput::shared(
+                host.cx.clone(),
+                tasks.clone(),
+                "stdout",
+            ))
+            .stderr(GuestOutput::shared(
+                host.cx.clone(),
+                tasks.clone(),
+                "stderr",
+            ))
+            .build();
+        host.tasks = Some(tasks);
+        host
+    }
+
+    /// On a reused instance, points `cx` and the outbound calls' trace at
+    /// the request whose task runs now (or at the instance's own context).
+    fn follow_task(&mut self) {
+        let Some(tasks) = &self.tasks else { return };
+        let cx = tasks.current().unwrap_or_else(|| self.idle_cx());
         self.hooks.trace = cx.trace.clone();
         self.cx = cx;
+    }
+
+    /// The instance's own context: its module's, with no request's ids.
+    fn idle_cx(&self) -> RequestContext {
+        RequestContext {
+            request_id: "-".into(),
+            trace: crate::trace::TraceContext::untraced(),
+            ..self.cx.clone()
+        }
     }
 
     /// Runs `hit` when the guest goes over its memory limit, before the
@@ -239,6 +349,7 @@ impl WasiView for Host {
 
 impl WasiHttpView for Host {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
+        self.follow_task();
         WasiHttpCtxView {
             ctx: &mut self.http,
             table: &mut self.table,
@@ -250,7 +361,10 @@ impl WasiHttpView for Host {
 /// Links `wasi:config/store` and `wasi:logging/logging`.
 pub(super) fn add_capabilities_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
     wasmtime_wasi_config::add_to_linker(linker, |h: &mut Host| WasiConfig::from(&*h.config))?;
-    wasi_log::add_to_linker::<Host, GuestLogger>(linker, |h: &mut Host| &h.cx)?;
+    wasi_log::add_to_linker::<Host, GuestLogger>(linker, |h: &mut Host| {
+        h.follow_task();
+        &h.cx
+    })?;
     berth_metrics::add_to_linker::<Host, GuestMetricsData>(linker, |h: &mut Host| {
         &*h.guest_metrics
     })?;
@@ -325,12 +439,26 @@ impl wasi_log::Host for &RequestContext {
 /// Guest stdout/stderr: split into lines, each a log event.
 struct GuestOutput {
     cx: RequestContext,
+    /// On a reused instance: whose task writes, looked up per line.
+    tasks: Option<Tasks>,
     stream: &'static str,
 }
 
 impl GuestOutput {
     fn new(cx: RequestContext, stream: &'static str) -> Self {
-        Self { cx, stream }
+        Self {
+            cx,
+            tasks: None,
+            stream,
+        }
+    }
+
+    fn shared(idle: RequestContext, tasks: Tasks, stream: &'static str) -> Self {
+        Self {
+            cx: idle,
+            tasks: Some(tasks),
+            stream,
+        }
     }
 }
 
@@ -344,6 +472,7 @@ impl StdoutStream for GuestOutput {
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
         Box::new(LineWriter {
             cx: self.cx.clone(),
+            tasks: self.tasks.clone(),
             stream: self.stream,
             buf: Vec::new(),
         })
@@ -360,22 +489,25 @@ const MAX_CONTEXT: usize = 256;
 
 struct LineWriter {
     cx: RequestContext,
+    tasks: Option<Tasks>,
     stream: &'static str,
     buf: Vec<u8>,
 }
 
 impl LineWriter {
     fn emit(&self, line: &[u8]) {
-        if !self.cx.logs.admit(&self.cx.module) {
+        let current = self.tasks.as_ref().and_then(Tasks::current);
+        let cx = current.as_ref().unwrap_or(&self.cx);
+        if !cx.logs.admit(&cx.module) {
             return;
         }
         let line = String::from_utf8_lossy(line);
         let line = line.trim_end_matches('\r');
         tracing::info!(
             target: "guest",
-            module = &*self.cx.module,
-            request_id = &*self.cx.request_id,
-            trace_id = %self.cx.trace,
+            module = &*cx.module,
+            request_id = &*cx.request_id,
+            trace_id = %cx.trace,
             stream = self.stream,
             "{line}"
         );

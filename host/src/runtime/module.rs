@@ -258,9 +258,18 @@ impl Fetched {
         };
         let (fetched, pin) = match &spec.source {
             ModuleSource::File { path, sha256: pin } => {
-                let (bytes, sha256, stamp) = read_hashed_async(path.clone())
-                    .await
-                    .map_err(|e| read_err(e.to_string()))?;
+                let (bytes, sha256, stamp) =
+                    read_hashed_async(path.clone()).await.map_err(|e| {
+                        // The usual surprise of a first local run.
+                        let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                            " (a relative `file` is resolved against runtime.modules_dir, \
+                             /modules unless set; a relative modules_dir is relative to the \
+                             config file)"
+                        } else {
+                            ""
+                        };
+                        read_err(format!("{e}{hint}"))
+                    })?;
                 let fetched = Fetched {
                     bytes,
                     sha256,
@@ -580,6 +589,34 @@ pub(crate) fn flavor_of(world: Option<World>, reuse: &Reuse) -> Flavor {
     }
 }
 
+/// Runs `compile` with a `compiling` line first and a `still compiling`
+/// line every few seconds while it runs: a large module takes seconds to
+/// compile on a small pod, and the log should say what the host is doing.
+pub(super) fn announced<T>(module: &str, bytes: usize, compile: impl FnOnce() -> T) -> T {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+    tracing::info!(module, bytes, "compiling");
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let name = module.to_owned();
+    let started = std::time::Instant::now();
+    let ticker = std::thread::Builder::new()
+        .name("berth-compile-progress".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(EVERY) {
+                tracing::info!(
+                    module = name.as_str(),
+                    seconds = started.elapsed().as_secs(),
+                    "still compiling"
+                );
+            }
+        });
+    let out = compile();
+    drop(done);
+    if let Ok(ticker) = ticker {
+        let _ = ticker.join();
+    }
+    out
+}
+
 /// Checks the header, then compiles (through the cache when it is on).
 pub(super) fn compile(
     runtime: &Runtime,
@@ -612,16 +649,20 @@ pub(super) fn compile(
             reason,
         })?
         .engine;
-    let compiled = match runtime.cache() {
-        Some(cache) => cache
-            .get_or_compile(engine, name, &fetched.sha256, bytes)
-            .map(|(c, _)| c),
-        None => Component::new(engine, bytes),
-    };
-    compiled.map_err(|e| LoadError::Compile {
+    let compiled = runtime.compiled(flavor, &fetched.sha256);
+    let compiled = compiled.get_or_init(|| {
+        match runtime.cache() {
+            Some(cache) => cache
+                .get_or_compile(engine, name, &fetched.sha256, bytes)
+                .map(|(c, _)| c),
+            None => announced(name, bytes.len(), || Component::new(engine, bytes)),
+        }
+        .map_err(|e| format!("{e:#}"))
+    });
+    compiled.clone().map_err(|reason| LoadError::Compile {
         module: name.into(),
         origin: origin.into(),
-        reason: format!("{e:#}"),
+        reason,
     })
 }
 

@@ -30,7 +30,7 @@ use wasmtime_wasi_http::handler::{
     HandlerState, Instance, ProxyPre, ShouldAccept, WorkerExpiration, WorkerState, WorkerStatus,
 };
 
-use super::{Host, MemoryLimitExceeded, RequestContext, World};
+use super::{Host, MemoryLimitExceeded, RequestContext, Tasks, World};
 use crate::config::Instances;
 use crate::metrics::{GuestMetrics, InstanceMetrics};
 use crate::outbound::ModuleOutbound;
@@ -87,6 +87,9 @@ pub enum Retired {
     Trap,
     /// It went over the module's memory limit.
     MemoryLimit,
+    /// Its worker was stopped: the module was replaced or removed, or the
+    /// host shut down.
+    Stopped,
 }
 
 impl Retired {
@@ -98,6 +101,7 @@ impl Retired {
             Retired::Timeout => "timeout",
             Retired::Trap => "trap",
             Retired::MemoryLimit => "memory_limit",
+            Retired::Stopped => "stopped",
         }
     }
 }
@@ -148,8 +152,10 @@ impl HandlerState for Workers {
 
     async fn instantiate(&self) -> wasmtime::Result<Instance<Host, Expiry, Worker>> {
         let retirement = Arc::new(Retirement::default());
-        let mut host = Host::new(
+        let tasks = Tasks::default();
+        let mut host = Host::reused(
             self.idle_cx.clone(),
+            tasks.clone(),
             self.config.clone(),
             self.outbound.clone(),
             self.guest_metrics.clone(),
@@ -162,6 +168,7 @@ impl HandlerState for Workers {
             ProxyPre::P3(pre) => pre.instance_pre().engine().clone(),
         };
         let mut store = Store::new(&engine, host);
+        store.task_group_hook(tasks.hook());
         store.limiter(|h| &mut h.limits);
         // The store is shared, so a deadline cannot trap it for one
         // request: every tick yields, which lets the worker check its
@@ -186,6 +193,7 @@ impl HandlerState for Workers {
                 retirement: retirement.clone(),
             },
             state: Worker {
+                tasks,
                 reuse: self.reuse,
                 timeout: self.timeout,
                 served: AtomicUsize::new(0),
@@ -198,6 +206,8 @@ impl HandlerState for Workers {
 
 /// One instance's life: how many requests it takes, and its retirement.
 pub(crate) struct Worker {
+    /// Which request each task group serves.
+    tasks: Tasks,
     reuse: Reuse,
     timeout: Duration,
     served: AtomicUsize,
@@ -225,13 +235,13 @@ impl WorkerState for Worker {
 
     fn on_request_start(
         &self,
-        mut store: StoreContextMut<'_, Host>,
+        _store: StoreContextMut<'_, Host>,
         ticket: Ticket,
-        _group: TaskGroupId,
+        group: TaskGroupId,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + Sync + 'static>> {
         self.served.fetch_add(1, Ordering::Relaxed);
         let _ = ticket.instance.set(self.retirement.clone());
-        store.data_mut().serve(ticket.cx);
+        self.tasks.start(group, ticket.cx);
         let retirement = self.retirement.clone();
         let timeout = self.timeout;
         Box::pin(async move {
@@ -241,6 +251,18 @@ impl WorkerState for Worker {
     }
 
     fn drop(&self, store: Store<Host>, result: wasmtime::Result<()>) {
+        // wasmtime-wasi-http hands a worker whose future was dropped (a
+        // module replaced, a shutdown) over as "worker panicked"; a real
+        // panic is still unwinding here.
+        let stopped = result
+            .as_ref()
+            .is_err_and(|e| !std::thread::panicking() && e.to_string() == "worker panicked");
+        let result = if stopped {
+            self.retirement.set(Retired::Stopped);
+            Ok(())
+        } else {
+            result
+        };
         if let Err(e) = &result {
             self.retirement
                 .set(if e.downcast_ref::<MemoryLimitExceeded>().is_some() {

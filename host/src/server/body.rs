@@ -27,9 +27,15 @@ pub(super) struct Limited<B> {
 
 impl Limited<Lingering> {
     /// The request body, over `limit` an `HttpRequestBodySize` error.
-    pub(super) fn request(inner: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
+    /// `complete` is set once the client has sent all of it.
+    pub(super) fn request(
+        inner: Incoming,
+        limit: u64,
+        exceeded: Arc<AtomicBool>,
+        complete: Arc<AtomicBool>,
+    ) -> Self {
         Limited {
-            inner: Lingering::new(inner),
+            inner: Lingering::new(inner, complete),
             remaining: limit,
             limit,
             exceeded: Some(exceeded),
@@ -172,6 +178,98 @@ where
     }
 }
 
+/// A reused instance's streaming response body, delivered within a
+/// deadline (`limits.timeout`, counted from the request's arrival, to the
+/// last byte). It holds the request's concurrency slot, and the guest's
+/// side of the stream, until the body ends, hyper drops it, or the
+/// deadline passes, whichever is first. A client that never reads stalls
+/// hyper's writes, and hyper then polls nothing, so the deadline is kept
+/// by a timer of its own: it frees the slot and drops the guest's stream
+/// (so the guest's task on the shared instance ends too). A fresh
+/// instance gets the same bound from its task's timeout.
+pub(super) struct Bounded<B> {
+    state: Arc<std::sync::Mutex<Delivery<B>>>,
+    _timer: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+enum Delivery<B> {
+    Streaming {
+        body: B,
+        /// Held, never read: dropping it frees the slot.
+        _slot: tokio::sync::OwnedSemaphorePermit,
+    },
+    Done,
+    Expired,
+}
+
+impl<B: Send + 'static> Bounded<B> {
+    pub(super) fn new(
+        inner: B,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        deadline: tokio::time::Instant,
+        module: Arc<str>,
+    ) -> Self {
+        let state = Arc::new(std::sync::Mutex::new(Delivery::Streaming {
+            body: inner,
+            _slot: permit,
+        }));
+        let timer = tokio::spawn({
+            let state = Arc::downgrade(&state);
+            async move {
+                tokio::time::sleep_until(deadline).await;
+                let Some(state) = state.upgrade() else { return };
+                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                if matches!(*state, Delivery::Streaming { .. }) {
+                    // Dropped here, outside of hyper: slot and stream.
+                    *state = Delivery::Expired;
+                    tracing::warn!(
+                        module = &*module,
+                        "response body not delivered within limits.timeout: cut off"
+                    );
+                }
+            }
+        });
+        Bounded {
+            state,
+            _timer: tokio_util::task::AbortOnDropHandle::new(timer),
+        }
+    }
+}
+
+impl<B> Body for Bounded<B>
+where
+    B: Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Delivery::Streaming { body: inner, .. } = &mut *state else {
+            return Poll::Ready(match *state {
+                Delivery::Expired => Some(Err(wasmtime_wasi_http::Error::ConnectionWriteTimeout)),
+                _ => None,
+            });
+        };
+        let frame = std::task::ready!(Pin::new(&mut *inner).poll_frame(cx));
+        if frame.is_none() || inner.is_end_stream() {
+            *state = Delivery::Done;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &*self.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            Delivery::Streaming { body, .. } => body.is_end_stream(),
+            Delivery::Done => true,
+            Delivery::Expired => false,
+        }
+    }
+}
+
 /// Most of an unread request body drained after the guest answered.
 const LINGER_BYTES: usize = 8 << 20;
 /// Longest a drain of an unread request body may take.
@@ -184,11 +282,24 @@ const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 /// Closing a socket with unread bytes makes the kernel send a reset that
 /// can destroy the response in flight; nginx's "lingering close" does the
 /// same for the same reason.
-pub(super) struct Lingering(Option<Incoming>);
+///
+/// It also tells whether the client has sent the whole body: a guest that
+/// runs out of time waiting for the rest was held up by the client, not by
+/// its own code (a 408, not a 504, and nothing against a canary).
+pub(super) struct Lingering {
+    body: Option<Incoming>,
+    complete: Arc<AtomicBool>,
+}
 
 impl Lingering {
-    pub(super) fn new(body: Incoming) -> Self {
-        Lingering(Some(body))
+    pub(super) fn new(body: Incoming, complete: Arc<AtomicBool>) -> Self {
+        if body.is_end_stream() {
+            complete.store(true, Ordering::Relaxed);
+        }
+        Lingering {
+            body: Some(body),
+            complete,
+        }
     }
 }
 
@@ -200,24 +311,31 @@ impl Body for Lingering {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.0.as_mut() {
-            Some(body) => Pin::new(body).poll_frame(cx),
-            None => Poll::Ready(None),
+        let Some(body) = self.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = std::task::ready!(Pin::new(&mut *body).poll_frame(cx));
+        if frame.is_none() || body.is_end_stream() {
+            self.complete.store(true, Ordering::Relaxed);
         }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.as_ref().is_none_or(|b| b.is_end_stream())
+        self.body.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.0.as_ref().map(|b| b.size_hint()).unwrap_or_default()
+        self.body
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_default()
     }
 }
 
 impl Drop for Lingering {
     fn drop(&mut self) {
-        let Some(mut body) = self.0.take() else {
+        let Some(mut body) = self.body.take() else {
             return;
         };
         if body.is_end_stream() {

@@ -24,6 +24,10 @@ pub enum RequestError {
     /// The request cannot be handed to a guest.
     #[error("malformed request: {0}")]
     Malformed(String),
+    /// The client did not send the whole body within the module's
+    /// `limits.timeout`.
+    #[error("the request body did not arrive within the module's timeout")]
+    BodyTimeout,
     /// The guest failed.
     #[error(transparent)]
     Guest(#[from] GuestError),
@@ -36,6 +40,7 @@ impl RequestError {
             RequestError::Shed => StatusCode::SERVICE_UNAVAILABLE,
             RequestError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             RequestError::Malformed(_) => StatusCode::BAD_REQUEST,
+            RequestError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             RequestError::Guest(e) => e.status(),
         }
     }

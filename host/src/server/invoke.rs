@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use http::{Request, Response, header};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
@@ -24,7 +25,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 
-use super::body::{CutOff, Delivered, Limited};
+use super::body::{Bounded, CutOff, Delivered, Limited};
 use super::error::{GuestError, RequestError};
 use crate::runtime::{Host, Module, RequestContext, Retired, Retirement, Serving, Ticket, Workers};
 
@@ -65,7 +66,8 @@ async fn fresh(
     if request.too_big.load(Ordering::Relaxed) {
         return Err(RequestError::BodyTooLarge);
     }
-    Ok(respond(outcome?, module, cut_off).await)
+    let outcome = client_held_up(outcome, &request.complete)?;
+    Ok(respond(outcome, module, cut_off).await)
 }
 
 /// Load shedding (a full module answers at once instead of queueing) and
@@ -99,6 +101,8 @@ struct WasiRequest {
     answer: Answer,
     /// Set when the body turns out larger than `max_body` as it streams.
     too_big: Arc<AtomicBool>,
+    /// Set once the client has sent the whole body.
+    complete: Arc<AtomicBool>,
 }
 
 impl WasiRequest {
@@ -108,8 +112,9 @@ impl WasiRequest {
         max_body: u64,
     ) -> Result<Self, RequestError> {
         let too_big = Arc::new(AtomicBool::new(false));
+        let complete = Arc::new(AtomicBool::new(false));
         let (parts, body) = req.into_parts();
-        let body = Limited::request(body, max_body, too_big.clone());
+        let body = Limited::request(body, max_body, too_big.clone(), complete.clone());
         let (tx, answer) = oneshot::channel();
         let mut http = store.data_mut().http();
         let malformed = |e: wasmtime::Error| RequestError::Malformed(e.to_string());
@@ -121,6 +126,7 @@ impl WasiRequest {
             handles: (request, out),
             answer,
             too_big,
+            complete,
         })
     }
 }
@@ -200,7 +206,8 @@ fn failed(module: &Module, cx: &RequestContext, err: &GuestError) {
 /// is kept here, outside the instance: a request that runs over gets its
 /// 504 on time even while a neighbour holds the store, and its instance is
 /// retired (see `runtime::reuse`). The concurrency slot is held until the
-/// response body is delivered.
+/// response body is delivered, and no longer than the same deadline (to
+/// the last byte, as on a fresh instance).
 async fn pooled(
     module: &Arc<Module>,
     workers: &ProxyHandler<Workers>,
@@ -209,8 +216,15 @@ async fn pooled(
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
     let permit = admit(module, &req)?;
     let too_big = Arc::new(AtomicBool::new(false));
+    let complete = Arc::new(AtomicBool::new(false));
     let (parts, body) = req.into_parts();
-    let body = Limited::request(body, module.limits.max_body.0, too_big.clone()).boxed_unsync();
+    let body = Limited::request(
+        body,
+        module.limits.max_body.0,
+        too_big.clone(),
+        complete.clone(),
+    )
+    .boxed_unsync();
     let instance = Arc::new(OnceLock::new());
     let ticket = Ticket {
         cx: cx.clone(),
@@ -220,6 +234,7 @@ async fn pooled(
     metrics.in_flight.inc();
     let in_flight = scopeguard_dec(&metrics.in_flight);
     let timeout = module.limits.timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     let answer = workers
         .handle(ticket, Request::from_parts(parts, body))
         .instrument(guest_span(module, cx));
@@ -235,7 +250,31 @@ async fn pooled(
     if too_big.load(Ordering::Relaxed) {
         return Err(RequestError::BodyTooLarge);
     }
-    Ok(respond(result?, module, CutOff::holding(permit)).await)
+    let (parts, body) = client_held_up(result, &complete)?.into_parts();
+    let body = super::body::coalesce(body).await;
+    let capped = Limited::response(body, module.limits.max_response_body.0);
+    // A whole body is taken by hyper at once, and frees the slot as it
+    // goes; a stream is bounded by the request's deadline.
+    let body = if capped.size_hint().exact().is_some() {
+        Delivered::new(capped, CutOff::holding(permit)).boxed_unsync()
+    } else {
+        Bounded::new(capped, permit, deadline, module.name.clone()).boxed_unsync()
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+/// A timeout while the client was still sending the body is the client's
+/// doing: a 408, not the guest's 504.
+fn client_held_up<T>(
+    outcome: Result<T, GuestError>,
+    complete: &AtomicBool,
+) -> Result<T, RequestError> {
+    match outcome {
+        Err(GuestError::Timeout(_)) if !complete.load(Ordering::Relaxed) => {
+            Err(RequestError::BodyTimeout)
+        }
+        other => Ok(other?),
+    }
 }
 
 /// What a failed hand-over to a reused instance means for its request.

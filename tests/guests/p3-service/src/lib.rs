@@ -122,6 +122,12 @@ async fn handle(req: Request) -> Response<Body> {
             let Some(url) = header(&req, "x-url") else {
                 return status(400, "x-url missing\n");
             };
+            // A wait first, so that other requests start on this instance
+            // before the call: whose context does it carry?
+            if let Some(ms) = header(&req, "x-sleep-ms").and_then(|v| v.parse().ok()) {
+                sleep_ms(ms).await;
+            }
+            berth_sdk::info!("fetching {url}");
             let body = if req.method() == Method::POST {
                 match collect(req.into_body()).await {
                     Ok(b) => Some(b.to_vec()),
