@@ -430,12 +430,22 @@ impl Registry {
     ) -> Result<String, RegistryError> {
         let parsed = parse(reference)?;
         let name = parsed.whole();
-        let (config, layer) =
-            oci_wasm::WasmConfig::from_raw_component(component, None).map_err(|e| {
-                RegistryError::NotWasm {
-                    reference: name.clone(),
-                    reason: format!("not a WebAssembly component: {e:#}"),
-                }
+        let (mut config, layer) = oci_wasm::WasmConfig::from_raw_component(component, None)
+            .map_err(|e| RegistryError::NotWasm {
+                reference: name.clone(),
+                reason: format!("not a WebAssembly component: {e:#}"),
+            })?;
+        // The config blob carries a time too: the annotation's (from
+        // SOURCE_DATE_EPOCH), else the Unix epoch, never "now", so the same
+        // bytes make the same digest.
+        let created = annotations
+            .get("org.opencontainers.image.created")
+            .cloned()
+            .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned());
+        config.created = serde_json::from_value(serde_json::Value::String(created.clone()))
+            .map_err(|e| RegistryError::Other {
+                reference: name.clone(),
+                detail: format!("created time `{created}`: {e}"),
             })?;
         let auth = self.credentials.for_registry(parsed.resolve_registry())?;
         let client = oci_wasm::WasmClient::new(self.client.clone());

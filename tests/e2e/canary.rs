@@ -723,12 +723,13 @@ fn a_promotion_writes_back_only_the_version_that_was_judged() {
     let berth = Berth::start_at(&path);
     assert_eq!(canary_info(&berth)["canary"]["state"], "progressing");
 
-    // The operator starts v3 (plain_hello) and leaves a typo elsewhere, so
-    // that this file does not load; then v2 is promoted.
+    // The operator starts v3 (plain_hello) and leaves a mistake elsewhere
+    // (good TOML, a bad value), so that this file does not load; then v2
+    // is promoted.
     let edited = text.replace(
         &wasm("swap_v2").display().to_string(),
         &wasm("plain_hello").display().to_string(),
-    ) + "\n[log]\naccess_log = maybe\n";
+    ) + "\n[log]\naccess_log = \"maybe\"\n";
     std::fs::write(&path, &edited).unwrap();
     assert_eq!(
         admin_post(&berth.admin_url("/admin/canary/shop/promote")).status,
@@ -754,7 +755,7 @@ fn a_promotion_writes_back_only_the_version_that_was_judged() {
     // never served whole.
     std::fs::write(
         &path,
-        edited.replace("access_log = maybe", "access_log = true"),
+        edited.replace("access_log = \"maybe\"", "access_log = true"),
     )
     .unwrap();
     let report = admin_post(&berth.admin_url("/admin/reload")).json();

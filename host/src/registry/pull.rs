@@ -263,11 +263,7 @@ impl Session<'_> {
     /// said (its error envelope's messages when it sent one).
     async fn refused(&self, what: &str, response: Response) -> RegistryError {
         let status = response.status();
-        let said = match read_bounded(response, MAX_ERROR).await {
-            Ok(Some(body)) => said(&body),
-            // Longer than anything worth showing: its start only.
-            Ok(None) | Err(_) => String::from("(an answer too long to show)"),
-        };
+        let said = said(&read_prefix(response, MAX_ERROR).await);
         let detail = format!(
             "{what}: {status}{}",
             if said.is_empty() {
@@ -331,6 +327,21 @@ async fn read_bounded(
         body.extend_from_slice(&chunk);
     }
     Ok(Some(body))
+}
+
+/// At most `limit` bytes of the body of `response`: its start, however
+/// long it is (the rest is never read).
+async fn read_prefix(mut response: Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk[..chunk.len().min(limit - body.len())])
+            }
+            _ => break,
+        }
+    }
+    body
 }
 
 /// What a registry's error body says, on one line: the messages of its
