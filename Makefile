@@ -12,7 +12,7 @@ export BERTH_BIN := $(CARGO_TARGET_DIR)/release/berth
 WASM_DIR := $(CARGO_TARGET_DIR)/wasm32-wasip2/release
 GUEST_WORKSPACES := examples/Cargo.toml tests/guests/Cargo.toml
 
-.PHONY: setup k8s-tools wasmtime conformance guests build run test lint lint-static chart-check image-check smoke_test bench clean
+.PHONY: setup k8s-tools wasmtime conformance guests build run test lint lint-static chart-check image image-check smoke_test bench clean
 
 ## setup: install the toolchain pieces the build needs (idempotent)
 setup:
@@ -70,6 +70,11 @@ k8s-tools:
 chart-check: k8s-tools build
 	.tools/venv/bin/pytest -q tests/chart tests/scripts tests/observe
 
+## image: build the image with docker, podman or buildah (IMAGE=registry/repo:tag,
+## PUSH=1 to push and print the digest to pin; ENGINE= to choose)
+image:
+	@./scripts/image.sh
+
 ## image-check: build the image from the Dockerfile (emulated engine) and run it as the chart's pod
 image-check: k8s-tools
 	.tools/venv/bin/python scripts/image_check.py
@@ -90,6 +95,7 @@ test: lint-static
 	@export RUSTC_WORKSPACE_WRAPPER="$$(rustup which clippy-driver)" \
 	  CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"; \
 	  $(MAKE) --no-print-directory guests \
+	  && ./scripts/sdk-msrv.sh \
 	  && $(CARGO) test --release --locked --workspace \
 	  && $(MAKE) --no-print-directory chart-check image-check
 

@@ -62,6 +62,8 @@ def test_lint_strict(values):
         (["--set", "modules.hello.sha256=nothex"], "sha256"),
         (["--set", "modules.x.route=/x", "--set", "modules.x.url=https://e/x.wasm"], "sha256"),
         (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+        # A made-up digest pins nothing that exists.
+        (["--set", "image.digest=sha256:" + "0" * 64], "digest"),
         # An `oci` module needs a digest unless tags are allowed...
         (["--set", "modules.x.route=/x", "--set", "modules.x.oci=reg.example/t/x:1.0"], "sha256"),
         # ...and is one source only.
@@ -132,6 +134,18 @@ def test_module_configmap_holds_the_exact_bytes():
                 assert spec["sha256"] == hashlib.sha256(data).hexdigest(), (env, module)
 
 
+def test_only_the_files_modules_name_ride_in_the_configmap(tmp_path):
+    # The examples set to null cost nothing: a 740 KB module fits alone.
+    big = tmp_path / "big.b64"
+    big.write_text(base64.b64encode(os.urandom(740_000)).decode())
+    docs = render("--set", "modules.hello=null", "--set", "modules.api=null",
+                  "--set", "modules.big.route=/big", "--set-file", f"moduleFiles.big\\.wasm={big}")
+    binary = find(docs, "ConfigMap", "-modules")["binaryData"]
+    assert sorted(binary) == ["big.wasm"]
+    docs = render("--set", "modules.api=null")
+    assert sorted(find(docs, "ConfigMap", "-modules")["binaryData"]) == ["hello.wasm"]
+
+
 def test_modules_over_one_mebibyte_fail_with_a_pointer_to_urls(tmp_path):
     big = tmp_path / "big.b64"
     big.write_text(base64.b64encode(os.urandom(900_000)).decode())
@@ -139,11 +153,12 @@ def test_modules_over_one_mebibyte_fail_with_a_pointer_to_urls(tmp_path):
         HELM, "template", "rel", CHART, "--set-file", f"moduleFiles.big\\.wasm={big}", check=False
     )
     assert proc.returncode != 0
-    assert "at most 1 MiB" in proc.stderr and "url" in proc.stderr
+    assert "at most 1 MiB" in proc.stderr and "modules.NAME.oci" in proc.stderr
 
 
 def test_deployment_is_hardened_and_shutdown_is_consistent():
-    docs = render("-f", os.path.join(CHART, "values-prod.yaml"))
+    pinned = "sha256:" + "ab" * 32
+    docs = render("-f", os.path.join(CHART, "values-prod.yaml"), "--set", f"image.digest={pinned}")
     dep = find(docs, "Deployment")
     pod = dep["spec"]["template"]
     spec = pod["spec"]
@@ -156,7 +171,7 @@ def test_deployment_is_hardened_and_shutdown_is_consistent():
     assert c["startupProbe"]["httpGet"]["path"] == "/ready"
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert c["image"].endswith("@sha256:" + "0" * 64)
+    assert c["image"].endswith("@" + pinned)
     # preStop sleep + drain delay + grace period fit in the termination grace.
     prestop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     toml = find(docs, "ConfigMap", "-config")["data"]["berth.toml"]
@@ -325,7 +340,8 @@ def test_security_scans_pass_with_justified_skips():
 
 def test_environments_promote_one_oci_digest_and_mount_the_pull_secrets():
     refs = set()
-    for env in ENVS:
+    # Dev starts without a registry (see test_rendered_config_is_served...).
+    for env in ["values-staging.yaml", "values-prod.yaml"]:
         docs = render("-f", os.path.join(CHART, env))
         config = find(docs, "ConfigMap", "-config")["data"]["berth.toml"]
         refs.add(re.search(r'oci = "([^"]+)"', config).group(1))
@@ -395,7 +411,7 @@ def wait_listening(host, limit=20):
 def test_rendered_config_is_served_by_the_real_host(tmp_path):
     serve_rendered(
         tmp_path,
-        ["-f", os.path.join(CHART, "values-dev.yaml"), "--set", "modules.orders=null"],
+        ["-f", os.path.join(CHART, "values-dev.yaml")],
         "/hello?name=chart",
         {"message": "Hello from dev, chart!"},
     )

@@ -812,3 +812,30 @@ fn p3_requests_are_traced_across_two_hosts_with_guest_logs_on_their_spans() {
         b_server.events
     );
 }
+
+#[test]
+fn a_shutdown_retires_reused_instances_as_stopped_not_as_traps() {
+    let mut berth = Berth::start(&format!(
+        "[shutdown]\ndrain_delay = \"0s\"\n{}",
+        p3("instances = { idle_timeout = \"60s\" }")
+    ));
+    assert_eq!(get(&berth.url("/p3/")).status, 200);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &berth.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = berth
+        .wait_exit(Duration::from_secs(30))
+        .expect("berth did not exit");
+    assert_eq!(exit.code(), Some(0));
+    let retired: Vec<_> = berth
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["message"] == "instance retired")
+        .collect();
+    assert!(
+        retired.iter().all(|l| l["reason"] != "trap"),
+        "a normal shutdown reported as a trap: {retired:?}"
+    );
+}

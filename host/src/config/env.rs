@@ -87,14 +87,10 @@ impl EnvLayer {
 
 impl Provider for EnvLayer {
     fn metadata(&self) -> Metadata {
+        // Errors name the key and the variable that set it.
         Metadata::named("`BERTH_` environment variable(s)").interpolater(|_, keys| {
-            format!(
-                "BERTH_{}",
-                keys.iter()
-                    .map(|k| k.to_ascii_uppercase())
-                    .collect::<Vec<_>>()
-                    .join("__")
-            )
+            let var: Vec<String> = keys.iter().map(|k| k.to_ascii_uppercase()).collect();
+            format!("{} (BERTH_{})", keys.join("."), var.join("__"))
         })
     }
 
