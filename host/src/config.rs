@@ -33,7 +33,7 @@ pub enum ConfigError {
     /// A value has the wrong type, a key is unknown, or a required key is
     /// missing. Shown without the file's text: a syntax error quotes its
     /// line, which may hold a secret, and this text reaches the admin port.
-    #[error("invalid config: {}", without_source(&.0.to_string()))]
+    #[error("invalid config: {}", without_values(&without_source(&.0.to_string())))]
     Invalid(Box<figment::Error>),
     /// Values that parse but do not make sense together.
     #[error("invalid config: key `{key}`: {reason}")]
@@ -64,6 +64,37 @@ fn without_source(text: &str) -> String {
         .filter(|line| !quoted(line))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// A figment error without the string values it quotes (`found string
+/// "..."`): a value in the wrong place may be a secret (a mistyped secrets
+/// file, a token under the wrong key), and this text reaches the admin
+/// port. The key, the expected type and the source stay.
+fn without_values(text: &str) -> String {
+    const QUOTED: &str = "string \"";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(QUOTED) {
+        out.push_str(&rest[..at]);
+        out.push_str("a string");
+        let after = &rest[at + QUOTED.len()..];
+        // The value is Debug-quoted: find its closing quote, past escapes.
+        let mut end = after.len();
+        let mut escaped = false;
+        for (i, c) in after.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    end = i + 1;
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        rest = &after[end.min(after.len())..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn rejected(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -964,12 +995,20 @@ pub struct Overrides {
 /// nothing else (module `secrets`, registry credentials, the admin token),
 /// so a Secret cannot change a route or a limit behind a review of the
 /// ConfigMap.
-fn secrets_layer(path: &Path) -> Result<figment::providers::Data<Toml>, ConfigError> {
+fn secrets_layer(path: &Path) -> Result<SecretsFile, ConfigError> {
     use figment::Provider as _;
     if !path.is_file() {
         return Err(ConfigError::MissingFile(path.to_path_buf()));
     }
-    let data = Toml::file_exact(path).data()?;
+    // Read once: what is checked is what is merged (a file swapped between
+    // two reads could otherwise set any key).
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        rejected(
+            "--secrets-file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let data = Toml::string(&text).data()?;
     let file = path.display();
     for dict in data.values() {
         for (section, value) in dict {
@@ -999,7 +1038,29 @@ fn secrets_layer(path: &Path) -> Result<figment::providers::Data<Toml>, ConfigEr
             }
         }
     }
-    Ok(Toml::file_exact(path))
+    Ok(SecretsFile {
+        data,
+        path: path.to_path_buf(),
+    })
+}
+
+/// The checked contents of the secrets file, as a figment layer that names
+/// the file in errors.
+struct SecretsFile {
+    data: figment::value::Map<figment::Profile, figment::value::Dict>,
+    path: PathBuf,
+}
+
+impl figment::Provider for SecretsFile {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::from("secrets file", figment::Source::File(self.path.clone()))
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Ok(self.data.clone())
+    }
 }
 
 impl Config {
@@ -1030,10 +1091,22 @@ impl Config {
         Ok(fig)
     }
 
+    /// What the file at `path` says by itself (no environment, secrets file
+    /// or flags), validated: for checking what the file names before it is
+    /// rewritten.
+    pub fn load_file_alone(path: &Path) -> Result<Config, ConfigError> {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file_exact(path))
+            .extract_lossy::<Config>()?
+            .validate()
+    }
+
     /// Loads and validates the configuration.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
         Self::figment(file, overrides)?
-            .extract::<Config>()?
+            // Lossy: environment values arrive as strings, and become
+            // numbers or booleans only where a key wants one.
+            .extract_lossy::<Config>()?
             .validate()
     }
 

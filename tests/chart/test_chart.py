@@ -144,6 +144,9 @@ def test_only_the_files_modules_name_ride_in_the_configmap(tmp_path):
     assert sorted(binary) == ["big.wasm"]
     docs = render("--set", "modules.api=null")
     assert sorted(find(docs, "ConfigMap", "-modules")["binaryData"]) == ["hello.wasm"]
+    # A canary's file rides along.
+    docs = render("--set", "modules.api=null", "--set", "modules.hello.canary.file=api.wasm")
+    assert sorted(find(docs, "ConfigMap", "-modules")["binaryData"]) == ["api.wasm", "hello.wasm"]
 
 
 def test_modules_over_one_mebibyte_fail_with_a_pointer_to_urls(tmp_path):

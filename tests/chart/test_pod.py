@@ -176,3 +176,48 @@ def test_the_admin_port_is_not_published_and_admin_writes_need_the_token(image, 
                 status = e.code
             assert status == want, auth
         assert get(f"http://{pod.pod_ip}:9090/metrics")[0] == 200
+
+
+def test_a_pinned_module_moves_with_its_pin_as_docs_deploy_md_says(image, tmp_path):
+    """docs/deploy.md, "Update a module in place": a pinned module's new
+    bytes ship under a new file name with their sha256, in one upgrade, and
+    every pod then starts. Replacing only the bytes behind the old pin is
+    what the doc warns against: such a pod refuses to start."""
+    import base64
+    import hashlib
+
+    wasm = os.path.join(TARGET, "wasm32-wasip2", "release")
+
+    def release(files, file, pinned):
+        encoded = []
+        for name, source in files.items():
+            b64 = tmp_path / f"{name}.b64"
+            b64.write_text(base64.b64encode(open(os.path.join(wasm, source), "rb").read()).decode())
+            encoded += ["--set-file", f"moduleFiles.{name.replace('.', chr(92) + '.')}={b64}"]
+        sha = hashlib.sha256(open(os.path.join(wasm, pinned), "rb").read()).hexdigest()
+        return render(
+            "shop", "--set", "modules.hello=null", "--set", "modules.api=null",
+            "--set", f"modules.greeter.file={file}", "--set", f"modules.greeter.sha256={sha}",
+            "--set", "modules.greeter.route=/greeter", *encoded,
+        ) + EXISTING
+
+    v1 = {"greeter-1.0.wasm": "hello.wasm"}
+    v2 = {"greeter-1.0.wasm": "hello.wasm", "greeter-1.1.wasm": "plain_hello.wasm"}
+    # 1.0 serves; the upgrade names 1.1 with its pin, and a new pod serves it.
+    _, status, body, code, _, _ = run_pod(release(v1, "greeter-1.0.wasm", "hello.wasm"), image, tmp_path,
+                                          "/greeter?name=pod")
+    assert (status, code) == (200, 0) and "pod" in body, body
+    docs = release(v2, "greeter-1.1.wasm", "plain_hello.wasm")
+    _, status, body, code, _, _ = run_pod(docs, image, tmp_path, "/greeter")
+    assert (status, code) == (200, 0), body
+    # The old way: new bytes under the old name, the old pin kept.
+    swapped = release({"greeter-1.0.wasm": "plain_hello.wasm"}, "greeter-1.0.wasm", "hello.wasm")
+    pod = kubelet.Pod(swapped, image, tempfile.mkdtemp(dir=tmp_path), namespace="shop")
+    try:
+        pod.start()
+        with pytest.raises(kubelet.PodFailed) as failed:
+            pod.wait_started()
+            pod.wait_ready(30)
+        assert "exited with 2" in str(failed.value) and "sha256" in str(failed.value), failed.value
+    finally:
+        pod.cleanup()

@@ -770,6 +770,29 @@ fn a_promotion_writes_back_only_the_version_that_was_judged() {
         (Some("progressing"), Some(10)),
         "{canary:#}"
     );
+
+    // An edit that loads but names another canary (made inside the
+    // watcher's debounce, say), then v3 is promoted: the edit stays.
+    let fixed = std::fs::read_to_string(&path).unwrap();
+    let next = fixed.replace(
+        &wasm("plain_hello").display().to_string(),
+        &wasm("hello").display().to_string(),
+    );
+    assert_ne!(next, fixed);
+    std::fs::write(&path, &next).unwrap();
+    assert_eq!(
+        admin_post(&berth.admin_url("/admin/canary/shop/promote")).status,
+        200
+    );
+    wait_state(&berth, "promoted", Duration::from_secs(5));
+    assert!(
+        berth
+            .wait_for_log(Duration::from_secs(5), |l| l["why"]
+                == "its canary is no longer the version that was judged")
+            .is_some(),
+        "no line says why the file was left"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), next);
 }
 
 #[test]
@@ -808,6 +831,7 @@ fn a_rolled_back_file_rebuilt_in_place_is_a_new_canary() {
             "no {shown} in the Canaries section: {page}"
         );
     }
+    assert!(canaries.contains(&this_year()), "no end time in {canaries}");
     // The same name, new bytes: a reload judges them.
     std::fs::copy(wasm("plain_hello"), &next).unwrap();
     let report = admin_post(&berth.admin_url("/admin/reload")).json();
@@ -928,5 +952,61 @@ fn a_cache_folder_refused_as_not_berths_keeps_no_canary_state_either() {
             .log_lines()
             .iter()
             .any(|l| l["message"] == "compile cache disabled: cannot use its folder")
+    );
+}
+
+/// This year and a dash, as the status page writes times (RFC 3339).
+fn this_year() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()[..5].to_owned()
+}
+
+#[test]
+fn a_canary_that_runs_over_its_deadline_is_judged_on_its_504s() {
+    // Shed requests are not judged; a guest's own timeouts are.
+    let berth = Berth::start(&config(
+        "steps = [50]\ninterval = \"1s\"\nmin_requests = 1",
+        "config = { delay_ms = \"400\" }\nlimits = { timeout = \"150ms\" }",
+    ));
+    let traffic = Traffic::start(&berth, 2);
+    let module = wait_state(&berth, "rolled_back", Duration::from_secs(15));
+    let seen = traffic.finish();
+    assert!(seen.iter().any(|s| s.status == 504), "no timeout seen");
+    assert!(
+        module["canary"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("success rate")),
+        "{module:#}"
+    );
+}
+
+#[test]
+fn a_canary_source_set_from_the_environment_is_never_written_into_the_file() {
+    // The file names v2; the environment runs plain_hello instead, which is
+    // the version judged and promoted. Copying the file's table would make
+    // v2, never judged, the stable version.
+    let text = config("steps = [10, 50]\ninterval = \"1h\"", "")
+        .replace("[runtime]\n", "[runtime]\nwatch = false\n");
+    let plain = wasm("plain_hello").display().to_string();
+    let berth = Berth::start_with(&text, &[("BERTH_MODULES__SHOP__CANARY__FILE", &plain)]);
+    assert_eq!(
+        canary_info(&berth)["canary"]["sha256"],
+        sha256_of("plain_hello")
+    );
+    let before = std::fs::read_to_string(berth.config_path()).unwrap();
+    assert_eq!(
+        admin_post(&berth.admin_url("/admin/canary/shop/promote")).status,
+        200
+    );
+    wait_state(&berth, "promoted", Duration::from_secs(5));
+    assert!(
+        berth
+            .wait_for_log(Duration::from_secs(5), |l| l["why"]
+                == "its canary is no longer the version that was judged")
+            .is_some(),
+        "no line says why the file was left"
+    );
+    assert_eq!(
+        std::fs::read_to_string(berth.config_path()).unwrap(),
+        before
     );
 }

@@ -430,6 +430,34 @@ fn a_p3_response_the_client_never_reads_frees_its_slot_at_the_deadline() {
 }
 
 #[test]
+fn a_p3_stream_cut_at_its_deadline_closes_the_connection() {
+    use std::io::{Read, Write};
+    let berth = Berth::start(&p3("limits = { timeout = \"2s\" }"));
+    // A client that reads a stream the guest is slow to write: at the
+    // deadline the response is cut and the connection closed, not left
+    // hanging half-sent.
+    let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    conn.write_all(b"GET /p3/drip HTTP/1.1\r\nhost: x\r\nx-lines: 5000\r\n\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    let ended = conn.read_to_end(&mut seen);
+    assert!(
+        !matches!(&ended, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+        "the connection hung after the deadline ({} bytes)",
+        seen.len()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+}
+
+#[test]
 fn concurrent_requests_on_one_p3_instance_keep_their_own_trace_and_ids() {
     // A downstream that records the `traceparent` of every call.
     let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -506,6 +534,24 @@ fn concurrent_requests_on_one_p3_instance_keep_their_own_trace_and_ids() {
             .unwrap_or_else(|| panic!("no guest line of {id}"));
         assert_eq!(line["trace_id"], trace.to_string().repeat(32), "{line}");
     }
+    // Guest stdout on the shared instance: never another request's ids.
+    let printed: Vec<_> = berth
+        .log_lines()
+        .into_iter()
+        .filter(|l| {
+            l["stream"] == "stdout"
+                && l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("stdout: fetching"))
+        })
+        .collect();
+    assert_eq!(printed.len(), 2, "{printed:?}");
+    let mut ids: Vec<&str> = printed
+        .iter()
+        .map(|l| l["request_id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["request-a", "request-b"], "{printed:?}");
 }
 
 fn fetch(berth: &Berth, url: &str) -> Reply {
@@ -815,10 +861,14 @@ fn p3_requests_are_traced_across_two_hosts_with_guest_logs_on_their_spans() {
 
 #[test]
 fn a_shutdown_retires_reused_instances_as_stopped_not_as_traps() {
-    let mut berth = Berth::start(&format!(
-        "[shutdown]\ndrain_delay = \"0s\"\n{}",
-        p3("instances = { idle_timeout = \"60s\" }")
-    ));
+    // Retirements without an error are debug lines.
+    let mut berth = Berth::start_with(
+        &format!(
+            "[shutdown]\ndrain_delay = \"0s\"\n{}",
+            p3("instances = { idle_timeout = \"60s\" }")
+        ),
+        &[("LOG_LEVEL", "info,berth_host::runtime::reuse=debug")],
+    );
     assert_eq!(get(&berth.url("/p3/")).status, 200);
     let status = std::process::Command::new("kill")
         .args(["-TERM", &berth.pid().to_string()])
@@ -834,8 +884,32 @@ fn a_shutdown_retires_reused_instances_as_stopped_not_as_traps() {
         .into_iter()
         .filter(|l| l["message"] == "instance retired")
         .collect();
+    assert!(!retired.is_empty(), "no retirement logged");
     assert!(
-        retired.iter().all(|l| l["reason"] != "trap"),
-        "a normal shutdown reported as a trap: {retired:?}"
+        retired.iter().all(|l| l["reason"] == "stopped"),
+        "a normal shutdown reported as something else: {retired:?}"
     );
+}
+
+#[test]
+fn a_p3_body_that_stops_arriving_is_a_408_and_a_slow_p3_guest_a_504() {
+    use std::io::{Read, Write};
+    let berth = Berth::start(&p3("limits = { timeout = \"1s\" }"));
+    // /fetch reads the whole body first, and waits for bytes the client
+    // never sends.
+    let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(
+        b"POST /p3/fetch HTTP/1.1\r\nhost: x\r\nx-url: http://127.0.0.1:9/\r\n\
+          content-length: 1000\r\n\r\nten bytes.",
+    )
+    .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = conn.read(&mut answer).unwrap_or(0);
+    let head = String::from_utf8_lossy(&answer[..n]);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    // A guest that sleeps past its deadline with a whole body unread: 504.
+    let slow = get_with(&berth.url("/p3/sleep"), &[("x-sleep-ms", "3000")]);
+    assert_eq!(slow.status, 504, "{}", slow.body);
 }

@@ -570,8 +570,11 @@ fn a_body_that_stops_arriving_is_the_clients_408_not_the_guests_504() {
     let n = conn.read(&mut answer).unwrap_or(0);
     let head = String::from_utf8_lossy(&answer[..n]);
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
-    // A guest that is itself too slow is still a 504.
+    // A guest that is itself too slow is still a 504, with or without a
+    // body that arrived whole.
     let slow = get(&berth.url("/m/sleep?ms=3000"));
+    assert_eq!(slow.status, 504, "{}", slow.body);
+    let slow = post(&berth.url("/m/sleep?ms=3000"), "a body that arrived whole");
     assert_eq!(slow.status, 504, "{}", slow.body);
 }
 

@@ -47,5 +47,7 @@ def test_the_first_engine_builds_the_dockerfile_and_a_push_prints_the_digest_to_
     out = run(tmp_path, {"ENGINE": "buildah"})
     assert log.read_text().splitlines() == ["buildah bud -f Dockerfile -t berth:dev ."]
     stand_in(tmp_path, "docker", log)
+    log.unlink()
     out = run(tmp_path, {"IMAGE": "reg.example/b:1", "PUSH": "1"})
     assert "--set image.digest=sha256:def" in out.stdout, out.stdout + out.stderr
+    assert "docker push reg.example/b:1" in log.read_text().splitlines()

@@ -3,12 +3,11 @@
 //!
 //! figment's own `Env` provider parses every value as a TOML-like scalar,
 //! so `BERTH_ADMIN__TOKEN=000420` became the number 420 and a config value
-//! `1.10` became `1.1`. This provider keeps what a variable says: a value is
-//! read as a number or a boolean only when that reading gives back exactly
-//! the text written (so `8080`, `true` and `2.5` still set numeric and
-//! boolean keys), and never under the keys whose values are strings by
-//! nature (a module's `config` and `secrets`, registry credentials, the
-//! admin token).
+//! `1.10` became `1.1`. This provider hands every value over as the string
+//! written; the config is extracted with figment's lossy reading, which
+//! turns a string into a number or a boolean only where the key wants one
+//! (`BERTH_SERVER__MAX_HEADERS=50`). Arrays and tables written on purpose
+//! (`["a", "b"]`) are parsed, to a bounded depth.
 
 use figment::value::{Dict, Map, Tag, Value};
 use figment::{Error, Metadata, Profile, Provider};
@@ -104,11 +103,7 @@ impl Provider for EnvLayer {
             if path.iter().any(String::is_empty) || section(&path[0]).is_none() {
                 continue;
             }
-            let value = if holds_strings(&path) {
-                Value::from(raw)
-            } else {
-                as_written(raw)
-            };
+            let value = as_written(raw);
             let nested = path
                 .iter()
                 .rev()
@@ -125,34 +120,36 @@ impl Provider for EnvLayer {
     }
 }
 
-/// Whether the key's value is a string whatever it looks like.
-fn holds_strings(path: &[String]) -> bool {
-    let key: Vec<&str> = path.iter().map(String::as_str).collect();
-    matches!(
-        key.as_slice(),
-        ["modules", _, "config" | "secrets", ..]
-            | ["modules", _, "canary", "config" | "secrets", ..]
-            | ["registry", "credentials", ..]
-            | ["admin", "token"]
-    )
+/// Deepest nesting of an array or table value parsed from a variable:
+/// figment's parser recurses, and a deep one would overflow the stack.
+const MAX_NESTING: usize = 8;
+
+/// `raw` as the string written, unless it is an array or a table (`[...]`,
+/// `{...}`) of bounded depth, which is parsed.
+fn as_written(raw: String) -> Value {
+    let structured = raw.trim_start().starts_with(['[', '{']);
+    if structured && nesting(&raw) <= MAX_NESTING {
+        raw.parse().expect("parsing a value is infallible")
+    } else {
+        Value::from(raw)
+    }
 }
 
-/// `raw` as a number or boolean when that is exactly what it says,
-/// otherwise the string as written.
-fn as_written(raw: String) -> Value {
-    let parsed: Value = raw.parse().expect("parsing a value is infallible");
-    let same = match &parsed {
-        Value::Num(_, n) => {
-            n.to_u128().map(|n| n.to_string()) == Some(raw.clone())
-                || n.to_i128().map(|n| n.to_string()) == Some(raw.clone())
-                || n.to_f64().is_some_and(|f| f.to_string() == raw)
+/// How deep brackets nest in `text` (quotes not considered: a bracket in
+/// a quoted string only makes this more careful).
+fn nesting(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for c in text.chars() {
+        match c {
+            '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
         }
-        Value::Bool(_, b) => b.to_string() == raw,
-        // Arrays and tables are written on purpose (`[1, 2]`).
-        Value::Array(..) | Value::Dict(..) => true,
-        _ => false,
-    };
-    if same { parsed } else { Value::from(raw) }
+    }
+    deepest
 }
 
 /// `b` merged into `a`, tables key by key.
@@ -182,30 +179,44 @@ mod tests {
         let vars = [
             ("BERTH_ADMIN__TOKEN", "000420"),
             ("BERTH_MODULES__SHOP__CONFIG__VERSION", "1.10"),
-            ("BERTH_MODULES__SHOP__CONFIG__COUNT", "3"),
+            ("BERTH_MODULES__SHOP__CANARY__CONFIG__VERSION", "2.10"),
             ("BERTH_MODULES__SHOP__SECRETS__PIN", "0042"),
             ("BERTH_REGISTRY__CREDENTIALS__R__USERNAME", "12345"),
             ("BERTH_SERVER__MAX_HEADERS", "50"),
+            ("BERTH_SHUTDOWN__DRAIN_DELAY", "0"),
             ("BERTH_LOG__ACCESS_LOG", "false"),
-            ("BERTH_RUNTIME__WORKER_THREADS", "007"),
-            ("BERTH_DEFAULTS__LIMITS__TIMEOUT", "2s"),
+            (
+                "BERTH_MODULES__SHOP__ALLOWED_OUTBOUND_HOSTS",
+                "[\"https://a.example\"]",
+            ),
         ];
         let s = |key| value(&vars, key).into_string();
-        assert_eq!(s("admin.token").as_deref(), Some("000420"));
-        assert_eq!(s("modules.shop.config.version").as_deref(), Some("1.10"));
-        assert_eq!(s("modules.shop.config.count").as_deref(), Some("3"));
-        assert_eq!(s("modules.shop.secrets.pin").as_deref(), Some("0042"));
+        for (key, want) in [
+            ("admin.token", "000420"),
+            ("modules.shop.config.version", "1.10"),
+            ("modules.shop.canary.config.version", "2.10"),
+            ("modules.shop.secrets.pin", "0042"),
+            ("registry.credentials.r.username", "12345"),
+            ("server.max_headers", "50"),
+            ("shutdown.drain_delay", "0"),
+            ("log.access_log", "false"),
+        ] {
+            assert_eq!(s(key).as_deref(), Some(want), "{key}");
+        }
+        // Written as an array on purpose: an array.
+        let hosts = value(&vars, "modules.shop.allowed_outbound_hosts");
+        assert_eq!(hosts.into_array().map(|a| a.len()), Some(1));
+    }
+
+    #[test]
+    fn a_deeply_nested_value_is_a_string_not_a_stack_overflow() {
+        let deep = "[".repeat(100_000);
+        let vars = [("BERTH_LOG__ACCESS_LOG", deep.as_str())];
         assert_eq!(
-            s("registry.credentials.r.username").as_deref(),
-            Some("12345")
+            value(&vars, "log.access_log").into_string(),
+            Some(deep.clone())
         );
-        assert_eq!(s("defaults.limits.timeout").as_deref(), Some("2s"));
-        // Numbers and booleans that read back as written stay typed.
-        assert_eq!(value(&vars, "server.max_headers").to_u128(), Some(50));
-        assert_eq!(value(&vars, "log.access_log").to_bool(), Some(false));
-        // A leading zero is not a number as written: kept as text, so the
-        // typed key refuses it by name instead of reading another number.
-        assert_eq!(s("runtime.worker_threads").as_deref(), Some("007"));
+        assert_eq!(nesting("[[1], {a = [2]}]"), 3);
     }
 
     #[test]

@@ -355,6 +355,40 @@ fn a_canary_is_checked_with_its_key_and_resolved_next_to_its_module() {
 }
 
 #[test]
+fn a_value_in_the_wrong_place_is_never_quoted() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "berth.toml",
+            "[modules.x]\nfile = \"a.wasm\"\nroute = \"/a\"\n",
+        )?;
+        jail.create_file(
+            "sec.toml",
+            "[modules.x]\nsecrets = \"SUPERSECRET \\\" quoted\"\n",
+        )?;
+        let flags = Overrides {
+            secrets_file: Some(jail.directory().join("sec.toml")),
+            ..Overrides::default()
+        };
+        let err = Config::load(Some(&jail.directory().join("berth.toml")), &flags)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !err.contains("SUPERSECRET") && !err.contains("quoted"),
+            "{err}"
+        );
+        assert!(
+            err.contains("modules.x.secrets") && err.contains("sec.toml"),
+            "{err}"
+        );
+        Ok(())
+    });
+    assert_eq!(
+        without_values(r#"found string "a \" b", expected u32 for key "k""#),
+        r#"found a string, expected u32 for key "k""#
+    );
+}
+
+#[test]
 fn a_syntax_error_names_the_line_but_never_quotes_it() {
     Jail::expect_with(|jail| {
         jail.create_file(
@@ -421,9 +455,11 @@ fn environment_values_are_strings_as_written() {
         assert_eq!(cfg.modules["a"].config["version"].0, "1.10");
         assert_eq!(cfg.modules["a"].secrets["pin"].0.0, "0042");
         assert_eq!(cfg.server.max_headers, 50);
-        // A number that is not written as one is refused by its key, not
-        // read as another number.
-        jail.set_env("BERTH_SERVER__MAX_HEADERS", "050");
+        // Typed keys read the text as their type, and name the variable
+        // when it is not one.
+        jail.set_env("BERTH_SHUTDOWN__DRAIN_DELAY", "0");
+        assert_eq!(load(jail).unwrap().shutdown.drain_delay, Duration::ZERO);
+        jail.set_env("BERTH_SERVER__MAX_HEADERS", "lots");
         let err = load(jail).unwrap_err().to_string();
         assert!(err.contains("BERTH_SERVER__MAX_HEADERS"), "{err}");
         Ok(())
@@ -466,6 +502,20 @@ fn a_secrets_file_keeps_the_case_of_its_keys_and_sets_only_secrets() {
         .unwrap_err()
         .to_string();
         assert!(err.contains("bad.toml") && err.contains("modules"), "{err}");
+        for (file, text) in [
+            (
+                "reg.toml",
+                "[registry]\ninsecure_registries = [\"evil:5000\"]\n",
+            ),
+            ("adm.toml", "[admin]\nlisten = \"0.0.0.0:1\"\n"),
+            ("top.toml", "[server]\nmax_headers = 7\n"),
+        ] {
+            jail.create_file(file, text)?;
+            let err = Config::load(Some(&jail.directory().join("berth.toml")), &with(file))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("may set only"), "{file}: {err}");
+        }
         let err = Config::load(
             Some(&jail.directory().join("berth.toml")),
             &with("gone.toml"),

@@ -41,13 +41,34 @@ pub(super) fn state_file(
     use sha2::{Digest, Sha256};
     let key = source
         .path()
-        .map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string())
+        .map(|p| {
+            lexical(&std::path::absolute(&p).unwrap_or(p))
+                .display()
+                .to_string()
+        })
         .unwrap_or_default();
     let name = format!(
         "{}.json",
         &hex::encode(Sha256::digest(key.as_bytes()))[..16]
     );
     Some(cache?.join(STATE_DIR).join(name))
+}
+
+/// `path` with `.` and `..` taken out by their text: `a/../a/b.toml` and
+/// `a/b.toml` are one config, whatever links the folders are.
+fn lexical(path: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 impl Modules {
@@ -356,7 +377,8 @@ impl Modules {
     /// holds until the values are updated.
     ///
     /// Only when the file still names the version that was judged: it
-    /// loads, its canary has the same source, and that source's digest is
+    /// loads by itself, its own canary table has the same source (not one
+    /// an environment variable put over it), and that source's digest is
     /// the judged bytes'. An operator may have started another canary
     /// since (a reload that a typo elsewhere refused, or an edit inside the
     /// watcher's debounce): promoting that one would put a version that was
@@ -365,6 +387,9 @@ impl Modules {
         let Some(path) = self.source.path() else {
             return;
         };
+        // Read as given (its relative paths resolve there); written where
+        // it really is.
+        let given = path.clone();
         let path = std::fs::canonicalize(&path).unwrap_or(path);
         let leave = |why: &str| {
             tracing::info!(
@@ -377,7 +402,9 @@ impl Modules {
         let Ok(before) = std::fs::read_to_string(&path) else {
             return leave("it cannot be read");
         };
-        let now = match self.source.load() {
+        // The file's own word: an environment variable may override the
+        // canary's source, and the file's table is what gets copied.
+        let now = match Config::load_file_alone(&given) {
             Ok(config) => config
                 .canary_specs()
                 .into_iter()
@@ -543,7 +570,20 @@ fn canary_specs(config: &Config) -> HashMap<String, CanarySpec> {
 
 #[cfg(test)]
 mod tests {
-    use super::promote_in_file;
+    use super::{lexical, promote_in_file};
+
+    #[test]
+    fn one_config_file_has_one_key_however_its_path_is_spelled() {
+        let p = std::path::Path::new;
+        assert_eq!(
+            lexical(p("/etc/c5/../c5/./berth.toml")),
+            p("/etc/c5/berth.toml")
+        );
+        assert_eq!(
+            lexical(p("/etc/berth/berth.toml")),
+            p("/etc/berth/berth.toml")
+        );
+    }
 
     #[test]
     fn a_promotion_rewrites_only_the_modules_source_and_keeps_comments() {

@@ -226,6 +226,24 @@ fn ours(name: &str) -> bool {
                 .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|c| c.is_ascii_digit())))
 }
 
+/// Whether Berth writes a file of this name in its subfolder `folder`:
+/// downloads (`<sha256>.wasm`), OCI manifests (`<sha256>.json`), both with
+/// their temporary `.part<N>` files, and canary outcomes (`<16 hex>.json`,
+/// `.berth-tmp.*`).
+fn ours_inside(folder: &str, name: &str) -> bool {
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|c| c.is_ascii_hexdigit());
+    let (stem, ext) = name.split_once('.').unwrap_or((name, ""));
+    let part = ext
+        .strip_prefix("part")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()));
+    match folder {
+        "downloads" => hex(stem, 64) && (ext == "wasm" || part),
+        "oci" => hex(stem, 64) && (ext == "json" || part),
+        "canaries" => (hex(stem, 16) && ext == "json") || name.starts_with(".berth-tmp."),
+        _ => false,
+    }
+}
+
 /// Whether pruning may delete the file `name` of `folder` (the cache's
 /// own folder, or its `downloads`): only entries Berth writes there.
 fn ours_in(folder: &Path, cache: &Path, name: &str) -> bool {
@@ -277,12 +295,25 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
         if name == "lost+found" {
             continue;
         }
-        if !ours(&name) {
-            return Err(Error::other(format!(
-                "{} holds `{name}`, which Berth did not write: refusing to use it as the cache \
+        let foreign = |what: &str| {
+            Error::other(format!(
+                "{} holds `{what}`, which Berth did not write: refusing to use it as the cache \
                  (set runtime.cache_dir to a folder of its own)",
                 dir.display()
-            )));
+            ))
+        };
+        let is_dir = entry.file_type()?.is_dir();
+        if !ours(&name) || is_dir != SUBFOLDERS.contains(&name.as_str()) {
+            return Err(foreign(&name));
+        }
+        if is_dir {
+            for inner in std::fs::read_dir(entry.path())? {
+                let inner = inner?;
+                let inner_name = inner.file_name().to_string_lossy().into_owned();
+                if !inner.file_type()?.is_file() || !ours_inside(&name, &inner_name) {
+                    return Err(foreign(&format!("{name}/{inner_name}")));
+                }
+            }
         }
         entries.push(entry);
     }
@@ -354,7 +385,12 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         std::fs::write(dir.join(ENTRY), b"evil").unwrap();
         std::fs::create_dir(dir.join("downloads")).unwrap();
-        std::fs::write(dir.join("downloads").join("x.wasm"), b"evil").unwrap();
+        std::fs::write(
+            dir.join("downloads")
+                .join(format!("{}.wasm", "a".repeat(64))),
+            b"evil",
+        )
+        .unwrap();
         private_dir(&dir).unwrap();
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
@@ -377,6 +413,34 @@ mod tests {
                 assert!(dir.join(kept).exists(), "{kept} was deleted");
             }
         }
+    }
+
+    #[test]
+    fn a_subfolder_named_like_berths_but_holding_anything_else_is_refused() {
+        for (sub, file) in [
+            ("downloads", "thesis.pdf"),
+            ("canaries", "notes.txt"),
+            ("oci", "x.json"),
+        ] {
+            let root = tempfile::tempdir().unwrap();
+            let dir = root.path().join("proj");
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+            std::fs::write(dir.join(sub).join(file), b"mine").unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+            let err = private_dir(&dir).unwrap_err().to_string();
+            assert!(err.contains(&format!("{sub}/{file}")), "{err}");
+            assert!(
+                dir.join(sub).join(file).exists(),
+                "{sub}/{file} was deleted"
+            );
+            assert_eq!(mode(&dir), 0o775);
+        }
+        // An entry's name on a folder is not an entry.
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("c");
+        std::fs::create_dir_all(dir.join(ENTRY)).unwrap();
+        assert!(private_dir(&dir).is_err());
+        assert!(dir.join(ENTRY).is_dir());
     }
 
     #[test]
@@ -438,8 +502,15 @@ mod tests {
         }
         let live = format!("{:064}", 99);
         std::fs::write(dir.join(format!("{live}-{:016}.cwasm", 0)), vec![0u8; 5000]).unwrap();
-        // A file someone put there later is not an entry to prune.
-        std::fs::write(dir.join("NOTES.txt"), b"mine").unwrap();
+        // A file someone put there, older than every entry, is not one to
+        // prune (the size pass deletes the oldest first).
+        std::fs::write(dir.join("NOTES.txt"), vec![0u8; 20_000]).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join("NOTES.txt"))
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1))
+            .unwrap();
         cache.prune(&HashSet::from([live.clone()]));
         std::fs::remove_file(dir.join("NOTES.txt"))
             .expect("pruning deleted a file it did not write");

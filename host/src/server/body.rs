@@ -27,15 +27,16 @@ pub(super) struct Limited<B> {
 
 impl Limited<Lingering> {
     /// The request body, over `limit` an `HttpRequestBodySize` error.
-    /// `complete` is set once the client has sent all of it.
+    /// `waiting` is set while the guest waits for bytes the client has not
+    /// sent yet.
     pub(super) fn request(
         inner: Incoming,
         limit: u64,
         exceeded: Arc<AtomicBool>,
-        complete: Arc<AtomicBool>,
+        waiting: Arc<AtomicBool>,
     ) -> Self {
         Limited {
-            inner: Lingering::new(inner, complete),
+            inner: Lingering::new(inner, waiting),
             remaining: limit,
             limit,
             exceeded: Some(exceeded),
@@ -197,6 +198,9 @@ enum Delivery<B> {
         body: B,
         /// Held, never read: dropping it frees the slot.
         _slot: tokio::sync::OwnedSemaphorePermit,
+        /// hyper's task while it waits on this body: woken at the deadline
+        /// so that it sees the error and closes the connection.
+        waker: Option<std::task::Waker>,
     },
     Done,
     Expired,
@@ -212,6 +216,7 @@ impl<B: Send + 'static> Bounded<B> {
         let state = Arc::new(std::sync::Mutex::new(Delivery::Streaming {
             body: inner,
             _slot: permit,
+            waker: None,
         }));
         let timer = tokio::spawn({
             let state = Arc::downgrade(&state);
@@ -219,13 +224,18 @@ impl<B: Send + 'static> Bounded<B> {
                 tokio::time::sleep_until(deadline).await;
                 let Some(state) = state.upgrade() else { return };
                 let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-                if matches!(*state, Delivery::Streaming { .. }) {
+                if let Delivery::Streaming { waker, .. } = &mut *state {
+                    let waker = waker.take();
                     // Dropped here, outside of hyper: slot and stream.
                     *state = Delivery::Expired;
+                    drop(state);
                     tracing::warn!(
                         module = &*module,
                         "response body not delivered within limits.timeout: cut off"
                     );
+                    if let Some(waker) = waker {
+                        waker.wake();
+                    }
                 }
             }
         });
@@ -248,13 +258,21 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let Delivery::Streaming { body: inner, .. } = &mut *state else {
+        let Delivery::Streaming {
+            body: inner, waker, ..
+        } = &mut *state
+        else {
             return Poll::Ready(match *state {
                 Delivery::Expired => Some(Err(wasmtime_wasi_http::Error::ConnectionWriteTimeout)),
                 _ => None,
             });
         };
-        let frame = std::task::ready!(Pin::new(&mut *inner).poll_frame(cx));
+        let Poll::Ready(frame) = Pin::new(&mut *inner).poll_frame(cx) else {
+            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
+        };
         if frame.is_none() || inner.is_end_stream() {
             *state = Delivery::Done;
         }
@@ -283,22 +301,20 @@ const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 /// can destroy the response in flight; nginx's "lingering close" does the
 /// same for the same reason.
 ///
-/// It also tells whether the client has sent the whole body: a guest that
-/// runs out of time waiting for the rest was held up by the client, not by
-/// its own code (a 408, not a 504, and nothing against a canary).
+/// It also tells whether the guest is waiting for bytes the client has not
+/// sent: a guest that runs out of time there was held up by the client,
+/// not by its own code (a 408, not a 504, and nothing against a canary). A
+/// guest that never reads the body, or has read all of it, is not waiting.
 pub(super) struct Lingering {
     body: Option<Incoming>,
-    complete: Arc<AtomicBool>,
+    waiting: Arc<AtomicBool>,
 }
 
 impl Lingering {
-    pub(super) fn new(body: Incoming, complete: Arc<AtomicBool>) -> Self {
-        if body.is_end_stream() {
-            complete.store(true, Ordering::Relaxed);
-        }
+    pub(super) fn new(body: Incoming, waiting: Arc<AtomicBool>) -> Self {
         Lingering {
             body: Some(body),
-            complete,
+            waiting,
         }
     }
 }
@@ -314,11 +330,9 @@ impl Body for Lingering {
         let Some(body) = self.body.as_mut() else {
             return Poll::Ready(None);
         };
-        let frame = std::task::ready!(Pin::new(&mut *body).poll_frame(cx));
-        if frame.is_none() || body.is_end_stream() {
-            self.complete.store(true, Ordering::Relaxed);
-        }
-        Poll::Ready(frame)
+        let frame = Pin::new(body).poll_frame(cx);
+        self.waiting.store(frame.is_pending(), Ordering::Relaxed);
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

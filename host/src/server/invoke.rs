@@ -66,7 +66,7 @@ async fn fresh(
     if request.too_big.load(Ordering::Relaxed) {
         return Err(RequestError::BodyTooLarge);
     }
-    let outcome = client_held_up(outcome, &request.complete)?;
+    let outcome = client_held_up(outcome, &request.waiting)?;
     Ok(respond(outcome, module, cut_off).await)
 }
 
@@ -101,8 +101,8 @@ struct WasiRequest {
     answer: Answer,
     /// Set when the body turns out larger than `max_body` as it streams.
     too_big: Arc<AtomicBool>,
-    /// Set once the client has sent the whole body.
-    complete: Arc<AtomicBool>,
+    /// Set while the guest waits for body bytes the client has not sent.
+    waiting: Arc<AtomicBool>,
 }
 
 impl WasiRequest {
@@ -112,9 +112,9 @@ impl WasiRequest {
         max_body: u64,
     ) -> Result<Self, RequestError> {
         let too_big = Arc::new(AtomicBool::new(false));
-        let complete = Arc::new(AtomicBool::new(false));
+        let waiting = Arc::new(AtomicBool::new(false));
         let (parts, body) = req.into_parts();
-        let body = Limited::request(body, max_body, too_big.clone(), complete.clone());
+        let body = Limited::request(body, max_body, too_big.clone(), waiting.clone());
         let (tx, answer) = oneshot::channel();
         let mut http = store.data_mut().http();
         let malformed = |e: wasmtime::Error| RequestError::Malformed(e.to_string());
@@ -126,7 +126,7 @@ impl WasiRequest {
             handles: (request, out),
             answer,
             too_big,
-            complete,
+            waiting,
         })
     }
 }
@@ -216,13 +216,13 @@ async fn pooled(
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
     let permit = admit(module, &req)?;
     let too_big = Arc::new(AtomicBool::new(false));
-    let complete = Arc::new(AtomicBool::new(false));
+    let waiting = Arc::new(AtomicBool::new(false));
     let (parts, body) = req.into_parts();
     let body = Limited::request(
         body,
         module.limits.max_body.0,
         too_big.clone(),
-        complete.clone(),
+        waiting.clone(),
     )
     .boxed_unsync();
     let instance = Arc::new(OnceLock::new());
@@ -250,7 +250,7 @@ async fn pooled(
     if too_big.load(Ordering::Relaxed) {
         return Err(RequestError::BodyTooLarge);
     }
-    let (parts, body) = client_held_up(result, &complete)?.into_parts();
+    let (parts, body) = client_held_up(result, &waiting)?.into_parts();
     let body = super::body::coalesce(body).await;
     let capped = Limited::response(body, module.limits.max_response_body.0);
     // A whole body is taken by hyper at once, and frees the slot as it
@@ -263,14 +263,14 @@ async fn pooled(
     Ok(Response::from_parts(parts, body))
 }
 
-/// A timeout while the client was still sending the body is the client's
-/// doing: a 408, not the guest's 504.
+/// A timeout while the guest was waiting for body bytes the client had not
+/// sent is the client's doing: a 408, not the guest's 504.
 fn client_held_up<T>(
     outcome: Result<T, GuestError>,
-    complete: &AtomicBool,
+    waiting: &AtomicBool,
 ) -> Result<T, RequestError> {
     match outcome {
-        Err(GuestError::Timeout(_)) if !complete.load(Ordering::Relaxed) => {
+        Err(GuestError::Timeout(_)) if waiting.load(Ordering::Relaxed) => {
             Err(RequestError::BodyTimeout)
         }
         other => Ok(other?),

@@ -128,6 +128,7 @@ async fn handle(req: Request) -> Response<Body> {
                 sleep_ms(ms).await;
             }
             berth_sdk::info!("fetching {url}");
+            println!("stdout: fetching {url}");
             let body = if req.method() == Method::POST {
                 match collect(req.into_body()).await {
                     Ok(b) => Some(b.to_vec()),
