@@ -549,7 +549,10 @@ def test_module_keys_are_the_hosts_in_camel_case(definition, struct):
     assert sorted(schema["propertyNames"]["enum"]) == sorted(schema["properties"])
 
 
-def serve_rendered(tmp_path, values, path, want, check_info=None):
+def serve_rendered(tmp_path, values, path, want, check_info=None, env=None):
+    """Serves the config `values` render with the real host (as the pod
+    would, `env` added), checks `path` answers `want`, and returns the log
+    lines up to ready."""
     docs = render(*values)
     toml = find(docs, "ConfigMap", "-config")["data"]["berth.toml"]
     config = tmp_path / "berth.toml"
@@ -561,6 +564,7 @@ def serve_rendered(tmp_path, values, path, want, check_info=None):
         "BERTH_RUNTIME__CACHE_DIR": str(tmp_path / "cache"),
         "LOG_FORMAT": "json",
         "BERTH_SHUTDOWN__DRAIN_DELAY": "0s",
+        **(env or {}),
     }
     env.pop("RUST_LOG", None)
     proc = subprocess.Popen(
@@ -569,9 +573,11 @@ def serve_rendered(tmp_path, values, path, want, check_info=None):
         stdout=subprocess.PIPE,
         text=True,
     )
+    log = []
     try:
         addrs = {}
         for line in proc.stdout:
+            log.append(line)
             event = json.loads(line)
             if event.get("message") == "listening":
                 addrs[event["listener"]] = event["addr"]
@@ -587,3 +593,4 @@ def serve_rendered(tmp_path, values, path, want, check_info=None):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+    return log

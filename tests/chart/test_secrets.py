@@ -2,16 +2,10 @@
 one TOML file that berth reads with --secrets-file (an environment
 variable's name cannot carry `apiKey`'s case), acted out with the real
 host on the rendered config."""
-import json
 import os
 import shutil
-import signal
-import subprocess
-import urllib.request
 
-import yaml
-
-from test_chart import BERTH_BIN, CHART, TARGET, find, render
+from test_chart import CHART, TARGET, find, render, serve_rendered
 
 WASM = os.path.join(TARGET, "wasm32-wasip2", "release")
 
@@ -41,38 +35,11 @@ def test_secrets_keep_their_case_and_their_text_in_the_guest(tmp_path):
     modules = tmp_path / "modules"
     shutil.copytree(os.path.join(CHART, "modules"), modules)
     shutil.copy(os.path.join(WASM, "misbehave.wasm"), modules)
-    config = tmp_path / "berth.toml"
-    config.write_text(find(docs, "ConfigMap", "-config")["data"]["berth.toml"])
-    env = {
-        **os.environ,
-        "BERTH_RUNTIME__MODULES_DIR": str(modules),
-        "BERTH_RUNTIME__CACHE_DIR": "",
-        "BERTH_SECRETS_FILE": str(secrets),
-        "LOG_FORMAT": "json",
-        "BERTH_SHUTDOWN__DRAIN_DELAY": "0s",
-    }
-    env.pop("RUST_LOG", None)
-    proc = subprocess.Popen(
-        [BERTH_BIN, "--config", str(config), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
+    log = serve_rendered(
+        tmp_path,
+        ["-f", str(values)],
+        "/cfg/config",
+        {"apiKey": 's3cr3t "quoted" \\ value', "PIN": "0042"},
+        env={"BERTH_RUNTIME__MODULES_DIR": str(modules), "BERTH_SECRETS_FILE": str(secrets)},
     )
-    try:
-        addrs, log = {}, []
-        for line in proc.stdout:
-            log.append(line)
-            event = json.loads(line)
-            if event.get("message") == "listening":
-                addrs[event["listener"]] = event["addr"]
-            if event.get("message") == "ready":
-                break
-        else:
-            raise AssertionError(f"berth exited with {proc.wait()}: {''.join(log)}")
-        seen = json.load(urllib.request.urlopen(f"http://{addrs['traffic']}/cfg/config", timeout=10))
-        assert seen["apiKey"] == 's3cr3t "quoted" \\ value'
-        assert seen["PIN"] == "0042"
-        assert "s3cr3t" not in "".join(log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    assert "s3cr3t" not in "".join(log)

@@ -21,6 +21,18 @@ fn config(canary: &str, module_extra: &str) -> String {
     )
 }
 
+/// `text` with its outcomes kept in `cache` and no file watching (the
+/// tests reload by hand).
+fn kept_in(cache: &std::path::Path, text: String) -> String {
+    text.replace(
+        "cache_dir = \"\"",
+        &format!(
+            "cache_dir = {:?}\nwatch = false",
+            cache.display().to_string()
+        ),
+    )
+}
+
 /// One answer the load saw: when (Unix ms), its status and body.
 #[derive(Clone, Debug)]
 struct Seen {
@@ -712,12 +724,9 @@ fn a_promotion_writes_back_only_the_version_that_was_judged() {
     let cache = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("berth.toml");
-    let text = config("steps = [10, 50]\ninterval = \"1h\"", "").replace(
-        "cache_dir = \"\"",
-        &format!(
-            "cache_dir = {:?}\nwatch = false",
-            cache.path().display().to_string()
-        ),
+    let text = kept_in(
+        cache.path(),
+        config("steps = [10, 50]\ninterval = \"1h\"", ""),
     );
     std::fs::write(&path, &text).unwrap();
     let berth = Berth::start_at(&path);
@@ -802,18 +811,13 @@ fn a_rolled_back_file_rebuilt_in_place_is_a_new_canary() {
     let next = dir.path().join("next.wasm");
     std::fs::copy(wasm("swap_v2"), &next).unwrap();
     let path = dir.path().join("berth.toml");
-    let text = config("steps = [10, 50]\ninterval = \"1h\"", "")
-        .replace(
-            "cache_dir = \"\"",
-            &format!(
-                "cache_dir = {:?}\nwatch = false",
-                cache.path().display().to_string()
-            ),
-        )
-        .replace(
+    let text = kept_in(
+        cache.path(),
+        config("steps = [10, 50]\ninterval = \"1h\"", "").replace(
             &wasm("swap_v2").display().to_string(),
             &next.display().to_string(),
-        );
+        ),
+    );
     std::fs::write(&path, &text).unwrap();
     let berth = Berth::start_at(&path);
     assert_eq!(
@@ -864,12 +868,9 @@ fn an_outcome_survives_a_configmap_update_and_a_restart() {
     // swaps the link.
     let cache = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let text = config("steps = [10, 50]\ninterval = \"1h\"", "").replace(
-        "cache_dir = \"\"",
-        &format!(
-            "cache_dir = {:?}\nwatch = false",
-            cache.path().display().to_string()
-        ),
+    let text = kept_in(
+        cache.path(),
+        config("steps = [10, 50]\ninterval = \"1h\"", ""),
     );
     let publish = |stamp: &str, text: &str| {
         let folder = dir.path().join(stamp);

@@ -794,50 +794,36 @@ fn a_module_being_compiled_is_listed_as_loading_and_the_log_says_so() {
 
 #[test]
 fn modules_of_the_same_bytes_are_compiled_once() {
+    let config = |modules: &str| format!("[runtime]\ncache_dir = \"\"\n{modules}");
     let modules: String = (0..20)
         .map(|i| module(&format!("m{i}"), &format!("/m{i}"), "hello", ""))
         .collect();
-    let berth = Berth::start(&format!("[runtime]\ncache_dir = \"\"\n{modules}"));
+    let berth = Berth::start(&config(&modules));
     for i in [0, 19] {
         assert_eq!(get(&berth.url(&format!("/m{i}"))).status, 200);
     }
-    let compiles = berth
-        .log_lines()
-        .iter()
-        .filter(|l| l["message"] == "compiling")
-        .count();
-    assert_eq!(compiles, 1, "{}", berth.log_text());
+    let compiles = || {
+        berth
+            .log_lines()
+            .iter()
+            .filter(|l| l["message"] == "compiling")
+            .count()
+    };
+    // Reloads `modules` through the admin port.
+    let reload = |modules: &str| {
+        std::fs::write(berth.config_path(), config(modules)).unwrap();
+        let report = admin_post(&berth.admin_url("/admin/reload")).json();
+        assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    };
+    assert_eq!(compiles(), 1, "{}", berth.log_text());
     // Two of them swapped at once to new bytes: one compile between them.
-    let swapped = modules.replacen(
+    reload(&modules.replacen(
         &wasm("hello").display().to_string(),
         &wasm("plain_hello").display().to_string(),
         2,
-    );
-    std::fs::write(
-        berth.config_path(),
-        format!("[runtime]\ncache_dir = \"\"\n{swapped}"),
-    )
-    .unwrap();
-    let report = admin_post(&berth.admin_url("/admin/reload")).json();
-    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
-    let compiles = berth
-        .log_lines()
-        .iter()
-        .filter(|l| l["message"] == "compiling")
-        .count();
-    assert_eq!(compiles, 2, "one more, for the new bytes only");
+    ));
+    assert_eq!(compiles(), 2, "one more, for the new bytes only");
     // And back to bytes already loaded (the other 18 serve them): none.
-    std::fs::write(
-        berth.config_path(),
-        format!("[runtime]\ncache_dir = \"\"\n{modules}"),
-    )
-    .unwrap();
-    let report = admin_post(&berth.admin_url("/admin/reload")).json();
-    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
-    let compiles = berth
-        .log_lines()
-        .iter()
-        .filter(|l| l["message"] == "compiling")
-        .count();
-    assert_eq!(compiles, 2, "{}", berth.log_text());
+    reload(&modules);
+    assert_eq!(compiles(), 2, "{}", berth.log_text());
 }

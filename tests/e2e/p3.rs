@@ -433,15 +433,16 @@ fn a_p3_response_the_client_never_reads_frees_its_slot_at_the_deadline() {
 fn a_p3_stream_cut_at_its_deadline_closes_the_connection() {
     use std::io::{Read, Write};
     let berth = Berth::start(&p3("limits = { timeout = \"2s\" }"));
-    // A client that reads a stream the guest is slow to write: at the
-    // deadline the response is cut and the connection closed, not left
-    // hanging half-sent.
+    // A client that reads a stream the guest is slow to write (5,000
+    // lines, 20 ms apart: 100 s): at the deadline the response is cut and
+    // the connection closed, not left hanging half-sent. No timing is
+    // asserted: a read that waits 30 s for a 100 s stream tells the two
+    // apart.
     let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(15)))
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     conn.write_all(b"GET /p3/drip HTTP/1.1\r\nhost: x\r\nx-lines: 5000\r\n\r\n")
         .unwrap();
-    let started = Instant::now();
     let mut seen = Vec::new();
     let ended = conn.read_to_end(&mut seen);
     assert!(
@@ -449,12 +450,9 @@ fn a_p3_stream_cut_at_its_deadline_closes_the_connection() {
         "the connection hung after the deadline ({} bytes)",
         seen.len()
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
-    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(!text.contains("tick 4999"), "the stream was not cut");
 }
 
 #[test]

@@ -117,9 +117,9 @@ impl Session<'_> {
             .to_owned();
         let url = self.url("manifests", &id);
         let response = self.get(&url, &accept.join(", "), "the manifest").await?;
-        match read_bounded(response, MAX_MANIFEST).await {
-            Ok(Some(body)) => Ok(body),
-            Ok(None) => Err(RegistryError::NotWasm {
+        match read_upto(response, MAX_MANIFEST).await {
+            Ok((body, true)) => Ok(body),
+            Ok((_, false)) => Err(RegistryError::NotWasm {
                 reference: self.reference.whole(),
                 reason: format!(
                     "the manifest is more than {MAX_MANIFEST} bytes, more than any Wasm artifact's"
@@ -235,9 +235,9 @@ impl Session<'_> {
             token: Option<String>,
             access_token: Option<String>,
         }
-        let body = match read_bounded(response, MAX_TOKEN).await {
-            Ok(Some(body)) => body,
-            Ok(None) => {
+        let body = match read_upto(response, MAX_TOKEN).await {
+            Ok((body, true)) => body,
+            Ok((_, false)) => {
                 return Err(self.auth_error(format!("its token answer is over {MAX_TOKEN} bytes")));
             }
             Err(e) => return Err(self.broke_off("a token", &e)),
@@ -263,7 +263,9 @@ impl Session<'_> {
     /// said (its error envelope's messages when it sent one).
     async fn refused(&self, what: &str, response: Response) -> RegistryError {
         let status = response.status();
-        let said = said(&read_prefix(response, MAX_ERROR).await);
+        // Its start, however long it is; the rest is never read.
+        let start = read_upto(response, MAX_ERROR).await.unwrap_or_default().0;
+        let said = said(&start);
         let detail = format!(
             "{what}: {status}{}",
             if said.is_empty() {
@@ -307,41 +309,22 @@ impl Session<'_> {
     }
 }
 
-/// The body of `response`, or `None` once it runs past `limit`: what is
-/// read is bounded, whatever the response declares.
-async fn read_bounded(
+/// At most `limit` bytes of the body of `response`, and whether that was
+/// all of it: what is read is bounded, whatever the response declares.
+async fn read_upto(
     mut response: Response,
     limit: usize,
-) -> Result<Option<Vec<u8>>, reqwest::Error> {
-    if response
-        .content_length()
-        .is_some_and(|len| len > limit as u64)
-    {
-        return Ok(None);
-    }
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await? {
-        if body.len() + chunk.len() > limit {
-            return Ok(None);
+        let room = limit - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body, false));
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(Some(body))
-}
-
-/// At most `limit` bytes of the body of `response`: its start, however
-/// long it is (the rest is never read).
-async fn read_prefix(mut response: Response, limit: usize) -> Vec<u8> {
-    let mut body = Vec::new();
-    while body.len() < limit {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                body.extend_from_slice(&chunk[..chunk.len().min(limit - body.len())])
-            }
-            _ => break,
-        }
-    }
-    body
+    Ok((body, true))
 }
 
 /// What a registry's error body says, on one line: the messages of its

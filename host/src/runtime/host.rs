@@ -113,10 +113,7 @@ fn capped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if text.len() <= max {
         return text.into();
     }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = text.floor_char_boundary(max);
     format!("{}… [{} bytes cut]", &text[..end], text.len() - end).into()
 }
 
@@ -147,8 +144,14 @@ pub struct Host {
 /// thread, so the context is looked up there. Where no request's task is
 /// running (between requests, or a host task of the instance's own), the
 /// instance's own context is used: never another request's.
-#[derive(Clone, Default)]
-pub(crate) struct Tasks(Arc<std::sync::Mutex<TaskState>>);
+#[derive(Clone)]
+pub(crate) struct Tasks(Arc<TasksInner>);
+
+struct TasksInner {
+    state: std::sync::Mutex<TaskState>,
+    /// The instance's own context, for what no request's task does.
+    idle: RequestContext,
+}
 
 #[derive(Default)]
 struct TaskState {
@@ -157,6 +160,20 @@ struct TaskState {
 }
 
 impl Tasks {
+    /// No request yet; `idle` is the instance's own context.
+    pub(crate) fn new(idle: RequestContext) -> Self {
+        Tasks(Arc::new(TasksInner {
+            state: Default::default(),
+            idle,
+        }))
+    }
+
+    /// The context of the request whose task runs now, else the
+    /// instance's own.
+    fn context(&self) -> RequestContext {
+        self.current().unwrap_or_else(|| self.0.idle.clone())
+    }
+
     /// The hook to set on the store, sharing this map.
     pub(crate) fn hook(&self) -> impl wasmtime::component::TaskGroupHook + use<> {
         TaskHook(self.clone())
@@ -174,7 +191,7 @@ impl Tasks {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TaskState> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -214,9 +231,25 @@ impl Host {
         guest_metrics: Arc<GuestMetrics>,
         memory_limit: u64,
     ) -> Self {
+        Host::build(cx, None, config, outbound, guest_metrics, memory_limit)
+    }
+
+    fn build(
+        cx: RequestContext,
+        tasks: Option<Tasks>,
+        config: Arc<WasiConfigVariables>,
+        outbound: Arc<ModuleOutbound>,
+        guest_metrics: Arc<GuestMetrics>,
+        memory_limit: u64,
+    ) -> Self {
+        let output = |stream| GuestOutput {
+            cx: cx.clone(),
+            tasks: tasks.clone(),
+            stream,
+        };
         let wasi = WasiCtx::builder()
-            .stdout(GuestOutput::new(cx.clone(), "stdout"))
-            .stderr(GuestOutput::new(cx.clone(), "stderr"))
+            .stdout(output("stdout"))
+            .stderr(output("stderr"))
             .build();
         let limits = MemoryLimiter {
             limit: usize::try_from(memory_limit).unwrap_or(usize::MAX),
@@ -234,53 +267,37 @@ impl Host {
             guest_metrics,
             limits,
             cx,
-            tasks: None,
+            tasks,
         }
     }
 
     /// State for a reused instance, whose requests are told apart by
-    /// `tasks`; `idle` is its own context, for what no request does.
+    /// `tasks`.
     pub(crate) fn reused(
-        idle: RequestContext,
         tasks: Tasks,
         config: Arc<WasiConfigVariables>,
         outbound: Arc<ModuleOutbound>,
         guest_metrics: Arc<GuestMetrics>,
         memory_limit: u64,
     ) -> Self {
-        let mut host = Host::new(idle, config, outbound, guest_metrics, memory_limit);
-        host.wasi = WasiCtx::builder()
-            .stdout(GuestOutput::shared(
-                host.cx.clone(),
-                tasks.clone(),
-                "stdout",
-            ))
-            .stderr(GuestOutput::shared(
-                host.cx.clone(),
-                tasks.clone(),
-                "stderr",
-            ))
-            .build();
-        host.tasks = Some(tasks);
-        host
+        let idle = tasks.0.idle.clone();
+        Host::build(
+            idle,
+            Some(tasks),
+            config,
+            outbound,
+            guest_metrics,
+            memory_limit,
+        )
     }
 
     /// On a reused instance, points `cx` and the outbound calls' trace at
     /// the request whose task runs now (or at the instance's own context).
     fn follow_task(&mut self) {
         let Some(tasks) = &self.tasks else { return };
-        let cx = tasks.current().unwrap_or_else(|| self.idle_cx());
+        let cx = tasks.context();
         self.hooks.trace = cx.trace.clone();
         self.cx = cx;
-    }
-
-    /// The instance's own context: its module's, with no request's ids.
-    fn idle_cx(&self) -> RequestContext {
-        RequestContext {
-            request_id: "-".into(),
-            trace: crate::trace::TraceContext::untraced(),
-            ..self.cx.clone()
-        }
     }
 
     /// Runs `hit` when the guest goes over its memory limit, before the
@@ -442,24 +459,6 @@ struct GuestOutput {
     /// On a reused instance: whose task writes, looked up per line.
     tasks: Option<Tasks>,
     stream: &'static str,
-}
-
-impl GuestOutput {
-    fn new(cx: RequestContext, stream: &'static str) -> Self {
-        Self {
-            cx,
-            tasks: None,
-            stream,
-        }
-    }
-
-    fn shared(idle: RequestContext, tasks: Tasks, stream: &'static str) -> Self {
-        Self {
-            cx: idle,
-            tasks: Some(tasks),
-            stream,
-        }
-    }
 }
 
 impl IsTerminal for GuestOutput {

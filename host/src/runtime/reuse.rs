@@ -152,9 +152,8 @@ impl HandlerState for Workers {
 
     async fn instantiate(&self) -> wasmtime::Result<Instance<Host, Expiry, Worker>> {
         let retirement = Arc::new(Retirement::default());
-        let tasks = Tasks::default();
+        let tasks = Tasks::new(self.idle_cx.clone());
         let mut host = Host::reused(
-            self.idle_cx.clone(),
             tasks.clone(),
             self.config.clone(),
             self.outbound.clone(),
