@@ -12,9 +12,9 @@ mod link;
 mod module;
 mod reuse;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::Linker;
 
@@ -70,6 +70,9 @@ pub struct RuntimeOptions {
     pub decommit_batch: usize,
     /// Map memory images copy-on-write instead of copying data segments.
     pub memory_cow: bool,
+    /// Quiet time after which warm slots' memory goes back to the kernel;
+    /// zero never.
+    pub release_idle_after: Duration,
     /// How modules are pulled from OCI registries.
     pub registry: crate::config::RegistryConfig,
 }
@@ -96,6 +99,7 @@ impl RuntimeOptions {
                 .map(|b| usize::try_from(b.0).unwrap_or(usize::MAX)),
             decommit_batch: runtime.decommit_batch.max(1) as usize,
             memory_cow: runtime.memory_cow,
+            release_idle_after: runtime.release_idle_after,
             registry: config.registry.clone(),
         }
     }
@@ -112,6 +116,7 @@ impl RuntimeOptions {
             keep_resident: Some(0),
             decommit_batch: 1,
             memory_cow: true,
+            release_idle_after: Duration::ZERO,
             registry: crate::config::RegistryConfig::default(),
         }
     }
@@ -267,6 +272,7 @@ impl Runtime {
             fresh.engine.clone(),
             concurrent.clone(),
             opts.epoch_tick,
+            IdleRelease::new(opts.release_idle_after),
             ticker_stop.clone(),
         );
         Ok(Runtime {
@@ -393,12 +399,68 @@ fn build_linker(engine: &Engine, flavor: Flavor) -> anyhow::Result<Linker<Host>>
     Ok(linker)
 }
 
+/// Instances started by this process, for [`IdleRelease`]. Process-wide
+/// like the engines it watches: a counter in every store's path would
+/// otherwise have to be threaded through each module.
+static INSTANCES_STARTED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts an instance about to start (see [`IdleRelease`]).
+pub(crate) fn instance_starting() {
+    INSTANCES_STARTED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Gives warm slots' memory back to the kernel after a quiet spell.
+///
+/// A burst leaves up to 100 warm slots per engine, each keeping its
+/// memory image mapped and up to `keep_resident` bytes resident for the
+/// next instance of the same module; that is the point while traffic
+/// lasts, and dead weight in a pod that has gone quiet. Once no instance
+/// has started for `after`, they are released, once per quiet spell; the
+/// next instance of each module pays a cold slot (page faults on the
+/// pages it touches, a few µs).
+struct IdleRelease {
+    after: Duration,
+    seen: u64,
+    quiet_since: Instant,
+    released: bool,
+}
+
+impl IdleRelease {
+    fn new(after: Duration) -> Self {
+        IdleRelease {
+            after,
+            seen: INSTANCES_STARTED.load(Ordering::Relaxed),
+            quiet_since: Instant::now(),
+            // Nothing is warm before the first request.
+            released: true,
+        }
+    }
+
+    /// Whether to release now, given the instances started so far.
+    fn due(&mut self, started: u64, now: Instant) -> bool {
+        if started != self.seen {
+            self.seen = started;
+            self.quiet_since = now;
+            self.released = false;
+            return false;
+        }
+        if self.released || self.after.is_zero() || now - self.quiet_since < self.after {
+            return false;
+        }
+        self.released = true;
+        true
+    }
+}
+
 /// One thread for the whole process advances the epoch; every store turns
-/// each tick into a yield point and checks its deadline there.
+/// each tick into a yield point and checks its deadline there. It also
+/// returns idle pool memory ([`IdleRelease`]): a check of one counter per
+/// tick.
 fn spawn_epoch_ticker(
     engine: Engine,
     concurrent: Arc<OnceLock<Result<Engines, String>>>,
     tick: Duration,
+    mut idle: IdleRelease,
     stop: Arc<AtomicBool>,
 ) {
     std::thread::Builder::new()
@@ -407,8 +469,21 @@ fn spawn_epoch_ticker(
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(tick);
                 engine.increment_epoch();
-                if let Some(Ok(other)) = concurrent.get() {
+                let other = concurrent.get().and_then(|e| e.as_ref().ok());
+                if let Some(other) = other {
                     other.engine.increment_epoch();
+                }
+                if idle.due(INSTANCES_STARTED.load(Ordering::Relaxed), Instant::now()) {
+                    // While it runs, the slots being released cannot be
+                    // taken; an instance starting meanwhile uses another
+                    // free slot (the pool has `max_instances` of them).
+                    let bytes = engine.release_idle_pool_memory()
+                        + other.map_or(0, |o| o.engine.release_idle_pool_memory());
+                    tracing::info!(
+                        bytes,
+                        quiet_for = ?idle.after,
+                        "returned idle instance memory to the kernel"
+                    );
                 }
             }
         })
@@ -419,6 +494,24 @@ fn spawn_epoch_ticker(
 mod tests {
     use super::*;
     use crate::testing::wasm;
+
+    #[test]
+    fn idle_memory_is_released_once_per_quiet_spell() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut idle = IdleRelease::new(s(30));
+        let n = idle.seen;
+        assert!(!idle.due(n, t0 + s(60)), "nothing was warm yet");
+        assert!(!idle.due(n + 5, t0 + s(61)), "busy");
+        assert!(!idle.due(n + 5, t0 + s(90)), "quiet for 29 s");
+        assert!(idle.due(n + 5, t0 + s(91)), "quiet for 30 s");
+        assert!(!idle.due(n + 5, t0 + s(200)), "once per spell");
+        assert!(!idle.due(n + 6, t0 + s(201)));
+        assert!(idle.due(n + 6, t0 + s(231)), "again after the next burst");
+        let mut never = IdleRelease::new(Duration::ZERO);
+        assert!(!never.due(n + 1, t0));
+        assert!(!never.due(n + 1, t0 + s(3600)), "0s never releases");
+    }
 
     #[test]
     fn the_world_comes_from_the_top_level_exports() {

@@ -254,6 +254,10 @@ fn tracer_provider() -> Result<Option<SdkTracerProvider>, String> {
     if !wanted || disabled {
         return Ok(None);
     }
+    check_sampler(
+        std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
+        std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
+    )?;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .build()
@@ -270,6 +274,41 @@ fn tracer_provider() -> Result<Option<SdkTracerProvider>, String> {
             .with_resource(resource.build())
             .build(),
     ))
+}
+
+/// The samplers the SDK implements. It reads `OTEL_TRACES_SAMPLER` itself,
+/// but a typo there (or a ratio that is not a number) only warns and falls
+/// back to tracing every request: at full load that is the most expensive
+/// setting, so a value it would not honour stops the start instead.
+const SAMPLERS: [&str; 6] = [
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+];
+
+fn check_sampler(sampler: Option<&str>, arg: Option<&str>) -> Result<(), String> {
+    // Untrimmed, as the SDK reads them: " 0.5" would fall back to 1.0 there.
+    let Some(sampler) = sampler.filter(|s| !s.is_empty()) else {
+        return Ok(());
+    };
+    if !SAMPLERS.contains(&sampler) {
+        return Err(format!(
+            "OTEL_TRACES_SAMPLER={sampler:?} is not a sampler Berth supports; use one of {}",
+            SAMPLERS.join(", ")
+        ));
+    }
+    if sampler.ends_with("traceidratio")
+        && let Some(arg) = arg.filter(|a| !a.is_empty())
+        && !arg.parse::<f64>().is_ok_and(|r| (0.0..=1.0).contains(&r))
+    {
+        return Err(format!(
+            "OTEL_TRACES_SAMPLER_ARG={arg:?} is not a ratio from 0 to 1 (for {sampler}; 0.01 traces 1 % of new traces)"
+        ));
+    }
+    Ok(())
 }
 
 /// Installs the global subscriber. Call it before starting any async
@@ -352,6 +391,30 @@ pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samplers_the_sdk_would_not_honour_are_refused() {
+        for (sampler, arg) in [
+            (None, None),
+            (Some(""), None),
+            (Some("parentbased_traceidratio"), Some("0.01")),
+            (Some("traceidratio"), Some("1")),
+            (Some("traceidratio"), None),
+            (Some("always_off"), Some("junk")),
+        ] {
+            assert_eq!(check_sampler(sampler, arg), Ok(()), "{sampler:?} {arg:?}");
+        }
+        let typo = check_sampler(Some("parentbased_ratio"), None).unwrap_err();
+        assert!(
+            typo.contains("OTEL_TRACES_SAMPLER=\"parentbased_ratio\""),
+            "{typo}"
+        );
+        assert!(typo.contains("parentbased_traceidratio"), "{typo}");
+        for arg in ["1%", "1.5", "-0.1", " 0.5", "NaN"] {
+            let e = check_sampler(Some("parentbased_traceidratio"), Some(arg)).unwrap_err();
+            assert!(e.contains("OTEL_TRACES_SAMPLER_ARG"), "{arg}: {e}");
+        }
+    }
 
     #[test]
     fn a_line_over_the_cap_is_replaced_by_one_that_says_so() {

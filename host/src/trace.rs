@@ -152,12 +152,17 @@ impl TraceContext {
                 let _ = span.set_parent(remote_context(p, tracestate.as_ref()));
             }
             if let Some((trace_id, span_id, flags)) = ids_of(&span) {
+                // A trace the sampler (or the caller) left out exports
+                // nothing, so its span is let go at once: no guest or
+                // client span, attribute or guest event is built for it,
+                // and its ids and flags still travel downstream.
+                let sampled = TraceFlags::new(flags).is_sampled();
                 return TraceContext {
                     trace_id,
                     span_id,
                     flags,
                     tracestate,
-                    span,
+                    span: if sampled { span } else { tracing::Span::none() },
                 };
             }
         }

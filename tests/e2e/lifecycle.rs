@@ -827,3 +827,52 @@ fn modules_of_the_same_bytes_are_compiled_once() {
     reload(&modules);
     assert_eq!(compiles(), 2, "{}", berth.log_text());
 }
+
+/// After a burst and a quiet spell, the warm slots of both instance pools
+/// go back to the kernel, once per spell, and the next requests are served
+/// from cold slots.
+#[test]
+fn idle_instance_memory_goes_back_to_the_kernel_after_a_quiet_spell() {
+    let config = "[runtime]\nrelease_idle_after = \"1s\"\n".to_owned()
+        + &module("hello", "/hello", "hello", "")
+        + &module("svc", "/p3", "p3_service", "");
+    let berth = Berth::start(&config);
+    let burst = || {
+        let urls = (0..4)
+            .flat_map(|_| [berth.url("/hello"), berth.url("/p3")])
+            .collect();
+        let load = Load::start(urls, Duration::from_secs(10), |r| r.status == 200);
+        std::thread::sleep(Duration::from_millis(1500));
+        let report = load.finish();
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+        assert!(report.served > 8);
+    };
+    let releases = || {
+        berth
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["message"] == "returned idle instance memory to the kernel")
+            .collect::<Vec<_>>()
+    };
+    burst();
+    let first = berth
+        .wait_for_log(Duration::from_secs(30), |l| {
+            l["message"] == "returned idle instance memory to the kernel"
+        })
+        .expect("a release after the quiet spell");
+    assert!(
+        first["bytes"].as_u64().is_some_and(|b| b > 0),
+        "warm slots held memory: {first}"
+    );
+    // Once per spell: quiet for longer, still one line.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(releases().len(), 1);
+    assert_eq!(get(&berth.url("/hello")).status, 200);
+    assert_eq!(get(&berth.url("/p3")).body, "hello from p3\n");
+    burst();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while releases().len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(releases().len(), 2, "released again after the next burst");
+}

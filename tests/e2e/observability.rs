@@ -400,6 +400,94 @@ fn one_trace_spans_two_hosts() {
     );
 }
 
+/// A ratio sampler samples new traces by ratio and follows the caller's
+/// `sampled` flag, on this host and, through the `traceparent` it sends, on
+/// the next one.
+#[test]
+fn the_parent_based_sampler_follows_the_callers_flag() {
+    let receiver = Receiver::start();
+    let endpoint = receiver.endpoint();
+    let downstream = Berth::start_with(
+        &module("hello", "/hello", "hello", ""),
+        &otel_env(&endpoint, "berth-b"),
+    );
+    let mut env = otel_env(&endpoint, "berth-a");
+    // Ratio 0: no new trace is sampled here, only those a caller sampled.
+    env.extend([
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0"),
+    ]);
+    let upstream = Berth::start_with(
+        &module(
+            "m",
+            "/m",
+            "misbehave",
+            &format!("allowed_outbound_hosts = [\"http://{}\"]", downstream.addr),
+        ),
+        &env,
+    );
+    let target = downstream.url("/hello");
+    let call = |flags: Option<(&str, &str)>| {
+        let tp = flags.map(|(trace, f)| format!("00-{trace}-{PARENT}-{f}"));
+        let headers: Vec<(&str, &str)> = tp.iter().map(|t| ("traceparent", t.as_str())).collect();
+        let r = get_with(&upstream.url(&format!("/m/fetch?url={target}")), &headers);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["status"], 200);
+    };
+    let sampled = "11111111111111111111111111111111";
+    let unsampled = "22222222222222222222222222222222";
+    let marker = "33333333333333333333333333333333";
+    call(Some((sampled, "01")));
+    call(Some((unsampled, "00")));
+    call(None);
+    call(Some((marker, "01")));
+    let spans = receiver.wait_for(Duration::from_secs(30), |spans| {
+        spans
+            .iter()
+            .any(|s| s.service == "berth-b" && s.trace_id == marker)
+    });
+    for service in ["berth-a", "berth-b"] {
+        assert!(
+            spans
+                .iter()
+                .any(|s| s.service == service && s.kind == KIND_SERVER && s.trace_id == sampled),
+            "{service} exports the trace its caller sampled"
+        );
+    }
+    let others: Vec<_> = spans
+        .iter()
+        .filter(|s| s.trace_id != sampled && s.trace_id != marker)
+        .map(|s| (&s.service, &s.name, &s.trace_id))
+        .collect();
+    assert!(
+        others.is_empty(),
+        "neither host exports the unsampled trace nor a new trace at ratio 0: {others:?}"
+    );
+}
+
+#[test]
+fn a_sampler_the_sdk_would_not_honour_stops_the_start() {
+    let receiver = Receiver::start();
+    let endpoint = receiver.endpoint();
+    for (sampler, arg, named) in [
+        ("parentbased_ratio", "0.1", "OTEL_TRACES_SAMPLER"),
+        ("parentbased_traceidratio", "1%", "OTEL_TRACES_SAMPLER_ARG"),
+    ] {
+        let mut env = otel_env(&endpoint, "bad");
+        env.extend([
+            ("OTEL_TRACES_SAMPLER", sampler),
+            ("OTEL_TRACES_SAMPLER_ARG", arg),
+        ]);
+        let out = run_expecting_exit(&module("hello", "/hello", "hello", ""), &env);
+        assert!(!out.status.success());
+        assert!(
+            out.stderr.contains(&format!("{named}=")),
+            "names the variable: {}",
+            out.stderr
+        );
+    }
+}
+
 #[test]
 fn https_upstreams_and_otlp_trust_the_platform_roots_and_spans_hide_credentials() {
     // A private CA, as a cluster with its own PKI has, named by

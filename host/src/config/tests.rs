@@ -3,6 +3,7 @@
 
 use super::*;
 use figment::Jail;
+use std::time::Duration;
 
 fn load(jail: &Jail) -> Result<Config, ConfigError> {
     Config::load(
@@ -253,6 +254,33 @@ fn durations_that_would_overflow_a_deadline_are_refused_with_their_key() {
             Ok(())
         });
     }
+}
+
+#[test]
+fn release_idle_after_defaults_to_30s_and_is_at_most_an_hour() {
+    assert_eq!(
+        Config::default().runtime.release_idle_after,
+        Duration::from_secs(30)
+    );
+    Jail::expect_with(|jail| {
+        jail.create_file("berth.toml", "")?;
+        let cfg = load(jail).unwrap();
+        assert_eq!(cfg.runtime.release_idle_after, Duration::from_secs(30));
+        for (text, want) in [("0s", Duration::ZERO), ("1h", Duration::from_secs(3600))] {
+            jail.create_file(
+                "berth.toml",
+                &format!("[runtime]\nrelease_idle_after = \"{text}\"\n"),
+            )?;
+            assert_eq!(load(jail).unwrap().runtime.release_idle_after, want);
+        }
+        jail.create_file("berth.toml", "[runtime]\nrelease_idle_after = \"2h\"\n")?;
+        let err = load(jail).unwrap_err().to_string();
+        assert!(
+            err.contains("runtime.release_idle_after") && err.contains("too long"),
+            "{err}"
+        );
+        Ok(())
+    });
 }
 
 #[test]

@@ -166,6 +166,7 @@ impl HandlerState for Workers {
             ProxyPre::P2(pre) => pre.instance_pre().engine().clone(),
             ProxyPre::P3(pre) => pre.instance_pre().engine().clone(),
         };
+        super::instance_starting();
         let mut store = Store::new(&engine, host);
         store.task_group_hook(tasks.hook());
         store.limiter(|h| &mut h.limits);
