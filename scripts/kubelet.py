@@ -32,6 +32,7 @@ import itertools
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -288,15 +289,30 @@ class Pod:
 
     def probe(self, spec):
         """One probe attempt; True on success."""
+        status, _ = self.probe_answer(spec)
+        return status is not None and 200 <= status < 400
+
+    def probe_answer(self, spec):
+        """One probe attempt: (HTTP status, body), or (None, why) when no
+        answer came (refused, timed out)."""
         get = spec.get("httpGet")
         if not get:
             raise PodFailed(f"probe {list(spec)} is not emulated")
         url = f"http://{self.pod_ip}:{self._port(get['port'])}{get.get('path', '/')}"
         try:
             with urllib.request.urlopen(url, timeout=spec.get("timeoutSeconds", 1)) as r:
-                return 200 <= r.status < 400
+                return r.status, r.read(256).decode(errors="replace")
         except urllib.error.HTTPError as e:
-            return 200 <= e.code < 400
+            return e.code, e.read(256).decode(errors="replace")
+        except OSError as e:
+            return None, str(e)
+
+    def accepts(self, port, timeout=0.5):
+        """Whether the container's `port` (a number or a port name) takes a
+        TCP connection now."""
+        try:
+            with socket.create_connection((self.pod_ip, self._port(port)), timeout=timeout):
+                return True
         except OSError:
             return False
 
@@ -351,7 +367,10 @@ class Pod:
 
     def delete(self):
         """preStop, SIGTERM, and SIGKILL at the end of the grace period.
-        Returns (exit code, seconds taken, readiness seen during the drain)."""
+        Returns (exit code, seconds taken, the readiness probes during the
+        drain): each probe a dict of `ready`, `status` and `body` of the
+        answer, and `traffic`, whether the first container port still took
+        connections then."""
         grace = self.spec.get("terminationGracePeriodSeconds", 30)
         started = time.time()
         deadline = started + grace
@@ -368,7 +387,14 @@ class Pod:
         ready = self.container.get("readinessProbe")
         while self.proc.poll() is None and time.time() < deadline:
             if ready:
-                drained_ready.append(self.probe(ready))
+                status, body = self.probe_answer(ready)
+                ports = self.container.get("ports") or []
+                drained_ready.append({
+                    "ready": status is not None and 200 <= status < 400,
+                    "status": status,
+                    "body": body,
+                    "traffic": bool(ports) and self.accepts(ports[0]["containerPort"]),
+                })
             time.sleep(0.2)
         if self.proc.poll() is None:
             self.proc.kill()

@@ -287,7 +287,7 @@ impl Modules {
         // leave the folder alone.
         if results.iter().flatten().any(|(_, compiled)| *compiled) {
             self.runtime.forget_compiled(&self.live(&results));
-            return_freed_memory();
+            crate::runtime::return_freed_memory();
             self.prune_cache(&results);
         }
         specs
@@ -750,19 +750,6 @@ fn panicked(module: String, origin: String, joined: tokio::task::JoinError) -> L
         module,
         origin,
         reason: format!("the compiler panicked: {reason}"),
-    }
-}
-
-/// Compiling leaves megabytes freed but still held by the allocator's
-/// per-thread arenas (idle RSS with the four examples, compiled at start-up:
-/// 45 MiB before this, 32 after); give them back to the kernel.
-fn return_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[allow(unsafe_code)]
-    // SAFETY: `malloc_trim` only walks glibc's own arenas under their locks
-    // and may be called from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

@@ -41,12 +41,12 @@ const CORE_INSTANCES_PER_COMPONENT: u32 = 4;
 const TABLES_PER_COMPONENT: u32 = 3;
 
 /// Dirty pages of a freed instance's memory reset with `memcpy`/`memset`
-/// when `PAGEMAP_SCAN` finds them, the rest returned with `madvise`.
-/// wasmtime 50 resets every resident page up to this budget on every
-/// instance (48 stopped after 32 regions), so a large budget costs a
-/// `memset` of all of it per request: 1 MiB doubled the CPU of a hello
-/// request; 64 KiB is the best measured (bench/NOTES.md).
-pub const DEFAULT_KEEP_RESIDENT: usize = 64 << 10;
+/// when `PAGEMAP_SCAN` finds them, the rest returned with `madvise`. On
+/// wasmtime 50.0.2 (which again skips pages never touched) 256 KiB measured
+/// best for a hello guest: 89 µs a request against 96 µs at 64 KiB and
+/// 121 µs at 0, with no more RSS under load (bench/NOTES.md). At most this
+/// much stays resident per warm slot (100 slots: 25 MiB at worst).
+pub const DEFAULT_KEEP_RESIDENT: usize = 256 << 10;
 
 /// Engine-wide settings.
 #[derive(Debug, Clone)]
@@ -452,6 +452,20 @@ impl IdleRelease {
     }
 }
 
+/// Gives memory freed but still held by the allocator's per-thread arenas
+/// back to the kernel. Compiling leaves megabytes of it (idle RSS with the
+/// four examples, compiled at start-up: 45 MiB before this, 32 after), and
+/// so does a burst of traffic (connection buffers, request state).
+pub(crate) fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: `malloc_trim` only walks glibc's own arenas under their locks
+    // and may be called from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// One thread for the whole process advances the epoch; every store turns
 /// each tick into a yield point and checks its deadline there. It also
 /// returns idle pool memory ([`IdleRelease`]): a check of one counter per
@@ -479,6 +493,7 @@ fn spawn_epoch_ticker(
                     // free slot (the pool has `max_instances` of them).
                     let bytes = engine.release_idle_pool_memory()
                         + other.map_or(0, |o| o.engine.release_idle_pool_memory());
+                    return_freed_memory();
                     tracing::info!(
                         bytes,
                         quiet_for = ?idle.after,

@@ -146,30 +146,32 @@ impl TraceContext {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_traceparent);
         let tracestate = parent.and(headers.get(TRACESTATE).cloned());
-        if telemetry::tracing_enabled() {
+        if telemetry::sampled(parent.map(|p| (p.trace_id, p.flags & 1 == 1))) {
             let span = span();
             if let Some(p) = &parent {
                 let _ = span.set_parent(remote_context(p, tracestate.as_ref()));
             }
             if let Some((trace_id, span_id, flags)) = ids_of(&span) {
-                // A trace the sampler (or the caller) left out exports
-                // nothing, so its span is let go at once: no guest or
-                // client span, attribute or guest event is built for it,
-                // and its ids and flags still travel downstream.
-                let sampled = TraceFlags::new(flags).is_sampled();
                 return TraceContext {
                     trace_id,
                     span_id,
                     flags,
                     tracestate,
-                    span: if sampled { span } else { tracing::Span::none() },
+                    span,
                 };
             }
         }
+        // Not traced here: no span at all. The caller's flags travel on;
+        // while spans are exported, a trace left out says so downstream.
+        let flags = if telemetry::tracing_enabled() {
+            parent.map_or(0, |p| p.flags) & !1
+        } else {
+            parent.map_or(1, |p| p.flags)
+        };
         TraceContext {
             trace_id: parent.map_or_else(nonzero_u128, |p| p.trace_id),
             span_id: nonzero_u64(),
-            flags: parent.map_or(1, |p| p.flags),
+            flags,
             tracestate,
             span: tracing::Span::none(),
         }

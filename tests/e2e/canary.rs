@@ -469,6 +469,103 @@ fn a_sticky_key_always_sees_one_version_and_keys_split_by_the_weight() {
     );
 }
 
+/// The version each of `keys` sees (five requests each, which must agree),
+/// keyed by `header`.
+fn versions_of(
+    berth: &Berth,
+    keys: &[String],
+    header: &str,
+    value: &dyn Fn(&str) -> String,
+) -> Vec<String> {
+    keys.iter()
+        .map(|key| {
+            let v = value(key);
+            let bodies: Vec<String> = (0..5)
+                .map(|_| {
+                    get_with(&berth.url("/shop"), &[(header, &v)])
+                        .body
+                        .trim()
+                        .to_owned()
+                })
+                .collect();
+            assert!(
+                bodies.iter().all(|b| b == &bodies[0]),
+                "{key} saw both versions: {bodies:?}"
+            );
+            bodies[0].clone()
+        })
+        .collect()
+}
+
+/// At 10 %, then at 60 % after a real step up: keys split by the weight
+/// (a hash that ignored it would put half on the canary at 10 %), and a
+/// key on the canary stays there when its share grows.
+#[test]
+fn sticky_keys_split_by_the_weight_and_stay_on_the_canary_as_it_grows() {
+    let berth = Berth::start(&config(
+        "steps = [10, 60]\ninterval = \"2s\"\nmin_requests = 1\nsticky = { header = \"x-user\" }",
+        "",
+    ));
+    let url = |action: &str| berth.admin_url(&format!("/admin/canary/shop/{action}"));
+    assert_eq!(admin_post(&url("pause")).status, 200);
+    assert_eq!(canary_info(&berth)["canary"]["weight"], 10);
+    let keys: Vec<String> = (0..200).map(|k| format!("user-{k}")).collect();
+    let plain = |k: &str| k.to_owned();
+    let at10 = versions_of(&berth, &keys, "x-user", &plain);
+    let on = |seen: &[String]| seen.iter().filter(|v| *v == "v2").count() as f64;
+    let share = on(&at10) / keys.len() as f64 * 100.0;
+    assert!(
+        (share - 10.0).abs() <= tolerance(10.0, keys.len() as f64),
+        "{share:.1} % of keys on the canary at 10 %"
+    );
+    // Step up through a passing window, and hold at 60 %.
+    assert_eq!(admin_post(&url("resume")).status, 200);
+    let traffic = Traffic::start(&berth, 2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while canary_info(&berth)["canary"]["weight"] != 60 {
+        assert!(Instant::now() < deadline, "never stepped up to 60 %");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(admin_post(&url("pause")).status, 200);
+    traffic.finish();
+    let canary = canary_info(&berth)["canary"].clone();
+    assert_eq!(
+        (&canary["weight"], &canary["state"]),
+        (&60.into(), &"paused".into()),
+        "{canary:#}"
+    );
+    let at60 = versions_of(&berth, &keys, "x-user", &plain);
+    for (key, (before, after)) in keys.iter().zip(at10.iter().zip(&at60)) {
+        assert!(
+            before != "v2" || after == "v2",
+            "{key} left the canary when it grew"
+        );
+    }
+    let share = on(&at60) / keys.len() as f64 * 100.0;
+    assert!(
+        (share - 60.0).abs() <= tolerance(60.0, keys.len() as f64),
+        "{share:.1} % of keys on the canary at 60 %"
+    );
+}
+
+#[test]
+fn a_sticky_cookie_keeps_a_client_on_one_version() {
+    let berth = Berth::start(&config(
+        "steps = [10, 50]\ninterval = \"1h\"\nsticky = { cookie = \"uid\" }",
+        "",
+    ));
+    let keys: Vec<String> = (0..200).map(|k| format!("user-{k}")).collect();
+    // Among other cookies, as a browser sends them.
+    let seen = versions_of(&berth, &keys, "cookie", &|k| {
+        format!("theme=dark; uid={k}; lang=en")
+    });
+    let share = seen.iter().filter(|v| *v == "v2").count() as f64 / 2.0;
+    assert!(
+        (share - 10.0).abs() <= tolerance(10.0, 200.0),
+        "{share:.1} % of cookies on the canary at 10 %"
+    );
+}
+
 #[test]
 fn operators_promote_abort_pause_and_resume_from_the_admin_port() {
     // No file watching: the reload below is the admin's, and its report
@@ -540,6 +637,59 @@ fn operators_promote_abort_pause_and_resume_from_the_admin_port() {
             .iter()
             .any(|l| l["message"] == "canary action requested on the admin port")
     );
+}
+
+/// A paused canary is not judged however much traffic it serves, and the
+/// first window after a resume holds only requests made after it.
+#[test]
+fn a_paused_canary_holds_and_a_resumed_one_judges_only_new_requests() {
+    let berth = Berth::start(&config(
+        "steps = [10, 50]\ninterval = \"500ms\"\nmin_requests = 1",
+        "",
+    ));
+    let url = |action: &str| berth.admin_url(&format!("/admin/canary/shop/{action}"));
+    // No traffic yet: any window judged so far was a `wait` at 10 %.
+    assert_eq!(admin_post(&url("pause")).status, 200);
+    let held = canary_info(&berth)["canary"].clone();
+    assert_eq!(held["weight"], 10, "{held:#}");
+    let seen = Traffic::start(&berth, 2);
+    std::thread::sleep(Duration::from_millis(1700));
+    let served = seen.finish();
+    assert!(
+        served.iter().filter(|s| s.body == "v2").count() > 5,
+        "the canary served while paused"
+    );
+    let canary = canary_info(&berth)["canary"].clone();
+    for key in ["state", "step", "weight", "history"] {
+        assert_eq!(
+            canary[key], held[key],
+            "{key} moved while paused: {canary:#}"
+        );
+    }
+
+    // Resumed with no new traffic: the next window is empty, so it waits,
+    // although the paused window had plenty of good canary answers.
+    assert_eq!(admin_post(&url("resume")).status, 200);
+    let before = judgements(&canary_info(&berth)["canary"]).len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let next = loop {
+        let canary = canary_info(&berth)["canary"].clone();
+        if let Some(next) = judgements(&canary).get(before) {
+            break next.clone();
+        }
+        assert!(Instant::now() < deadline, "no judgement after resume");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(next["result"], "wait", "{next}");
+    assert_eq!(canary_info(&berth)["canary"]["weight"], 10);
+    // New requests after the resume count, and the canary moves on.
+    let seen = Traffic::start(&berth, 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while canary_info(&berth)["canary"]["weight"] == 10 {
+        assert!(Instant::now() < deadline, "never stepped up after resume");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    seen.finish();
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -26,6 +27,10 @@ pub enum Mode {
     AlwaysFail,
     /// Never answers.
     Hang,
+    /// 200 with these bytes after this long.
+    Delay(Duration, Bytes),
+    /// 200 with a first chunk of the body at once, then nothing.
+    Stall,
 }
 
 /// Serves HTTP/1 (over TLS with a server config) on a free loopback port
@@ -140,7 +145,7 @@ async fn answer(
     hits: Arc<AtomicUsize>,
     bodies: Arc<Mutex<Vec<usize>>>,
     mode: Arc<Mutex<Mode>>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
     hits.fetch_add(1, Ordering::SeqCst);
     use http_body_util::BodyExt;
     let len = match req.into_body().collect().await {
@@ -165,17 +170,36 @@ async fn answer(
         if let Some(secs) = retry_after {
             r = r.header("retry-after", secs.to_string());
         }
-        r.body(Full::new(Bytes::from_static(b"unavailable")))
+        r.body(BoxBody::new(Full::new(Bytes::from_static(b"unavailable"))))
             .unwrap()
     };
     Ok(match now {
-        Mode::Ok => Response::new(Full::new(Bytes::from_static(b"downstream ok"))),
-        Mode::Serve(bytes) => Response::new(Full::new(bytes)),
+        Mode::Ok => Response::new(BoxBody::new(Full::new(Bytes::from_static(
+            b"downstream ok",
+        )))),
+        Mode::Serve(bytes) => Response::new(BoxBody::new(Full::new(bytes))),
         Mode::FailFirst(_, after) => unavailable(after),
         Mode::AlwaysFail => unavailable(None),
         Mode::Hang => {
             tokio::time::sleep(Duration::from_secs(300)).await;
-            Response::new(Full::new(Bytes::new()))
+            Response::new(BoxBody::new(Full::new(Bytes::new())))
+        }
+        Mode::Delay(after, bytes) => {
+            tokio::time::sleep(after).await;
+            Response::new(BoxBody::new(Full::new(bytes)))
+        }
+        Mode::Stall => {
+            let first = futures_util::stream::once(async {
+                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"first bytes")))
+            });
+            let never = futures_util::stream::once(async {
+                tokio::time::sleep(Duration::from_secs(300)).await;
+                Ok(http_body::Frame::data(Bytes::new()))
+            });
+            use futures_util::StreamExt;
+            Response::new(BoxBody::new(http_body_util::StreamBody::new(
+                first.chain(never),
+            )))
         }
     })
 }

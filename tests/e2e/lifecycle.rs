@@ -501,7 +501,22 @@ fn a_config_edit_reaches_the_guest_without_a_restart() {
     };
     let berth = Berth::start(&cfg("one"));
     assert_eq!(get(&berth.url("/m/config")).json()["greeting"], "one");
-    let pid_before = berth.pid();
+    // The same process, still running: its start time (clock ticks after
+    // boot) and state from /proc. A re-spawned server would have another
+    // start time; an exited child shows as a zombie.
+    let process = |pid: i32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<String> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        (fields[0].clone(), fields[19].clone())
+    };
+    let before = process(berth.pid());
+    assert_ne!(before.0, "Z");
 
     // Through the watcher.
     std::fs::write(berth.config_path(), cfg("two")).unwrap();
@@ -510,7 +525,7 @@ fn a_config_edit_reaches_the_guest_without_a_restart() {
         assert!(Instant::now() < deadline, "config change not applied");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(berth.pid(), pid_before);
+    assert_eq!(process(berth.pid()), before, "applied in place");
 
     // A bad edit keeps the running config and says why.
     std::fs::write(berth.config_path(), "[modules.m]\nroute = 42\n").unwrap();

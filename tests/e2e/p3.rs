@@ -26,7 +26,8 @@ fn both_worlds_load_side_by_side_and_info_and_check_name_them() {
     let berth = Berth::start(&config);
     // Routing: each world behind its own prefix.
     assert_eq!(get(&berth.url("/p3")).body, "hi from p3\n");
-    assert_eq!(get(&berth.url("/other")).status, 200);
+    let other = get(&berth.url("/other"));
+    assert_eq!((other.status, other.body.as_str()), (200, "hello\n"));
     let info = get(&berth.admin_url("/info")).json();
     let world = |name: &str| {
         info["modules"]
@@ -170,6 +171,43 @@ fn config_logging_guest_metrics_and_access_logs_work_for_p3() {
         Some(5.0)
     );
     assert!(!berth.log_text().contains("s3cr3t"));
+}
+
+/// `max_concurrent` decides whether requests in flight together share an
+/// instance: each instance numbers the requests it has served.
+#[test]
+fn max_concurrent_decides_whether_requests_in_flight_share_an_instance() {
+    for (extra, want) in [("instances = { max_concurrent = 1 }", [1, 1]), ("", [1, 2])] {
+        let berth = Berth::start(&p3(extra));
+        let url = berth.url("/p3/sleep");
+        let calls: Vec<_> = (0..2)
+            .map(|i| {
+                let url = url.clone();
+                std::thread::sleep(Duration::from_millis(200 * i));
+                std::thread::spawn(move || get_with(&url, &[("x-sleep-ms", "1500")]))
+            })
+            .collect();
+        let mut seen: Vec<u64> = calls
+            .into_iter()
+            .map(|c| {
+                let r = c.join().unwrap();
+                assert_eq!(r.status, 200, "{}", r.body);
+                r.body.trim().rsplit(' ').next().unwrap().parse().unwrap()
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(seen, want, "`{extra}`: request numbers per instance");
+        let created = metric(
+            &berth.metrics(),
+            "berth_instances_created_total",
+            &[("module", "svc")],
+        );
+        assert_eq!(
+            created,
+            Some(if want == [1, 1] { 2.0 } else { 1.0 }),
+            "`{extra}`"
+        );
+    }
 }
 
 #[test]
@@ -352,6 +390,34 @@ fn p3_bodies_stream_both_ways_and_limits_hold() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     let r = get_with(&berth.url("/p3/drip"), &[("x-lines", "4")]);
     assert_eq!(r.body, "tick 0\ntick 1\ntick 2\ntick 3\n");
+    // Frame by frame both ways on the pooled path: a host that gathered the
+    // request body before the guest, or the response body before the
+    // client, deadlocks.
+    crate::streaming::ping_pong(&berth.addr, "/p3/echo", &[]);
+    // The first drip frame leaves long before the last (50 lines, 20 ms
+    // apart: a second).
+    let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"GET /p3/drip HTTP/1.1\r\nhost: x\r\nx-lines: 50\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut reader = std::io::BufReader::new(conn);
+    let (mut first, mut last, mut line) = (None, None, String::new());
+    while std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0 {
+        if line.starts_with("tick 0") {
+            first = Some(started.elapsed());
+        }
+        if line.starts_with("tick 49") {
+            last = Some(started.elapsed());
+        }
+        line.clear();
+    }
+    let (first, last) = (first.expect("tick 0"), last.expect("tick 49"));
+    assert!(
+        last - first >= Duration::from_millis(500),
+        "the drip came in one piece: first {first:?}, last {last:?}"
+    );
     // Over the concurrency limit: shed at once.
     let slow: Vec<_> = (0..2)
         .map(|_| {
@@ -676,19 +742,51 @@ fn p3_outbound_retries_breaker_and_timeouts_apply() {
 
 #[test]
 fn a_p3_fan_out_calls_two_upstreams_at_once_and_streams_both() {
-    let a = Downstream::start(Mode::Ok);
-    let b = Downstream::start(Mode::Serve("from b".into()));
+    use std::io::{BufRead, BufReader, Write};
+    // a answers after 1 s, b after 2.5 s: one after the other the calls
+    // would take 3.5 s; at once, 2.5 s. Streamed, a's line arrives before
+    // b has answered. (Timing is the point here; the margins are 0.7 s and
+    // more.)
+    let a = Downstream::start(Mode::Delay(Duration::from_millis(1000), "from a".into()));
+    let b = Downstream::start(Mode::Delay(Duration::from_millis(2500), "from b".into()));
     let config = p3(&format!(
         "allowed_outbound_hosts = [\"http://{}\", \"http://{}\"]",
         a.addr, b.addr
     ));
     let berth = Berth::start(&config);
-    let r = get_with(
-        &berth.url("/p3/fanout"),
-        &[("x-url-a", &a.url("/a")), ("x-url-b", &b.url("/b"))],
+    let mut stream = std::net::TcpStream::connect(&berth.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = Instant::now();
+    write!(
+        stream,
+        "GET /p3/fanout HTTP/1.1\r\nhost: x\r\nx-url-a: {}\r\nx-url-b: {}\r\nconnection: close\r\n\r\n",
+        a.url("/a"),
+        b.url("/b")
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut lines = vec![];
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap() > 0 {
+        // Chunked: the payload lines are the ones with a space.
+        if line.starts_with("200 from") {
+            lines.push((line.trim().to_owned(), started.elapsed()));
+        }
+        line.clear();
+    }
+    let names: Vec<&str> = lines.iter().map(|(l, _)| l.as_str()).collect();
+    assert_eq!(names, ["200 from a", "200 from b"]);
+    let (first, last) = (lines[0].1, lines[1].1);
+    assert!(
+        first < Duration::from_millis(2300),
+        "a's answer waited for b's: {first:?}"
     );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.body, "200 downstream ok\n200 from b\n");
+    assert!(
+        last < Duration::from_millis(3200),
+        "the calls ran one after the other: {last:?}"
+    );
     assert_eq!((a.hits(), b.hits()), (1, 1));
 }
 
@@ -718,10 +816,11 @@ fn a_p3_module_hot_swaps_to_p2_and_back_under_load_and_sigterm_drains_it() {
             failures
         })
     };
-    // To the 0.2 hello and back, by renaming new files over the old one.
-    for (from, world) in [
-        ("plain_hello", "wasi:http@0.2"),
-        ("p3_service", "wasi:http@0.3"),
+    // To the 0.2 hello and back, by renaming new files over the old one;
+    // the answers switch with `/info`.
+    for (from, world, answers) in [
+        ("plain_hello", "wasi:http@0.2", "hello\n"),
+        ("p3_service", "wasi:http@0.3", "hello from p3\n"),
     ] {
         let tmp = dir.path().join("next.wasm");
         std::fs::copy(wasm(from), &tmp).unwrap();
@@ -735,6 +834,7 @@ fn a_p3_module_hot_swaps_to_p2_and_back_under_load_and_sigterm_drains_it() {
             assert!(Instant::now() < deadline, "no swap to {world}");
             std::thread::sleep(Duration::from_millis(50));
         }
+        assert_eq!(get(&berth.url("/p3")).body, answers, "{world} answers");
     }
     stop.store(true, Ordering::Relaxed);
     let failures = load.join().unwrap();
@@ -910,4 +1010,31 @@ fn a_p3_body_that_stops_arriving_is_a_408_and_a_slow_p3_guest_a_504() {
     // A guest that sleeps past its deadline with a whole body unread: 504.
     let slow = get_with(&berth.url("/p3/sleep"), &[("x-sleep-ms", "3000")]);
     assert_eq!(slow.status, 504, "{}", slow.body);
+}
+
+/// The guest's own first-byte and between-bytes timeouts hold on the pooled
+/// path too, far under the host's 10 s.
+#[test]
+fn a_p3_guests_shorter_request_timeouts_hold() {
+    let hang = Downstream::start(Mode::Hang);
+    let stall = Downstream::start(Mode::Stall);
+    let berth = Berth::start(&p3(&format!(
+        "allowed_outbound_hosts = [\"http://{}\", \"http://{}\"]\noutbound = {{ retries = 0 }}",
+        hang.addr, stall.addr
+    )));
+    for (down, what) in [(&hang, "first byte"), (&stall, "between bytes")] {
+        let started = Instant::now();
+        let r = get_with(
+            &berth.url("/p3/fetch"),
+            &[("x-url", &down.url("/x")), ("x-within-ms", "200")],
+        );
+        let took = started.elapsed();
+        assert_eq!(r.status, 502, "{what}: {}", r.body);
+        assert!(r.body.contains("Timeout"), "{what}: {}", r.body);
+        // A wide margin for a busy machine; the host's would take 10 s.
+        assert!(
+            took < Duration::from_secs(5),
+            "{what}: the guest's 200 ms did not apply: {took:?}"
+        );
+    }
 }

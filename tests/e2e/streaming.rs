@@ -228,21 +228,27 @@ impl Body for Fed {
     }
 }
 
-#[test]
-fn the_response_head_leaves_before_any_body_and_frames_stream_one_by_one() {
-    // An interactive exchange: the client sends nothing until it has the
-    // head, then one line at a time, each only after the last came back.
-    // A host that holds the head until the first body frame deadlocks here.
-    let (up, _rt) = upstream(Upstream::Echo);
-    let berth = proxy(up);
+/// An interactive exchange with an echo at `path` on `addr`: the client
+/// sends nothing until it has the head, then one line at a time, each only
+/// after the last came back. A host that holds the head until the first
+/// body frame, or gathers either body before passing it on, deadlocks here.
+pub fn ping_pong(addr: &str, path: &str, headers: &[(&str, String)]) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let addr = berth.addr.clone();
     rt.block_on(async move {
         let (feed, rx) = tokio::sync::mpsc::channel(1);
-        let (mut sender, req) = connect(&addr, up, Fed(rx)).await;
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut req = Request::post(format!("http://{addr}{path}"));
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
+        let req = req.body(Fed(rx)).unwrap();
         let run = async {
             let resp = sender.send_request(req).await.expect("response head");
             assert_eq!(resp.status(), 200);
@@ -266,6 +272,20 @@ fn the_response_head_leaves_before_any_body_and_frames_stream_one_by_one() {
             .await
             .expect("the head or a frame never came: the exchange deadlocked");
     });
+}
+
+#[test]
+fn the_response_head_leaves_before_any_body_and_frames_stream_one_by_one() {
+    let (up, _rt) = upstream(Upstream::Echo);
+    let berth = proxy(up);
+    ping_pong(
+        &berth.addr,
+        "/proxy",
+        &[
+            ("x-upstream", up.to_string()),
+            ("x-upstream-path", "/echo".to_owned()),
+        ],
+    );
 }
 
 #[test]

@@ -89,6 +89,18 @@ fn handle(req: Request) -> Response {
                 Err(e) => Response::error(502, &e.to_string()),
             }
         }
+        "fetch_within" => {
+            // A call with the guest's own, shorter timeout (first byte and
+            // between bytes) than the host's.
+            let url = req.query_param("url").unwrap_or_default();
+            let within = std::time::Duration::from_millis(n("ms", 200));
+            match http::Client::get(&url).timeout(within).send() {
+                Ok(r) => Response::json(&serde_json::json!({
+                    "status": r.status(), "body": r.text_body()
+                })),
+                Err(e) => Response::error(504, &e.to_string()),
+            }
+        }
         "post" => {
             let url = req.query_param("url").unwrap_or_default();
             match http::Client::post(&url).body("payload").send() {

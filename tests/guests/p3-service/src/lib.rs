@@ -30,9 +30,22 @@ async fn sleep_ms(ms: u64) {
     berth_sdk::p3::wasip3::clocks::monotonic_clock::wait_for(ms * 1_000_000).await;
 }
 
-/// An outbound call to `url`: GET, or POST with `body`.
-async fn call(url: &str, body: Option<Vec<u8>>) -> Result<(u16, String), ErrorCode> {
-    let builder = berth_sdk::p3::http::Request::builder().uri(url);
+/// An outbound call to `url`: GET, or POST with `body`; with `within`
+/// (ms), the guest's own first-byte and between-bytes timeouts.
+async fn call(
+    url: &str,
+    body: Option<Vec<u8>>,
+    within: Option<u64>,
+) -> Result<(u16, String), ErrorCode> {
+    use berth_sdk::p3::wasip3::http::types::RequestOptions;
+    use berth_sdk::p3::wasip3::http_compat::RequestOptionsExtension;
+    let mut builder = berth_sdk::p3::http::Request::builder().uri(url);
+    if let Some(ms) = within {
+        let options = RequestOptions::new();
+        let _ = options.set_first_byte_timeout(Some(ms * 1_000_000));
+        let _ = options.set_between_bytes_timeout(Some(ms * 1_000_000));
+        builder = builder.extension(RequestOptionsExtension(options));
+    }
     let req = match body {
         Some(b) => builder.method(Method::POST).body(full(b)),
         None => builder.method(Method::GET).body(full("")),
@@ -129,6 +142,7 @@ async fn handle(req: Request) -> Response<Body> {
             }
             berth_sdk::info!("fetching {url}");
             println!("stdout: fetching {url}");
+            let within = header(&req, "x-within-ms").and_then(|v| v.parse().ok());
             let body = if req.method() == Method::POST {
                 match collect(req.into_body()).await {
                     Ok(b) => Some(b.to_vec()),
@@ -137,7 +151,7 @@ async fn handle(req: Request) -> Response<Body> {
             } else {
                 None
             };
-            match call(&url, body).await {
+            match call(&url, body, within).await {
                 Ok((code, text)) => status(200, format!("{code} {text}")),
                 Err(e) => status(502, format!("outbound failed: {e:?}\n")),
             }
@@ -154,9 +168,18 @@ async fn handle(req: Request) -> Response<Body> {
                     Ok((code, text)) => format!("{code} {}\n", text.trim()),
                     Err(e) => format!("error {e:?}\n"),
                 };
-                let (ra, rb) = futures_util::join!(call(&a, None), call(&b, None));
-                tx.send(line(ra)).await;
-                tx.send(line(rb)).await;
+                // Whichever lands first is written first, while the other
+                // is still on its way.
+                let (fa, fb) = (
+                    Box::pin(call(&a, None, None)),
+                    Box::pin(call(&b, None, None)),
+                );
+                let (first, rest) = match futures_util::future::select(fa, fb).await {
+                    futures_util::future::Either::Left((r, other)) => (r, other),
+                    futures_util::future::Either::Right((r, other)) => (r, other),
+                };
+                tx.send(line(first)).await;
+                tx.send(line(rest.await)).await;
             });
             Response::new(body)
         }
