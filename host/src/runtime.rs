@@ -404,23 +404,34 @@ fn build_linker(engine: &Engine, flavor: Flavor) -> anyhow::Result<Linker<Host>>
 /// otherwise have to be threaded through each module.
 static INSTANCES_STARTED: AtomicU64 = AtomicU64::new(0);
 
-/// Counts an instance about to start (see [`IdleRelease`]).
-pub(crate) fn instance_starting() {
+/// Instantiations hold it shared; releasing idle pool memory holds it
+/// alone. While wasmtime releases the warm slots it takes them off the free
+/// list, so an instance starting then could find no free slot (every free
+/// slot is warm when `max_instances` is 100 or less) and fail with "at
+/// capacity"; with the gate it waits the few milliseconds instead.
+static POOL_GATE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Counts an instance about to start (see [`IdleRelease`]) and holds off a
+/// release of idle pool memory until the returned guard is dropped: keep
+/// it across the instantiation.
+pub(crate) async fn instance_starting() -> tokio::sync::RwLockReadGuard<'static, ()> {
     INSTANCES_STARTED.fetch_add(1, Ordering::Relaxed);
+    POOL_GATE.read().await
 }
 
 /// Gives warm slots' memory back to the kernel after a quiet spell.
 ///
 /// A burst leaves up to 100 warm slots per engine, each keeping its
 /// memory image mapped and up to `keep_resident` bytes resident for the
-/// next instance of the same module; that is the point while traffic
-/// lasts, and dead weight in a pod that has gone quiet. Once no instance
-/// has started for `after`, they are released, once per quiet spell; the
-/// next instance of each module pays a cold slot (page faults on the
-/// pages it touches, a few µs).
+/// next instance of the same module, and the allocator holding the burst's
+/// freed heap; that is the point while traffic lasts, and dead weight in a
+/// pod that has gone quiet. Once no instance has started or ended for
+/// `after`, both are released, once per quiet spell; the next instance of
+/// each module pays a cold slot (page faults on the pages it touches).
 struct IdleRelease {
     after: Duration,
-    seen: u64,
+    /// Instances started so far, and live now.
+    seen: (u64, u64),
     quiet_since: Instant,
     released: bool,
 }
@@ -429,17 +440,19 @@ impl IdleRelease {
     fn new(after: Duration) -> Self {
         IdleRelease {
             after,
-            seen: INSTANCES_STARTED.load(Ordering::Relaxed),
+            seen: (INSTANCES_STARTED.load(Ordering::Relaxed), 0),
             quiet_since: Instant::now(),
             // Nothing is warm before the first request.
             released: true,
         }
     }
 
-    /// Whether to release now, given the instances started so far.
-    fn due(&mut self, started: u64, now: Instant) -> bool {
-        if started != self.seen {
-            self.seen = started;
+    /// Whether to release now, given the instances started so far and
+    /// live now: an instance that ends (a long request, a reused instance
+    /// idling out) frees a slot too, and starts a new quiet spell.
+    fn due(&mut self, activity: (u64, u64), now: Instant) -> bool {
+        if activity != self.seen {
+            self.seen = activity;
             self.quiet_since = now;
             self.released = false;
             return false;
@@ -466,10 +479,18 @@ pub(crate) fn return_freed_memory() {
     }
 }
 
+/// Live component instances of an engine's pool.
+fn live_instances(engine: &Engine) -> u64 {
+    engine
+        .pooling_allocator_metrics()
+        .map_or(0, |m| m.component_instances())
+}
+
 /// One thread for the whole process advances the epoch; every store turns
 /// each tick into a yield point and checks its deadline there. It also
-/// returns idle pool memory ([`IdleRelease`]): a check of one counter per
-/// tick.
+/// notices a quiet spell ([`IdleRelease`]: a few atomic loads a tick) and
+/// hands the release to a thread of its own, so that trimming a large heap
+/// never delays a tick (and with it every guest's deadline).
 fn spawn_epoch_ticker(
     engine: Engine,
     concurrent: Arc<OnceLock<Result<Engines, String>>>,
@@ -477,6 +498,29 @@ fn spawn_epoch_ticker(
     mut idle: IdleRelease,
     stop: Arc<AtomicBool>,
 ) {
+    let (release, releases) = std::sync::mpsc::sync_channel::<()>(1);
+    {
+        let (engine, concurrent, after) = (engine.clone(), concurrent.clone(), idle.after);
+        std::thread::Builder::new()
+            .name("berth-release".into())
+            .spawn(move || {
+                // Ends when the ticker (the sender) does.
+                while releases.recv().is_ok() {
+                    let other = concurrent.get().and_then(|e| e.as_ref().ok());
+                    let gate = POOL_GATE.blocking_write();
+                    let bytes = engine.release_idle_pool_memory()
+                        + other.map_or(0, |o| o.engine.release_idle_pool_memory());
+                    drop(gate);
+                    return_freed_memory();
+                    tracing::info!(
+                        bytes,
+                        quiet_for = ?after,
+                        "returned idle instance memory to the kernel"
+                    );
+                }
+            })
+            .expect("spawning the memory release thread");
+    }
     std::thread::Builder::new()
         .name("berth-epoch".into())
         .spawn(move || {
@@ -487,18 +531,13 @@ fn spawn_epoch_ticker(
                 if let Some(other) = other {
                     other.engine.increment_epoch();
                 }
-                if idle.due(INSTANCES_STARTED.load(Ordering::Relaxed), Instant::now()) {
-                    // While it runs, the slots being released cannot be
-                    // taken; an instance starting meanwhile uses another
-                    // free slot (the pool has `max_instances` of them).
-                    let bytes = engine.release_idle_pool_memory()
-                        + other.map_or(0, |o| o.engine.release_idle_pool_memory());
-                    return_freed_memory();
-                    tracing::info!(
-                        bytes,
-                        quiet_for = ?idle.after,
-                        "returned idle instance memory to the kernel"
-                    );
+                let activity = (
+                    INSTANCES_STARTED.load(Ordering::Relaxed),
+                    live_instances(&engine) + other.map_or(0, |o| live_instances(&o.engine)),
+                );
+                if idle.due(activity, Instant::now()) {
+                    // Full only while a release is still running.
+                    let _ = release.try_send(());
                 }
             }
         })
@@ -515,17 +554,23 @@ mod tests {
         let t0 = Instant::now();
         let s = Duration::from_secs;
         let mut idle = IdleRelease::new(s(30));
-        let n = idle.seen;
-        assert!(!idle.due(n, t0 + s(60)), "nothing was warm yet");
-        assert!(!idle.due(n + 5, t0 + s(61)), "busy");
-        assert!(!idle.due(n + 5, t0 + s(90)), "quiet for 29 s");
-        assert!(idle.due(n + 5, t0 + s(91)), "quiet for 30 s");
-        assert!(!idle.due(n + 5, t0 + s(200)), "once per spell");
-        assert!(!idle.due(n + 6, t0 + s(201)));
-        assert!(idle.due(n + 6, t0 + s(231)), "again after the next burst");
+        let (n, _) = idle.seen;
+        assert!(!idle.due((n, 0), t0 + s(60)), "nothing was warm yet");
+        assert!(!idle.due((n + 5, 2), t0 + s(61)), "busy");
+        assert!(!idle.due((n + 5, 0), t0 + s(62)), "instances ended");
+        assert!(!idle.due((n + 5, 0), t0 + s(91)), "quiet for 29 s");
+        assert!(idle.due((n + 5, 0), t0 + s(92)), "quiet for 30 s");
+        assert!(!idle.due((n + 5, 0), t0 + s(200)), "once per spell");
+        // A long request that ends after the release frees its slot too.
+        assert!(!idle.due((n + 5, 1), t0 + s(201)));
+        assert!(!idle.due((n + 5, 0), t0 + s(202)));
+        assert!(
+            idle.due((n + 5, 0), t0 + s(232)),
+            "again once that is quiet"
+        );
         let mut never = IdleRelease::new(Duration::ZERO);
-        assert!(!never.due(n + 1, t0));
-        assert!(!never.due(n + 1, t0 + s(3600)), "0s never releases");
+        assert!(!never.due((n + 1, 0), t0));
+        assert!(!never.due((n + 1, 0), t0 + s(3600)), "0s never releases");
     }
 
     #[test]

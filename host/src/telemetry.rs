@@ -281,6 +281,10 @@ fn tracer_provider() -> Result<Option<SdkTracerProvider>, String> {
 
 /// The samplers of the OpenTelemetry spec, read from
 /// `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`.
+/// Samplers the spec names that need a remote service Berth does not talk
+/// to.
+const UNIMPLEMENTED: [&str; 3] = ["jaeger_remote", "parentbased_jaeger_remote", "xray"];
+
 const SAMPLERS: [&str; 6] = [
     "always_on",
     "always_off",
@@ -302,6 +306,9 @@ pub struct Sampling {
     parent_based: bool,
     /// The share of traces sampled where no parent decides.
     ratio: f64,
+    /// `OTEL_TRACES_SAMPLER` named a sampler of the spec Berth does not
+    /// implement; this is the default in its place.
+    unimplemented: bool,
 }
 
 impl Default for Sampling {
@@ -310,6 +317,7 @@ impl Default for Sampling {
         Sampling {
             parent_based: true,
             ratio: 1.0,
+            unimplemented: false,
         }
     }
 }
@@ -319,13 +327,26 @@ impl Sampling {
     /// is refused: the SDK would warn and trace every request, the most
     /// expensive setting, at full load.
     fn from_env(sampler: Option<&str>, arg: Option<&str>) -> Result<Sampling, String> {
-        // Untrimmed, as other SDKs read them.
-        let Some(sampler) = sampler.filter(|s| !s.is_empty()) else {
+        // Untrimmed, as other SDKs read them; case-insensitive, as the spec
+        // asks of enum values.
+        let Some(given) = sampler.filter(|s| !s.is_empty()) else {
             return Ok(Sampling::default());
         };
+        let sampler = given.to_ascii_lowercase();
+        let sampler = sampler.as_str();
+        if UNIMPLEMENTED.contains(&sampler) {
+            // Named by the spec and set by tooling (the OpenTelemetry
+            // Operator's injection); the SDKs without them fall back to the
+            // default, so a pod so configured still starts. It is said at
+            // start-up, once the log is up.
+            return Ok(Sampling {
+                unimplemented: true,
+                ..Sampling::default()
+            });
+        }
         if !SAMPLERS.contains(&sampler) {
             return Err(format!(
-                "OTEL_TRACES_SAMPLER={sampler:?} is not a sampler Berth supports; use one of {}",
+                "OTEL_TRACES_SAMPLER={given:?} is not a sampler Berth supports; use one of {}",
                 SAMPLERS.join(", ")
             ));
         }
@@ -349,6 +370,7 @@ impl Sampling {
         Ok(Sampling {
             parent_based: sampler.starts_with("parentbased_"),
             ratio,
+            unimplemented: false,
         })
     }
 
@@ -362,7 +384,10 @@ impl Sampling {
             Some((trace_id, _)) => {
                 (trace_id as u64 >> 1) < (self.ratio * (1u64 << 63) as f64) as u64
             }
-            // A new trace id is random, so a random draw is the same test.
+            // A new trace: a random draw at the ratio, made before its id
+            // exists (the tracing layer picks the id later). Services
+            // downstream should follow this decision with a parent-based
+            // sampler (the spec's default) rather than draw again by id.
             None => self.ratio >= 1.0 || fastrand::f64() < self.ratio,
         }
     }
@@ -447,6 +472,12 @@ pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, Stri
         .with(logs)
         .with(traces)
         .init();
+    if SAMPLING.get().is_some_and(|s| s.unimplemented) {
+        tracing::warn!(
+            sampler = std::env::var("OTEL_TRACES_SAMPLER").unwrap_or_default(),
+            "this sampler needs a remote sampling service Berth does not use; sampling with parentbased_always_on instead"
+        );
+    }
     Ok(TelemetryGuard {
         provider,
         _writer: guard,
@@ -463,6 +494,7 @@ mod tests {
         let parent = |ratio| Sampling {
             parent_based: true,
             ratio,
+            unimplemented: false,
         };
         assert_eq!(read(None, None), Sampling::default());
         assert_eq!(read(Some(""), None), parent(1.0));
@@ -476,6 +508,12 @@ mod tests {
         );
         let plain = read(Some("traceidratio"), None);
         assert_eq!((plain.parent_based, plain.ratio), (false, 1.0));
+        assert_eq!(
+            read(Some("ParentBased_TraceIdRatio"), Some("0.5")),
+            parent(0.5)
+        );
+        let remote = read(Some("xray"), None);
+        assert!(remote.unimplemented && remote.parent_based && remote.ratio == 1.0);
         let typo = Sampling::from_env(Some("parentbased_ratio"), None).unwrap_err();
         assert!(
             typo.contains("OTEL_TRACES_SAMPLER=\"parentbased_ratio\""),
@@ -493,6 +531,7 @@ mod tests {
         let none = Sampling {
             parent_based: true,
             ratio: 0.0,
+            unimplemented: false,
         };
         assert!(none.sampled(Some((7, true))), "a sampled caller decides");
         assert!(!none.sampled(Some((7, false))));
@@ -500,6 +539,7 @@ mod tests {
         let all = Sampling {
             parent_based: false,
             ratio: 1.0,
+            unimplemented: false,
         };
         assert!(
             all.sampled(Some((7, false))),
@@ -511,6 +551,7 @@ mod tests {
         let some = Sampling {
             parent_based: false,
             ratio: 0.25,
+            unimplemented: false,
         };
         let roots = (0..20_000).filter(|_| some.sampled(None)).count();
         assert!((4_000..6_000).contains(&roots), "{roots} of 20000");

@@ -466,7 +466,7 @@ fn the_parent_based_sampler_follows_the_callers_flag() {
 }
 
 #[test]
-fn a_sampler_the_sdk_would_not_honour_stops_the_start() {
+fn an_unknown_sampler_stops_the_start_and_a_remote_one_falls_back() {
     let receiver = Receiver::start();
     let endpoint = receiver.endpoint();
     for (sampler, arg, named) in [
@@ -486,6 +486,24 @@ fn a_sampler_the_sdk_would_not_honour_stops_the_start() {
             out.stderr
         );
     }
+    // Named by the spec, set by tooling, needing a service Berth does not
+    // use: it starts with the default, and says so.
+    let mut env = otel_env(&endpoint, "remote");
+    env.push(("OTEL_TRACES_SAMPLER", "parentbased_jaeger_remote"));
+    let berth = Berth::start_with(&module("hello", "/hello", "hello", ""), &env);
+    assert_eq!(get(&berth.url("/hello")).status, 200);
+    let note = berth
+        .wait_for_log(Duration::from_secs(5), |l| {
+            l["level"] == "WARN" && l["sampler"] == "parentbased_jaeger_remote"
+        })
+        .expect("a warning naming the sampler");
+    assert!(
+        note["message"]
+            .as_str()
+            .unwrap()
+            .contains("parentbased_always_on"),
+        "{note}"
+    );
 }
 
 #[test]

@@ -41,13 +41,14 @@ pub struct RuntimeConfig {
     pub rescan_interval: Duration,
     /// Dirty memory of a finished instance reset in place (memset) instead
     /// of returned to the kernel, saving the `madvise` and the page faults of
-    /// the next request. Unset: 64 KiB where the kernel offers `PAGEMAP_SCAN`
+    /// the next request. Unset: 256 KiB where the kernel offers `PAGEMAP_SCAN`
     /// (Linux 6.7+, which finds the dirty pages), otherwise 0, since without
     /// it the first `keep_resident` bytes are reset whether touched or not.
     pub keep_resident: Option<ByteSize>,
-    /// How long the host must have started no instance before it returns
-    /// the memory of warm, unused instance slots to the kernel
-    /// (`Engine::release_idle_pool_memory`); `0s` never does.
+    /// How long the host must have started or ended no instance before it
+    /// returns the memory of warm, unused instance slots
+    /// (`Engine::release_idle_pool_memory`) and the allocator's freed heap
+    /// to the kernel, once per quiet spell; `0s` never does.
     #[serde(with = "humantime_serde")]
     pub release_idle_after: Duration,
     /// Finished instances whose memory is returned to the kernel together.

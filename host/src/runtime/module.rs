@@ -434,7 +434,6 @@ impl Module {
             self.guest_metrics.clone(),
             self.limits.memory.0,
         );
-        super::instance_starting();
         let mut store = Store::new(pre.engine(), host);
         store.limiter(|h| &mut h.limits);
         let deadline = Instant::now() + self.limits.timeout;

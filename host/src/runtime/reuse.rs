@@ -166,7 +166,6 @@ impl HandlerState for Workers {
             ProxyPre::P2(pre) => pre.instance_pre().engine().clone(),
             ProxyPre::P3(pre) => pre.instance_pre().engine().clone(),
         };
-        super::instance_starting();
         let mut store = Store::new(&engine, host);
         store.task_group_hook(tasks.hook());
         store.limiter(|h| &mut h.limits);
@@ -180,7 +179,9 @@ impl HandlerState for Workers {
             ))
         });
         store.set_epoch_deadline(1);
+        let slot = super::instance_starting().await;
         let proxy = self.pre.instantiate_async(&mut store).await?;
+        drop(slot);
         self.metrics.created.inc();
         Ok(Instance {
             store,

@@ -161,10 +161,12 @@ fn spawn_guest(
                 // would make the guest yield at once and queue again.
                 store.set_epoch_deadline(1);
                 let started = Instant::now();
+                let slot = crate::runtime::instance_starting().await;
                 let proxy = pre
                     .instantiate_async(&mut store)
                     .await
                     .map_err(|e| GuestError::Instantiate(format!("{e:#}")))?;
+                drop(slot);
                 metrics.instantiate.observe(started.elapsed().as_secs_f64());
                 metrics.instances.created.inc();
                 proxy
