@@ -530,10 +530,16 @@ def test_every_module_key_in_a_values_file_runs_in_the_real_host(tmp_path):
 
 
 def host_fields(struct):
-    """The serde field names of `pub struct NAME` in host/src/config.rs."""
-    source = open(os.path.join(ROOT, "host", "src", "config.rs")).read()
-    body = re.search(r"pub struct %s \{(.*?)\n\}" % struct, source, re.S).group(1)
-    return set(re.findall(r"^    pub (\w+):", body, re.M))
+    """The serde field names of `pub struct NAME` in the host's config
+    (host/src/config.rs and its sections in host/src/config/)."""
+    folder = os.path.join(ROOT, "host", "src", "config")
+    files = [os.path.join(ROOT, "host", "src", "config.rs")] + sorted(
+        os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".rs"))
+    for path in files:
+        found = re.search(r"pub struct %s \{(.*?)\n\}" % struct, open(path).read(), re.S)
+        if found:
+            return set(re.findall(r"^    pub (\w+):", found.group(1), re.M))
+    raise AssertionError(f"no `pub struct {struct}` in the host's config")
 
 
 @pytest.mark.parametrize(
