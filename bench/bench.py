@@ -206,8 +206,9 @@ def fmt(values, unit="", digits=0):
     return f"{med:.{digits}f}{unit} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
-def cold_start(modules, cache_dir):
-    """Seconds from exec to /ready 200."""
+def start_to_ready(modules, cache_dir, settle=0.0):
+    """Seconds from exec to /ready 200, and RSS `settle` seconds later
+    (no request served)."""
     port, admin = free_port(), free_port()
     config = berth_config(modules, cache_dir=cache_dir)
     started = time.perf_counter()
@@ -216,11 +217,18 @@ def cold_start(modules, cache_dir):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_http(f"http://127.0.0.1:{admin}/ready")
+    wait_http(f"http://127.0.0.1:{admin}/ready", limit=600)
     took = time.perf_counter() - started
+    time.sleep(settle)
+    rss = rss_mib(proc.pid)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=10)
-    return took
+    proc.wait(timeout=30)
+    return took, rss
+
+
+def cold_start(modules, cache_dir):
+    """Seconds from exec to /ready 200."""
+    return start_to_ready(modules, cache_dir)[0]
 
 
 def main():
@@ -320,29 +328,11 @@ def distinct_copy(n, folder):
     payload = b"berth-bench" + str(n).encode()
     name = b"x"
     body = bytes([len(name)]) + name + payload
+    assert len(body) < 128, "one LEB128 byte for the section size"
     path = os.path.join(folder, f"hello-{n}.wasm")
     with open(path, "wb") as f:
         f.write(open(HELLO, "rb").read() + b"\x00" + bytes([len(body)]) + body)
     return path
-
-
-def idle_rss_of(modules, cache_dir):
-    """Ready time and RSS a second after `/ready`, no request served."""
-    port, admin = free_port(), free_port()
-    config = berth_config(modules, cache_dir=cache_dir)
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [BERTH, "serve", "--config", config, "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_http(f"http://127.0.0.1:{admin}/ready", limit=600)
-    took = time.perf_counter() - started
-    time.sleep(1)
-    rss = rss_mib(proc.pid)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)
-    return took, rss
 
 
 def measure_density():
@@ -357,7 +347,7 @@ def measure_density():
             cache_dir = tempfile.mkdtemp(prefix="berth-cache-")
             if cache == "warm":
                 cold_start(same(200), cache_dir)
-            times.append(idle_rss_of(same(200), cache_dir)[0])
+            times.append(cold_start(same(200), cache_dir))
             shutil.rmtree(cache_dir, ignore_errors=True)
         out["ready"][cache] = times
         print(f"200 modules of one component to /ready, {cache} cache: {fmt([t * 1e3 for t in times], ' ms')}", flush=True)
@@ -368,7 +358,7 @@ def measure_density():
             modules = same(n) if kind == "one component" else [
                 (f"m{i}", f"/m{i}", distinct_copy(i, folder)) for i in range(n)]
             cold_start(modules, cache_dir)  # compiles into the cache
-            took, rss = idle_rss_of(modules, cache_dir)
+            took, rss = start_to_ready(modules, cache_dir, settle=1)
             out["rss"][(kind, n)] = rss
             print(f"{n} modules, {kind}: {rss:.1f} MiB idle RSS, ready in {took * 1e3:.0f} ms (warm cache)", flush=True)
     shutil.rmtree(folder, ignore_errors=True)

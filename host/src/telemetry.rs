@@ -31,7 +31,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-static TRACING: OnceLock<bool> = OnceLock::new();
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 /// When the write to stdout in progress began, in ms since [`EPOCH`]; 0
 /// while none is.
@@ -157,7 +156,7 @@ fn cut_line(line: &[u8], json: bool) -> String {
 
 /// Whether spans are exported; the request path makes none otherwise.
 pub fn tracing_enabled() -> bool {
-    TRACING.get().copied().unwrap_or(false)
+    SAMPLING.get().is_some()
 }
 
 /// Keeps the log writer and the span exporter alive; dropping it flushes
@@ -245,8 +244,9 @@ fn env_set(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
 }
 
-/// The span exporter the environment asks for, if any.
-fn tracer_provider() -> Result<Option<SdkTracerProvider>, String> {
+/// The span exporter the environment asks for, if any, with its sampling
+/// and, when the sampler named is one Berth replaces, that sampler.
+fn tracer_provider() -> Result<Option<(SdkTracerProvider, Sampling, Option<String>)>, String> {
     let wanted =
         env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
     let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
@@ -254,11 +254,10 @@ fn tracer_provider() -> Result<Option<SdkTracerProvider>, String> {
     if !wanted || disabled {
         return Ok(None);
     }
-    let sampling = Sampling::from_env(
+    let (sampling, replaced) = Sampling::from_env(
         std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
         std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
     )?;
-    let _ = SAMPLING.set(sampling);
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .build()
@@ -269,22 +268,21 @@ fn tracer_provider() -> Result<Option<SdkTracerProvider>, String> {
     if !env_set("OTEL_SERVICE_NAME") {
         resource = resource.with_service_name("berth");
     }
-    Ok(Some(
-        SdkTracerProvider::builder()
-            // Berth has sampled already (`Sampling`).
-            .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
-            .with_batch_exporter(exporter)
-            .with_resource(resource.build())
-            .build(),
-    ))
+    let provider = SdkTracerProvider::builder()
+        // Berth has sampled already (`Sampling`).
+        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build();
+    Ok(Some((provider, sampling, replaced)))
 }
 
-/// The samplers of the OpenTelemetry spec, read from
-/// `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`.
 /// Samplers the spec names that need a remote service Berth does not talk
 /// to.
 const UNIMPLEMENTED: [&str; 3] = ["jaeger_remote", "parentbased_jaeger_remote", "xray"];
 
+/// The samplers of the OpenTelemetry spec Berth implements, read from
+/// `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`.
 const SAMPLERS: [&str; 6] = [
     "always_on",
     "always_off",
@@ -306,9 +304,6 @@ pub struct Sampling {
     parent_based: bool,
     /// The share of traces sampled where no parent decides.
     ratio: f64,
-    /// `OTEL_TRACES_SAMPLER` named a sampler of the spec Berth does not
-    /// implement; this is the default in its place.
-    unimplemented: bool,
 }
 
 impl Default for Sampling {
@@ -317,32 +312,31 @@ impl Default for Sampling {
         Sampling {
             parent_based: true,
             ratio: 1.0,
-            unimplemented: false,
         }
     }
 }
 
 impl Sampling {
-    /// The sampler the variables name. A typo or a ratio that is not one
-    /// is refused: the SDK would warn and trace every request, the most
+    /// The sampler the variables name, and the name given when Berth
+    /// samples with the default in its place. A typo or a ratio that is not one is
+    /// refused: the SDK would warn and trace every request, the most
     /// expensive setting, at full load.
-    fn from_env(sampler: Option<&str>, arg: Option<&str>) -> Result<Sampling, String> {
+    fn from_env(
+        sampler: Option<&str>,
+        arg: Option<&str>,
+    ) -> Result<(Sampling, Option<String>), String> {
         // Untrimmed, as other SDKs read them; case-insensitive, as the spec
         // asks of enum values.
         let Some(given) = sampler.filter(|s| !s.is_empty()) else {
-            return Ok(Sampling::default());
+            return Ok((Sampling::default(), None));
         };
         let sampler = given.to_ascii_lowercase();
         let sampler = sampler.as_str();
         if UNIMPLEMENTED.contains(&sampler) {
             // Named by the spec and set by tooling (the OpenTelemetry
             // Operator's injection); the SDKs without them fall back to the
-            // default, so a pod so configured still starts. It is said at
-            // start-up, once the log is up.
-            return Ok(Sampling {
-                unimplemented: true,
-                ..Sampling::default()
-            });
+            // default, so a pod so configured still starts.
+            return Ok((Sampling::default(), Some(given.to_owned())));
         }
         if !SAMPLERS.contains(&sampler) {
             return Err(format!(
@@ -367,11 +361,11 @@ impl Sampling {
                     })?,
             },
         };
-        Ok(Sampling {
+        let sampling = Sampling {
             parent_based: sampler.starts_with("parentbased_"),
             ratio,
-            unimplemented: false,
-        })
+        };
+        Ok((sampling, None))
     }
 
     /// Whether a request is traced, given its caller's trace id and
@@ -398,7 +392,7 @@ static SAMPLING: OnceLock<Sampling> = OnceLock::new();
 /// Whether a request with this caller (trace id and `sampled` flag) gets
 /// spans; false whenever spans are not exported.
 pub fn sampled(parent: Option<(u128, bool)>) -> bool {
-    tracing_enabled() && SAMPLING.get().is_some_and(|s| s.sampled(parent))
+    SAMPLING.get().is_some_and(|s| s.sampled(parent))
 }
 
 /// Installs the global subscriber. Call it before starting any async
@@ -450,7 +444,13 @@ pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, Stri
             .with_filter(filter)
             .boxed(),
     };
-    let provider = tracer_provider()?;
+    let (provider, replaced) = match tracer_provider()? {
+        Some((provider, sampling, replaced)) => {
+            let _ = SAMPLING.set(sampling);
+            (Some(provider), replaced)
+        }
+        None => (None, None),
+    };
     // Spans have their own filter: LOG_LEVEL=warn must not drop traces.
     let traces = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
@@ -467,14 +467,13 @@ pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, Stri
             .with_context_activation(false)
             .with_filter(LevelFilter::INFO)
     });
-    let _ = TRACING.set(provider.is_some());
     tracing_subscriber::registry()
         .with(logs)
         .with(traces)
         .init();
-    if SAMPLING.get().is_some_and(|s| s.unimplemented) {
+    if let Some(sampler) = replaced {
         tracing::warn!(
-            sampler = std::env::var("OTEL_TRACES_SAMPLER").unwrap_or_default(),
+            sampler,
             "this sampler needs a remote sampling service Berth does not use; sampling with parentbased_always_on instead"
         );
     }
@@ -490,11 +489,14 @@ mod tests {
 
     #[test]
     fn samplers_are_read_as_the_spec_says_and_bad_ones_refused() {
-        let read = |s, a| Sampling::from_env(s, a).unwrap();
+        let read = |s, a| {
+            let (sampling, replaced) = Sampling::from_env(s, a).unwrap();
+            assert_eq!(replaced, None, "{s:?}");
+            sampling
+        };
         let parent = |ratio| Sampling {
             parent_based: true,
             ratio,
-            unimplemented: false,
         };
         assert_eq!(read(None, None), Sampling::default());
         assert_eq!(read(Some(""), None), parent(1.0));
@@ -512,8 +514,10 @@ mod tests {
             read(Some("ParentBased_TraceIdRatio"), Some("0.5")),
             parent(0.5)
         );
-        let remote = read(Some("xray"), None);
-        assert!(remote.unimplemented && remote.parent_based && remote.ratio == 1.0);
+        assert_eq!(
+            Sampling::from_env(Some("xray"), None),
+            Ok((Sampling::default(), Some("xray".to_owned())))
+        );
         let typo = Sampling::from_env(Some("parentbased_ratio"), None).unwrap_err();
         assert!(
             typo.contains("OTEL_TRACES_SAMPLER=\"parentbased_ratio\""),
@@ -531,7 +535,6 @@ mod tests {
         let none = Sampling {
             parent_based: true,
             ratio: 0.0,
-            unimplemented: false,
         };
         assert!(none.sampled(Some((7, true))), "a sampled caller decides");
         assert!(!none.sampled(Some((7, false))));
@@ -539,7 +542,6 @@ mod tests {
         let all = Sampling {
             parent_based: false,
             ratio: 1.0,
-            unimplemented: false,
         };
         assert!(
             all.sampled(Some((7, false))),
@@ -551,7 +553,6 @@ mod tests {
         let some = Sampling {
             parent_based: false,
             ratio: 0.25,
-            unimplemented: false,
         };
         let roots = (0..20_000).filter(|_| some.sampled(None)).count();
         assert!((4_000..6_000).contains(&roots), "{roots} of 20000");

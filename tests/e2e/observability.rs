@@ -324,14 +324,16 @@ fn otel_env<'a>(receiver: &'a str, service: &'a str) -> Vec<(&'a str, &'a str)> 
     ]
 }
 
-#[test]
-fn one_trace_spans_two_hosts() {
-    let receiver = Receiver::start();
+/// Two traced hosts: `berth-a` (the misbehave fixture at `/m`, with `env`
+/// added, allowed to call b) in front of `berth-b` (hello at `/hello`).
+fn two_hosts(receiver: &Receiver, env: &[(&str, &str)]) -> (Berth, Berth) {
     let endpoint = receiver.endpoint();
     let downstream = Berth::start_with(
         &module("hello", "/hello", "hello", ""),
         &otel_env(&endpoint, "berth-b"),
     );
+    let mut a_env = otel_env(&endpoint, "berth-a");
+    a_env.extend_from_slice(env);
     let upstream = Berth::start_with(
         &module(
             "m",
@@ -339,8 +341,15 @@ fn one_trace_spans_two_hosts() {
             "misbehave",
             &format!("allowed_outbound_hosts = [\"http://{}\"]", downstream.addr),
         ),
-        &otel_env(&endpoint, "berth-a"),
+        &a_env,
     );
+    (upstream, downstream)
+}
+
+#[test]
+fn one_trace_spans_two_hosts() {
+    let receiver = Receiver::start();
+    let (upstream, downstream) = two_hosts(&receiver, &[]);
     let tp = traceparent();
     let target = downstream.url("/hello?name=traced");
     let r = get_with(
@@ -406,25 +415,14 @@ fn one_trace_spans_two_hosts() {
 #[test]
 fn the_parent_based_sampler_follows_the_callers_flag() {
     let receiver = Receiver::start();
-    let endpoint = receiver.endpoint();
-    let downstream = Berth::start_with(
-        &module("hello", "/hello", "hello", ""),
-        &otel_env(&endpoint, "berth-b"),
-    );
-    let mut env = otel_env(&endpoint, "berth-a");
-    // Ratio 0: no new trace is sampled here, only those a caller sampled.
-    env.extend([
-        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
-        ("OTEL_TRACES_SAMPLER_ARG", "0"),
-    ]);
-    let upstream = Berth::start_with(
-        &module(
-            "m",
-            "/m",
-            "misbehave",
-            &format!("allowed_outbound_hosts = [\"http://{}\"]", downstream.addr),
-        ),
-        &env,
+    // Ratio 0 on berth-a: no new trace is sampled there, only those a
+    // caller sampled.
+    let (upstream, downstream) = two_hosts(
+        &receiver,
+        &[
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0"),
+        ],
     );
     let target = downstream.url("/hello");
     let call = |flags: Option<(&str, &str)>| {
@@ -441,17 +439,24 @@ fn the_parent_based_sampler_follows_the_callers_flag() {
     call(Some((unsampled, "00")));
     call(None);
     call(Some((marker, "01")));
+    // Each host exports in its own batches: wait for the marker on both.
     let spans = receiver.wait_for(Duration::from_secs(30), |spans| {
-        spans
-            .iter()
-            .any(|s| s.service == "berth-b" && s.trace_id == marker)
+        ["berth-a", "berth-b"].iter().all(|svc| {
+            spans
+                .iter()
+                .any(|s| s.service == *svc && s.trace_id == marker)
+        })
     });
     for service in ["berth-a", "berth-b"] {
         assert!(
             spans
                 .iter()
                 .any(|s| s.service == service && s.kind == KIND_SERVER && s.trace_id == sampled),
-            "{service} exports the trace its caller sampled"
+            "{service} exports the trace its caller sampled: {:?}",
+            spans
+                .iter()
+                .map(|s| (&s.service, &s.trace_id))
+                .collect::<Vec<_>>()
         );
     }
     let others: Vec<_> = spans

@@ -20,6 +20,25 @@ fn count(berth: &Berth) -> u64 {
     r.body.trim().parse().unwrap()
 }
 
+/// Sends the raw HTTP/1.1 `request` and returns every line of the answer
+/// (head, chunk sizes and payload alike, trimmed) with when it arrived,
+/// counted from the send.
+fn timed_lines(berth: &Berth, request: &str) -> Vec<(String, Duration)> {
+    use std::io::{BufRead, Write};
+    let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(request.as_bytes()).unwrap();
+    let started = Instant::now();
+    let mut reader = std::io::BufReader::new(conn);
+    let (mut lines, mut line) = (vec![], String::new());
+    while reader.read_line(&mut line).unwrap() > 0 {
+        lines.push((line.trim().to_owned(), started.elapsed()));
+        line.clear();
+    }
+    lines
+}
+
 #[test]
 fn both_worlds_load_side_by_side_and_info_and_check_name_them() {
     let config = p3("config = { greeting = \"hi\" }") + &module("plain", "/", "plain_hello", "");
@@ -396,24 +415,18 @@ fn p3_bodies_stream_both_ways_and_limits_hold() {
     crate::streaming::ping_pong(&berth.addr, "/p3/echo", &[]);
     // The first drip frame leaves long before the last (50 lines, 20 ms
     // apart: a second).
-    let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    conn.write_all(b"GET /p3/drip HTTP/1.1\r\nhost: x\r\nx-lines: 50\r\nconnection: close\r\n\r\n")
-        .unwrap();
-    let started = Instant::now();
-    let mut reader = std::io::BufReader::new(conn);
-    let (mut first, mut last, mut line) = (None, None, String::new());
-    while std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0 {
-        if line.starts_with("tick 0") {
-            first = Some(started.elapsed());
-        }
-        if line.starts_with("tick 49") {
-            last = Some(started.elapsed());
-        }
-        line.clear();
-    }
-    let (first, last) = (first.expect("tick 0"), last.expect("tick 49"));
+    let lines = timed_lines(
+        &berth,
+        "GET /p3/drip HTTP/1.1\r\nhost: x\r\nx-lines: 50\r\nconnection: close\r\n\r\n",
+    );
+    let at = |tick: &str| {
+        lines
+            .iter()
+            .find(|(l, _)| l == tick)
+            .unwrap_or_else(|| panic!("no `{tick}` in {lines:?}"))
+            .1
+    };
+    let (first, last) = (at("tick 0"), at("tick 49"));
     assert!(
         last - first >= Duration::from_millis(500),
         "the drip came in one piece: first {first:?}, last {last:?}"
@@ -742,7 +755,6 @@ fn p3_outbound_retries_breaker_and_timeouts_apply() {
 
 #[test]
 fn a_p3_fan_out_calls_two_upstreams_at_once_and_streams_both() {
-    use std::io::{BufRead, BufReader, Write};
     // a answers after 1 s, b after 2.5 s: one after the other the calls
     // would take 3.5 s; at once, 2.5 s. Streamed, a's line arrives before
     // b has answered. (Timing is the point here; the margins are 0.7 s and
@@ -754,28 +766,15 @@ fn a_p3_fan_out_calls_two_upstreams_at_once_and_streams_both() {
         a.addr, b.addr
     ));
     let berth = Berth::start(&config);
-    let mut stream = std::net::TcpStream::connect(&berth.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let started = Instant::now();
-    write!(
-        stream,
+    let request = format!(
         "GET /p3/fanout HTTP/1.1\r\nhost: x\r\nx-url-a: {}\r\nx-url-b: {}\r\nconnection: close\r\n\r\n",
         a.url("/a"),
         b.url("/b")
-    )
-    .unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut lines = vec![];
-    let mut line = String::new();
-    while reader.read_line(&mut line).unwrap() > 0 {
-        // Chunked: the payload lines are the ones with a space.
-        if line.starts_with("200 from") {
-            lines.push((line.trim().to_owned(), started.elapsed()));
-        }
-        line.clear();
-    }
+    );
+    let lines: Vec<_> = timed_lines(&berth, &request)
+        .into_iter()
+        .filter(|(l, _)| l.starts_with("200 from"))
+        .collect();
     let names: Vec<&str> = lines.iter().map(|(l, _)| l.as_str()).collect();
     assert_eq!(names, ["200 from a", "200 from b"]);
     let (first, last) = (lines[0].1, lines[1].1);
