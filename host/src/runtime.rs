@@ -411,6 +411,20 @@ static INSTANCES_STARTED: AtomicU64 = AtomicU64::new(0);
 /// capacity"; with the gate it waits the few milliseconds instead.
 static POOL_GATE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
+/// The gate, held alone, for the release of idle pool memory: taken once
+/// no instantiation holds it, by asking again every few milliseconds, never
+/// by queueing. tokio's lock is fair, so a queued release would hold every
+/// new instantiation behind one already running, and a guest whose start
+/// function spins to its deadline would stall every module's instances.
+fn gate_alone() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    loop {
+        if let Ok(gate) = POOL_GATE.try_write() {
+            return gate;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Counts an instance about to start (see [`IdleRelease`]) and holds off a
 /// release of idle pool memory until the returned guard is dropped: keep
 /// it across the instantiation.
@@ -457,7 +471,10 @@ impl IdleRelease {
             self.released = false;
             return false;
         }
-        if self.released || self.after.is_zero() || now - self.quiet_since < self.after {
+        if self.released
+            || self.after.is_zero()
+            || now.saturating_duration_since(self.quiet_since) < self.after
+        {
             return false;
         }
         self.released = true;
@@ -507,7 +524,7 @@ fn spawn_epoch_ticker(
                 // Ends when the ticker (the sender) does.
                 while releases.recv().is_ok() {
                     let other = concurrent.get().and_then(|e| e.as_ref().ok());
-                    let gate = POOL_GATE.blocking_write();
+                    let gate = gate_alone();
                     let bytes = engine.release_idle_pool_memory()
                         + other.map_or(0, |o| o.engine.release_idle_pool_memory());
                     drop(gate);
@@ -548,6 +565,37 @@ fn spawn_epoch_ticker(
 mod tests {
     use super::*;
     use crate::testing::wasm;
+
+    /// A release waits for the instantiations in progress, but new ones
+    /// never wait behind it: a guest whose start function runs to its
+    /// deadline must not hold up every other module's instances.
+    #[test]
+    fn instantiations_never_queue_behind_a_waiting_release() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let slow = instance_starting().await;
+            let (done, released) = std::sync::mpsc::channel();
+            let release = std::thread::spawn(move || {
+                let _gate = gate_alone();
+                done.send(()).unwrap();
+            });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let next = tokio::time::timeout(Duration::from_secs(5), instance_starting()).await;
+            assert!(next.is_ok(), "an instance waited behind the release");
+            assert!(
+                released.try_recv().is_err(),
+                "released during an instantiation"
+            );
+            drop((next, slow));
+            released
+                .recv_timeout(Duration::from_secs(5))
+                .expect("the release ran once no instance was starting");
+            release.join().unwrap();
+        });
+    }
 
     #[test]
     fn idle_memory_is_released_once_per_quiet_spell() {
