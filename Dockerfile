@@ -18,7 +18,9 @@ COPY bench/native-hello bench/native-hello
 RUN cargo build --release --locked --bin berth \
     && install -D -m 0755 target/release/berth /out/berth
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+# Pinned by digest (the multi-arch index of the `nonroot` tag), so a
+# rebuild gets the bytes that were reviewed; bump it deliberately.
+FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
 COPY --from=builder /out/berth /usr/local/bin/berth
 # Writable places come from volumes (the chart mounts emptyDirs here), so
 # the root filesystem can stay read-only.

@@ -18,7 +18,7 @@ GUEST_WORKSPACES := examples/Cargo.toml tests/guests/Cargo.toml
 setup:
 	@./scripts/setup.sh
 
-## wasmtime: wasmtime-cli of the pinned release into .tools/ (conformance, bench)
+## wasmtime: wasmtime-cli of the pinned release, optimised, into .tools/ (bench)
 wasmtime:
 	@./scripts/wasmtime.sh
 
@@ -91,7 +91,9 @@ smoke_test:
 ## are the release build's. `cargo clippy` would first check-build every
 ## dependency again, wasmtime included: about nine minutes of a cold CI run.
 test: export WKG_BACKGROUND := 1
+test: export WASMTIME_BACKGROUND := 1
 test: lint-static
+	@./scripts/wasmtime.sh test
 	@export RUSTC_WORKSPACE_WRAPPER="$$(rustup which clippy-driver)" \
 	  CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"; \
 	  $(MAKE) --no-print-directory guests \
@@ -100,8 +102,9 @@ test: lint-static
 	  && $(MAKE) --no-print-directory chart-check image-check
 
 ## conformance: the same WASI 0.3 fixture under berth and `wasmtime serve` gives the same answers
-conformance: guests wasmtime
-	$(CARGO) test --release --locked -p berth-host --test e2e conformance -- --ignored
+conformance: guests
+	@./scripts/wasmtime.sh test
+	$(CARGO) test --release --locked -p berth-host --test e2e conformance
 
 ## bench: berth against wasmtime serve and native hyper; writes bench/RESULTS.md
 bench: setup

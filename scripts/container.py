@@ -104,8 +104,8 @@ class Image:
     """The result of a build: a root folder plus the runtime stage's
     settings."""
 
-    def __init__(self, rootfs, env, entrypoint, cmd, user, workdir):
-        self.rootfs, self.env, self.entrypoint, self.cmd = rootfs, env, entrypoint, cmd
+    def __init__(self, base, rootfs, env, entrypoint, cmd, user, workdir):
+        self.base, self.rootfs, self.env, self.entrypoint, self.cmd = base, rootfs, env, entrypoint, cmd
         self.user, self.workdir = user, workdir
 
 
@@ -197,7 +197,7 @@ def build(root, workdir, prebuilt=None, log=print):
         built[str(index)] = fs
         if not is_builder:
             _distroless(fs, st["from"])
-            image = Image(fs, env, entrypoint, cmd, user, cwd)
+            image = Image(st["from"], fs, env, entrypoint, cmd, user, cwd)
     return image
 
 
@@ -216,12 +216,17 @@ def _run_builder_step(command, fs, cwd, env, exported, log):
         raise BuildError(f"RUN {command}: exit code {proc.returncode}")
 
 
+DISTROLESS = re.compile(r"gcr\.io/distroless/cc-debian12:nonroot@sha256:[0-9a-f]{64}")
+
+
 def _distroless(fs, base):
     """What gcr.io/distroless/cc-debian12:nonroot brings: glibc and
     libgcc (here: whatever the copied binaries link), CA certificates, and
-    the users root and nonroot (65532)."""
-    if "distroless/cc" not in base:
-        raise BuildError(f"FROM {base}: only distroless/cc runtime images are emulated")
+    the users root and nonroot (65532). Only that image, pinned by digest:
+    a tag alone could bring other bytes at every build."""
+    if not DISTROLESS.fullmatch(base):
+        raise BuildError(f"FROM {base}: only {DISTROLESS.pattern} is emulated (distroless/cc, "
+                         "pinned by digest)")
     os.makedirs(os.path.join(fs, "etc/ssl/certs"), exist_ok=True)
     shutil.copy("/etc/ssl/certs/ca-certificates.crt", os.path.join(fs, "etc/ssl/certs/ca-certificates.crt"))
     with open(os.path.join(fs, "etc/passwd"), "w") as f:

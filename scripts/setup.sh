@@ -29,6 +29,8 @@ command -v curl >/dev/null || apt_packages+=(curl)
 # chroot (util-linux, coreutils) for the emulated kubelet and engine.
 command -v ip >/dev/null || apt_packages+=(iproute2)
 command -v unshare >/dev/null || apt_packages+=(util-linux)
+# h2load, a real HTTP/2 load client, for the h2c tests and the bench.
+command -v h2load >/dev/null || apt_packages+=(nghttp2-client)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "setup: installing ${apt_packages[*]}"
   SUDO=""
@@ -77,11 +79,11 @@ fi
 if [ "$(.tools/bin/wkg --version 2>/dev/null)" != "wkg $WKG_VERSION" ] && ! [ -d .tools/wkg-building ]; then
   mkdir -p .tools/wkg-building
   build_wkg() {
+    local rc=0
     CARGO_PROFILE_RELEASE_OPT_LEVEL=0 CARGO_PROFILE_RELEASE_DEBUG=false \
       CARGO_PROFILE_RELEASE_CODEGEN_UNITS=256 CARGO_PROFILE_RELEASE_LTO=false \
       CARGO_TARGET_DIR="$PWD/.tools/wkg-build" \
-      cargo install --quiet --locked --root .tools wkg --version "$WKG_VERSION"
-    local rc=$?
+      cargo install --quiet --locked --root .tools wkg --version "$WKG_VERSION" || rc=$?
     rm -rf .tools/wkg-build .tools/wkg-building
     return $rc
   }

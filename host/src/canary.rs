@@ -382,6 +382,14 @@ impl Canary {
             spec,
         });
         canary.publish(State::Progressing, first);
+        // A counter born at 1 shows Prometheus no increase; made at 0 up
+        // front, the first judgement of each kind does.
+        for result in ["pass", "fail", "wait"] {
+            canary
+                .metrics
+                .canary_judgements
+                .with_label_values(&[canary.name(), result]);
+        }
         tracing::info!(
             module = canary.name(),
             sha256 = canary.module.sha256.as_str(),

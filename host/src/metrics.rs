@@ -37,6 +37,9 @@ pub struct Metrics {
     requests_per_instance: HistogramVec,
     /// Module compile time, by module.
     pub compile: HistogramVec,
+    /// Components compiled to native code, by module: not loads from the
+    /// compile cache, nor bytes another module already compiled.
+    pub compilations: IntCounterVec,
     /// Module loads by module and result (`ok`/`error`), start-up included.
     pub loads: IntCounterVec,
     /// Module reloads by module and result (`ok`/`error`).
@@ -202,6 +205,13 @@ impl Metrics {
                 "Time to compile and pre-instantiate a module, by module.",
                 &["module"],
                 COMPILE_BUCKETS,
+            ),
+            compilations: counter(
+                &r,
+                "berth_module_compilations_total",
+                "Components compiled to native code, by module (loads from the compile cache \
+                 and bytes already compiled for another module are not counted).",
+                &["module"],
             ),
             loads: counter(
                 &r,

@@ -1,17 +1,20 @@
-//! The traffic listener: HTTP/1.1 connections, routing, and one fresh guest
-//! instance per request.
+//! The traffic listener: HTTP/1.1 and cleartext HTTP/2 (h2c, by prior
+//! knowledge) on one port, routing, and the guest call of each request (of
+//! each stream, on HTTP/2).
 //!
-//! | case                              | answer                          |
-//! |-----------------------------------|---------------------------------|
-//! | no route                          | 404 JSON                        |
-//! | body over `max_body`              | 413 JSON                        |
-//! | module at its concurrency limit   | 503 JSON with `Retry-After`     |
-//! | guest trapped or panicked         | 500 JSON with the request id    |
-//! | guest over its memory limit       | 500 JSON                        |
-//! | guest over its time limit         | 504 JSON                        |
+//! | case                              | answer                          | to gRPC clients      |
+//! |-----------------------------------|---------------------------------|----------------------|
+//! | no route                          | 404 JSON                        | UNIMPLEMENTED        |
+//! | body over `max_body`              | 413 JSON                        | RESOURCE_EXHAUSTED   |
+//! | module at its concurrency limit   | 503 JSON with `Retry-After`     | UNAVAILABLE, pushback|
+//! | guest trapped or panicked         | 500 JSON with the request id    | INTERNAL             |
+//! | guest over its memory limit       | 500 JSON                        | INTERNAL             |
+//! | guest over its time limit         | 504 JSON                        | DEADLINE_EXCEEDED    |
 //!
-//! Every response carries `x-request-id`, taken from the request when it
-//! has a sane one.
+//! A request with `content-type: application/grpc*` gets the host's answer
+//! as a trailers-only gRPC response (HTTP 200, `grpc-status`); metrics and
+//! canary verdicts count the HTTP status all the same. Every response
+//! carries `x-request-id`, taken from the request when it has a sane one.
 //!
 //! A request goes route → `invoke` → respond: `observe` opens its span
 //! and, at the end, counts it and writes its access line; `invoke` runs
@@ -35,12 +38,14 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use crate::router::Routes;
+use error::Dialect;
 pub use error::{GuestError, RequestError};
 
 const REQUEST_ID: &str = "x-request-id";
@@ -57,6 +62,33 @@ pub struct ServerOptions {
     pub max_headers: usize,
     /// Whether to write one log line per request.
     pub access_log: bool,
+    /// Whether HTTP/2 by prior knowledge is served.
+    pub http2: bool,
+    /// Most concurrent streams per HTTP/2 connection.
+    pub http2_max_streams: u32,
+}
+
+/// The first bytes of every HTTP/2 connection by prior knowledge
+/// (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How often an HTTP/2 connection is pinged; one that does not answer
+/// within `header_read_timeout` is closed (a peer that vanished).
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+/// Runs HTTP/2 stream tasks in the server's tracker, so that a drain
+/// waits for every stream as it does for every HTTP/1.1 connection.
+#[derive(Clone)]
+struct Tracked(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for Tracked
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
 }
 
 impl ServerOptions {
@@ -68,6 +100,8 @@ impl ServerOptions {
             max_header_bytes: usize::try_from(server.max_header_bytes.0).unwrap_or(usize::MAX),
             max_headers: server.max_headers as usize,
             access_log: config.log.access_log,
+            http2: server.http2,
+            http2_max_streams: server.http2_max_streams,
         }
     }
 
@@ -86,6 +120,83 @@ impl ServerOptions {
         }
         builder
     }
+
+    /// HTTP/2 with the limits that keep one client from taking the host:
+    /// concurrent streams, the header list (HPACK-decoded, so a
+    /// CONTINUATION flood ends at the same bound as a large head), and
+    /// h2's counts of streams reset before they were served (the rapid
+    /// reset attack, CVE-2023-44487) and of streams this side had to
+    /// reset; past either count the connection gets GOAWAY. Flow-control
+    /// windows stay hyper's 1 MiB per stream and connection, and a stream
+    /// whose client stops reading is cut at its module's deadline like any
+    /// response.
+    fn http2(&self, tracker: &TaskTracker) -> hyper::server::conn::http2::Builder<Tracked> {
+        let mut builder = hyper::server::conn::http2::Builder::new(Tracked(tracker.clone()));
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.http2_max_streams)
+            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+            .keep_alive_interval(H2_KEEP_ALIVE)
+            .keep_alive_timeout(self.header_read_timeout);
+        builder
+    }
+}
+
+/// Streams a client may reset before the host has served them (h2's
+/// default, named here because it is the rapid-reset bound).
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams the host may have to reset for a client's errors before the
+/// connection is closed (hyper's default since RUSTSEC-2024-0003).
+const H2_MAX_LOCAL_RESETS: usize = 1024;
+
+/// Whether the client opened with the HTTP/2 preface, judged by peeking so
+/// the bytes stay for hyper. `None` when it closed, or sent nothing within
+/// `within` (what an HTTP/1.1 head is given).
+async fn opens_with_h2_preface(stream: &TcpStream, within: Duration) -> Option<bool> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seen = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut seen))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if seen[..n] != H2_PREFACE[..n] {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(true);
+        }
+        // Part of the preface: the rest is on its way, and a peek would
+        // return at once until it lands.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Drives `conn` until it ends; when `stop` fires first, it finishes what
+/// is in flight and closes: an idle HTTP/1.1 connection at once, a busy
+/// one after its response (with `connection: close`), an HTTP/2 one after
+/// GOAWAY and its open streams.
+async fn until_drained<C, E>(conn: C, stop: &CancellationToken)
+where
+    C: GracefulConnection<Error = E>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        res = conn.as_mut() => res,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = res {
+        tracing::debug!(error = %err, "connection ended with an error");
+    }
 }
 
 /// Accepts connections until `stop` fires, then asks every open connection
@@ -98,7 +209,8 @@ pub async fn serve(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let builder = options.http1();
+    let http1 = options.http1();
+    let http2 = options.http2(&tracker);
     loop {
         let (stream, _peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -116,7 +228,7 @@ pub async fn serve(
         let routes = routes.clone();
         let stop = stop.clone();
         let conn_tracker = tracker.clone();
-        let builder = builder.clone();
+        let (http1, http2) = (http1.clone(), http2.clone());
         tracker.spawn(async move {
             let svc = service_fn(move |req| {
                 let routes = routes.clone();
@@ -125,19 +237,24 @@ pub async fn serve(
                     Ok::<_, Infallible>(handle(&routes, options.access_log, &tracker, req).await)
                 }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            let res = tokio::select! {
-                res = conn.as_mut() => res,
-                _ = stop.cancelled() => {
-                    // Idle connections close now; a busy one finishes its
-                    // response with `connection: close`, then closes.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let h2 = if options.http2 {
+                let within = options.header_read_timeout;
+                let opened = tokio::select! {
+                    opened = opens_with_h2_preface(&stream, within) => opened,
+                    _ = stop.cancelled() => None,
+                };
+                match opened {
+                    Some(h2) => h2,
+                    None => return,
                 }
+            } else {
+                false
             };
-            if let Err(err) = res {
-                tracing::debug!(error = %err, "connection ended with an error");
+            let io = TokioIo::new(stream);
+            if h2 {
+                until_drained(http2.serve_connection(io, svc), &stop).await;
+            } else {
+                until_drained(http1.serve_connection(io, svc), &stop).await;
             }
         });
     }
@@ -152,10 +269,11 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<HyperOutgoingBody> {
     let request_id = request_id(&req);
+    let dialect = Dialect::of(req.headers());
     let (module, canary) = {
         let table = routes.current();
         let Some(release) = table.route(req.uri().path()) else {
-            return respond(Err(RequestError::NoRoute), &request_id);
+            return respond(Err(RequestError::NoRoute), &request_id, dialect);
         };
         let (module, canary) = release.pick(req.headers());
         (module.clone(), canary.map(|(c, track)| (c.clone(), track)))
@@ -165,16 +283,20 @@ async fn handle(
     let result = invoke::invoke(module, tracker, req, observed.context()).await;
     // Shedding is the host's answer, not the version's: never judged.
     let refused = matches!(result, Err(RequestError::Shed));
-    if let Err(err) = &result
-        && let Some(counter) = err.counter(&module.metrics)
-    {
-        counter.inc();
-    }
-    let resp = respond(result, &request_id);
-    let elapsed = observed.finish(resp.status(), access_log);
+    // Counted and judged by what happened, whatever the dialect says it
+    // with (a gRPC client's 504 goes out as 200 with DEADLINE_EXCEEDED).
+    let status = match &result {
+        Ok(resp) => resp.status(),
+        Err(err) => {
+            err.count(&module.metrics);
+            err.status()
+        }
+    };
+    let resp = respond(result, &request_id, dialect);
+    let elapsed = observed.finish(status, access_log);
     match canary {
         Some((canary, track)) if refused => canary.refused(track),
-        Some((canary, track)) => canary.record(track, resp.status().as_u16(), elapsed),
+        Some((canary, track)) => canary.record(track, status.as_u16(), elapsed),
         None => {}
     }
     resp
@@ -185,8 +307,9 @@ async fn handle(
 fn respond(
     result: Result<Response<HyperOutgoingBody>, RequestError>,
     request_id: &str,
+    dialect: Dialect,
 ) -> Response<HyperOutgoingBody> {
-    let mut resp = result.unwrap_or_else(|err| err.render(request_id));
+    let mut resp = result.unwrap_or_else(|err| err.render(request_id, dialect));
     if let Ok(v) = HeaderValue::from_str(request_id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }

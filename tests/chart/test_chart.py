@@ -420,18 +420,49 @@ def test_rendered_config_is_served_by_the_real_host(tmp_path):
     )
 
 
+def rendered_canary(*args):
+    """The `canary` table of module hello in the rendered berth.toml."""
+    docs = render(*args)
+    toml = tomllib.loads(find(docs, "ConfigMap", "-config")["data"]["berth.toml"])
+    return toml["modules"]["hello"]["canary"]
+
+
+def test_an_oci_canary_maps_every_key():
+    digest = "registry.example.com/team/hello@sha256:" + "1" * 64
+    tag = "registry.example.com/team/hello:2"
+    assert rendered_canary(
+        "--set", f"modules.hello.canary.oci={digest}", "--set", "modules.hello.canary.steps={5,25,100}",
+        "--set", "modules.hello.canary.maxP99Ratio=2", "--set", "modules.hello.canary.sticky.cookie=session",
+    ) == {"oci": digest, "steps": [5, 25, 100], "max_p99_ratio": 2.0, "sticky": {"cookie": "session"}}
+    assert rendered_canary(
+        "--set", f"modules.hello.canary.oci={tag}", "--set", "modules.hello.canary.allowTags=true",
+        "--set", "modules.hello.canary.minSuccessRate=99",
+    ) == {"oci": tag, "allow_tags": True, "min_success_rate": 99.0}
+
+
 def test_a_canary_in_values_runs_in_the_real_host(tmp_path):
     """`modules.NAME.canary` renders to berth's keys, with integer steps,
     and the host starts that canary at its first step."""
     values = tmp_path / "canary.yaml"
     values.write_text(
         "modules:\n  hello:\n    canary:\n      file: api.wasm\n      steps: [10, 50]\n"
+        "      sha256: be9916af90493980a2027e3b5cc76d32023ffe7cfca67da788791957175ca6eb\n"
         "      interval: 1h\n      minSuccessRate: 99.5\n      maxP99: 200ms\n"
-        "      maxP99Ratio: 1.5\n      minRequests: 30\n      sticky: {header: x-user}\n"
+        "      maxP99Ratio: 1.5\n      maxFailures: 2\n      minRequests: 30\n"
+        "      sticky: {header: x-user}\n"
     )
-    docs = render("-f", str(values))
-    toml = find(docs, "ConfigMap", "-config")["data"]["berth.toml"]
-    assert "steps = [10, 50]" in toml and "min_requests = 30" in toml, toml
+    assert rendered_canary("-f", str(values)) == {
+        "file": "api.wasm",
+        "sha256": "be9916af90493980a2027e3b5cc76d32023ffe7cfca67da788791957175ca6eb",
+        "steps": [10, 50],
+        "interval": "1h",
+        "min_success_rate": 99.5,
+        "max_p99": "200ms",
+        "max_p99_ratio": 1.5,
+        "max_failures": 2,
+        "min_requests": 30,
+        "sticky": {"header": "x-user"},
+    }
 
     def check(info):
         hello = next(m for m in info["modules"] if m["name"] == "hello")

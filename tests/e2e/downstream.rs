@@ -203,3 +203,40 @@ async fn answer(
         }
     })
 }
+
+/// An address where a TCP connect never completes: a loopback listener
+/// that never accepts, with its accept queue filled. Linux drops the SYNs
+/// of a listener whose queue is full (no SYN-ACK, no reset), so a
+/// connect waits until its own timeout, as to a host behind a firewall.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    _listener: std::net::TcpListener,
+    _queued: Vec<std::net::TcpStream>,
+}
+
+impl Blackhole {
+    pub fn start() -> Blackhole {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        // The queue holds the listen backlog plus one; a connect that
+        // times out proves it full.
+        loop {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(conn) => queued.push(conn),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break,
+                Err(e) => panic!("filling the blackhole's queue: {e}"),
+            }
+            assert!(queued.len() < 10_000, "the accept queue never filled");
+        }
+        Blackhole {
+            addr,
+            _listener: listener,
+            _queued: queued,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}

@@ -8,6 +8,7 @@ mod canary;
 mod conformance;
 mod core;
 mod downstream;
+mod h2;
 mod lifecycle;
 mod observability;
 mod oci;

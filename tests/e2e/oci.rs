@@ -738,15 +738,15 @@ fn a_config_edit_from_digest_a_to_b_under_load_fails_no_request() {
     assert!(report.served > 50);
 }
 
-/// `wkg`, installed by `scripts/setup.sh` into `.tools/bin`.
+/// `wkg`, installed by `scripts/setup.sh` into `.tools/bin` (in the
+/// background under `make test`).
 fn wkg() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/wkg");
-    assert!(
-        path.is_file(),
-        "{} is missing: run `make setup`",
-        path.display()
-    );
-    path
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools");
+    background_tool(
+        &tools.join("bin/wkg"),
+        &tools.join("wkg-building"),
+        "run `make setup`",
+    )
 }
 
 #[test]

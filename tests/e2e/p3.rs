@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::downstream::{Downstream, Mode};
+use crate::downstream::{Blackhole, Downstream, Mode};
 use crate::support::*;
 
 /// The 0.3 fixture at `/p3`, with `extra` settings.
@@ -188,6 +188,12 @@ fn config_logging_guest_metrics_and_access_logs_work_for_p3() {
             &[("module", "svc"), ("status", "200")]
         ),
         Some(5.0)
+    );
+    // The secret reached the guest, and no log line holds it.
+    let secret = get(&berth.url("/p3/secret"));
+    assert_eq!(
+        (secret.status, secret.body.as_str()),
+        (200, "token of 6 bytes\n")
     );
     assert!(!berth.log_text().contains("s3cr3t"));
 }
@@ -442,6 +448,14 @@ fn p3_bodies_stream_both_ways_and_limits_hold() {
     let shed = get(&berth.url("/p3/count"));
     assert_eq!(shed.status, 503, "{}", shed.body);
     assert_eq!(shed.header("retry-after"), Some("1"));
+    assert_eq!(
+        metric(
+            &berth.metrics(),
+            "berth_http_server_shed_requests_total",
+            &[("module", "svc")]
+        ),
+        Some(1.0)
+    );
     for s in slow {
         assert_eq!(s.join().unwrap().status, 200);
     }
@@ -506,6 +520,89 @@ fn a_p3_response_the_client_never_reads_frees_its_slot_at_the_deadline() {
             .any(|l| l["message"] == "response body not delivered within limits.timeout: cut off")
     );
     drop(hogs);
+}
+
+/// A client that hangs up on the pooled path, before its head is whole,
+/// halfway through its request body, or halfway through the answer, frees
+/// its slot at once, not at the 60 s deadline, and the module goes on
+/// serving with its one slot.
+#[test]
+fn a_client_that_hangs_up_on_the_pooled_path_frees_its_slot_at_once() {
+    use std::io::{Read, Write};
+    let berth = Berth::start(&p3("limits = { timeout = \"60s\", max_concurrency = 1 }"));
+    let active = || {
+        metric(
+            &berth.metrics(),
+            "berth_http_server_active_requests",
+            &[("module", "svc")],
+        )
+    };
+    let connect = || {
+        let conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        conn
+    };
+    // Reads until `marker` has come back.
+    let read_until = |conn: &mut std::net::TcpStream, marker: &str| {
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).contains(marker) {
+            let mut buf = [0u8; 1024];
+            let n = conn.read(&mut buf).expect("the answer so far");
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    let freed = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while active() != Some(0.0) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the request still holds its slot"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let r = get(&berth.url("/p3/count"));
+        assert_eq!(r.status, 200, "{what}: {}", r.body);
+    };
+
+    // Mid-head: the request never reaches the guest.
+    let mut conn = connect();
+    conn.write_all(b"POST /p3/echo HTTP/1.1\r\nhost: x\r\ncontent-len")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(conn);
+    freed("mid-head");
+
+    // Mid-request-body: the echo's head and first line are out, 99 KB
+    // of the body are still to come.
+    let mut conn = connect();
+    conn.write_all(
+        b"POST /p3/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\nfirst line\n",
+    )
+    .unwrap();
+    read_until(&mut conn, "first line");
+    assert_eq!(active(), Some(1.0), "the echo is mid-body");
+    drop(conn);
+    freed("mid-request-body");
+
+    // Mid-response: a drip of 20 s, hung up after its first line.
+    let mut conn = connect();
+    conn.write_all(b"GET /p3/drip HTTP/1.1\r\nhost: x\r\nx-lines: 1000\r\n\r\n")
+        .unwrap();
+    read_until(&mut conn, "tick 0");
+    assert_eq!(active(), Some(1.0), "the drip is mid-body");
+    drop(conn);
+    freed("mid-response");
+
+    // A hang-up is the client's doing: no request was counted as failed.
+    let page = berth.metrics();
+    let failed: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("berth_http_server_requests_total{"))
+        .filter(|l| l.contains("status=\"5") && !l.ends_with(" 0"))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
 }
 
 #[test]
@@ -865,19 +962,35 @@ fn p3_modules_use_the_compile_cache() {
         cache.path().display().to_string()
     ) + &p3("")
         + &module("plain", "/", "plain_hello", "");
+    // The compiler's runs, counted by the host where it calls Cranelift.
+    let compiled = |berth: &Berth, module: &str| {
+        metric(
+            &berth.metrics(),
+            "berth_module_compilations_total",
+            &[("module", module)],
+        )
+    };
     {
         let berth = Berth::start(&config);
         assert_eq!(count(&berth), 1);
         assert!(!berth.log_text().contains("loaded from the compile cache"));
+        for module in ["svc", "plain"] {
+            assert_eq!(compiled(&berth, module), Some(1.0), "{module}");
+        }
     }
     let berth = Berth::start(&config);
     assert_eq!(count(&berth), 1);
     for module in ["svc", "plain"] {
+        assert_eq!(
+            compiled(&berth, module),
+            Some(0.0),
+            "{module} was compiled again"
+        );
         berth
             .wait_for_log(Duration::from_secs(1), |l| {
                 l["message"] == "loaded from the compile cache" && l["module"] == module
             })
-            .unwrap_or_else(|| panic!("{module} was compiled again"));
+            .unwrap_or_else(|| panic!("{module}: no cache load logged"));
     }
 }
 
@@ -1011,22 +1124,26 @@ fn a_p3_body_that_stops_arriving_is_a_408_and_a_slow_p3_guest_a_504() {
     assert_eq!(slow.status, 504, "{}", slow.body);
 }
 
-/// The guest's own first-byte and between-bytes timeouts hold on the pooled
-/// path too, far under the host's 10 s.
+/// The guest's own connect, first-byte and between-bytes timeouts hold on
+/// the pooled path too, far under the host's 10 s.
 #[test]
 fn a_p3_guests_shorter_request_timeouts_hold() {
     let hang = Downstream::start(Mode::Hang);
     let stall = Downstream::start(Mode::Stall);
+    let hole = Blackhole::start();
     let berth = Berth::start(&p3(&format!(
-        "allowed_outbound_hosts = [\"http://{}\", \"http://{}\"]\noutbound = {{ retries = 0 }}",
-        hang.addr, stall.addr
+        "allowed_outbound_hosts = [\"http://{}\", \"http://{}\", \"http://{}\"]\n\
+         outbound = {{ retries = 0, connect_timeout = \"10s\" }}",
+        hang.addr, stall.addr, hole.addr
     )));
-    for (down, what) in [(&hang, "first byte"), (&stall, "between bytes")] {
+    // Each case sets only the timeout it is about.
+    for (url, option, what) in [
+        (hole.url("/x"), "x-connect-within-ms", "connect"),
+        (hang.url("/x"), "x-within-ms", "first byte"),
+        (stall.url("/x"), "x-within-ms", "between bytes"),
+    ] {
         let started = Instant::now();
-        let r = get_with(
-            &berth.url("/p3/fetch"),
-            &[("x-url", &down.url("/x")), ("x-within-ms", "200")],
-        );
+        let r = get_with(&berth.url("/p3/fetch"), &[("x-url", &url), (option, "200")]);
         let took = started.elapsed();
         assert_eq!(r.status, 502, "{what}: {}", r.body);
         assert!(r.body.contains("Timeout"), "{what}: {}", r.body);

@@ -25,6 +25,24 @@ pub fn wasm(name: &str) -> PathBuf {
     path
 }
 
+/// A test tool that `make test` builds in the background (wkg, wasmtime):
+/// waits while `building` (the build's marker folder) exists, then
+/// requires `bin`. `how` says what installs it.
+pub fn background_tool(bin: &Path, building: &Path, how: &str) -> PathBuf {
+    // Both builds take minutes on two cores; far more means a stuck one.
+    let deadline = Instant::now() + Duration::from_secs(40 * 60);
+    while building.is_dir() && !bin.is_file() {
+        assert!(
+            Instant::now() < deadline,
+            "{} is still being built after 40 minutes",
+            bin.display()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert!(bin.is_file(), "{} is missing: {how}", bin.display());
+    bin.to_owned()
+}
+
 /// The modules section for a config, one `(name, route, wasm, extra)` each.
 pub fn module(name: &str, route: &str, wasm_name: &str, extra: &str) -> String {
     format!(

@@ -125,10 +125,11 @@ class Prometheus:
     target with its own `pod` label and `namespace="shop"`, as a
     PodMonitor labels them."""
 
-    def __init__(self, targets):
+    def __init__(self, targets, rules=None):
         self.dir = tempfile.mkdtemp(prefix="prometheus-observe-")
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [],
             "scrape_configs": [{
                 "job_name": "berth",
                 "static_configs": [
@@ -137,6 +138,12 @@ class Prometheus:
                 ],
             }],
         }
+        if rules is not None:
+            # The spec of a PrometheusRule is a rule file as it stands.
+            rule_file = os.path.join(self.dir, "rules.yml")
+            with open(rule_file, "w") as f:
+                yaml.safe_dump(rules, f)
+            config["rule_files"].append(rule_file)
         path = os.path.join(self.dir, "prometheus.yml")
         with open(path, "w") as f:
             yaml.safe_dump(config, f)
@@ -155,6 +162,13 @@ class Prometheus:
     def query(self, expr):
         status, body = http(self.url + "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
         return status, json.loads(body) if body.startswith("{") else {"error": body}
+
+    def query_range(self, expr, start, end, step=1):
+        query = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": step})
+        status, body = http(self.url + "/api/v1/query_range?" + query)
+        answer = json.loads(body)
+        assert status == 200 and answer.get("status") == "success", f"{expr}\n{body}"
+        return answer["data"]["result"]
 
     def stop(self):
         self.proc.terminate()

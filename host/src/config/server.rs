@@ -22,6 +22,12 @@ pub struct ServerConfig {
     pub max_header_bytes: ByteSize,
     /// Most headers in a request; more gets 431.
     pub max_headers: u32,
+    /// Whether clients may speak HTTP/2 without TLS (h2c, by prior
+    /// knowledge, as gRPC clients do) on the same port as HTTP/1.1.
+    pub http2: bool,
+    /// Most streams one HTTP/2 connection may have open at once; the
+    /// client is told in its SETTINGS and more are refused.
+    pub http2_max_streams: u32,
 }
 
 impl Default for ServerConfig {
@@ -31,6 +37,8 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: ByteSize(64 << 10),
             max_headers: 100,
+            http2: true,
+            http2_max_streams: 100,
         }
     }
 }
@@ -40,6 +48,9 @@ impl Default for ServerConfig {
 const MAX_HEADERS: u32 = 1000;
 /// Largest request head that may be allowed.
 const MAX_HEADER_BYTES: u64 = 1 << 20;
+/// Most concurrent HTTP/2 streams a connection may be allowed: each holds
+/// a task and its flow-control buffers.
+const MAX_HTTP2_STREAMS: u32 = 1000;
 
 impl ServerConfig {
     /// What types alone cannot check in `[server]`.
@@ -67,6 +78,12 @@ impl ServerConfig {
             return Err(rejected(
                 "server.max_headers",
                 format!("must be between 1 and {MAX_HEADERS}"),
+            ));
+        }
+        if !(1..=MAX_HTTP2_STREAMS).contains(&self.http2_max_streams) {
+            return Err(rejected(
+                "server.http2_max_streams",
+                format!("must be between 1 and {MAX_HTTP2_STREAMS}"),
             ));
         }
         Ok(())

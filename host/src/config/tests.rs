@@ -437,6 +437,14 @@ fn sizes_that_would_make_hyper_or_the_pool_allocate_without_bound_are_refused() 
         ("[server]\nmax_headers = 4000000000\n", "server.max_headers"),
         ("[server]\nmax_headers = 0\n", "server.max_headers"),
         (
+            "[server]\nhttp2_max_streams = 0\n",
+            "server.http2_max_streams",
+        ),
+        (
+            "[server]\nhttp2_max_streams = 100000\n",
+            "server.http2_max_streams",
+        ),
+        (
             "[server]\nmax_header_bytes = \"1GiB\"\n",
             "server.max_header_bytes",
         ),

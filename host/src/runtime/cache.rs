@@ -180,8 +180,7 @@ impl CompileCache {
                 }
             }
         }
-        let payload =
-            super::module::announced(module, bytes.len(), || engine.precompile_component(bytes))?;
+        let payload = announced(module, bytes.len(), || engine.precompile_component(bytes))?;
         if let Err(e) = self.store(&path, &payload) {
             tracing::warn!(module, file = %path.display(), error = %e, "cannot write the compile cache");
         }
@@ -198,6 +197,34 @@ impl CompileCache {
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     }
+}
+
+/// Runs `compile` with a `compiling` line first and a `still compiling`
+/// line every few seconds while it runs: a large module takes seconds to
+/// compile on a small pod, and the log should say what the host is doing.
+pub(super) fn announced<T>(module: &str, bytes: usize, compile: impl FnOnce() -> T) -> T {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+    tracing::info!(module, bytes, "compiling");
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let name = module.to_owned();
+    let started = std::time::Instant::now();
+    let ticker = std::thread::Builder::new()
+        .name("berth-compile-progress".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(EVERY) {
+                tracing::info!(
+                    module = name.as_str(),
+                    seconds = started.elapsed().as_secs(),
+                    "still compiling"
+                );
+            }
+        });
+    let out = compile();
+    drop(done);
+    if let Ok(ticker) = ticker {
+        let _ = ticker.join();
+    }
+    out
 }
 
 /// The folders Berth keeps inside the cache folder: downloaded and pulled

@@ -63,7 +63,7 @@ pub fn check_bytes(runtime: &Runtime, name: &str, origin: &str, bytes: Vec<u8>) 
     // Checked as it would be served: on the engine of its world's defaults.
     let flavor = flavor_of(found, &Reuse::resolve(&Default::default(), world));
     let component = match compile(runtime, flavor, name, origin, &fetched) {
-        Ok(c) => c,
+        Ok((c, _)) => c,
         Err(e) => {
             return CheckReport {
                 imports: vec![],

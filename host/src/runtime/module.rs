@@ -15,6 +15,7 @@ use wasmtime_wasi_http::handler::{self, ProxyHandler};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 
+use super::cache::{Origin, announced};
 use super::link::{self, Unsatisfied};
 use super::reuse::{Reuse, Workers};
 use super::{Flavor, Host, LogBudget, RequestContext, Runtime, World};
@@ -389,12 +390,17 @@ impl Module {
         let found = World::of(&fetched.bytes);
         let world = found.unwrap_or(World::P2);
         let flavor = flavor_of(found, &Reuse::resolve(&spec.instances, world));
-        let component = compile(runtime, flavor, &spec.name, &origin, &fetched)?;
+        let (component, compiled_now) = compile(runtime, flavor, &spec.name, &origin, &fetched)?;
         let linked = link(runtime, flavor, world, &spec.name, &origin, &component)?;
         metrics
             .compile
             .with_label_values(&[&spec.name])
             .observe(started.elapsed().as_secs_f64());
+        // Made at zero either way, so "never compiled" reads as 0.
+        let compilations = metrics.compilations.with_label_values(&[&spec.name]);
+        if compiled_now {
+            compilations.inc();
+        }
         let content = Content {
             size: fetched.bytes.len() as u64,
             sha256: fetched.sha256,
@@ -589,42 +595,15 @@ pub(crate) fn flavor_of(world: Option<World>, reuse: &Reuse) -> Flavor {
     }
 }
 
-/// Runs `compile` with a `compiling` line first and a `still compiling`
-/// line every few seconds while it runs: a large module takes seconds to
-/// compile on a small pod, and the log should say what the host is doing.
-pub(super) fn announced<T>(module: &str, bytes: usize, compile: impl FnOnce() -> T) -> T {
-    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-    tracing::info!(module, bytes, "compiling");
-    let (done, wait) = std::sync::mpsc::channel::<()>();
-    let name = module.to_owned();
-    let started = std::time::Instant::now();
-    let ticker = std::thread::Builder::new()
-        .name("berth-compile-progress".into())
-        .spawn(move || {
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(EVERY) {
-                tracing::info!(
-                    module = name.as_str(),
-                    seconds = started.elapsed().as_secs(),
-                    "still compiling"
-                );
-            }
-        });
-    let out = compile();
-    drop(done);
-    if let Ok(ticker) = ticker {
-        let _ = ticker.join();
-    }
-    out
-}
-
-/// Checks the header, then compiles (through the cache when it is on).
+/// Checks the header, then compiles (through the cache when it is on);
+/// says whether this call ran the compiler.
 pub(super) fn compile(
     runtime: &Runtime,
     flavor: Flavor,
     name: &str,
     origin: &str,
     fetched: &Fetched,
-) -> Result<Component, LoadError> {
+) -> Result<(Component, bool), LoadError> {
     const MAGIC: &[u8] = b"\0asm";
     // The version field: components are layer 1, core modules layer 0.
     const COMPONENT: &[u8] = &[0x0d, 0x00, 0x01, 0x00];
@@ -650,20 +629,28 @@ pub(super) fn compile(
         })?
         .engine;
     let compiled = runtime.compiled(flavor, &fetched.sha256);
+    let mut compiled_now = false;
     let compiled = compiled.get_or_init(|| {
         match runtime.cache() {
             Some(cache) => cache
                 .get_or_compile(engine, name, &fetched.sha256, bytes)
-                .map(|(c, _)| c),
-            None => announced(name, bytes.len(), || Component::new(engine, bytes)),
+                .map(|(c, from)| {
+                    compiled_now = from == Origin::Compiled;
+                    c
+                }),
+            None => {
+                compiled_now = true;
+                announced(name, bytes.len(), || Component::new(engine, bytes))
+            }
         }
         .map_err(|e| format!("{e:#}"))
     });
-    compiled.clone().map_err(|reason| LoadError::Compile {
+    let component = compiled.clone().map_err(|reason| LoadError::Compile {
         module: name.into(),
         origin: origin.into(),
         reason,
-    })
+    })?;
+    Ok((component, compiled_now))
 }
 
 /// Resolves every import against the linker (listing all that are

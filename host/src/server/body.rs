@@ -103,15 +103,45 @@ where
     }
 }
 
+/// A request's hold on its module while it is served: its concurrency slot
+/// and its count in the in-flight gauge, both given back on drop.
+pub(super) struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _in_flight: InFlight,
+}
+
+impl Slot {
+    pub(super) fn new(permit: tokio::sync::OwnedSemaphorePermit, in_flight: InFlight) -> Self {
+        Slot {
+            _permit: permit,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+/// One request counted in an in-flight gauge until dropped, however its
+/// task or body ends.
+pub(super) struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    pub(super) fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Cancels a guest task when dropped armed: the client went away before
 /// the response head (hyper drops the request's future), or the response
 /// body stopped being delivered before its end (hyper drops the body).
 /// Dropping the task drops the store, which ends the instance and every
 /// outbound call it had open, and frees the module's concurrency slot.
-pub(super) struct CutOff(
-    Option<tokio::task::AbortHandle>,
-    Option<tokio::sync::OwnedSemaphorePermit>,
-);
+pub(super) struct CutOff(Option<tokio::task::AbortHandle>, Option<Slot>);
 
 impl CutOff {
     pub(super) fn new(task: tokio::task::AbortHandle) -> Self {
@@ -119,9 +149,9 @@ impl CutOff {
     }
 
     /// For a reused instance, whose guest task cannot be aborted alone:
-    /// holds the request's concurrency slot until the body is delivered.
-    pub(super) fn holding(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
-        CutOff(None, Some(permit))
+    /// holds the request's slot until the body is delivered.
+    pub(super) fn holding(slot: Slot) -> Self {
+        CutOff(None, Some(slot))
     }
 
     /// The guest may run on: its answer was delivered.
@@ -197,7 +227,7 @@ enum Delivery<B> {
     Streaming {
         body: B,
         /// Held, never read: dropping it frees the slot.
-        _slot: tokio::sync::OwnedSemaphorePermit,
+        _slot: Slot,
         /// hyper's task while it waits on this body: woken at the deadline
         /// so that it sees the error and closes the connection.
         waker: Option<std::task::Waker>,
@@ -209,13 +239,13 @@ enum Delivery<B> {
 impl<B: Send + 'static> Bounded<B> {
     pub(super) fn new(
         inner: B,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        slot: Slot,
         deadline: tokio::time::Instant,
         module: Arc<str>,
     ) -> Self {
         let state = Arc::new(std::sync::Mutex::new(Delivery::Streaming {
             body: inner,
-            _slot: permit,
+            _slot: slot,
             waker: None,
         }));
         let timer = tokio::spawn({

@@ -2,7 +2,6 @@
 //! place that turns it into a response.
 
 use http::{HeaderValue, Response, StatusCode, header};
-use prometheus::IntCounter;
 use wasmtime::Trap;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
@@ -33,8 +32,47 @@ pub enum RequestError {
     Guest(#[from] GuestError),
 }
 
+/// How the host's own answers are written: JSON bodies with HTTP
+/// statuses, or, to a gRPC client, gRPC statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dialect {
+    Http,
+    Grpc,
+}
+
+impl Dialect {
+    /// gRPC for `application/grpc` and its `+proto`/`+json` forms (not
+    /// gRPC-Web, which carries its trailers in the body).
+    pub(super) fn of(headers: &http::HeaderMap) -> Dialect {
+        let grpc = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| {
+                let ct = ct.trim().to_ascii_lowercase();
+                ct == "application/grpc"
+                    || ct.starts_with("application/grpc+")
+                    || ct.starts_with("application/grpc;")
+            });
+        if grpc { Dialect::Grpc } else { Dialect::Http }
+    }
+}
+
+/// gRPC status codes the host answers with (grpc/doc/statuscodes.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum GrpcCode {
+    DeadlineExceeded = 4,
+    ResourceExhausted = 8,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+}
+
 impl RequestError {
-    fn status(&self) -> StatusCode {
+    /// The HTTP status of this answer; a gRPC client gets 200 and
+    /// [`RequestError::grpc_code`] instead, but metrics and canary
+    /// verdicts count this status either way.
+    pub(super) fn status(&self) -> StatusCode {
         match self {
             RequestError::NoRoute => StatusCode::NOT_FOUND,
             RequestError::Shed => StatusCode::SERVICE_UNAVAILABLE,
@@ -58,18 +96,38 @@ impl RequestError {
         matches!(self, RequestError::Shed).then_some("1")
     }
 
-    /// The counter this error adds to. Guest failures are counted by the
-    /// guest's task, where they happen, since they can also happen after
-    /// the response head is out and never reach here.
-    pub(super) fn counter<'m>(&self, metrics: &'m ModuleMetrics) -> Option<&'m IntCounter> {
+    /// The gRPC status of this answer, as the gRPC spec maps the HTTP one
+    /// where it says, and by meaning where the host knows more (a
+    /// deadline, a size limit, a missing method).
+    pub(super) fn grpc_code(&self) -> GrpcCode {
         match self {
-            RequestError::Shed => Some(&metrics.shed),
-            _ => None,
+            RequestError::NoRoute => GrpcCode::Unimplemented,
+            RequestError::Shed => GrpcCode::Unavailable,
+            RequestError::BodyTooLarge => GrpcCode::ResourceExhausted,
+            RequestError::Malformed(_) => GrpcCode::Internal,
+            RequestError::BodyTimeout => GrpcCode::DeadlineExceeded,
+            RequestError::Guest(GuestError::Timeout(_)) => GrpcCode::DeadlineExceeded,
+            RequestError::Guest(GuestError::Instantiate(_)) => GrpcCode::Unavailable,
+            RequestError::Guest(_) => GrpcCode::Internal,
         }
     }
 
-    /// The response: `{"error": ..., "status": ..., "request_id": ...}`.
-    pub(super) fn render(&self, request_id: &str) -> Response<HyperOutgoingBody> {
+    /// Adds the error to its counter, if it has one. Guest failures are
+    /// counted by the guest's task, where they happen, since they can also
+    /// happen after the response head is out and never reach here.
+    pub(super) fn count(&self, metrics: &ModuleMetrics) {
+        if let RequestError::Shed = self {
+            metrics.shed.inc();
+        }
+    }
+
+    /// The response: `{"error": ..., "status": ..., "request_id": ...}`,
+    /// or for gRPC a trailers-only response (HTTP 200, no body, the status
+    /// in `grpc-status` and `grpc-message`).
+    pub(super) fn render(&self, request_id: &str, dialect: Dialect) -> Response<HyperOutgoingBody> {
+        if dialect == Dialect::Grpc {
+            return self.render_grpc();
+        }
         let status = self.status();
         let body = serde_json::json!({
             "error": self.public_message(),
@@ -88,6 +146,41 @@ impl RequestError {
         }
         resp
     }
+
+    fn render_grpc(&self) -> Response<HyperOutgoingBody> {
+        let mut resp = Response::new(super::full(bytes::Bytes::new()));
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(self.grpc_code() as u8)),
+        );
+        if let Ok(message) = HeaderValue::from_str(&grpc_message(&self.public_message())) {
+            headers.insert("grpc-message", message);
+        }
+        if self.retry_after().is_some() {
+            // gRPC's form of Retry-After, in milliseconds (gRFC A6).
+            headers.insert("grpc-retry-pushback-ms", HeaderValue::from_static("1000"));
+        }
+        resp
+    }
+}
+
+/// `grpc-message` is percent-encoded: every byte outside printable ASCII,
+/// and `%` itself (the gRPC HTTP/2 protocol spec).
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// How a guest call failed.
@@ -132,14 +225,15 @@ impl GuestError {
         }
     }
 
-    /// The counter this failure adds to, if it has one of its own.
-    pub(super) fn counter<'m>(&self, metrics: &'m ModuleMetrics) -> Option<&'m IntCounter> {
-        match self {
-            GuestError::Timeout(_) => Some(&metrics.timeouts),
-            GuestError::Memory(_) => Some(&metrics.memory),
-            GuestError::Trap(_) => Some(&metrics.traps),
-            _ => None,
-        }
+    /// Adds the failure to its counter, if it has one of its own.
+    pub(super) fn count(&self, metrics: &ModuleMetrics) {
+        let counter = match self {
+            GuestError::Timeout(_) => &metrics.timeouts,
+            GuestError::Memory(_) => &metrics.memory,
+            GuestError::Trap(_) => &metrics.traps,
+            _ => return,
+        };
+        counter.inc();
     }
 
     /// Classifies what wasmtime returned from the guest call.
@@ -157,10 +251,11 @@ impl GuestError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Body as _;
     use http_body_util::BodyExt;
 
     async fn rendered(err: RequestError) -> (StatusCode, Option<String>, serde_json::Value) {
-        let resp = err.render("req-1");
+        let resp = err.render("req-1", Dialect::Http);
         let status = resp.status();
         let retry = resp
             .headers()
@@ -233,19 +328,127 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_grpc_client_gets_each_host_answer_as_a_trailers_only_grpc_status() {
+        let secs = std::time::Duration::from_secs(1);
+        let cases = [
+            (RequestError::NoRoute, "12", "no route for this path"),
+            (
+                RequestError::Shed,
+                "14",
+                "the module is at its concurrency limit",
+            ),
+            (
+                RequestError::BodyTooLarge,
+                "8",
+                "request body exceeds the module's max_body",
+            ),
+            (
+                RequestError::Malformed("x".into()),
+                "13",
+                "malformed request: x",
+            ),
+            (
+                RequestError::BodyTimeout,
+                "4",
+                "the request body did not arrive within the module's timeout",
+            ),
+            (
+                GuestError::Timeout(secs).into(),
+                "4",
+                "the module did not answer in time",
+            ),
+            (
+                GuestError::Instantiate("pool".into()).into(),
+                "14",
+                "the host is at capacity",
+            ),
+            (
+                GuestError::Memory("over".into()).into(),
+                "13",
+                "the module ran out of memory",
+            ),
+            (
+                GuestError::Trap("secret detail".into()).into(),
+                "13",
+                "the module failed",
+            ),
+            (GuestError::NoResponse.into(), "13", "the module failed"),
+        ];
+        for (err, code, message) in cases {
+            let resp = err.render("req-1", Dialect::Grpc);
+            assert_eq!(resp.status(), StatusCode::OK, "{err}");
+            let headers = resp.headers().clone();
+            assert_eq!(headers["content-type"], "application/grpc");
+            assert_eq!(headers["grpc-status"], code, "{err}");
+            assert_eq!(headers["grpc-message"], message, "{err}");
+            // Only shedding tells the client when to come back.
+            assert_eq!(
+                headers
+                    .get("grpc-retry-pushback-ms")
+                    .map(|v| v.to_str().unwrap()),
+                matches!(err, RequestError::Shed).then_some("1000"),
+                "{err}"
+            );
+            // Trailers-only: no message, and the stream ends with the head.
+            let body = resp.into_body();
+            assert!(body.is_end_stream(), "{err}");
+            assert!(body.collect().await.unwrap().to_bytes().is_empty());
+        }
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded_and_dialects_told_by_content_type() {
+        assert_eq!(grpc_message("100% ok"), "100%25 ok");
+        assert_eq!(grpc_message("caf\u{e9}\n"), "caf%C3%A9%0A");
+        let dialect = |ct: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+            Dialect::of(&headers)
+        };
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "Application/GRPC+json",
+        ] {
+            assert_eq!(dialect(ct), Dialect::Grpc, "{ct}");
+        }
+        for ct in [
+            "application/grpc-web",
+            "application/grpcx",
+            "application/json",
+        ] {
+            assert_eq!(dialect(ct), Dialect::Http, "{ct}");
+        }
+        assert_eq!(Dialect::of(&http::HeaderMap::new()), Dialect::Http);
+    }
+
     #[test]
     fn shed_requests_and_guest_failures_land_in_their_counters() {
         let metrics = crate::metrics::Metrics::new().for_module("m", "/m", "v", "stable");
-        RequestError::Shed.counter(&metrics).unwrap().inc();
-        assert_eq!(metrics.shed.get(), 1);
-        assert!(RequestError::NoRoute.counter(&metrics).is_none());
-        let timeout = GuestError::Timeout(std::time::Duration::from_secs(1));
-        timeout.counter(&metrics).unwrap().inc();
-        assert_eq!(metrics.timeouts.get(), 1);
-        GuestError::Trap("x".into())
-            .counter(&metrics)
-            .unwrap()
-            .inc();
-        assert_eq!(metrics.traps.get(), 1);
+        let counts = |m: &ModuleMetrics| {
+            [
+                m.shed.get(),
+                m.timeouts.get(),
+                m.memory.get(),
+                m.traps.get(),
+            ]
+        };
+        RequestError::Shed.count(&metrics);
+        assert_eq!(counts(&metrics), [1, 0, 0, 0]);
+        // Counted by the guest's task instead (see `RequestError::count`).
+        RequestError::Guest(GuestError::Trap("x".into())).count(&metrics);
+        RequestError::NoRoute.count(&metrics);
+        RequestError::BodyTooLarge.count(&metrics);
+        assert_eq!(counts(&metrics), [1, 0, 0, 0]);
+        GuestError::Timeout(std::time::Duration::from_secs(1)).count(&metrics);
+        assert_eq!(counts(&metrics), [1, 1, 0, 0]);
+        GuestError::Memory("x".into()).count(&metrics);
+        assert_eq!(counts(&metrics), [1, 1, 1, 0]);
+        GuestError::Trap("x".into()).count(&metrics);
+        assert_eq!(counts(&metrics), [1, 1, 1, 1]);
+        GuestError::NoResponse.count(&metrics);
+        GuestError::Instantiate("x".into()).count(&metrics);
+        assert_eq!(counts(&metrics), [1, 1, 1, 1]);
     }
 }

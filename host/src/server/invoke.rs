@@ -25,7 +25,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 
-use super::body::{Bounded, CutOff, Delivered, Limited};
+use super::body::{Bounded, CutOff, Delivered, InFlight, Limited, Slot};
 use super::error::{GuestError, RequestError};
 use crate::runtime::{Host, Module, RequestContext, Retired, Retirement, Serving, Ticket, Workers};
 
@@ -149,11 +149,9 @@ fn spawn_guest(
     let span = guest_span(&module, &cx);
     tracker.spawn(
         async move {
-            let _permit = permit;
             let metrics = &module.metrics;
             // A guard, not a call at the end: the task may be aborted.
-            metrics.in_flight.inc();
-            let _in_flight = scopeguard_dec(&metrics.in_flight);
+            let _slot = Slot::new(permit, InFlight::new(&metrics.in_flight));
             let timeout = module.limits.timeout;
             let work = async {
                 // Counted from here, not from when the store was made: a
@@ -192,9 +190,7 @@ fn spawn_guest(
 
 /// Counts and logs a failed guest call.
 fn failed(module: &Module, cx: &RequestContext, err: &GuestError) {
-    if let Some(counter) = err.counter(&module.metrics) {
-        counter.inc();
-    }
+    err.count(&module.metrics);
     tracing::warn!(
         module = &*cx.module,
         request_id = &*cx.request_id,
@@ -232,9 +228,8 @@ async fn pooled(
         cx: cx.clone(),
         instance: instance.clone(),
     };
-    let metrics = &module.metrics;
-    metrics.in_flight.inc();
-    let in_flight = scopeguard_dec(&metrics.in_flight);
+    // Held until the response body is delivered, or its deadline.
+    let slot = Slot::new(permit, InFlight::new(&module.metrics.in_flight));
     let timeout = module.limits.timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let answer = workers
@@ -245,7 +240,6 @@ async fn pooled(
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => Err(pooled_error(e, &instance, timeout)),
     };
-    drop(in_flight);
     if let Err(err) = &result {
         failed(module, cx, err);
     }
@@ -258,9 +252,9 @@ async fn pooled(
     // A whole body is taken by hyper at once, and frees the slot as it
     // goes; a stream is bounded by the request's deadline.
     let body = if capped.size_hint().exact().is_some() {
-        Delivered::new(capped, CutOff::holding(permit)).boxed_unsync()
+        Delivered::new(capped, CutOff::holding(slot)).boxed_unsync()
     } else {
-        Bounded::new(capped, permit, deadline, module.name.clone()).boxed_unsync()
+        Bounded::new(capped, slot, deadline, module.name.clone()).boxed_unsync()
     };
     Ok(Response::from_parts(parts, body))
 }
@@ -354,15 +348,4 @@ async fn respond(
     let body = super::body::coalesce(body).await;
     let capped = Limited::response(body, module.limits.max_response_body.0);
     Response::from_parts(parts, Delivered::new(capped, cut_off).boxed_unsync())
-}
-
-/// Decrements `gauge` when dropped, however the task ends.
-fn scopeguard_dec(gauge: &prometheus::IntGauge) -> impl Drop + '_ {
-    struct Dec<'a>(&'a prometheus::IntGauge);
-    impl Drop for Dec<'_> {
-        fn drop(&mut self) {
-            self.0.dec();
-        }
-    }
-    Dec(gauge)
 }

@@ -14,6 +14,7 @@ use crate::trace::TraceContext;
 pub(super) struct Observed {
     started: Instant,
     method: Method,
+    protocol: &'static str,
     module: Arc<Module>,
     cx: RequestContext,
 }
@@ -23,6 +24,7 @@ impl Observed {
     /// the clock.
     pub(super) fn start<B>(req: &Request<B>, module: Arc<Module>, request_id: Arc<str>) -> Self {
         let started = Instant::now();
+        let protocol = protocol_version(req.version());
         let trace = TraceContext::server(req.headers(), || {
             tracing::info_span!(
                 target: "berth::request",
@@ -31,6 +33,7 @@ impl Observed {
                 otel.kind = "server",
                 otel.status_code = tracing::field::Empty,
                 http.request.method = %req.method(),
+                network.protocol.version = protocol,
                 url.path = req.uri().path(),
                 http.route = module.route.as_str(),
                 http.response.status_code = tracing::field::Empty,
@@ -41,6 +44,7 @@ impl Observed {
         Observed {
             started,
             method: req.method().clone(),
+            protocol,
             cx: RequestContext {
                 logs: module.logs.clone(),
                 module: module.name.clone(),
@@ -81,6 +85,7 @@ impl Observed {
                 request_id = &*self.cx.request_id,
                 trace_id = %self.cx.trace,
                 method = self.method.as_str(),
+                protocol = self.protocol,
                 route = self.module.route.as_str(),
                 status,
                 duration_ms = elapsed.as_secs_f64() * 1e3,
@@ -89,5 +94,15 @@ impl Observed {
             );
         }
         elapsed
+    }
+}
+
+/// The HTTP version as OpenTelemetry's `network.protocol.version` names it.
+fn protocol_version(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_3 => "3",
+        _ => "1.1",
     }
 }

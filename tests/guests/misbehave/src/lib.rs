@@ -90,11 +90,18 @@ fn handle(req: Request) -> Response {
             }
         }
         "fetch_within" => {
-            // A call with the guest's own, shorter timeout (first byte and
-            // between bytes) than the host's.
+            // A call with the guest's own, shorter timeouts than the
+            // host's: `ms` to the first byte and between bytes,
+            // `connect_ms` to connect.
             let url = req.query_param("url").unwrap_or_default();
-            let within = std::time::Duration::from_millis(n("ms", 200));
-            match http::Client::get(&url).timeout(within).send() {
+            let mut call = http::Client::get(&url);
+            if req.query_param("ms").is_some() {
+                call = call.timeout(std::time::Duration::from_millis(n("ms", 200)));
+            }
+            if req.query_param("connect_ms").is_some() {
+                call = call.connect_timeout(std::time::Duration::from_millis(n("connect_ms", 200)));
+            }
+            match call.send() {
                 Ok(r) => Response::json(&serde_json::json!({
                     "status": r.status(), "body": r.text_body()
                 })),

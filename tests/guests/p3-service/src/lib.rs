@@ -30,20 +30,30 @@ async fn sleep_ms(ms: u64) {
     berth_sdk::p3::wasip3::clocks::monotonic_clock::wait_for(ms * 1_000_000).await;
 }
 
-/// An outbound call to `url`: GET, or POST with `body`; with `within`
-/// (ms), the guest's own first-byte and between-bytes timeouts.
+/// The guest's own timeouts for a call, in ms: to connect, and to the
+/// first byte and between bytes.
+#[derive(Default, Clone, Copy)]
+struct Within {
+    connect: Option<u64>,
+    bytes: Option<u64>,
+}
+
+/// An outbound call to `url`: GET, or POST with `body`, with the guest's
+/// own timeouts where `within` sets them.
 async fn call(
     url: &str,
     body: Option<Vec<u8>>,
-    within: Option<u64>,
+    within: Within,
 ) -> Result<(u16, String), ErrorCode> {
     use berth_sdk::p3::wasip3::http::types::RequestOptions;
     use berth_sdk::p3::wasip3::http_compat::RequestOptionsExtension;
     let mut builder = berth_sdk::p3::http::Request::builder().uri(url);
-    if let Some(ms) = within {
+    if within.connect.is_some() || within.bytes.is_some() {
         let options = RequestOptions::new();
-        let _ = options.set_first_byte_timeout(Some(ms * 1_000_000));
-        let _ = options.set_between_bytes_timeout(Some(ms * 1_000_000));
+        let ns = |ms: Option<u64>| ms.map(|ms| ms * 1_000_000);
+        let _ = options.set_connect_timeout(ns(within.connect));
+        let _ = options.set_first_byte_timeout(ns(within.bytes));
+        let _ = options.set_between_bytes_timeout(ns(within.bytes));
         builder = builder.extension(RequestOptionsExtension(options));
     }
     let req = match body {
@@ -71,6 +81,14 @@ async fn handle(req: Request) -> Response<Body> {
             status(200, format!("{greeting} from p3\n"))
         }
         "/count" => status(200, format!("{served}\n")),
+        "/secret" => {
+            // Read through wasi:config like any value; only its size goes
+            // out, so a leak in the host's logs is the host's.
+            match berth_sdk::config::get("token") {
+                Some(token) => status(200, format!("token of {} bytes\n", token.len())),
+                None => status(404, "no token\n"),
+            }
+        }
         "/log" => {
             berth_sdk::info!("p3 guest log line");
             status(200, "logged\n")
@@ -142,7 +160,10 @@ async fn handle(req: Request) -> Response<Body> {
             }
             berth_sdk::info!("fetching {url}");
             println!("stdout: fetching {url}");
-            let within = header(&req, "x-within-ms").and_then(|v| v.parse().ok());
+            let within = Within {
+                connect: header(&req, "x-connect-within-ms").and_then(|v| v.parse().ok()),
+                bytes: header(&req, "x-within-ms").and_then(|v| v.parse().ok()),
+            };
             let body = if req.method() == Method::POST {
                 match collect(req.into_body()).await {
                     Ok(b) => Some(b.to_vec()),
@@ -171,8 +192,8 @@ async fn handle(req: Request) -> Response<Body> {
                 // Whichever lands first is written first, while the other
                 // is still on its way.
                 let (fa, fb) = (
-                    Box::pin(call(&a, None, None)),
-                    Box::pin(call(&b, None, None)),
+                    Box::pin(call(&a, None, Within::default())),
+                    Box::pin(call(&b, None, Within::default())),
                 );
                 let (first, rest) = match futures_util::future::select(fa, fb).await {
                     futures_util::future::Either::Left((r, other)) => (r, other),

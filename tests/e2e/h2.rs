@@ -1,0 +1,644 @@
+//! HTTP/2 by prior knowledge (h2c) on the traffic port: every host feature
+//! per stream, drain with GOAWAY, gRPC statuses for the host's own answers,
+//! a real load client (`h2load`), and the HTTP/2 attacks (rapid reset, a
+//! CONTINUATION flood, streams past the limit, a client that never reads),
+//! each while another client is being served.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::support::*;
+
+/// One answer on an HTTP/2 stream.
+#[derive(Debug)]
+struct H2Reply {
+    version: Version,
+    status: u16,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl H2Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A request: method, path, headers and body.
+type Call<'a> = (Method, &'a str, Vec<(&'a str, &'a str)>, Vec<u8>);
+
+/// A client connection speaking h2c by prior knowledge (hyper's client).
+struct H2 {
+    rt: tokio::runtime::Runtime,
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+}
+
+impl H2 {
+    fn connect(addr: &str) -> H2 {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let sender = rt.block_on(async {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .expect("an HTTP/2 handshake");
+            tokio::spawn(conn);
+            sender
+        });
+        H2 { rt, sender }
+    }
+
+    /// Sends every request at once on this one connection, each on its own
+    /// stream; the answers in the same order.
+    fn send_all(&self, requests: Vec<Call>) -> Vec<Result<H2Reply, String>> {
+        let calls: Vec<_> = requests
+            .into_iter()
+            .map(|(method, path, headers, body)| {
+                let mut req = http::Request::builder()
+                    .method(method)
+                    .uri(format!("http://berth{path}"));
+                for (k, v) in headers {
+                    req = req.header(k, v);
+                }
+                let req = req.body(Full::new(Bytes::from(body))).unwrap();
+                let mut sender = self.sender.clone();
+                self.rt.spawn(async move {
+                    let exchange = async {
+                        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                        let (parts, body) = resp.into_parts();
+                        let body = body.collect().await.map_err(|e| e.to_string())?;
+                        Ok(H2Reply {
+                            version: parts.version,
+                            status: parts.status.as_u16(),
+                            headers: parts.headers,
+                            body: body.to_bytes().to_vec(),
+                        })
+                    };
+                    tokio::time::timeout(Duration::from_secs(30), exchange)
+                        .await
+                        .unwrap_or_else(|_| Err("no answer in 30 s".into()))
+                })
+            })
+            .collect();
+        calls
+            .into_iter()
+            .map(|call| self.rt.block_on(call).unwrap())
+            .collect()
+    }
+
+    fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<H2Reply, String> {
+        self.send_all(vec![(method, path, headers.to_vec(), body.to_vec())])
+            .remove(0)
+    }
+
+    fn get(&self, path: &str) -> H2Reply {
+        self.send(Method::GET, path, &[], b"")
+            .unwrap_or_else(|e| panic!("GET {path} over h2: {e}"))
+    }
+}
+
+#[test]
+fn h2c_and_http1_share_the_traffic_port_and_each_stream_is_observed() {
+    let berth = Berth::start(
+        &("[log]\naccess_log = true\n".to_owned() + &module("hello", "/", "plain_hello", "")),
+    );
+    let h2 = H2::connect(&berth.addr);
+    let r = h2
+        .send(Method::GET, "/hello", &[("x-request-id", "over-h2")], b"")
+        .unwrap();
+    assert_eq!((r.version, r.status), (Version::HTTP_2, 200));
+    assert_eq!(r.body, b"hello\n");
+    assert_eq!(r.header("x-request-id"), Some("over-h2"));
+    // HTTP/1.1 on the same port, as before.
+    let r = get_with(&berth.url("/hello"), &[("x-request-id", "over-h1")]);
+    assert_eq!((r.status, r.body.as_str()), (200, "hello\n"));
+    for (id, protocol) in [("over-h2", "2"), ("over-h1", "1.1")] {
+        let line = berth
+            .wait_for_log(Duration::from_secs(2), |l| {
+                l["target"] == "access" && l["request_id"] == id
+            })
+            .unwrap_or_else(|| panic!("no access line for {id}"));
+        assert_eq!(line["protocol"], protocol, "{line}");
+        assert_eq!(line["status"], 200, "{line}");
+    }
+    assert_eq!(
+        metric(
+            &berth.metrics(),
+            "berth_http_server_requests_total",
+            &[("module", "hello"), ("status", "200")]
+        ),
+        Some(2.0)
+    );
+}
+
+#[test]
+fn h2c_can_be_turned_off() {
+    let berth = Berth::start(
+        &("[server]\nhttp2 = false\n".to_owned() + &module("hello", "/", "plain_hello", "")),
+    );
+    // The preface is not an HTTP/1.1 request line: hyper answers 400 or
+    // closes, and no HTTP/2 SETTINGS frame ever comes back.
+    let mut raw = RawH2::connect(&berth.addr, &[]);
+    raw.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &hpack_get("/hello"),
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(raw.frames_of(SETTINGS).is_empty(), "{:?}", raw.head());
+    assert_eq!(get(&berth.url("/hello")).status, 200);
+}
+
+#[test]
+fn each_stream_gets_its_own_admission_body_limit_and_deadline() {
+    let berth = Berth::start(&module(
+        "svc",
+        "/p3",
+        "p3_service",
+        "limits = { max_concurrency = 2, timeout = \"1s\", max_body = \"1KiB\" }",
+    ));
+    let h2 = H2::connect(&berth.addr);
+    let sleep = |ms: &'static str| (Method::GET, "/p3/sleep", vec![("x-sleep-ms", ms)], vec![]);
+    // Three at once on one connection, two slots: one is shed.
+    let mut statuses: Vec<u16> = h2
+        .send_all(vec![sleep("700"), sleep("700"), sleep("700")])
+        .into_iter()
+        .map(|r| r.unwrap().status)
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 503]);
+    // Side by side on one connection: one body over the limit, one under.
+    let answers = h2.send_all(vec![
+        (Method::POST, "/p3/echo", vec![], vec![b'x'; 2048]),
+        (Method::POST, "/p3/echo", vec![], b"small".to_vec()),
+    ]);
+    let (big, small) = (answers[0].as_ref().unwrap(), answers[1].as_ref().unwrap());
+    assert_eq!(big.status, 413);
+    assert_eq!((small.status, small.body.as_slice()), (200, &b"small"[..]));
+    // The module's deadline holds per stream.
+    let slow = h2
+        .send(Method::GET, "/p3/sleep", &[("x-sleep-ms", "3000")], b"")
+        .unwrap();
+    assert_eq!(slow.status, 504);
+}
+
+#[test]
+fn a_grpc_client_gets_the_hosts_answers_as_grpc_statuses() {
+    let berth = Berth::start(
+        &(module(
+            "svc",
+            "/p3",
+            "p3_service",
+            "limits = { max_concurrency = 1, timeout = \"1s\", max_body = \"1KiB\" }",
+        ) + &module("m", "/m", "misbehave", "")),
+    );
+    let h2 = H2::connect(&berth.addr);
+    let grpc = vec![("content-type", "application/grpc"), ("te", "trailers")];
+    let call = |path: &'static str, extra: Vec<(&'static str, &'static str)>, body: Vec<u8>| {
+        (Method::POST, path, [grpc.clone(), extra].concat(), body)
+    };
+    let check = |r: &H2Reply, code: &str, message: &str| {
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("content-type"), Some("application/grpc"), "{r:?}");
+        assert_eq!(r.header("grpc-status"), Some(code), "{r:?}");
+        assert_eq!(r.header("grpc-message"), Some(message), "{r:?}");
+        assert!(r.body.is_empty(), "trailers-only: {r:?}");
+    };
+    let answers = h2.send_all(vec![
+        call("/nowhere/pkg.Svc/Method", vec![], vec![]),
+        call("/p3/echo", vec![], vec![0; 2048]),
+        call("/m/panic", vec![], vec![]),
+    ]);
+    check(answers[0].as_ref().unwrap(), "12", "no route for this path");
+    check(
+        answers[1].as_ref().unwrap(),
+        "8",
+        "request body exceeds the module's max_body",
+    );
+    check(answers[2].as_ref().unwrap(), "13", "the module failed");
+    // One slot: a call while another holds it is UNAVAILABLE, with the
+    // pushback gRPC clients honour; the holder runs past its deadline.
+    let h2 = Arc::new(h2);
+    let late = {
+        let (h2, call) = (
+            h2.clone(),
+            call("/p3/sleep", vec![("x-sleep-ms", "3000")], vec![]),
+        );
+        std::thread::spawn(move || h2.send_all(vec![call]).remove(0))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let shed = h2
+        .send_all(vec![call("/p3/count", vec![], vec![])])
+        .remove(0);
+    let (late, shed) = (late.join().unwrap().unwrap(), shed.unwrap());
+    check(&late, "4", "the module did not answer in time");
+    check(&shed, "14", "the module is at its concurrency limit");
+    assert_eq!(shed.header("grpc-retry-pushback-ms"), Some("1000"));
+    // Metrics count what happened, in HTTP terms.
+    let page = berth.metrics();
+    for (module, status) in [("svc", "504"), ("svc", "413"), ("svc", "503"), ("m", "500")] {
+        assert_eq!(
+            metric(
+                &page,
+                "berth_http_server_requests_total",
+                &[("module", module), ("status", status)]
+            ),
+            Some(1.0),
+            "{module} {status}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_sends_goaway_and_finishes_the_open_streams() {
+    let config = "[shutdown]\ndrain_delay = \"500ms\"\ngrace_period = \"10s\"\n".to_owned()
+        + &module("m", "/m", "misbehave", "");
+    let mut berth = Berth::start(&config);
+    let h2 = Arc::new(H2::connect(&berth.addr));
+    let slow = {
+        let h2 = h2.clone();
+        std::thread::spawn(move || h2.get("/m/sleep?ms=2500"))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &berth.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    // After the drain delay the connection is told to go away: a new
+    // stream on it is refused, while the open one finishes.
+    std::thread::sleep(Duration::from_millis(1200));
+    let refused = h2.send(Method::GET, "/m/ok", &[], b"");
+    assert!(
+        refused.is_err(),
+        "a stream opened after GOAWAY: {refused:?}"
+    );
+    let slow = slow.join().unwrap();
+    assert_eq!((slow.status, slow.body.as_slice()), (200, &b"slept\n"[..]));
+    let status = berth
+        .wait_exit(Duration::from_secs(10))
+        .expect("berth exits once the stream is done");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn h2load_gets_every_stream_answered() {
+    let berth = Berth::start(&module("hello", "/", "plain_hello", ""));
+    let out = std::process::Command::new("h2load")
+        .args(["-n", "2000", "-c", "4", "-m", "16"])
+        .arg(berth.url("/hello"))
+        .output()
+        .expect("h2load (Debian's nghttp2-client; `make setup` installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("2000 succeeded, 0 failed, 0 errored"),
+        "{text}"
+    );
+    assert!(text.contains("status codes: 2000 2xx"), "{text}");
+    assert!(text.contains("Application protocol: h2c"), "{text}");
+}
+
+// --- Attacks, with a client that writes raw HTTP/2 frames ---
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const CANCEL: u32 = 0x8;
+const REFUSED_STREAM: u32 = 0x7;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A string literal in HPACK (no Huffman; short strings only).
+fn hpack_str(out: &mut Vec<u8>, s: &str) {
+    assert!(s.len() < 127);
+    out.push(s.len() as u8);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// `GET path` as an HPACK block: static-table entries for `:method GET`
+/// and `:scheme http`, literals (not indexed) for `:path` and
+/// `:authority`.
+fn hpack_get(path: &str) -> Vec<u8> {
+    let mut out = vec![0x82, 0x86, 0x04];
+    hpack_str(&mut out, path);
+    out.push(0x01);
+    hpack_str(&mut out, "berth");
+    out
+}
+
+/// A frame as received: type, flags, stream and payload.
+type Frame = (u8, u8, u32, Vec<u8>);
+
+/// A raw HTTP/2 connection: the preface and SETTINGS go out at once; a
+/// thread records every frame the server sends until it closes.
+struct RawH2 {
+    conn: TcpStream,
+    frames: Arc<Mutex<Vec<Frame>>>,
+    closed: Arc<AtomicBool>,
+}
+
+impl RawH2 {
+    /// `settings`: (identifier, value) pairs for the client's SETTINGS.
+    fn connect(addr: &str, settings: &[(u16, u32)]) -> RawH2 {
+        let conn = TcpStream::connect(addr).unwrap();
+        conn.set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut payload = Vec::new();
+        for (id, value) in settings {
+            payload.extend_from_slice(&id.to_be_bytes());
+            payload.extend_from_slice(&value.to_be_bytes());
+        }
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend(frame(SETTINGS, 0, 0, &payload));
+        (&conn).write_all(&hello).unwrap();
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(AtomicBool::new(false));
+        let mut reader = conn.try_clone().unwrap();
+        let (seen, done) = (frames.clone(), closed.clone());
+        std::thread::spawn(move || {
+            let mut head = [0u8; 9];
+            while reader.read_exact(&mut head).is_ok() {
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                if reader.read_exact(&mut payload).is_err() {
+                    break;
+                }
+                let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                seen.lock()
+                    .unwrap()
+                    .push((head[3], head[4], stream, payload));
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        RawH2 {
+            conn,
+            frames,
+            closed,
+        }
+    }
+
+    /// Writes `bytes`; false once the server has stopped taking them.
+    fn send(&mut self, bytes: &[u8]) -> bool {
+        self.conn.write_all(bytes).is_ok()
+    }
+
+    fn frames_of(&self, kind: u8) -> Vec<(u8, u32, Vec<u8>)> {
+        self.frames
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|f| f.0 == kind)
+            .map(|f| (f.1, f.2, f.3.clone()))
+            .collect()
+    }
+
+    /// The first frames received, for failure messages.
+    fn head(&self) -> Vec<(u8, u8, u32)> {
+        let frames = self.frames.lock().unwrap();
+        frames.iter().take(20).map(|f| (f.0, f.1, f.2)).collect()
+    }
+
+    /// The error code of the server's GOAWAY, if one came within `limit`.
+    fn goaway(&self, limit: Duration) -> Option<u32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some((_, _, payload)) = self.frames_of(GOAWAY).first() {
+                return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the server closed the connection within `limit`.
+    fn closed_within(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.closed.load(Ordering::SeqCst) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+}
+
+/// A well-behaved HTTP/1.1 client asking `url` every 20 ms until dropped;
+/// its statuses and slowest answer are what the attack cost others.
+struct Bystander {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(Vec<u16>, Duration)>,
+}
+
+impl Bystander {
+    fn start(url: String) -> Bystander {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut statuses, mut slowest) = (Vec::new(), Duration::ZERO);
+            while !flag.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                statuses.push(get(&url).status);
+                slowest = slowest.max(started.elapsed());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (statuses, slowest)
+        });
+        Bystander { stop, thread }
+    }
+
+    /// Every answer was a 200, and none took seconds.
+    fn served_throughout(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (statuses, slowest) = self.thread.join().unwrap();
+        assert!(statuses.len() >= 5, "too few calls: {statuses:?}");
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "another client was refused during the attack: {statuses:?}"
+        );
+        assert!(
+            slowest < Duration::from_secs(3),
+            "another client waited {slowest:?} during the attack"
+        );
+    }
+}
+
+#[test]
+fn a_rapid_reset_flood_gets_goaway_and_others_are_served() {
+    let berth = Berth::start(&module("m", "/m", "misbehave", ""));
+    let bystander = Bystander::start(berth.url("/m/ok"));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut raw = RawH2::connect(&berth.addr, &[]);
+    // CVE-2023-44487: open a stream and cancel it at once, thousands of
+    // times, never over the concurrent-stream limit.
+    let block = hpack_get("/m/sleep?ms=1000");
+    let mut sent = 0;
+    'flood: for batch in 0..100u32 {
+        let mut bytes = Vec::new();
+        for i in 0..100u32 {
+            let stream = 2 * (batch * 100 + i) + 1;
+            bytes.extend(frame(HEADERS, END_STREAM | END_HEADERS, stream, &block));
+            bytes.extend(frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
+        }
+        if !raw.send(&bytes) {
+            break 'flood;
+        }
+        sent += 100;
+    }
+    let code = raw.goaway(Duration::from_secs(5));
+    assert!(
+        code.is_some() || raw.closed_within(Duration::from_secs(1)),
+        "{sent} streams opened and reset without a GOAWAY: {:?}",
+        raw.head()
+    );
+    // ENHANCE_YOUR_CALM
+    assert_eq!(code, Some(0xb), "{:?}", raw.head());
+    bystander.served_throughout();
+}
+
+#[test]
+fn a_continuation_flood_is_cut_off_and_others_are_served() {
+    let berth = Berth::start(&module("m", "/m", "misbehave", ""));
+    let bystander = Bystander::start(berth.url("/m/ok"));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut raw = RawH2::connect(&berth.addr, &[]);
+    // A head that never ends: HEADERS without END_HEADERS, then 16 KiB
+    // CONTINUATION frames of header fields (literal, new names) for up
+    // to 64 MiB.
+    let mut fields = Vec::new();
+    while fields.len() < 16_000 {
+        fields.push(0x00);
+        hpack_str(&mut fields, "x-flood");
+        hpack_str(&mut fields, &"v".repeat(100));
+    }
+    let mut accepted = 0usize;
+    if raw.send(&frame(HEADERS, 0, 1, &hpack_get("/m/ok"))) {
+        let chunk: Vec<u8> = (0..16)
+            .flat_map(|_| frame(CONTINUATION, 0, 1, &fields))
+            .collect();
+        while accepted < 64 << 20 && raw.send(&chunk) {
+            accepted += chunk.len();
+        }
+    }
+    assert!(
+        raw.closed_within(Duration::from_secs(5)),
+        "the server still reads an endless head after {accepted} bytes: {:?}",
+        raw.head()
+    );
+    assert!(accepted < 64 << 20, "64 MiB of one head were read");
+    bystander.served_throughout();
+}
+
+#[test]
+fn streams_past_the_limit_are_refused() {
+    let berth = Berth::start(
+        &("[server]\nhttp2_max_streams = 4\n".to_owned() + &module("m", "/m", "misbehave", "")),
+    );
+    let mut raw = RawH2::connect(&berth.addr, &[]);
+    // Twenty streams at once, ignoring the server's SETTINGS.
+    let block = hpack_get("/m/sleep?ms=1500");
+    let bytes: Vec<u8> = (0..20u32)
+        .flat_map(|i| frame(HEADERS, END_STREAM | END_HEADERS, 2 * i + 1, &block))
+        .collect();
+    assert!(raw.send(&bytes));
+    // The server announced its limit, refused the excess, and served four.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while raw.frames_of(HEADERS).len() < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let settings = raw.frames_of(SETTINGS);
+    let announced = settings
+        .iter()
+        .filter(|(flags, _, _)| flags & 1 == 0)
+        .flat_map(|(_, _, payload)| payload.chunks(6).map(|c| c.to_vec()).collect::<Vec<_>>())
+        .find(|c| c[..2] == [0, 3])
+        .map(|c| u32::from_be_bytes(c[2..6].try_into().unwrap()));
+    assert_eq!(announced, Some(4), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    let refused = raw
+        .frames_of(RST_STREAM)
+        .iter()
+        .filter(|(_, _, payload)| payload[..] == REFUSED_STREAM.to_be_bytes())
+        .count();
+    let served: std::collections::HashSet<u32> =
+        raw.frames_of(HEADERS).iter().map(|(_, s, _)| *s).collect();
+    assert_eq!(served.len(), 4, "{:?}", raw.head());
+    assert_eq!(refused, 16, "{:?}", raw.head());
+}
+
+#[test]
+fn a_client_that_never_reads_holds_its_slots_only_until_the_deadline() {
+    let berth = Berth::start(&module(
+        "m",
+        "/m",
+        "misbehave",
+        "limits = { timeout = \"2s\", max_concurrency = 4 }",
+    ));
+    // A window of zero: the server may send heads but not one body byte,
+    // and the client never opens it.
+    let mut raw = RawH2::connect(&berth.addr, &[(0x4, 0)]);
+    let block = hpack_get("/m/big?mb=4");
+    let bytes: Vec<u8> = (0..4u32)
+        .flat_map(|i| frame(HEADERS, END_STREAM | END_HEADERS, 2 * i + 1, &block))
+        .collect();
+    assert!(raw.send(&bytes));
+    let active = || {
+        metric(
+            &berth.metrics(),
+            "berth_http_server_active_requests",
+            &[("module", "m")],
+        )
+        .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while active() < 4.0 {
+        assert!(Instant::now() < deadline, "the four streams never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(get(&berth.url("/m/ok")).status, 503, "the slots are held");
+    // At the module's deadline the unread bodies are cut and the slots
+    // free, though the connection stays open and unread.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while active() > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "unread streams still hold their slots"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(&berth.url("/m/ok")).status, 200);
+    assert!(raw.frames_of(DATA).is_empty(), "{:?}", raw.head());
+    assert!(!raw.closed_within(Duration::ZERO));
+}
