@@ -12,7 +12,7 @@ export BERTH_BIN := $(CARGO_TARGET_DIR)/release/berth
 WASM_DIR := $(CARGO_TARGET_DIR)/wasm32-wasip2/release
 GUEST_WORKSPACES := examples/Cargo.toml tests/guests/Cargo.toml
 
-.PHONY: setup k8s-tools wasmtime conformance guests build run test lint lint-static chart-check image image-check smoke_test bench clean
+.PHONY: setup k8s-tools wasmtime conformance guests build run test lint lint-static chart-check image image-check smoke_test bench mutants clean
 
 ## setup: install the toolchain pieces the build needs (idempotent)
 setup:
@@ -105,6 +105,13 @@ test: lint-static
 conformance: guests
 	@./scripts/wasmtime.sh test
 	$(CARGO) test --release --locked -p berth-host --test e2e conformance
+
+## mutants: mutation testing of the security- and correctness-critical modules
+## (.cargo/mutants.toml) against the in-process tests; writes bench/MUTANTS.md.
+## MUTANTS_ARGS passes cargo-mutants flags (e.g. "-f host/src/redact.rs",
+## "--in-diff change.diff", "--shard 1/8"); docs/mutants.md says how long.
+mutants: guests
+	./scripts/mutants.sh $(MUTANTS_ARGS)
 
 ## bench: berth against wasmtime serve and native hyper; writes bench/RESULTS.md
 bench: setup

@@ -24,6 +24,7 @@
 
 pub(crate) mod body;
 mod error;
+mod grpc;
 mod invoke;
 mod observe;
 
@@ -266,7 +267,7 @@ async fn handle(
     routes: &Routes,
     access_log: bool,
     tracker: &TaskTracker,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<HyperOutgoingBody> {
     let request_id = request_id(&req);
     let dialect = Dialect::of(req.headers());
@@ -280,7 +281,14 @@ async fn handle(
     };
     let observed = observe::Observed::start(&req, module, request_id.clone());
     let module = observed.module();
-    let result = invoke::invoke(module, tracker, req, observed.context()).await;
+    let timeout = match dialect {
+        Dialect::Grpc => grpc::deadline(req.headers_mut(), module.limits.timeout),
+        Dialect::Http => Ok(module.limits.timeout),
+    };
+    let result = match timeout {
+        Ok(timeout) => invoke::invoke(module, tracker, req, observed.context(), timeout).await,
+        Err(err) => Err(err),
+    };
     // Shedding is the host's answer, not the version's: never judged.
     let refused = matches!(result, Err(RequestError::Shed));
     // Counted and judged by what happened, whatever the dialect says it

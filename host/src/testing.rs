@@ -9,12 +9,19 @@ use http_body_util::{BodyExt, Full};
 
 use crate::config::{Config, ConfigSource};
 
-/// A guest component built by `make guests`.
+/// A guest component built by `make guests`: in `BERTH_GUESTS_DIR` when
+/// set (`make mutants` builds in a copy of the tree), else in the target
+/// folder.
 pub(crate) fn wasm(name: &str) -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
+    let dir = std::env::var_os("BERTH_GUESTS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = dir.join(format!("wasm32-wasip2/release/{name}.wasm"));
+        .unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+                .join("wasm32-wasip2/release")
+        });
+    let path = dir.join(format!("{name}.wasm"));
     assert!(
         path.is_file(),
         "{} is missing: run `make guests` first",

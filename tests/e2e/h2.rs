@@ -269,6 +269,74 @@ fn a_grpc_client_gets_the_hosts_answers_as_grpc_statuses() {
 }
 
 #[test]
+fn a_grpc_timeout_shortens_the_deadline_and_the_guest_sees_it() {
+    let berth = Berth::start(&module(
+        "svc",
+        "/p3",
+        "p3_service",
+        "limits = { timeout = \"10s\" }",
+    ));
+    let h2 = H2::connect(&berth.addr);
+    let grpc = |timeout: &'static str, extra: Vec<(&'static str, &'static str)>| {
+        [
+            vec![
+                ("content-type", "application/grpc"),
+                ("grpc-timeout", timeout),
+            ],
+            extra,
+        ]
+        .concat()
+    };
+    // The client allows 300 ms of the module's 10 s.
+    let started = Instant::now();
+    let late = h2
+        .send_all(vec![(
+            Method::POST,
+            "/p3/sleep",
+            grpc("300m", vec![("x-sleep-ms", "5000")]),
+            vec![],
+        )])
+        .remove(0)
+        .unwrap();
+    assert_eq!(late.header("grpc-status"), Some("4"), "{late:?}");
+    // A wide margin for a busy machine; the module's own would be 10 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // The guest sees what it has: the client's budget, or the module's
+    // when the client allows more.
+    for (asked, seen) in [("250m", "250m\n"), ("1H", "10000m\n")] {
+        let r = h2
+            .send_all(vec![(
+                Method::POST,
+                "/p3/header",
+                grpc(asked, vec![("x-name", "grpc-timeout")]),
+                vec![],
+            )])
+            .remove(0)
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&r.body), seen, "{asked}");
+    }
+    // A deadline the client got wrong is refused, not ignored.
+    let bad = h2
+        .send_all(vec![(
+            Method::POST,
+            "/p3/count",
+            grpc("soon", vec![]),
+            vec![],
+        )])
+        .remove(0)
+        .unwrap();
+    assert_eq!(bad.header("grpc-status"), Some("13"), "{bad:?}");
+    assert!(
+        bad.header("grpc-message").unwrap().contains("grpc-timeout"),
+        "{bad:?}"
+    );
+}
+
+#[test]
 fn sigterm_sends_goaway_and_finishes_the_open_streams() {
     let config = "[shutdown]\ndrain_delay = \"500ms\"\ngrace_period = \"10s\"\n".to_owned()
         + &module("m", "/m", "misbehave", "");

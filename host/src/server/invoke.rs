@@ -32,16 +32,18 @@ use crate::runtime::{Host, Module, RequestContext, Retired, Retirement, Serving,
 /// What the guest answers through: its response head, or its error code.
 type Answer = oneshot::Receiver<Result<Response<HyperOutgoingBody>, ErrorCode>>;
 
-/// Runs `req` through an instance of `module`.
+/// Runs `req` through an instance of `module`, within `timeout` (the
+/// module's `limits.timeout`, or less when the client asked for less).
 pub(super) async fn invoke(
     module: &Arc<Module>,
     tracker: &TaskTracker,
     req: Request<Incoming>,
     cx: &RequestContext,
+    timeout: std::time::Duration,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
     match &module.serving {
-        Serving::Fresh(pre) => fresh(module, pre, tracker, req, cx).await,
-        Serving::Pooled(workers) => pooled(module, workers, req, cx).await,
+        Serving::Fresh(pre) => fresh(module, pre, tracker, req, cx, timeout).await,
+        Serving::Pooled(workers) => pooled(module, workers, req, cx, timeout).await,
     }
 }
 
@@ -52,11 +54,17 @@ async fn fresh(
     tracker: &TaskTracker,
     req: Request<Incoming>,
     cx: &RequestContext,
+    timeout: std::time::Duration,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
     let permit = admit(module, &req)?;
     let mut store = module.new_store(pre, cx.clone());
     let request = WasiRequest::new(&mut store, req, module.limits.max_body.0)?;
-    let task = spawn_guest(module, pre, tracker, store, request.handles, permit, cx);
+    let guest = Guest {
+        handles: request.handles,
+        permit,
+        timeout,
+    };
+    let task = spawn_guest(module, pre, tracker, store, guest, cx);
     // Armed until the guest's answer is out: if this future is dropped
     // first (the client hung up), the guest is cancelled with it.
     let cut_off = CutOff::new(task.abort_handle());
@@ -131,6 +139,14 @@ impl WasiRequest {
     }
 }
 
+/// What a fresh instance's task is given: the request's handles, its
+/// concurrency slot and its time budget.
+struct Guest {
+    handles: Handles,
+    permit: OwnedSemaphorePermit,
+    timeout: std::time::Duration,
+}
+
 /// Instantiates the module and calls its handler in a task of its own:
 /// the guest keeps running after it sets the response head, to stream the
 /// body. The task holds the concurrency slot and enforces the time budget.
@@ -139,10 +155,14 @@ fn spawn_guest(
     pre: &ProxyPre<Host>,
     tracker: &TaskTracker,
     mut store: Store<Host>,
-    (request, out): Handles,
-    permit: OwnedSemaphorePermit,
+    guest: Guest,
     cx: &RequestContext,
 ) -> JoinHandle<Result<(), GuestError>> {
+    let Guest {
+        handles: (request, out),
+        permit,
+        timeout,
+    } = guest;
     let module = module.clone();
     let pre = pre.clone();
     let cx = cx.clone();
@@ -152,7 +172,6 @@ fn spawn_guest(
             let metrics = &module.metrics;
             // A guard, not a call at the end: the task may be aborted.
             let _slot = Slot::new(permit, InFlight::new(&metrics.in_flight));
-            let timeout = module.limits.timeout;
             let work = async {
                 // Counted from here, not from when the store was made: a
                 // tick that passed while this task waited for its turn
@@ -211,6 +230,7 @@ async fn pooled(
     workers: &ProxyHandler<Workers>,
     req: Request<Incoming>,
     cx: &RequestContext,
+    timeout: std::time::Duration,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
     let permit = admit(module, &req)?;
     let too_big = Arc::new(AtomicBool::new(false));
@@ -230,7 +250,6 @@ async fn pooled(
     };
     // Held until the response body is delivered, or its deadline.
     let slot = Slot::new(permit, InFlight::new(&module.metrics.in_flight));
-    let timeout = module.limits.timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let answer = workers
         .handle(ticket, Request::from_parts(parts, body))

@@ -81,6 +81,14 @@ async fn handle(req: Request) -> Response<Body> {
             status(200, format!("{greeting} from p3\n"))
         }
         "/count" => status(200, format!("{served}\n")),
+        "/header" => {
+            // The value of the request header named by `x-name`.
+            let name = header(&req, "x-name").unwrap_or_default();
+            match header(&req, &name) {
+                Some(value) => status(200, format!("{value}\n")),
+                None => status(404, format!("no {name}\n")),
+            }
+        }
         "/secret" => {
             // Read through wasi:config like any value; only its size goes
             // out, so a leak in the host's logs is the host's.
