@@ -112,10 +112,15 @@ pub async fn run(
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
     let watcher = tokio::spawn(modules.watch(reload_requests));
+    let ready: server::Readiness = {
+        let health = health.clone();
+        Arc::new(move || health.is_ready())
+    };
     let server = tokio::spawn(server::serve(
         listeners.traffic,
         routes,
         ServerOptions::from_config(&config),
+        ready,
         stop_accepting.clone(),
         tracker.clone(),
     ));

@@ -207,6 +207,7 @@ pub async fn serve(
     listener: TcpListener,
     routes: Arc<Routes>,
     options: ServerOptions,
+    ready: Readiness,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -227,15 +228,22 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
+        let ready = ready.clone();
         let stop = stop.clone();
         let conn_tracker = tracker.clone();
         let (http1, http2) = (http1.clone(), http2.clone());
         tracker.spawn(async move {
             let svc = service_fn(move |req| {
-                let routes = routes.clone();
+                let (routes, ready) = (routes.clone(), ready.clone());
                 let tracker = conn_tracker.clone();
                 async move {
-                    Ok::<_, Infallible>(handle(&routes, options.access_log, &tracker, req).await)
+                    let resp = if is_health_check(&req) {
+                        let within = options.header_read_timeout;
+                        health_check(req, &routes, &ready, within).await
+                    } else {
+                        handle(&routes, options.access_log, &tracker, req).await
+                    };
+                    Ok::<_, Infallible>(resp)
                 }
             });
             let h2 = if options.http2 {
@@ -260,6 +268,26 @@ pub async fn serve(
         });
     }
     drop(listener);
+}
+
+/// Whether the pod should receive traffic (what `/ready` says).
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Whether `req` is the standard gRPC health check, which the host answers
+/// itself, whatever the routes say.
+fn is_health_check<B>(req: &Request<B>) -> bool {
+    req.uri().path() == grpc::HEALTH_CHECK && Dialect::of(req.headers()) == Dialect::Grpc
+}
+
+async fn health_check(
+    req: Request<Incoming>,
+    routes: &Routes,
+    ready: &Readiness,
+    within: Duration,
+) -> Response<HyperOutgoingBody> {
+    let request_id = request_id(&req);
+    let result = grpc::health_check(req, routes, ready(), within).await;
+    respond(result, &request_id, Dialect::Grpc)
 }
 
 /// Route, invoke, finish.
@@ -369,7 +397,14 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let options = ServerOptions::from_config(&file.load());
         let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
-        tokio::spawn(serve(listener, routes, options, stop, tracker));
+        tokio::spawn(serve(
+            listener,
+            routes,
+            options,
+            Arc::new(|| true),
+            stop,
+            tracker,
+        ));
         (url, metrics)
     }
 

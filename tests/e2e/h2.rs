@@ -24,6 +24,7 @@ struct H2Reply {
     status: u16,
     headers: HeaderMap,
     body: Vec<u8>,
+    trailers: Option<HeaderMap>,
 }
 
 impl H2Reply {
@@ -83,6 +84,7 @@ impl H2 {
                             version: parts.version,
                             status: parts.status.as_u16(),
                             headers: parts.headers,
+                            trailers: body.trailers().cloned(),
                             body: body.to_bytes().to_vec(),
                         })
                     };
@@ -334,6 +336,60 @@ fn a_grpc_timeout_shortens_the_deadline_and_the_guest_sees_it() {
         bad.header("grpc-message").unwrap().contains("grpc-timeout"),
         "{bad:?}"
     );
+}
+
+/// A `grpc.health.v1.Health/Check` for `service`: the status it answers
+/// (1 SERVING, 2 NOT_SERVING), or the gRPC status it failed with.
+fn health_check(h2: &H2, service: &str) -> Result<u8, String> {
+    // HealthCheckRequest { service = 1 }, length-prefixed.
+    let mut message = vec![0x0a, service.len() as u8];
+    message.extend_from_slice(service.as_bytes());
+    let mut body = vec![0];
+    body.extend((message.len() as u32).to_be_bytes());
+    body.extend(message);
+    let r = h2
+        .send(
+            Method::POST,
+            "/grpc.health.v1.Health/Check",
+            &[("content-type", "application/grpc"), ("te", "trailers")],
+            &body,
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    if let Some(code) = r.header("grpc-status") {
+        return Err(code.to_owned());
+    }
+    let trailers = r.trailers.as_ref().expect("grpc-status in trailers");
+    assert_eq!(trailers["grpc-status"], "0", "{r:?}");
+    // HealthCheckResponse { status = 1 }, length-prefixed.
+    assert_eq!(r.body[..7], [0, 0, 0, 0, 2, 0x08, r.body[6]], "{r:?}");
+    Ok(r.body[6])
+}
+
+#[test]
+fn the_grpc_health_service_answers_from_readiness_through_a_drain() {
+    let config = "[shutdown]\ndrain_delay = \"3s\"\n".to_owned()
+        + &module("hello", "/", "plain_hello", "")
+        + &module("svc", "/p3", "p3_service", "");
+    let mut berth = Berth::start(&config);
+    let h2 = H2::connect(&berth.addr);
+    // The host answers it, though a module's route `/` covers the path.
+    assert_eq!(health_check(&h2, ""), Ok(1));
+    assert_eq!(health_check(&h2, "svc"), Ok(1));
+    assert_eq!(health_check(&h2, "nope"), Err("5".into()));
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &berth.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    // Draining: not serving, while the connection is still answered.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while health_check(&h2, "") != Ok(2) {
+        assert!(Instant::now() < deadline, "still SERVING while draining");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(health_check(&h2, "svc"), Ok(2));
+    assert!(berth.wait_exit(Duration::from_secs(15)).is_some());
 }
 
 #[test]

@@ -23,6 +23,9 @@ pub enum RequestError {
     /// The request cannot be handed to a guest.
     #[error("malformed request: {0}")]
     Malformed(String),
+    /// A gRPC health check named a service no module has.
+    #[error("no module named {0:?}")]
+    UnknownService(String),
     /// The client did not send the whole body within the module's
     /// `limits.timeout`.
     #[error("the request body did not arrive within the module's timeout")]
@@ -61,7 +64,9 @@ impl Dialect {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub(super) enum GrpcCode {
+    Ok = 0,
     DeadlineExceeded = 4,
+    NotFound = 5,
     ResourceExhausted = 8,
     Unimplemented = 12,
     Internal = 13,
@@ -74,7 +79,7 @@ impl RequestError {
     /// verdicts count this status either way.
     pub(super) fn status(&self) -> StatusCode {
         match self {
-            RequestError::NoRoute => StatusCode::NOT_FOUND,
+            RequestError::NoRoute | RequestError::UnknownService(_) => StatusCode::NOT_FOUND,
             RequestError::Shed => StatusCode::SERVICE_UNAVAILABLE,
             RequestError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             RequestError::Malformed(_) => StatusCode::BAD_REQUEST,
@@ -102,6 +107,7 @@ impl RequestError {
     pub(super) fn grpc_code(&self) -> GrpcCode {
         match self {
             RequestError::NoRoute => GrpcCode::Unimplemented,
+            RequestError::UnknownService(_) => GrpcCode::NotFound,
             RequestError::Shed => GrpcCode::Unavailable,
             RequestError::BodyTooLarge => GrpcCode::ResourceExhausted,
             RequestError::Malformed(_) => GrpcCode::Internal,

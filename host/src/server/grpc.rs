@@ -1,12 +1,20 @@
 //! gRPC where the host answers for itself: the client's `grpc-timeout`
-//! becomes the request's deadline (the host's answers as gRPC statuses are
-//! in `error.rs`).
+//! becomes the request's deadline, and the standard health service's
+//! `Check` answers from the host's readiness (the host's errors as gRPC
+//! statuses are in `error.rs`).
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue};
+use bytes::{BufMut, BytesMut};
+use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http_body::Frame;
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::Incoming;
+use prost::Message as _;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
-use super::error::RequestError;
+use super::error::{GrpcCode, RequestError};
+use crate::router::Routes;
 
 const GRPC_TIMEOUT: &str = "grpc-timeout";
 
@@ -54,9 +62,114 @@ fn parse(text: &str) -> Option<Duration> {
     })
 }
 
+/// The path of `grpc.health.v1.Health/Check`.
+pub(super) const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+
+/// Largest health request read (its one field is a service name).
+const MAX_HEALTH_REQUEST: usize = 4096;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    /// SERVING 1, NOT_SERVING 2.
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+/// `Check`: for the service `""` the host as a whole, for a module's name
+/// that module; SERVING while the host is ready and not draining (what
+/// `/ready` says), NOT_SERVING otherwise, and NOT_FOUND for a name no
+/// module has (as the health protocol asks). Kubernetes' gRPC probes call
+/// this.
+pub(super) async fn health_check(
+    req: Request<Incoming>,
+    routes: &Routes,
+    serving: bool,
+    within: Duration,
+) -> Result<Response<HyperOutgoingBody>, RequestError> {
+    let read = Limited::new(req.into_body(), MAX_HEALTH_REQUEST).collect();
+    let body = tokio::time::timeout(within, read)
+        .await
+        .map_err(|_| RequestError::BodyTimeout)?
+        .map_err(|e| RequestError::Malformed(format!("health check request: {e}")))?
+        .to_bytes();
+    let service = decode(&body)
+        .ok_or_else(|| RequestError::Malformed("health check request: not one message".into()))?
+        .service;
+    if !service.is_empty() && !routes.current().modules().any(|m| *m.name == *service) {
+        return Err(RequestError::UnknownService(service));
+    }
+    let status = if serving { 1 } else { 2 };
+    Ok(respond(&HealthCheckResponse { status }))
+}
+
+/// One length-prefixed, uncompressed message of the gRPC wire format.
+fn decode(body: &[u8]) -> Option<HealthCheckRequest> {
+    let (&[compressed, a, b, c, d], message) = body.split_first_chunk::<5>()?;
+    let len = u32::from_be_bytes([a, b, c, d]) as usize;
+    if compressed != 0 || message.len() != len {
+        return None;
+    }
+    HealthCheckRequest::decode(message).ok()
+}
+
+/// A unary gRPC answer: the message, then `grpc-status: 0` as trailers.
+fn respond(message: &HealthCheckResponse) -> Response<HyperOutgoingBody> {
+    let mut framed = BytesMut::with_capacity(5 + message.encoded_len());
+    framed.put_u8(0);
+    framed.put_u32(message.encoded_len() as u32);
+    message.encode(&mut framed).expect("room was reserved");
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from(GrpcCode::Ok as u8 as u16));
+    let frames = [
+        Ok(Frame::data(framed.freeze())),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let body = StreamBody::new(futures_util::stream::iter(frames));
+    let mut resp = Response::new(BodyExt::boxed_unsync(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn framed(service: &str) -> Vec<u8> {
+        let message = HealthCheckRequest {
+            service: service.into(),
+        }
+        .encode_to_vec();
+        let mut out = vec![0];
+        out.extend((message.len() as u32).to_be_bytes());
+        out.extend(message);
+        out
+    }
+
+    #[test]
+    fn a_health_request_is_one_uncompressed_message_of_its_stated_length() {
+        assert_eq!(decode(&framed("shop")).unwrap().service, "shop");
+        assert_eq!(decode(&framed("")).unwrap().service, "");
+        let mut compressed = framed("shop");
+        compressed[0] = 1;
+        assert!(decode(&compressed).is_none());
+        let whole = framed("shop");
+        assert!(decode(&whole[..whole.len() - 1]).is_none(), "cut short");
+        assert!(decode(&[whole.clone(), whole].concat()).is_none(), "two");
+        assert!(decode(&[0, 0, 0]).is_none());
+        assert!(
+            decode(&[0, 0, 0, 0, 2, 0xff, 0xff]).is_none(),
+            "not protobuf"
+        );
+    }
 
     #[test]
     fn grpc_timeouts_parse_in_every_unit_and_bad_ones_are_refused() {
