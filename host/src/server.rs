@@ -40,6 +40,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -152,45 +153,143 @@ const H2_MAX_PENDING_RESETS: usize = 20;
 /// connection is closed (hyper's default since RUSTSEC-2024-0003).
 const H2_MAX_LOCAL_RESETS: usize = 1024;
 
-/// Whether the client opened with the HTTP/2 preface, judged by peeking so
-/// the bytes stay for hyper. `None` when it closed, or sent nothing within
-/// `within` (what an HTTP/1.1 head is given).
-async fn opens_with_h2_preface(stream: &TcpStream, within: Duration) -> Option<bool> {
+/// Reads the client's first bytes to tell HTTP/2 by prior knowledge (the
+/// preface) from HTTP/1.1, within `within` (what an HTTP/1.1 head is
+/// given): whether it is HTTP/2, and the bytes read, which [`Replayed`]
+/// hands to hyper first. `None` when the client closed or stalled. Read,
+/// not peeked: a peek cannot see a client that left, nor wait for more.
+async fn read_preface(stream: &mut TcpStream, within: Duration) -> Option<(bool, Bytes)> {
     let deadline = tokio::time::Instant::now() + within;
-    let mut seen = [0u8; H2_PREFACE.len()];
-    loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut seen))
+    let mut seen = Vec::with_capacity(H2_PREFACE.len());
+    let mut buf = [0u8; H2_PREFACE.len()];
+    while seen.len() < H2_PREFACE.len() {
+        let want = H2_PREFACE.len() - seen.len();
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf[..want]))
             .await
             .ok()?
             .ok()?;
         if n == 0 {
             return None;
         }
-        if seen[..n] != H2_PREFACE[..n] {
-            return Some(false);
+        seen.extend_from_slice(&buf[..n]);
+        if seen[..] != H2_PREFACE[..seen.len()] {
+            return Some((false, seen.into()));
         }
-        if n == H2_PREFACE.len() {
-            return Some(true);
+    }
+    Some((true, seen.into()))
+}
+
+/// A connection whose first bytes were read to tell its protocol: they are
+/// read again first, then the rest.
+struct Replayed {
+    head: Bytes,
+    stream: TcpStream,
+}
+
+impl tokio::io::AsyncRead for Replayed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.head.is_empty() {
+            let n = self.head.len().min(buf.remaining());
+            let head = self.head.split_to(n);
+            buf.put_slice(&head);
+            return std::task::Poll::Ready(Ok(()));
         }
-        // Part of the preface: the rest is on its way, and a peek would
-        // return at once until it lands.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
-/// Drives `conn` until it ends; when `stop` fires first, it finishes what
-/// is in flight and closes: an idle HTTP/1.1 connection at once, a busy
-/// one after its response (with `connection: close`), an HTTP/2 one after
-/// GOAWAY and its open streams.
-async fn until_drained<C, E>(conn: C, stop: &CancellationToken)
-where
+impl tokio::io::AsyncWrite for Replayed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// When a connection last started a request, for closing HTTP/2
+/// connections that sit idle (hyper closes idle HTTP/1.1 ones itself).
+#[derive(Clone)]
+struct LastRequest(Arc<std::sync::Mutex<tokio::time::Instant>>);
+
+impl LastRequest {
+    fn new() -> Self {
+        LastRequest(Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())))
+    }
+
+    fn touch(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+    }
+
+    fn at(&self) -> tokio::time::Instant {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Drives `conn` until it ends; when `stop` fires first, or (with `idle`)
+/// no request has started for that long, it finishes what is in flight
+/// and closes: an idle HTTP/1.1 connection at once, a busy one after its
+/// response (with `connection: close`), an HTTP/2 one after GOAWAY and its
+/// open streams.
+async fn until_drained<C, E>(
+    conn: C,
+    stop: &CancellationToken,
+    idle: Option<(Duration, LastRequest)>,
+) where
     C: GracefulConnection<Error = E>,
     E: std::fmt::Display,
 {
     tokio::pin!(conn);
+    let idle_out = async {
+        let Some((limit, last)) = idle else {
+            return std::future::pending().await;
+        };
+        loop {
+            let due = last.at() + limit;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    };
     let res = tokio::select! {
         res = conn.as_mut() => res,
         _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        _ = idle_out => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -233,37 +332,53 @@ pub async fn serve(
         let conn_tracker = tracker.clone();
         let (http1, http2) = (http1.clone(), http2.clone());
         tracker.spawn(async move {
+            let last = LastRequest::new();
+            let seen = last.clone();
             let svc = service_fn(move |req| {
+                seen.touch();
                 let (routes, ready) = (routes.clone(), ready.clone());
                 let tracker = conn_tracker.clone();
                 async move {
                     let resp = if is_health_check(&req) {
                         let within = options.header_read_timeout;
                         health_check(req, &routes, &ready, within).await
+                    } else if req.headers().len() > options.max_headers {
+                        // hyper counts HTTP/1.1 headers itself; on HTTP/2
+                        // only their bytes are bounded.
+                        let request_id = request_id(&req);
+                        respond(
+                            Err(RequestError::TooManyHeaders),
+                            &request_id,
+                            Dialect::of(&req),
+                        )
                     } else {
                         handle(&routes, options.access_log, &tracker, req).await
                     };
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let h2 = if options.http2 {
+            let mut stream = stream;
+            let (h2, head) = if options.http2 {
                 let within = options.header_read_timeout;
                 let opened = tokio::select! {
-                    opened = opens_with_h2_preface(&stream, within) => opened,
+                    opened = read_preface(&mut stream, within) => opened,
                     _ = stop.cancelled() => None,
                 };
                 match opened {
-                    Some(h2) => h2,
+                    Some(opened) => opened,
                     None => return,
                 }
             } else {
-                false
+                (false, Bytes::new())
             };
-            let io = TokioIo::new(stream);
+            let io = TokioIo::new(Replayed { head, stream });
             if h2 {
-                until_drained(http2.serve_connection(io, svc), &stop).await;
+                // An HTTP/2 connection with no new stream for as long as an
+                // HTTP/1.1 one may idle gets GOAWAY (gRPC clients reconnect).
+                let idle = Some((options.header_read_timeout, last));
+                until_drained(http2.serve_connection(io, svc), &stop, idle).await;
             } else {
-                until_drained(http1.serve_connection(io, svc), &stop).await;
+                until_drained(http1.serve_connection(io, svc), &stop, None).await;
             }
         });
     }
@@ -276,7 +391,7 @@ pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
 /// Whether `req` is the standard gRPC health check, which the host answers
 /// itself, whatever the routes say.
 fn is_health_check<B>(req: &Request<B>) -> bool {
-    req.uri().path() == grpc::HEALTH_CHECK && Dialect::of(req.headers()) == Dialect::Grpc
+    req.uri().path() == grpc::HEALTH_CHECK && Dialect::of(req) == Dialect::Grpc
 }
 
 async fn health_check(
@@ -298,7 +413,7 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<HyperOutgoingBody> {
     let request_id = request_id(&req);
-    let dialect = Dialect::of(req.headers());
+    let dialect = Dialect::of(&req);
     let (module, canary) = {
         let table = routes.current();
         let Some(release) = table.route(req.uri().path()) else {

@@ -152,6 +152,66 @@ fn h2c_and_http1_share_the_traffic_port_and_each_stream_is_observed() {
 }
 
 #[test]
+fn a_client_that_stalls_or_leaves_in_the_preface_or_idles_is_let_go() {
+    let berth = Berth::start(
+        &("[server]\nheader_read_timeout = \"1s\"\n".to_owned()
+            + &module("hello", "/", "plain_hello", "")),
+    );
+    let closed_within = |mut conn: TcpStream, limit: Duration| {
+        conn.set_read_timeout(Some(limit)).unwrap();
+        let mut rest = Vec::new();
+        matches!(conn.read_to_end(&mut rest), Ok(_))
+    };
+    // Part of the preface, then the client leaves: closed at once, not
+    // held (a peek could not see it go).
+    let conn = TcpStream::connect(&berth.addr).unwrap();
+    (&conn).write_all(b"PRI * HT").unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(
+        closed_within(conn, Duration::from_millis(900)),
+        "a client that left is held"
+    );
+    // Part of the preface, then nothing: closed at header_read_timeout.
+    let conn = TcpStream::connect(&berth.addr).unwrap();
+    (&conn).write_all(b"PRI * HT").unwrap();
+    assert!(
+        closed_within(conn, Duration::from_secs(4)),
+        "a stalled preface is held"
+    );
+    // A whole handshake and no stream: GOAWAY once it has idled that long.
+    let raw = RawH2::connect(&berth.addr, &[]);
+    assert_eq!(
+        raw.goaway(Duration::from_secs(4)),
+        Some(0),
+        "{:?}",
+        raw.head()
+    );
+    // Past them all, both protocols are served.
+    assert_eq!(H2::connect(&berth.addr).get("/hello").status, 200);
+    assert_eq!(get(&berth.url("/hello")).status, 200);
+}
+
+#[test]
+fn grpc_answers_are_for_http2_posts_only_and_header_counts_hold_on_http2() {
+    let berth = Berth::start(&module("hello", "/hello", "plain_hello", ""));
+    // An HTTP/1.1 client naming gRPC still gets an HTTP answer: an empty
+    // 200 would mislead it, or a cache in front of it.
+    let r = get_with(
+        &berth.url("/nowhere"),
+        &[("content-type", "application/grpc")],
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.header("grpc-status").is_none());
+    // server.max_headers (100) holds on HTTP/2 as on HTTP/1.1.
+    let h2 = H2::connect(&berth.addr);
+    let names: Vec<String> = (0..150).map(|i| format!("x-h{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    let r = h2.send(Method::GET, "/hello", &many, b"").unwrap();
+    assert_eq!(r.status, 431, "{r:?}");
+    assert_eq!(h2.get("/hello").status, 200);
+}
+
+#[test]
 fn h2c_can_be_turned_off() {
     let berth = Berth::start(
         &("[server]\nhttp2 = false\n".to_owned() + &module("hello", "/", "plain_hello", "")),

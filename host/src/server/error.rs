@@ -23,6 +23,10 @@ pub enum RequestError {
     /// The request cannot be handed to a guest.
     #[error("malformed request: {0}")]
     Malformed(String),
+    /// More headers than `server.max_headers` (on HTTP/2; hyper refuses
+    /// them on HTTP/1.1).
+    #[error("too many request headers")]
+    TooManyHeaders,
     /// A gRPC health check named a service no module has.
     #[error("no module named {0:?}")]
     UnknownService(String),
@@ -44,10 +48,16 @@ pub(super) enum Dialect {
 }
 
 impl Dialect {
-    /// gRPC for `application/grpc` and its `+proto`/`+json` forms (not
-    /// gRPC-Web, which carries its trailers in the body).
-    pub(super) fn of(headers: &http::HeaderMap) -> Dialect {
-        let grpc = headers
+    /// gRPC for a POST over HTTP/2 with `content-type: application/grpc` or
+    /// its `+proto`/`+json` forms (not gRPC-Web, which carries its trailers
+    /// in the body). Nothing else: an empty 200 for a host error would
+    /// mislead an HTTP/1.1 client or a cache in front of it.
+    pub(super) fn of<B>(req: &http::Request<B>) -> Dialect {
+        if req.version() != http::Version::HTTP_2 || req.method() != http::Method::POST {
+            return Dialect::Http;
+        }
+        let grpc = req
+            .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| {
@@ -82,6 +92,7 @@ impl RequestError {
             RequestError::NoRoute | RequestError::UnknownService(_) => StatusCode::NOT_FOUND,
             RequestError::Shed => StatusCode::SERVICE_UNAVAILABLE,
             RequestError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestError::TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             RequestError::Malformed(_) => StatusCode::BAD_REQUEST,
             RequestError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             RequestError::Guest(e) => e.status(),
@@ -109,7 +120,9 @@ impl RequestError {
             RequestError::NoRoute => GrpcCode::Unimplemented,
             RequestError::UnknownService(_) => GrpcCode::NotFound,
             RequestError::Shed => GrpcCode::Unavailable,
-            RequestError::BodyTooLarge => GrpcCode::ResourceExhausted,
+            RequestError::BodyTooLarge | RequestError::TooManyHeaders => {
+                GrpcCode::ResourceExhausted
+            }
             RequestError::Malformed(_) => GrpcCode::Internal,
             RequestError::BodyTimeout => GrpcCode::DeadlineExceeded,
             RequestError::Guest(GuestError::Timeout(_)) => GrpcCode::DeadlineExceeded,
@@ -407,10 +420,19 @@ mod tests {
     fn grpc_messages_are_percent_encoded_and_dialects_told_by_content_type() {
         assert_eq!(grpc_message("100% ok"), "100%25 ok");
         assert_eq!(grpc_message("caf\u{e9}\n"), "caf%C3%A9%0A");
+        let request = |version, method, ct: Option<&str>| {
+            let mut req = http::Request::builder().version(version).method(method);
+            if let Some(ct) = ct {
+                req = req.header(header::CONTENT_TYPE, ct);
+            }
+            req.body(()).unwrap()
+        };
         let dialect = |ct: &str| {
-            let mut headers = http::HeaderMap::new();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
-            Dialect::of(&headers)
+            Dialect::of(&request(
+                http::Version::HTTP_2,
+                http::Method::POST,
+                Some(ct),
+            ))
         };
         for ct in [
             "application/grpc",
@@ -426,7 +448,16 @@ mod tests {
         ] {
             assert_eq!(dialect(ct), Dialect::Http, "{ct}");
         }
-        assert_eq!(Dialect::of(&http::HeaderMap::new()), Dialect::Http);
+        let no_type = request(http::Version::HTTP_2, http::Method::POST, None);
+        assert_eq!(Dialect::of(&no_type), Dialect::Http);
+        // gRPC is a POST over HTTP/2: anything else gets HTTP answers.
+        for (version, method) in [
+            (http::Version::HTTP_11, http::Method::POST),
+            (http::Version::HTTP_2, http::Method::GET),
+        ] {
+            let req = request(version, method, Some("application/grpc"));
+            assert_eq!(Dialect::of(&req), Dialect::Http, "{req:?}");
+        }
     }
 
     #[test]
