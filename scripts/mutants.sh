@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Mutation testing with cargo-mutants (pinned; installed into .tools/ on
-# first use) over the modules .cargo/mutants.toml names: config
-# validation, the allow-list and guarded resolver, the breaker and retry
-# policy, body limits, redaction, canary verdicts and routing, reuse and
-# retirement, registry verification. Each mutant is judged by the host's
+# first use) over the modules where a wrong branch is a security or
+# correctness bug (FILES below): config validation, the allow-list and
+# guarded resolver, the breaker and retry policy, body limits, redaction,
+# canary verdicts and routing, reuse and retirement, registry verification. Each mutant is judged by the host's
 # in-process tests (`cargo test -p berth-host --lib`: unit tests and the
 # in-process server tests).
 #
@@ -12,9 +12,10 @@
 # crate at opt-level 0. The first run builds the dependencies once (about
 # 15 minutes on 2 cores); each mutant then takes about a minute.
 #
-#   scripts/mutants.sh                      every mutant (hours: see docs/mutants.md)
-#   scripts/mutants.sh -f host/src/redact.rs  one file (any cargo-mutants flags pass through)
-#   scripts/mutants.sh --in-diff FILE       the mutants a diff touches
+#   scripts/mutants.sh                        every mutant of FILES (hours: docs/mutants.md)
+#   scripts/mutants.sh -f host/src/redact.rs  those files instead (any cargo-mutants flags)
+#   scripts/mutants.sh --shard 1/16           a sixteenth of FILES' mutants
+#   scripts/mutants.sh --in-diff FILE         the mutants of FILES a diff touches
 #
 # Writes target/mutants/mutants.out and the score to bench/MUTANTS.md.
 set -euo pipefail
@@ -23,7 +24,7 @@ cd "$root"
 version=27.1.0
 toolchain="+$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)"
 bin=.tools/bin/cargo-mutants
-if ! "$bin" --version 2>/dev/null | grep -q "$version"; then
+if ! "$bin" mutants --version 2>/dev/null | grep -q "$version"; then
   echo "tools: installing cargo-mutants $version"
   cargo "$toolchain" install --locked --root .tools cargo-mutants --version "$version"
 fi
@@ -36,9 +37,25 @@ export CARGO_TARGET_DIR="${MUTANTS_TARGET_DIR:-$root/target/mutants-build}"
 # The release build's lint wrapper would make a mutant that only trips a
 # lint look unviable.
 unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
+FILES=(
+  host/src/config.rs 'host/src/config/*.rs'           # config validation
+  host/src/outbound/resolve.rs                        # allow-list checks, guarded resolver
+  host/src/outbound/breaker.rs host/src/outbound/policy.rs  # breaker, retries
+  host/src/server/body.rs host/src/outbound/body.rs   # body limits
+  host/src/redact.rs                                  # redaction
+  host/src/canary.rs host/src/router.rs               # canary verdicts, routing
+  host/src/runtime/reuse.rs                           # reuse and retirement
+  host/src/registry.rs 'host/src/registry/*.rs'       # registry verification
+)
+args=("$@")
+# Files of their own replace the list; other flags narrow it.
+if ! printf '%s\n' "${args[@]}" | grep -qxE -- '-f|--file|--file=.*'; then
+  for f in "${FILES[@]}"; do args+=(-f "$f"); done
+  args+=(-e host/src/config/tests.rs)
+fi
 started=$(date +%s)
 rc=0
-"$bin" mutants --output target/mutants "$@" || rc=$?
+"$bin" mutants --output target/mutants "${args[@]}" || rc=$?
 # 0: all caught; 2: some missed; 3: some timed out. Anything else failed.
 case "$rc" in 0|2|3) ;; *) exit "$rc" ;; esac
 python3 scripts/mutants_score.py target/mutants/mutants.out/outcomes.json \
