@@ -332,10 +332,27 @@ pub async fn serve(
         let conn_tracker = tracker.clone();
         let (http1, http2) = (http1.clone(), http2.clone());
         tracker.spawn(async move {
+            let mut stream = stream;
+            let (h2, head) = if options.http2 {
+                let within = options.header_read_timeout;
+                let opened = tokio::select! {
+                    opened = read_preface(&mut stream, within) => opened,
+                    _ = stop.cancelled() => None,
+                };
+                match opened {
+                    Some(opened) => opened,
+                    None => return,
+                }
+            } else {
+                (false, Bytes::new())
+            };
+            // Only HTTP/2 connections are closed for idling here.
             let last = LastRequest::new();
-            let seen = last.clone();
+            let seen = h2.then(|| last.clone());
             let svc = service_fn(move |req| {
-                seen.touch();
+                if let Some(seen) = &seen {
+                    seen.touch();
+                }
                 let (routes, ready) = (routes.clone(), ready.clone());
                 let tracker = conn_tracker.clone();
                 async move {
@@ -357,20 +374,6 @@ pub async fn serve(
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let mut stream = stream;
-            let (h2, head) = if options.http2 {
-                let within = options.header_read_timeout;
-                let opened = tokio::select! {
-                    opened = read_preface(&mut stream, within) => opened,
-                    _ = stop.cancelled() => None,
-                };
-                match opened {
-                    Some(opened) => opened,
-                    None => return,
-                }
-            } else {
-                (false, Bytes::new())
-            };
             let io = TokioIo::new(Replayed { head, stream });
             if h2 {
                 // An HTTP/2 connection with no new stream for as long as an
