@@ -16,6 +16,8 @@
 //! names, or a series over the operator's cap is dropped and counted by the
 //! host.
 
+use core::sync::atomic::{AtomicBool, Ordering};
+
 use crate::bindings::berth::metrics::metrics as host;
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -76,25 +78,64 @@ impl Gauge {
     }
 }
 
-/// A histogram of values (seconds, for durations).
-#[derive(Debug, Clone, Copy)]
+/// A histogram of values (seconds, for durations). Its buckets are the
+/// host's latency buckets (0.5 ms to 30 s) unless chosen with
+/// [`Histogram::with_buckets`].
+#[derive(Debug)]
 pub struct Histogram {
     name: &'static str,
+    buckets: Option<&'static [f64]>,
+    /// Whether this instance has told the host its buckets.
+    chosen: AtomicBool,
 }
 
 impl Histogram {
-    /// A histogram named `name`.
+    /// A histogram named `name`, with the host's latency buckets.
     pub const fn new(name: &'static str) -> Self {
-        Histogram { name }
+        Histogram {
+            name,
+            buckets: None,
+            chosen: AtomicBool::new(false),
+        }
+    }
+
+    /// A histogram named `name` with these bucket upper bounds: 1 to 64
+    /// finite values, strictly increasing (`+Inf` is added). Bounds the
+    /// host refuses, or bounds that differ from those the histogram already
+    /// has (from an earlier version of the module), are dropped and counted
+    /// by the host, which then keeps the histogram's buckets as they are.
+    ///
+    /// ```no_run
+    /// use berth_sdk::metrics::Histogram;
+    ///
+    /// static SIZE: Histogram = Histogram::with_buckets("order_items", &[1.0, 5.0, 25.0, 100.0]);
+    /// SIZE.observe(3.0);
+    /// ```
+    pub const fn with_buckets(name: &'static str, buckets: &'static [f64]) -> Self {
+        Histogram {
+            name,
+            buckets: Some(buckets),
+            chosen: AtomicBool::new(false),
+        }
+    }
+
+    fn choose(&self) {
+        if let Some(buckets) = self.buckets {
+            if !self.chosen.swap(true, Ordering::Relaxed) {
+                host::histogram_buckets(self.name, buckets);
+            }
+        }
     }
 
     /// Records a value.
     pub fn observe(&self, value: f64) {
+        self.choose();
         host::histogram_observe(self.name, value, &[]);
     }
 
     /// Records a value in the series with these labels.
     pub fn observe_with(&self, value: f64, labels_: &[(&str, &str)]) {
+        self.choose();
         host::histogram_observe(self.name, value, &labels(labels_));
     }
 }

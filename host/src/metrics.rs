@@ -646,6 +646,54 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_chooses_its_histogram_buckets_before_the_first_observation() {
+        let metrics = Metrics::new();
+        let g = metrics.guest("m", 4);
+        g.histogram_buckets("size_bytes", &[100.0, 1000.0, 10000.0]);
+        g.histogram_buckets("size_bytes", &[100.0, 1000.0, 10000.0]);
+        g.histogram_observe("size_bytes", 512.0, &[]);
+        g.histogram_observe("size_bytes", 20000.0, &[]);
+        // Too late: the histogram exists, with other bounds.
+        g.histogram_buckets("size_bytes", &[1.0]);
+        g.histogram_observe("default_seconds", 0.2, &[]);
+        g.histogram_buckets("default_seconds", &[1.0, 2.0]);
+        // Invalid: not increasing, not finite, none, too many.
+        g.histogram_buckets("a", &[2.0, 1.0]);
+        g.histogram_buckets("b", &[1.0, 1.0]);
+        g.histogram_buckets("c", &[f64::NAN]);
+        g.histogram_buckets("d", &[1.0, f64::INFINITY]);
+        g.histogram_buckets("e", &[]);
+        let many: Vec<f64> = (0..65).map(f64::from).collect();
+        g.histogram_buckets("f", &many);
+        g.histogram_buckets("bad name", &[1.0]);
+        let text = String::from_utf8(metrics.render()).unwrap();
+        for line in [
+            r#"berth_guest_m_size_bytes_bucket{module="m",le="100"} 0"#,
+            r#"berth_guest_m_size_bytes_bucket{module="m",le="1000"} 1"#,
+            r#"berth_guest_m_size_bytes_bucket{module="m",le="10000"} 1"#,
+            r#"berth_guest_m_size_bytes_bucket{module="m",le="+Inf"} 2"#,
+            r#"berth_guest_m_default_seconds_bucket{module="m",le="0.25"} 1"#,
+            r#"berth_guest_metrics_dropped_total{module="m",reason="invalid"} 7"#,
+            r#"berth_guest_metrics_dropped_total{module="m",reason="mismatch"} 2"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(!text.contains(r#"size_bytes_bucket{module="m",le="1"}"#));
+        // Choices are capped like families.
+        for i in 0..10 {
+            g.histogram_buckets(&format!("h{i}"), &[1.0]);
+        }
+        assert_eq!(g.state.lock().unwrap().buckets.len(), 4);
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            text.contains(
+                r#"berth_guest_metrics_dropped_total{module="m",reason="series_limit"} 7"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn new_guest_families_past_the_cap_are_never_registered() {
         let metrics = Metrics::new();
         let g = metrics.guest("m", 2);
@@ -707,6 +755,9 @@ impl GuestFamily {
 struct GuestFamilies {
     /// By guest name: the family and its label names (after `module`).
     families: std::collections::HashMap<String, (GuestFamily, Vec<String>)>,
+    /// Bucket bounds a guest chose (`histogram-buckets`), by guest name.
+    /// Kept once the histogram exists, to tell a repeat from a change.
+    buckets: std::collections::HashMap<String, Vec<f64>>,
     /// Every series made, by family name and label values.
     series: std::collections::HashSet<(String, Vec<String>)>,
 }
@@ -748,6 +799,42 @@ impl GuestMetrics {
             GuestFamily::Gauge(g) => g.with_label_values(values).set(value),
             _ => unreachable!("kind checked"),
         });
+    }
+
+    /// Chooses the buckets of a histogram before its first observation:
+    /// 1 to 64 finite bounds, strictly increasing. The same bounds again
+    /// are a no-op; other bounds for a histogram that exists, or bounds
+    /// for a name used with another kind, are a mismatch.
+    pub fn histogram_buckets(&self, name: &str, bounds: &[f64]) {
+        const MAX_BUCKETS: usize = 64;
+        let valid = valid_name(name)
+            && (1..=MAX_BUCKETS).contains(&bounds.len())
+            && bounds.iter().all(|b| b.is_finite())
+            && bounds.windows(2).all(|w| w[0] < w[1]);
+        if !valid {
+            return self.drop_update(name, Dropped::Invalid);
+        }
+        let mut state = self.state.lock().unwrap();
+        if let Some(chosen) = state.buckets.get(name) {
+            if chosen.as_slice() != bounds {
+                drop(state);
+                self.drop_update(name, Dropped::Mismatch);
+            }
+            return;
+        }
+        if state.families.contains_key(name) {
+            // Made already, with the default buckets or as another kind.
+            drop(state);
+            return self.drop_update(name, Dropped::Mismatch);
+        }
+        // Choices count against the cap like families: a guest inventing
+        // names must not grow the host's memory either.
+        let max = self.max_series.load(std::sync::atomic::Ordering::Relaxed);
+        if state.buckets.len() >= max {
+            drop(state);
+            return self.drop_update(name, Dropped::SeriesLimit);
+        }
+        state.buckets.insert(name.to_owned(), bounds.to_vec());
     }
 
     /// Observes a histogram value.
@@ -801,7 +888,7 @@ impl GuestMetrics {
             if state.series.len() >= max || state.families.len() >= max {
                 return self.drop_update(name, Dropped::SeriesLimit);
             }
-            match self.create(name, kind, &keys) {
+            match self.create(name, kind, &keys, state.buckets.get(name)) {
                 Some(family) => {
                     state
                         .families
@@ -828,7 +915,13 @@ impl GuestMetrics {
         }
     }
 
-    fn create(&self, name: &str, kind: &str, keys: &[String]) -> Option<GuestFamily> {
+    fn create(
+        &self,
+        name: &str,
+        kind: &str,
+        keys: &[String],
+        buckets: Option<&Vec<f64>>,
+    ) -> Option<GuestFamily> {
         let mut label_names: Vec<&str> = vec!["module"];
         label_names.extend(keys.iter().map(String::as_str));
         let full = format!("{}{name}", self.prefix);
@@ -849,7 +942,8 @@ impl GuestMetrics {
             ),
             _ => GuestFamily::Histogram(
                 HistogramVec::new(
-                    HistogramOpts::new(full, help).buckets(LATENCY_BUCKETS.to_vec()),
+                    HistogramOpts::new(full, help)
+                        .buckets(buckets.map_or_else(|| LATENCY_BUCKETS.to_vec(), Vec::clone)),
                     &label_names,
                 )
                 .ok()?,
@@ -891,6 +985,7 @@ impl Metrics {
                     max_series: max_series.into(),
                     state: std::sync::Mutex::new(GuestFamilies {
                         families: Default::default(),
+                        buckets: Default::default(),
                         series: Default::default(),
                     }),
                     dropped: self.guest_dropped.clone(),

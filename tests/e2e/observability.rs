@@ -137,7 +137,15 @@ fn guest_metrics_show_up_and_the_series_cap_holds() {
     let berth = Berth::start(&module("m", "/m", "misbehave", ""));
     get(&berth.url("/m/metrics?n=2"));
     get(&berth.url("/m/metrics?n=2"));
+    // The same module imports berth:metrics@0.1.0 too, as modules built
+    // before 0.1.1 do: the host links it and counts.
+    let old = get(&berth.url("/m/metrics-0.1.0"));
+    assert_eq!((old.status, old.body.as_str()), (200, "counted\n"));
     let page = berth.metrics();
+    assert_eq!(
+        metric(&page, "berth_guest_m_old_hits_total", &[("module", "m")]),
+        Some(1.0)
+    );
     assert_eq!(
         metric(
             &page,
@@ -157,6 +165,27 @@ fn guest_metrics_show_up_and_the_series_cap_holds() {
             &[("module", "m")]
         ),
         Some(2.0)
+    );
+    // A histogram with buckets of the guest's choosing: 3 items, twice.
+    for (le, count) in [("1", 0.0), ("5", 2.0), ("25", 2.0), ("+Inf", 2.0)] {
+        assert_eq!(
+            metric(
+                &page,
+                "berth_guest_m_order_items_bucket",
+                &[("module", "m"), ("le", le)]
+            ),
+            Some(count),
+            "le={le}"
+        );
+    }
+    assert_eq!(
+        metric(
+            &page,
+            "berth_guest_m_order_items_bucket",
+            &[("module", "m"), ("le", "0.005")]
+        ),
+        None,
+        "the host's latency buckets replaced the guest's"
     );
 }
 

@@ -406,6 +406,10 @@ impl berth_metrics::Host for &GuestMetrics {
     fn histogram_observe(&mut self, name: String, value: f64, labels: Vec<(String, String)>) {
         GuestMetrics::histogram_observe(self, &name, value, &labels);
     }
+
+    fn histogram_buckets(&mut self, name: String, buckets: Vec<f64>) {
+        GuestMetrics::histogram_buckets(self, &name, &buckets);
+    }
 }
 
 struct GuestLogger;

@@ -57,6 +57,14 @@ fn handle(req: Request) -> Response {
             }
             DEPTH.set(4.0);
             TOOK.observe(0.25);
+            // Buckets of its own: item counts, not seconds.
+            static ITEMS: metrics::Histogram =
+                metrics::Histogram::with_buckets("order_items", &[1.0, 5.0, 25.0]);
+            ITEMS.observe(3.0);
+            Response::text("counted\n")
+        }
+        "metrics-0.1.0" => {
+            metrics_010::berth::metrics::metrics::counter_add("old_hits", 1, &[]);
             Response::text("counted\n")
         }
         "spam" => {
@@ -140,3 +148,19 @@ fn recurse(depth: u64) -> u64 {
 }
 
 berth_sdk::handler!(handle);
+
+/// `berth:metrics@0.1.0` as modules built before 0.1.1 import it: the host
+/// (0.1.1) must still link and serve them.
+mod metrics_010 {
+    wit_bindgen::generate!({
+        inline: "
+            package berth:metrics@0.1.0;
+            interface metrics {
+                type label = tuple<string, string>;
+                counter-add: func(name: string, value: u64, labels: list<label>);
+            }
+            world old { import metrics; }
+        ",
+        world: "berth:metrics/old",
+    });
+}
