@@ -65,10 +65,11 @@ k8s-tools:
 	@./scripts/k8s-tools.sh
 
 ## chart-check: helm lint/template, Kubernetes schemas, security scans, chart
-## tests, and the views (dashboard and alerts against a real Prometheus,
+## tests, gRPC clients against the greeter example, and the views (dashboard
+## and alerts against a real Prometheus,
 ## status page in headless Chromium)
 chart-check: k8s-tools build
-	.tools/venv/bin/pytest -q tests/chart tests/scripts tests/observe
+	.tools/venv/bin/pytest -q tests/chart tests/scripts tests/observe tests/grpc
 
 ## image: build the image with docker, podman or buildah (IMAGE=registry/repo:tag,
 ## PUSH=1 to push and print the digest to pin; ENGINE= to choose)
@@ -98,7 +99,7 @@ test: lint-static
 	  CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"; \
 	  $(MAKE) --no-print-directory guests \
 	  && ./scripts/sdk-msrv.sh \
-	  && $(CARGO) test --release --locked --workspace \
+	  && $(CARGO) test --release --locked --workspace --features berth-sdk/grpc \
 	  && $(MAKE) --no-print-directory chart-check image-check
 
 ## conformance: the same WASI 0.3 fixture under berth and `wasmtime serve` gives the same answers

@@ -12,7 +12,7 @@ if ! rustup run "$msrv" rustc --version >/dev/null 2>&1 \
 fi
 # `make test` lints through the current toolchain's clippy-driver: not
 # this toolchain's business.
-for features in "" "--features=p3"; do
+for features in "" "--features=p3" "--features=grpc"; do
   env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS CARGO_TARGET_DIR="$PWD/.tools/msrv-target" \
     cargo "+$msrv" build --locked --quiet -p berth-sdk --target wasm32-wasip2 $features
 done

@@ -32,12 +32,17 @@
 //! outbound calls concurrently. WASI 0.2 stays the default until the
 //! tooling most users have builds 0.3.
 //!
+//! With the `grpc` feature, [`grpc`] serves gRPC methods over prost
+//! messages: unary, server-, client- and bidirectional streaming.
+//!
 //! The world the host implements is in this crate's `wit/` folder:
 //! `wasi:http/proxy` plus `wasi:config/store`, `wasi:logging/logging` and
 //! `berth:metrics/metrics`.
 #![deny(missing_docs)]
 
 mod error;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod http;
 mod message;
 pub mod metrics;

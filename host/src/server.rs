@@ -432,7 +432,10 @@ async fn handle(
         Dialect::Http => Ok(module.limits.timeout),
     };
     let result = match timeout {
-        Ok(timeout) => invoke::invoke(module, tracker, req, observed.context(), timeout).await,
+        Ok(timeout) => {
+            let terms = invoke::Terms { timeout, dialect };
+            invoke::invoke(module, tracker, req, observed.context(), terms).await
+        }
         Err(err) => Err(err),
     };
     // Shedding is the host's answer, not the version's: never judged.

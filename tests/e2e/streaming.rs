@@ -338,3 +338,36 @@ fn a_client_that_hangs_up_mid_body_cancels_its_guest_and_frees_the_slot() {
     let r = get(&berth.url("/proxy"));
     assert_eq!(r.status, 400, "{}", r.body);
 }
+
+#[test]
+fn a_stream_cut_at_its_deadline_never_looks_complete() {
+    use std::io::{Read, Write};
+    // wasmtime-wasi-http ends the body of a torn-down guest the way it ends
+    // a finished one; the host must not pass that on as a whole response.
+    let berth = Berth::start(&module(
+        "proxy",
+        "/proxy",
+        "stream_proxy",
+        "limits = { timeout = \"1s\" }",
+    ));
+    let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.write_all(b"GET /proxy HTTP/1.1\r\nhost: x\r\nx-drip-ms: 100\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    conn.read_to_end(&mut got)
+        .expect("the connection ends after the cut");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("transfer-encoding: chunked"),
+        "the test needs a chunked body: {text}"
+    );
+    let ticks = text.matches("tick\n").count();
+    assert!((1..1000).contains(&ticks), "{ticks} ticks: {text}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "a cut-off stream ended with the last chunk, as if complete: {text}"
+    );
+}

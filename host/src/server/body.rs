@@ -12,6 +12,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
+use super::error::{Dialect, GrpcCode, grpc_trailers};
+
 /// A body that fails once more than `limit` bytes have passed through it,
 /// without buffering anything. Used both ways: on the request body (the
 /// guest reads it streamed; `exceeded` lets the host answer 413 whatever the
@@ -169,30 +171,101 @@ impl Drop for CutOff {
     }
 }
 
-/// A response body that cuts its guest off if it is dropped before its end.
+/// How a fresh instance's guest task ended, as its response body needs to
+/// know. wasmtime-wasi-http ends the body of a guest torn down mid-stream
+/// (over its deadline, or trapped) the way it ends a finished one, so
+/// without this a cut-off stream would look complete to the client.
+#[derive(Clone, Default)]
+pub(super) struct Fate(Arc<std::sync::OnceLock<Cut>>);
+
+/// Why a guest stopped before finishing its response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cut {
+    /// Over its deadline.
+    Timeout,
+    /// Trapped, over its memory, or failed otherwise.
+    Failed,
+}
+
+impl Fate {
+    /// Records the guest's end. Set before the guest's store is dropped,
+    /// so a body that sees its stream end already knows why.
+    pub(super) fn cut(&self, cut: Cut) {
+        let _ = self.0.set(cut);
+    }
+
+    fn get(&self) -> Option<Cut> {
+        self.0.get().copied()
+    }
+}
+
+impl Cut {
+    /// The last frame of a body cut short: for gRPC the status in
+    /// trailers (the head went out with 200, so trailers are the only place
+    /// left for it), for HTTP an error, so that hyper aborts the stream and
+    /// the client sees it incomplete (no last chunk, or RST_STREAM).
+    fn last_frame(self, dialect: Dialect) -> Result<Frame<Bytes>, wasmtime_wasi_http::Error> {
+        use wasmtime_wasi_http::Error;
+        match (dialect, self) {
+            (Dialect::Grpc, Cut::Timeout) => Ok(Frame::trailers(grpc_trailers(
+                GrpcCode::DeadlineExceeded,
+                "the module ran over its deadline",
+            ))),
+            (Dialect::Grpc, Cut::Failed) => Ok(Frame::trailers(grpc_trailers(
+                GrpcCode::Internal,
+                "the module failed",
+            ))),
+            (Dialect::Http, Cut::Timeout) => Err(Error::HttpResponseTimeout),
+            (Dialect::Http, Cut::Failed) => Err(Error::InternalError(Some(
+                "the module failed before finishing its response".into(),
+            ))),
+        }
+    }
+}
+
+/// A response body that cuts its guest off if it is dropped before its
+/// end, and ends as [`Cut::last_frame`] says if its guest was torn down.
 pub(super) struct Delivered<B> {
     inner: B,
     cut_off: CutOff,
+    fate: Fate,
+    dialect: Dialect,
+    ended: bool,
 }
 
 impl<B> Delivered<B> {
-    pub(super) fn new(inner: B, cut_off: CutOff) -> Self {
-        Delivered { inner, cut_off }
+    pub(super) fn new(inner: B, cut_off: CutOff, fate: Fate, dialect: Dialect) -> Self {
+        Delivered {
+            inner,
+            cut_off,
+            fate,
+            dialect,
+            ended: false,
+        }
     }
 }
 
 impl<B> Body for Delivered<B>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Unpin,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = wasmtime_wasi_http::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let mut frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if frame.is_none()
+            && let Some(cut) = self.fate.get()
+        {
+            self.ended = true;
+            frame = Some(cut.last_frame(self.dialect));
+        }
         // hyper stops polling a body that says it has ended.
         if frame.is_none() || self.inner.is_end_stream() {
             self.cut_off.disarm();
@@ -201,7 +274,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -220,6 +293,7 @@ where
 /// instance gets the same bound from its task's timeout.
 pub(super) struct Bounded<B> {
     state: Arc<std::sync::Mutex<Delivery<B>>>,
+    dialect: Dialect,
     _timer: tokio_util::task::AbortOnDropHandle<()>,
 }
 
@@ -234,6 +308,8 @@ enum Delivery<B> {
     },
     Done,
     Expired,
+    /// Expired, and its last frame given to hyper.
+    Ended,
 }
 
 impl<B: Send + 'static> Bounded<B> {
@@ -242,6 +318,7 @@ impl<B: Send + 'static> Bounded<B> {
         slot: Slot,
         deadline: tokio::time::Instant,
         module: Arc<str>,
+        dialect: Dialect,
     ) -> Self {
         let state = Arc::new(std::sync::Mutex::new(Delivery::Streaming {
             body: inner,
@@ -271,6 +348,7 @@ impl<B: Send + 'static> Bounded<B> {
         });
         Bounded {
             state,
+            dialect,
             _timer: tokio_util::task::AbortOnDropHandle::new(timer),
         }
     }
@@ -293,7 +371,10 @@ where
         } = &mut *state
         else {
             return Poll::Ready(match *state {
-                Delivery::Expired => Some(Err(wasmtime_wasi_http::Error::ConnectionWriteTimeout)),
+                Delivery::Expired => {
+                    *state = Delivery::Ended;
+                    Some(Cut::Timeout.last_frame(self.dialect))
+                }
                 _ => None,
             });
         };
@@ -312,7 +393,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &*self.state.lock().unwrap_or_else(|e| e.into_inner()) {
             Delivery::Streaming { body, .. } => body.is_end_stream(),
-            Delivery::Done => true,
+            Delivery::Done | Delivery::Ended => true,
             Delivery::Expired => false,
         }
     }

@@ -173,19 +173,24 @@ impl RequestError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        headers.insert(
-            "grpc-status",
-            HeaderValue::from(u16::from(self.grpc_code() as u8)),
-        );
-        if let Ok(message) = HeaderValue::from_str(&grpc_message(&self.public_message())) {
-            headers.insert("grpc-message", message);
-        }
+        headers.extend(grpc_trailers(self.grpc_code(), &self.public_message()));
         if self.retry_after().is_some() {
             // gRPC's form of Retry-After, in milliseconds (gRFC A6).
             headers.insert("grpc-retry-pushback-ms", HeaderValue::from_static("1000"));
         }
         resp
     }
+}
+
+/// `grpc-status` and `grpc-message`: the trailers that end a gRPC call
+/// (or the headers of a trailers-only answer).
+pub(super) fn grpc_trailers(code: GrpcCode, message: &str) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from(u16::from(code as u8)));
+    if let Ok(message) = HeaderValue::from_str(&grpc_message(message)) {
+        trailers.insert("grpc-message", message);
+    }
+    trailers
 }
 
 /// `grpc-message` is percent-encoded: every byte outside printable ASCII,

@@ -25,25 +25,32 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 
-use super::body::{Bounded, CutOff, Delivered, InFlight, Limited, Slot};
-use super::error::{GuestError, RequestError};
+use super::body::{Bounded, Cut, CutOff, Delivered, Fate, InFlight, Limited, Slot};
+use super::error::{Dialect, GuestError, RequestError};
 use crate::runtime::{Host, Module, RequestContext, Retired, Retirement, Serving, Ticket, Workers};
 
 /// What the guest answers through: its response head, or its error code.
 type Answer = oneshot::Receiver<Result<Response<HyperOutgoingBody>, ErrorCode>>;
 
-/// Runs `req` through an instance of `module`, within `timeout` (the
-/// module's `limits.timeout`, or less when the client asked for less).
+/// What a request is allowed: its time (the module's `limits.timeout`, or
+/// less when the client asked for less), and how a body cut short ends.
+#[derive(Clone, Copy)]
+pub(super) struct Terms {
+    pub(super) timeout: std::time::Duration,
+    pub(super) dialect: Dialect,
+}
+
+/// Runs `req` through an instance of `module`, within its terms.
 pub(super) async fn invoke(
     module: &Arc<Module>,
     tracker: &TaskTracker,
     req: Request<Incoming>,
     cx: &RequestContext,
-    timeout: std::time::Duration,
+    terms: Terms,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
     match &module.serving {
-        Serving::Fresh(pre) => fresh(module, pre, tracker, req, cx, timeout).await,
-        Serving::Pooled(workers) => pooled(module, workers, req, cx, timeout).await,
+        Serving::Fresh(pre) => fresh(module, pre, tracker, req, cx, terms).await,
+        Serving::Pooled(workers) => pooled(module, workers, req, cx, terms).await,
     }
 }
 
@@ -54,15 +61,17 @@ async fn fresh(
     tracker: &TaskTracker,
     req: Request<Incoming>,
     cx: &RequestContext,
-    timeout: std::time::Duration,
+    terms: Terms,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
     let permit = admit(module, &req)?;
     let mut store = module.new_store(pre, cx.clone());
     let request = WasiRequest::new(&mut store, req, module.limits.max_body.0)?;
+    let fate = Fate::default();
     let guest = Guest {
         handles: request.handles,
         permit,
-        timeout,
+        timeout: terms.timeout,
+        fate: fate.clone(),
     };
     let task = spawn_guest(module, pre, tracker, store, guest, cx);
     // Armed until the guest's answer is out: if this future is dropped
@@ -75,7 +84,11 @@ async fn fresh(
         return Err(RequestError::BodyTooLarge);
     }
     let outcome = client_held_up(outcome, &request.waiting)?;
-    Ok(respond(outcome, module, cut_off).await)
+    let (parts, body) = outcome.into_parts();
+    let body = super::body::coalesce(body).await;
+    let capped = Limited::response(body, module.limits.max_response_body.0);
+    let body = Delivered::new(capped, cut_off, fate, terms.dialect);
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 
 /// Load shedding (a full module answers at once instead of queueing) and
@@ -145,6 +158,8 @@ struct Guest {
     handles: Handles,
     permit: OwnedSemaphorePermit,
     timeout: std::time::Duration,
+    /// Told how the guest ended, before its store goes.
+    fate: Fate,
 }
 
 /// Instantiates the module and calls its handler in a task of its own:
@@ -162,6 +177,7 @@ fn spawn_guest(
         handles: (request, out),
         permit,
         timeout,
+        fate,
     } = guest;
     let module = module.clone();
     let pre = pre.clone();
@@ -193,12 +209,18 @@ fn spawn_guest(
                     .map_err(|e| GuestError::classify(e, timeout))
             };
             // Epochs cannot interrupt a guest blocked in a host call, so the
-            // budget is also enforced from outside; dropping the future drops
-            // the store and tears the instance down.
-            let result = tokio::time::timeout(timeout, work)
+            // budget is also enforced from outside. The store (and with it
+            // the instance and its response stream) goes when the task
+            // ends, after the fate is told.
+            let mut work = std::pin::pin!(work);
+            let result = tokio::time::timeout(timeout, work.as_mut())
                 .await
                 .unwrap_or(Err(GuestError::Timeout(timeout)));
             if let Err(err) = &result {
+                fate.cut(match err {
+                    GuestError::Timeout(_) => Cut::Timeout,
+                    _ => Cut::Failed,
+                });
                 failed(&module, &cx, err);
             }
             result
@@ -230,8 +252,9 @@ async fn pooled(
     workers: &ProxyHandler<Workers>,
     req: Request<Incoming>,
     cx: &RequestContext,
-    timeout: std::time::Duration,
+    terms: Terms,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
+    let Terms { timeout, dialect } = terms;
     let permit = admit(module, &req)?;
     let too_big = Arc::new(AtomicBool::new(false));
     let waiting = Arc::new(AtomicBool::new(false));
@@ -271,9 +294,9 @@ async fn pooled(
     // A whole body is taken by hyper at once, and frees the slot as it
     // goes; a stream is bounded by the request's deadline.
     let body = if capped.size_hint().exact().is_some() {
-        Delivered::new(capped, CutOff::holding(slot)).boxed_unsync()
+        Delivered::new(capped, CutOff::holding(slot), Fate::default(), dialect).boxed_unsync()
     } else {
-        Bounded::new(capped, slot, deadline, module.name.clone()).boxed_unsync()
+        Bounded::new(capped, slot, deadline, module.name.clone(), dialect).boxed_unsync()
     };
     Ok(Response::from_parts(parts, body))
 }
@@ -355,16 +378,4 @@ async fn outcome(
             Err(join) => Err(GuestError::Trap(join.to_string())),
         },
     }
-}
-
-/// The guest's response, with its body capped and tied to the guest task.
-async fn respond(
-    resp: Response<HyperOutgoingBody>,
-    module: &Module,
-    cut_off: CutOff,
-) -> Response<HyperOutgoingBody> {
-    let (parts, body) = resp.into_parts();
-    let body = super::body::coalesce(body).await;
-    let capped = Limited::response(body, module.limits.max_response_body.0);
-    Response::from_parts(parts, Delivered::new(capped, cut_off).boxed_unsync())
 }

@@ -1,0 +1,696 @@
+//! gRPC services over `wasi:http` (feature `grpc`): message framing over
+//! [prost](https://docs.rs/prost) types, a router by
+//! `/package.Service/Method`, and gRPC statuses. All four kinds of RPC
+//! work on WASI 0.2: the request's messages are read as they arrive and
+//! the response's are written as they are sent, so a bidirectional stream
+//! is a conversation.
+//!
+//! ```no_run
+//! use berth_sdk::grpc::{self, Context, Router, Sink, Status};
+//!
+//! #[derive(Clone, PartialEq, prost::Message)]
+//! pub struct HelloRequest {
+//!     #[prost(string, tag = "1")]
+//!     pub name: String,
+//! }
+//! #[derive(Clone, PartialEq, prost::Message)]
+//! pub struct HelloReply {
+//!     #[prost(string, tag = "1")]
+//!     pub message: String,
+//! }
+//!
+//! fn say_hello(req: HelloRequest, _cx: &Context) -> Result<HelloReply, Status> {
+//!     if req.name.is_empty() {
+//!         return Err(Status::invalid_argument("name is empty"));
+//!     }
+//!     Ok(HelloReply { message: format!("hello {}", req.name) })
+//! }
+//!
+//! fn router() -> Router {
+//!     Router::new().unary("/greeter.Greeter/SayHello", say_hello)
+//! }
+//!
+//! berth_sdk::grpc_service!(router);
+//! ```
+//!
+//! The host answers for itself in gRPC's terms too: no route is
+//! `UNIMPLEMENTED`, a shed request `UNAVAILABLE`, the deadline
+//! `DEADLINE_EXCEEDED` (the client's `grpc-timeout`, capped by the module's
+//! `timeout`, and readable here as [`Context::timeout`]).
+//!
+//! Not supported: message compression (`grpc-encoding` other than
+//! `identity` gets `UNIMPLEMENTED`).
+
+use std::fmt;
+use std::io::Write as _;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+pub use prost;
+use prost::Message;
+use wasi::http::types::{
+    Fields, IncomingBody, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
+};
+use wasi::io::streams::{InputStream, OutputStream, StreamError};
+
+/// The largest message a router accepts unless told otherwise: gRPC's
+/// customary 4 MiB.
+pub const DEFAULT_MAX_MESSAGE: usize = 4 << 20;
+
+/// A gRPC status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(missing_docs)]
+pub enum Code {
+    Ok = 0,
+    Cancelled = 1,
+    Unknown = 2,
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
+}
+
+/// The outcome of a call: a code and a message for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    code: Code,
+    message: String,
+}
+
+impl Status {
+    /// A status with this code and message.
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Status {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// `INVALID_ARGUMENT`: the request is wrong, whatever the state.
+    pub fn invalid_argument(message: impl Into<String>) -> Self {
+        Status::new(Code::InvalidArgument, message)
+    }
+
+    /// `NOT_FOUND`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Status::new(Code::NotFound, message)
+    }
+
+    /// `FAILED_PRECONDITION`: the system is not in a state for this call.
+    pub fn failed_precondition(message: impl Into<String>) -> Self {
+        Status::new(Code::FailedPrecondition, message)
+    }
+
+    /// `UNAVAILABLE`: try again later.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Status::new(Code::Unavailable, message)
+    }
+
+    /// `INTERNAL`.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Status::new(Code::Internal, message)
+    }
+
+    /// The code.
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for Status {}
+
+impl From<crate::Error> for Status {
+    /// An error of a host call inside a handler, as gRPC's status for it:
+    /// a timeout is `DEADLINE_EXCEEDED`, an open breaker or a failed
+    /// upstream `UNAVAILABLE`, a refusal by the outbound policy
+    /// `PERMISSION_DENIED`, the rest `INTERNAL`.
+    fn from(e: crate::Error) -> Self {
+        let code = match e {
+            crate::Error::Timeout { .. } => Code::DeadlineExceeded,
+            crate::Error::Unavailable { .. } | crate::Error::Upstream { .. } => Code::Unavailable,
+            crate::Error::Denied { .. } => Code::PermissionDenied,
+            _ => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// One length-prefixed message: a compressed flag of 0, the length as four
+/// big-endian bytes, then the encoded message.
+pub fn encode<M: Message>(message: &M) -> Vec<u8> {
+    let len = message.encoded_len();
+    let mut out = Vec::with_capacity(5 + len);
+    out.push(0);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    message
+        .encode(&mut out)
+        .expect("a Vec grows to fit the message");
+    out
+}
+
+/// Splits a byte stream into messages. The length is checked against the
+/// limit before any of the message is buffered, so a peer announcing 4 GiB
+/// costs five bytes.
+#[derive(Debug)]
+pub struct Frames {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl Frames {
+    /// A splitter refusing messages over `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Frames {
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    /// Adds bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole message, if one has arrived.
+    pub fn next_message(&mut self) -> Result<Option<Vec<u8>>, Status> {
+        let Some(header) = self.buf.get(..5) else {
+            return Ok(None);
+        };
+        match header[0] {
+            0 => {}
+            1 => {
+                return Err(Status::new(
+                    Code::Unimplemented,
+                    "compressed messages are not supported",
+                ));
+            }
+            flag => {
+                return Err(Status::internal(format!(
+                    "bad compressed flag {flag} in a message prefix"
+                )));
+            }
+        }
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if len > self.max {
+            return Err(Status::new(
+                Code::ResourceExhausted,
+                format!("a message of {len} bytes is over the limit of {}", self.max),
+            ));
+        }
+        if self.buf.len() < 5 + len {
+            return Ok(None);
+        }
+        let message = self.buf[5..5 + len].to_vec();
+        self.buf.drain(..5 + len);
+        Ok(Some(message))
+    }
+
+    /// Whether bytes of an unfinished message are left.
+    pub fn is_partial(&self) -> bool {
+        !self.buf.is_empty()
+    }
+}
+
+/// What a handler knows of its call besides the messages.
+#[derive(Debug, Clone)]
+pub struct Context {
+    method: String,
+    metadata: Vec<(String, String)>,
+    timeout: Option<Duration>,
+}
+
+impl Context {
+    /// The full method name, `/package.Service/Method`.
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// A metadata value (a request header; names are lowercase).
+    pub fn metadata(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.metadata
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The time the call had when it reached the module: the client's
+    /// deadline capped by the module's `timeout`, or `None` when the
+    /// client set none (the module's `timeout` still applies).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+}
+
+/// `TimeoutValue TimeoutUnit` of the gRPC over HTTP/2 spec.
+fn parse_timeout(text: &str) -> Option<Duration> {
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The request's messages, read from the client as the handler asks for
+/// them. Each item is a message or the status the call should end with
+/// (a message that does not decode is `INVALID_ARGUMENT`).
+pub struct Streaming<M> {
+    input: Option<InputStream>,
+    frames: Frames,
+    _message: PhantomData<fn() -> M>,
+}
+
+impl<M: Message + Default> Streaming<M> {
+    fn new(input: Option<InputStream>, max: usize) -> Self {
+        Streaming {
+            input,
+            frames: Frames::new(max),
+            _message: PhantomData,
+        }
+    }
+
+    fn next_message(&mut self) -> Option<Result<M, Status>> {
+        loop {
+            match self.frames.next_message() {
+                Ok(Some(bytes)) => {
+                    return Some(M::decode(bytes.as_slice()).map_err(|e| {
+                        Status::invalid_argument(format!("the message does not decode: {e}"))
+                    }));
+                }
+                Ok(None) => {}
+                Err(status) => {
+                    self.input = None;
+                    return Some(Err(status));
+                }
+            }
+            let input = self.input.as_ref()?;
+            match input.blocking_read(64 * 1024) {
+                Ok(bytes) => self.frames.push(&bytes),
+                Err(StreamError::Closed) => {
+                    self.input = None;
+                    if self.frames.is_partial() {
+                        return Some(Err(Status::internal("the request ended inside a message")));
+                    }
+                    return None;
+                }
+                Err(StreamError::LastOperationFailed(e)) => {
+                    self.input = None;
+                    return Some(Err(Status::new(
+                        Code::Cancelled,
+                        format!("reading the request failed: {}", e.to_debug_string()),
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The one message of a unary or server-streaming call.
+    fn single(mut self) -> Result<M, Status> {
+        let message = self
+            .next_message()
+            .unwrap_or_else(|| Err(Status::internal("the call has no request message")))?;
+        match self.next_message() {
+            None => Ok(message),
+            Some(Err(status)) => Err(status),
+            Some(Ok(_)) => Err(Status::internal(
+                "a unary call has more than one request message",
+            )),
+        }
+    }
+}
+
+impl<M: Message + Default> Iterator for Streaming<M> {
+    type Item = Result<M, Status>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_message()
+    }
+}
+
+/// Where a handler sends its response messages, each written to the
+/// client at once.
+pub struct Sink<'a, M> {
+    output: &'a mut OutputStream,
+    _message: PhantomData<fn(&M)>,
+}
+
+impl<M: Message> Sink<'_, M> {
+    /// Sends one message. Fails with `CANCELLED` when the client is gone;
+    /// the handler should then stop.
+    pub fn send(&mut self, message: &M) -> Result<(), Status> {
+        self.output
+            .write_all(&encode(message))
+            .and_then(|()| self.output.flush())
+            .map_err(|e| Status::new(Code::Cancelled, format!("the client is gone: {e}")))
+    }
+}
+
+/// A route with its types erased: it is given the request stream, the
+/// message limit and the response stream.
+type Handler =
+    Box<dyn Fn(Option<InputStream>, usize, &Context, &mut OutputStream) -> Result<(), Status>>;
+
+/// The methods of a module's services, by full name.
+pub struct Router {
+    routes: Vec<(String, Handler)>,
+    max_message: usize,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router::new()
+    }
+}
+
+impl Router {
+    /// A router with no methods and the default message limit.
+    pub fn new() -> Self {
+        Router {
+            routes: Vec::new(),
+            max_message: DEFAULT_MAX_MESSAGE,
+        }
+    }
+
+    /// The largest request message accepted; a larger one ends the call
+    /// with `RESOURCE_EXHAUSTED` before it is read. The host's
+    /// `limits.max_body` bounds the whole request as well.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message = bytes;
+        self
+    }
+
+    fn route<Req, Resp>(
+        mut self,
+        method: &str,
+        handler: impl Fn(Streaming<Req>, &Context, &mut Sink<'_, Resp>) -> Result<(), Status> + 'static,
+    ) -> Self
+    where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        assert!(
+            method.starts_with('/') && method[1..].contains('/'),
+            "a gRPC method is named /package.Service/Method, not {method:?}"
+        );
+        let erased: Handler = Box::new(move |input, max, cx, output| {
+            let mut sink = Sink {
+                output,
+                _message: PhantomData,
+            };
+            handler(Streaming::new(input, max), cx, &mut sink)
+        });
+        self.routes.push((method.to_owned(), erased));
+        self
+    }
+
+    /// A unary method: one request, one response.
+    pub fn unary<Req, Resp>(
+        self,
+        method: &str,
+        handler: impl Fn(Req, &Context) -> Result<Resp, Status> + 'static,
+    ) -> Self
+    where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        self.route(method, move |req: Streaming<Req>, cx, sink| {
+            let reply = handler(req.single()?, cx)?;
+            sink.send(&reply)
+        })
+    }
+
+    /// A server-streaming method: one request, any number of responses.
+    pub fn server_streaming<Req, Resp>(
+        self,
+        method: &str,
+        handler: impl Fn(Req, &Context, &mut Sink<'_, Resp>) -> Result<(), Status> + 'static,
+    ) -> Self
+    where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        self.route(method, move |req: Streaming<Req>, cx, sink| {
+            handler(req.single()?, cx, sink)
+        })
+    }
+
+    /// A client-streaming method: any number of requests, one response.
+    pub fn client_streaming<Req, Resp>(
+        self,
+        method: &str,
+        handler: impl Fn(Streaming<Req>, &Context) -> Result<Resp, Status> + 'static,
+    ) -> Self
+    where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        self.route(method, move |req: Streaming<Req>, cx, sink| {
+            let reply = handler(req, cx)?;
+            sink.send(&reply)
+        })
+    }
+
+    /// A bidirectional-streaming method: requests and responses in any
+    /// order, each sent as soon as the handler sends it.
+    pub fn bidi_streaming<Req, Resp>(
+        self,
+        method: &str,
+        handler: impl Fn(Streaming<Req>, &Context, &mut Sink<'_, Resp>) -> Result<(), Status> + 'static,
+    ) -> Self
+    where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        self.route(method, handler)
+    }
+
+    /// Serves one incoming request.
+    #[doc(hidden)]
+    pub fn serve(&self, req: IncomingRequest, out: ResponseOutparam) {
+        let metadata = crate::message::header_list(&req.headers());
+        let header = |name: &str| {
+            metadata
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let grpc = header("content-type").is_some_and(|ct| {
+            ct == "application/grpc"
+                || ct.starts_with("application/grpc+")
+                || ct.starts_with("application/grpc;")
+        });
+        if !grpc || crate::message::method_name(&req.method()) != "POST" {
+            // What the gRPC over HTTP/2 spec asks of a server sent
+            // something that is not gRPC.
+            return crate::Response::error(415, "this module serves gRPC (application/grpc)")
+                .send(out);
+        }
+        let method = req
+            .path_with_query()
+            .unwrap_or_default()
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let cx = Context {
+            timeout: header("grpc-timeout").and_then(parse_timeout),
+            method,
+            metadata: metadata.clone(),
+        };
+        let encoding = header("grpc-encoding").unwrap_or("identity");
+        let status = if encoding != "identity" {
+            Err(Status::new(
+                Code::Unimplemented,
+                format!("grpc-encoding {encoding} is not supported"),
+            ))
+        } else {
+            Ok(())
+        };
+
+        let headers = Fields::new();
+        let _ = headers.append("content-type", b"application/grpc");
+        let _ = headers.append("grpc-accept-encoding", b"identity");
+        let resp = OutgoingResponse::new(headers);
+        let body = resp.body().expect("a new response has a body");
+        ResponseOutparam::set(out, Ok(resp));
+        let mut output = body.write().expect("the body stream is taken once");
+        let incoming = req.consume().ok();
+        let input = incoming.as_ref().and_then(|b| b.stream().ok());
+        let result = status.and_then(|()| {
+            let (_, handler) = self
+                .routes
+                .iter()
+                .find(|(name, _)| *name == cx.method)
+                .ok_or_else(|| {
+                    Status::new(Code::Unimplemented, format!("unknown method {}", cx.method))
+                })?;
+            handler(input, self.max_message, &cx, &mut output)
+        });
+        // Child streams go before their bodies are finished.
+        drop(output);
+        if let Some(incoming) = incoming {
+            let _ = IncomingBody::finish(incoming);
+        }
+        let status = match result {
+            Ok(()) => Status::new(Code::Ok, ""),
+            Err(status) => status,
+        };
+        let trailers = Fields::new();
+        let _ = trailers.append("grpc-status", (status.code as u8).to_string().as_bytes());
+        if !status.message.is_empty() {
+            let _ = trailers.append("grpc-message", percent_encode(&status.message).as_bytes());
+        }
+        let _ = OutgoingBody::finish(body, Some(trailers));
+    }
+}
+
+/// `grpc-message` is percent-encoded: every byte outside printable ASCII,
+/// and `%` itself.
+fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Declares the module's gRPC services: a function returning the
+/// [`Router`]. It is built once per instance.
+///
+/// ```no_run
+/// fn router() -> berth_sdk::grpc::Router {
+///     berth_sdk::grpc::Router::new()
+/// }
+/// berth_sdk::grpc_service!(router);
+/// ```
+#[macro_export]
+macro_rules! grpc_service {
+    ($router:path) => {
+        #[doc(hidden)]
+        struct __BerthGrpc;
+
+        impl $crate::__private::wasi::exports::http::incoming_handler::Guest for __BerthGrpc {
+            fn handle(
+                req: $crate::__private::wasi::http::types::IncomingRequest,
+                out: $crate::__private::wasi::http::types::ResponseOutparam,
+            ) {
+                ::std::thread_local! {
+                    static ROUTER: $crate::grpc::Router = $router();
+                }
+                ROUTER.with(|router| router.serve(req, out));
+            }
+        }
+
+        $crate::__private::wasi::http::proxy::export!(
+            __BerthGrpc with_types_in $crate::__private::wasi
+        );
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Note {
+        #[prost(string, tag = "1")]
+        text: String,
+    }
+
+    #[test]
+    fn frames_split_what_encode_joins_across_reads() {
+        let mut wire = encode(&Note { text: "one".into() });
+        wire.extend(encode(&Note { text: "two".into() }));
+        let mut frames = Frames::new(DEFAULT_MAX_MESSAGE);
+        let mut got = Vec::new();
+        // One byte at a time: every split point of both messages.
+        for b in &wire {
+            frames.push(&[*b]);
+            while let Some(m) = frames.next_message().unwrap() {
+                got.push(Note::decode(m.as_slice()).unwrap().text);
+            }
+        }
+        assert_eq!(got, ["one", "two"]);
+        assert!(!frames.is_partial());
+        frames.push(&wire[..3]);
+        assert!(frames.is_partial());
+    }
+
+    #[test]
+    fn an_oversized_or_compressed_message_is_refused_from_its_prefix() {
+        let mut frames = Frames::new(10);
+        frames.push(&[0, 0xff, 0xff, 0xff, 0xff]);
+        let err = frames.next_message().unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted);
+        assert!(err.message().contains("4294967295"), "{err}");
+        let mut frames = Frames::new(10);
+        frames.push(&[0, 0, 0, 0, 11]);
+        assert_eq!(
+            frames.next_message().unwrap_err().code(),
+            Code::ResourceExhausted
+        );
+        let mut frames = Frames::new(10);
+        frames.push(&[0, 0, 0, 0, 10]);
+        assert_eq!(frames.next_message().unwrap(), None, "10 bytes are allowed");
+        let mut frames = Frames::new(10);
+        frames.push(&[1, 0, 0, 0, 1, 0]);
+        assert_eq!(
+            frames.next_message().unwrap_err().code(),
+            Code::Unimplemented
+        );
+        let mut frames = Frames::new(10);
+        frames.push(&[7, 0, 0, 0, 1, 0]);
+        assert_eq!(frames.next_message().unwrap_err().code(), Code::Internal);
+    }
+
+    #[test]
+    fn timeouts_parse_as_the_spec_writes_them() {
+        assert_eq!(parse_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_timeout("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "m", "123456789m", "5x", "-5m", "5"] {
+            assert_eq!(parse_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn messages_are_percent_encoded() {
+        assert_eq!(percent_encode("50% off: ok"), "50%25 off: ok");
+        assert_eq!(percent_encode("é\n"), "%C3%A9%0A");
+    }
+}

@@ -1,0 +1,178 @@
+"""gRPC services from guests, called by a real gRPC client (grpcio, whose
+core is gRPC's own C++ stack) over h2c against the real berth binary: the
+example `grpc-greeter` (built on the SDK's `grpc` feature) with one method
+of each kind of RPC, the statuses a guest sets, and the host's own answers
+in gRPC's terms."""
+import importlib.util
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_tools import protoc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+PROTO_DIR = os.path.join(ROOT, "examples", "grpc-greeter", "proto")
+
+# The observability tests' process helpers (a berth on free ports).
+_spec = importlib.util.spec_from_file_location(
+    "berth_observe_support", os.path.join(ROOT, "tests", "observe", "conftest.py"))
+support = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(support)
+
+
+@pytest.fixture(scope="module")
+def greeter():
+    """The Python stubs of the example's own .proto, made by protoc."""
+    out = tempfile.mkdtemp(prefix="berth-grpc-stubs-")
+    rc = protoc.main(["protoc", f"-I{PROTO_DIR}", f"--python_out={out}",
+                      f"--grpc_python_out={out}", os.path.join(PROTO_DIR, "greeter.proto")])
+    assert rc == 0, "protoc failed on greeter.proto"
+    sys.path.insert(0, out)
+    import greeter_pb2
+    import greeter_pb2_grpc
+    return greeter_pb2, greeter_pb2_grpc
+
+
+def config(timeout="10s", max_body="1MiB"):
+    return f"""
+[server]
+http2 = true
+
+[modules.greeter]
+file = "{support.wasm('grpc_greeter')}"
+route = "/greeter.Greeter"
+config = {{ greeting = "Hej" }}
+limits = {{ timeout = "{timeout}", max_body = "{max_body}" }}
+"""
+
+
+@pytest.fixture
+def berth():
+    b = support.Berth(config()).wait_ready()
+    yield b
+    b.stop()
+
+
+def stub(berth, greeter):
+    channel = grpc.insecure_channel(f"127.0.0.1:{berth.port}")
+    return greeter[1].GreeterStub(channel)
+
+
+def test_all_four_kinds_of_rpc(berth, greeter):
+    pb, _ = greeter
+    s = stub(berth, greeter)
+    assert s.SayHello(pb.HelloRequest(name="Ada"), timeout=10).message == "Hej, Ada!"
+    assert [r.n for r in s.Count(pb.CountRequest(to=5), timeout=10)] == [1, 2, 3, 4, 5]
+    total = s.Sum(iter([pb.Number(value=v) for v in range(1, 101)]), timeout=10)
+    assert (total.sum, total.count) == (5050, 100)
+    replies = s.Chat(iter([pb.HelloRequest(name=n) for n in ["Ada", "Bo"]]), timeout=10)
+    assert [r.message for r in replies] == ["Hej, Ada!", "Hej, Bo!"]
+
+
+def test_a_server_stream_arrives_message_by_message(berth, greeter):
+    pb, _ = greeter
+    arrivals = []
+    for reply in stub(berth, greeter).Count(pb.CountRequest(to=4, interval_ms=300), timeout=20):
+        arrivals.append((reply.n, time.monotonic()))
+    assert [n for n, _ in arrivals] == [1, 2, 3, 4]
+    # Three 300 ms pauses lie between the first and the last message: a
+    # host that gathered the stream would deliver them together.
+    assert arrivals[-1][1] - arrivals[0][1] >= 0.8, arrivals
+
+
+def test_a_bidirectional_stream_is_a_conversation(berth, greeter):
+    """Each name is sent only after the reply to the one before has
+    arrived, so a host that buffers either direction deadlocks (and the
+    call's deadline ends the test)."""
+    pb, _ = greeter
+    names = ["Ada", "Bo", "Cy"]
+    outbox = queue.Queue()
+
+    def requests():
+        while (name := outbox.get()) is not None:
+            yield pb.HelloRequest(name=name)
+
+    outbox.put(names[0])
+    got = []
+    for reply in stub(berth, greeter).Chat(requests(), timeout=15):
+        got.append(reply.message)
+        outbox.put(names[len(got)] if len(got) < len(names) else None)
+    assert got == ["Hej, Ada!", "Hej, Bo!", "Hej, Cy!"]
+
+
+def code_of(call):
+    with pytest.raises(grpc.RpcError) as e:
+        result = call()
+        if hasattr(result, "__iter__") and not hasattr(result, "SerializeToString"):
+            list(result)
+    return e.value.code(), e.value.details()
+
+
+def test_guest_statuses_reach_the_client(berth, greeter):
+    pb, _ = greeter
+    s = stub(berth, greeter)
+    assert code_of(lambda: s.SayHello(pb.HelloRequest(name=""), timeout=10)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "name is empty")
+    assert code_of(lambda: s.Count(pb.CountRequest(to=5000), timeout=10)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "count to 1000 at most")
+    big = [pb.Number(value=2**62), pb.Number(value=2**62)]
+    assert code_of(lambda: s.Sum(iter(big), timeout=10)) == (
+        grpc.StatusCode.OUT_OF_RANGE, "the sum overflows an int64")
+    # A bidirectional stream ends with the guest's error after what it sent.
+    replies = s.Chat(iter([pb.HelloRequest(name="Ada"), pb.HelloRequest(name="")]), timeout=10)
+    got = []
+    with pytest.raises(grpc.RpcError) as e:
+        for r in replies:
+            got.append(r.message)
+    assert got == ["Hej, Ada!"]
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unknown_methods_are_unimplemented(berth, greeter):
+    pb, _ = greeter
+    channel = grpc.insecure_channel(f"127.0.0.1:{berth.port}")
+    ser, de = pb.HelloRequest.SerializeToString, pb.HelloReply.FromString
+    # A method the module does not have: the SDK's router answers.
+    nope = channel.unary_unary("/greeter.Greeter/Nope", request_serializer=ser,
+                               response_deserializer=de)
+    code, details = code_of(lambda: nope(pb.HelloRequest(name="x"), timeout=10))
+    assert (code, details) == (grpc.StatusCode.UNIMPLEMENTED,
+                               "unknown method /greeter.Greeter/Nope")
+    # A service no module serves: the host answers.
+    other = channel.unary_unary("/other.Service/Call", request_serializer=ser,
+                                response_deserializer=de)
+    code, _ = code_of(lambda: other(pb.HelloRequest(name="x"), timeout=10))
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_the_module_timeout_ends_a_stream_as_deadline_exceeded(greeter):
+    pb, _ = greeter
+    b = support.Berth(config(timeout="1s")).wait_ready()
+    try:
+        got = []
+        with pytest.raises(grpc.RpcError) as e:
+            for r in stub(b, greeter).Count(pb.CountRequest(to=100, interval_ms=100), timeout=20):
+                got.append(r.n)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value
+        assert 1 <= len(got) < 100, got
+    finally:
+        b.stop()
+
+
+def test_a_message_over_the_body_limit_is_resource_exhausted(greeter):
+    pb, _ = greeter
+    b = support.Berth(config(max_body="64KiB")).wait_ready()
+    try:
+        s = stub(b, greeter)
+        code, _ = code_of(lambda: s.SayHello(pb.HelloRequest(name="x" * 200_000), timeout=10))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # The connection and the module still serve.
+        assert s.SayHello(pb.HelloRequest(name="Ada"), timeout=10).message == "Hej, Ada!"
+    finally:
+        b.stop()
