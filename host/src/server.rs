@@ -312,6 +312,7 @@ pub async fn serve(
 ) {
     let http1 = options.http1();
     let http2 = options.http2(&tracker);
+    let watches = Arc::new(tokio::sync::Semaphore::new(grpc::MAX_WATCHES));
     loop {
         let (stream, _peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -330,6 +331,12 @@ pub async fn serve(
         let ready = ready.clone();
         let stop = stop.clone();
         let conn_tracker = tracker.clone();
+        let watching = grpc::Watching {
+            ready: ready.clone(),
+            stop: stop.clone(),
+            tracker: tracker.clone(),
+            slots: watches.clone(),
+        };
         let (http1, http2) = (http1.clone(), http2.clone());
         tracker.spawn(async move {
             let mut stream = stream;
@@ -355,10 +362,17 @@ pub async fn serve(
                 }
                 let (routes, ready) = (routes.clone(), ready.clone());
                 let tracker = conn_tracker.clone();
+                let watching = watching.clone();
                 async move {
-                    let resp = if is_health_check(&req) {
-                        let within = options.header_read_timeout;
-                        health_check(req, &routes, &ready, within).await
+                    let within = options.header_read_timeout;
+                    let resp = if is_health(&req, grpc::HEALTH_CHECK) {
+                        let request_id = request_id(&req);
+                        let result = grpc::health_check(req, &routes, ready(), within).await;
+                        respond(result, &request_id, Dialect::Grpc)
+                    } else if is_health(&req, grpc::HEALTH_WATCH) {
+                        let request_id = request_id(&req);
+                        let result = grpc::health_watch(req, routes, watching, within).await;
+                        respond(result, &request_id, Dialect::Grpc)
                     } else if req.headers().len() > options.max_headers {
                         // hyper counts HTTP/1.1 headers itself; on HTTP/2
                         // only their bytes are bounded.
@@ -391,21 +405,10 @@ pub async fn serve(
 /// Whether the pod should receive traffic (what `/ready` says).
 pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// Whether `req` is the standard gRPC health check, which the host answers
-/// itself, whatever the routes say.
-fn is_health_check<B>(req: &Request<B>) -> bool {
-    req.uri().path() == grpc::HEALTH_CHECK && Dialect::of(req) == Dialect::Grpc
-}
-
-async fn health_check(
-    req: Request<Incoming>,
-    routes: &Routes,
-    ready: &Readiness,
-    within: Duration,
-) -> Response<HyperOutgoingBody> {
-    let request_id = request_id(&req);
-    let result = grpc::health_check(req, routes, ready(), within).await;
-    respond(result, &request_id, Dialect::Grpc)
+/// Whether `req` calls `method` of the standard gRPC health service, which
+/// the host answers itself, whatever the routes say.
+fn is_health<B>(req: &Request<B>, method: &str) -> bool {
+    req.uri().path() == method && Dialect::of(req) == Dialect::Grpc
 }
 
 /// Route, invoke, finish.

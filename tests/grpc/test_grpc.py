@@ -176,3 +176,90 @@ def test_a_message_over_the_body_limit_is_resource_exhausted(greeter):
         assert s.SayHello(pb.HelloRequest(name="Ada"), timeout=10).message == "Hej, Ada!"
     finally:
         b.stop()
+
+
+HEALTH_PROTO = """
+syntax = "proto3";
+package grpc.health.v1;
+message HealthCheckRequest { string service = 1; }
+message HealthCheckResponse {
+  enum ServingStatus { UNKNOWN = 0; SERVING = 1; NOT_SERVING = 2; SERVICE_UNKNOWN = 3; }
+  ServingStatus status = 1;
+}
+service Health {
+  rpc Check(HealthCheckRequest) returns (HealthCheckResponse);
+  rpc Watch(HealthCheckRequest) returns (stream HealthCheckResponse);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def health():
+    """Stubs of the standard health service (grpc/grpc's health.proto)."""
+    out = tempfile.mkdtemp(prefix="berth-grpc-health-")
+    with open(os.path.join(out, "health.proto"), "w") as f:
+        f.write(HEALTH_PROTO)
+    rc = protoc.main(["protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python_out={out}",
+                      os.path.join(out, "health.proto")])
+    assert rc == 0, "protoc failed on health.proto"
+    sys.path.insert(0, out)
+    import health_pb2
+    import health_pb2_grpc
+    return health_pb2, health_pb2_grpc
+
+
+class Watch:
+    """A health Watch read on a thread of its own: the statuses as they
+    come, and how the stream ended."""
+
+    def __init__(self, berth, health, service):
+        pb, grpc_stubs = health
+        channel = grpc.insecure_channel(f"127.0.0.1:{berth.port}")
+        self.call = grpc_stubs.HealthStub(channel).Watch(
+            pb.HealthCheckRequest(service=service), timeout=60)
+        self.names = pb.HealthCheckResponse.ServingStatus.Name
+        self.seen, self.ended = [], None
+        self.thread = threading.Thread(target=self.read, daemon=True)
+        self.thread.start()
+
+    def read(self):
+        try:
+            for r in self.call:
+                self.seen.append(self.names(r.status))
+            self.ended = "OK"
+        except grpc.RpcError as e:
+            self.ended = e.code().name
+
+    def wait_for(self, status, limit=15):
+        deadline = time.time() + limit
+        while not self.seen or self.seen[-1] != status:
+            assert time.time() < deadline, f"waited for {status}; saw {self.seen}, ended {self.ended}"
+            time.sleep(0.05)
+
+
+def test_health_watch_follows_reloads_and_the_drain(greeter, health):
+    b = support.Berth(config() + '\n[shutdown]\ndrain_delay = "2s"\ngrace_period = "60s"\n').wait_ready()
+    try:
+        host, module, nobody = (Watch(b, health, name) for name in ("", "greeter", "nobody"))
+        host.wait_for("SERVING")
+        module.wait_for("SERVING")
+        nobody.wait_for("SERVICE_UNKNOWN")
+        # The module goes with a reload: its watch says so, and stays open.
+        with open(b.config) as f:
+            text = f.read()
+        with open(b.config, "w") as f:
+            f.write(text.replace("[modules.greeter]", "[modules.greeter2]"))
+        assert b.reload()[0] == 200
+        module.wait_for("SERVICE_UNKNOWN")
+        assert module.ended is None
+        # SIGTERM: every watch says NOT_SERVING, then ends, so a watch
+        # never holds the shutdown up for its 60 s grace period.
+        b.proc.send_signal(support.signal.SIGTERM)
+        host.wait_for("NOT_SERVING")
+        for w in (host, module, nobody):
+            w.thread.join(timeout=30)
+            assert w.ended == "UNAVAILABLE", (w.seen, w.ended)
+        assert b.proc.wait(timeout=30) == 0, "the shutdown waited for the grace period"
+        assert host.seen == ["SERVING", "NOT_SERVING"], host.seen
+    finally:
+        b.stop()

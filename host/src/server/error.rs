@@ -187,7 +187,9 @@ impl RequestError {
 pub(super) fn grpc_trailers(code: GrpcCode, message: &str) -> http::HeaderMap {
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", HeaderValue::from(u16::from(code as u8)));
-    if let Ok(message) = HeaderValue::from_str(&grpc_message(message)) {
+    if !message.is_empty()
+        && let Ok(message) = HeaderValue::from_str(&grpc_message(message))
+    {
         trailers.insert("grpc-message", message);
     }
     trailers

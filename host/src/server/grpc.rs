@@ -1,8 +1,9 @@
 //! gRPC where the host answers for itself: the client's `grpc-timeout`
 //! becomes the request's deadline, and the standard health service's
-//! `Check` answers from the host's readiness (the host's errors as gRPC
-//! statuses are in `error.rs`).
+//! `Check` and `Watch` answer from the host's readiness (the host's errors
+//! as gRPC statuses are in `error.rs`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -13,7 +14,7 @@ use hyper::body::Incoming;
 use prost::Message as _;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
-use super::error::{GrpcCode, RequestError};
+use super::error::{GrpcCode, RequestError, grpc_trailers};
 use crate::router::Routes;
 
 const GRPC_TIMEOUT: &str = "grpc-timeout";
@@ -64,6 +65,20 @@ fn parse(text: &str) -> Option<Duration> {
 
 /// The path of `grpc.health.v1.Health/Check`.
 pub(super) const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+/// The path of `grpc.health.v1.Health/Watch`.
+pub(super) const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
+
+/// How often a watch looks at readiness and the routes: there is no
+/// change signal for either, and a check is a few loads.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+/// Open watches, host-wide: each is a task and a timer, and a client may
+/// open them on every stream of every connection.
+pub(super) const MAX_WATCHES: usize = 1024;
+
+/// `ServingStatus` of the health protocol.
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+const SERVICE_UNKNOWN: i32 = 3;
 
 /// Largest health request read (its one field is a service name).
 const MAX_HEALTH_REQUEST: usize = 4096;
@@ -92,20 +107,115 @@ pub(super) async fn health_check(
     serving: bool,
     within: Duration,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
+    let service = health_request(req, within).await?;
+    match status_of(&service, routes, serving) {
+        SERVICE_UNKNOWN => Err(RequestError::UnknownService(service)),
+        status => Ok(respond(&HealthCheckResponse { status })),
+    }
+}
+
+/// What `Watch` needs of the server: its readiness, its drain signal, the
+/// task tracker the watch runs in, and the host-wide bound on watches.
+#[derive(Clone)]
+pub(super) struct Watching {
+    pub(super) ready: super::Readiness,
+    pub(super) stop: tokio_util::sync::CancellationToken,
+    pub(super) tracker: tokio_util::task::TaskTracker,
+    pub(super) slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// `Watch`: the service's status now, then each change, as the health
+/// protocol asks (SERVICE_UNKNOWN, not an error, for a name no module has,
+/// since a module may come with the next reload). When the host drains,
+/// the watch says NOT_SERVING and ends with UNAVAILABLE, so that it never
+/// holds the shutdown up. A client that does not read misses nothing: the
+/// newest status is sent once there is room.
+pub(super) async fn health_watch(
+    req: Request<Incoming>,
+    routes: Arc<Routes>,
+    watching: Watching,
+    within: Duration,
+) -> Result<Response<HyperOutgoingBody>, RequestError> {
+    let slot = watching
+        .slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| RequestError::Shed)?;
+    let service = health_request(req, within).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Frame<bytes::Bytes>>(1);
+    let Watching {
+        ready,
+        stop,
+        tracker,
+        ..
+    } = watching;
+    tracker.spawn(async move {
+        let _slot = slot;
+        let mut sent = None;
+        let mut every = tokio::time::interval(WATCH_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let status = status_of(&service, &routes, ready());
+            if sent != Some(status) {
+                match tx.try_send(Frame::data(frame(&HealthCheckResponse { status }))) {
+                    Ok(()) => sent = Some(status),
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = stop.cancelled() => break,
+                _ = tx.closed() => return,
+            }
+        }
+        // Draining. Bounded waits: a client that does not read gets its
+        // stream ended by the connection's shutdown instead.
+        let last = async {
+            if sent != Some(NOT_SERVING) {
+                let data = frame(&HealthCheckResponse {
+                    status: NOT_SERVING,
+                });
+                tx.send(Frame::data(data)).await.ok()?;
+            }
+            let trailers = grpc_trailers(GrpcCode::Unavailable, "the server is draining");
+            tx.send(Frame::trailers(trailers)).await.ok()
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), last).await;
+    });
+    let frames = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|f| f.map(Ok)));
+    let mut resp = Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    Ok(resp)
+}
+
+/// The service a health request names: one small message, read within
+/// the header timeout.
+async fn health_request(req: Request<Incoming>, within: Duration) -> Result<String, RequestError> {
     let read = Limited::new(req.into_body(), MAX_HEALTH_REQUEST).collect();
     let body = tokio::time::timeout(within, read)
         .await
         .map_err(|_| RequestError::BodyTimeout)?
         .map_err(|e| RequestError::Malformed(format!("health check request: {e}")))?
         .to_bytes();
-    let service = decode(&body)
+    Ok(decode(&body)
         .ok_or_else(|| RequestError::Malformed("health check request: not one message".into()))?
-        .service;
+        .service)
+}
+
+/// SERVING, NOT_SERVING or SERVICE_UNKNOWN: `""` is the host, any other
+/// name a module.
+fn status_of(service: &str, routes: &Routes, serving: bool) -> i32 {
     if !service.is_empty() && !routes.current().modules().any(|m| *m.name == *service) {
-        return Err(RequestError::UnknownService(service));
+        SERVICE_UNKNOWN
+    } else if serving {
+        SERVING
+    } else {
+        NOT_SERVING
     }
-    let status = if serving { 1 } else { 2 };
-    Ok(respond(&HealthCheckResponse { status }))
 }
 
 /// One length-prefixed, uncompressed message of the gRPC wire format.
@@ -118,17 +228,20 @@ fn decode(body: &[u8]) -> Option<HealthCheckRequest> {
     HealthCheckRequest::decode(message).ok()
 }
 
-/// A unary gRPC answer: the message, then `grpc-status: 0` as trailers.
-fn respond(message: &HealthCheckResponse) -> Response<HyperOutgoingBody> {
+/// One length-prefixed message.
+fn frame(message: &HealthCheckResponse) -> bytes::Bytes {
     let mut framed = BytesMut::with_capacity(5 + message.encoded_len());
     framed.put_u8(0);
     framed.put_u32(message.encoded_len() as u32);
     message.encode(&mut framed).expect("room was reserved");
-    let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", HeaderValue::from(GrpcCode::Ok as u8 as u16));
+    framed.freeze()
+}
+
+/// A unary gRPC answer: the message, then `grpc-status: 0` as trailers.
+fn respond(message: &HealthCheckResponse) -> Response<HyperOutgoingBody> {
     let frames = [
-        Ok(Frame::data(framed.freeze())),
-        Ok(Frame::trailers(trailers)),
+        Ok(Frame::data(frame(message))),
+        Ok(Frame::trailers(grpc_trailers(GrpcCode::Ok, ""))),
     ];
     let body = StreamBody::new(futures_util::stream::iter(frames));
     let mut resp = Response::new(BodyExt::boxed_unsync(body));
