@@ -60,6 +60,8 @@ pub struct Metrics {
     pub outbound_denied: IntCounterVec,
     /// Breaker state by module and upstream: 0 closed, 1 half-open, 2 open.
     pub breaker_state: IntGaugeVec,
+    grpc_handled: IntCounterVec,
+    grpc_handling: HistogramVec,
     guest_dropped: IntCounterVec,
     /// 1 while the host is ready for traffic, 0 while loading or draining.
     ready: IntGauge,
@@ -274,6 +276,22 @@ impl Metrics {
                 "Circuit breaker state by module and upstream: 0 closed, 1 half-open, 2 open.",
                 &["module", "upstream"],
             ),
+            grpc_handled: counter(
+                &r,
+                "berth_grpc_server_handled_total",
+                "gRPC calls finished, by module, service, method and status code (OK, \
+                 UNIMPLEMENTED, ...), as go-grpc-prometheus names them. Methods a module \
+                 does not implement, and methods past 64 per module, are `other`.",
+                &["module", "grpc_service", "grpc_method", "grpc_code"],
+            ),
+            grpc_handling: histogram(
+                &r,
+                "berth_grpc_server_handling_seconds",
+                "gRPC call duration to the last message and status, by module, service and \
+                 method (`other` as in berth_grpc_server_handled_total).",
+                &["module", "grpc_service", "grpc_method"],
+                LATENCY_BUCKETS,
+            ),
             guest_dropped: counter(
                 &r,
                 "berth_guest_metrics_dropped_total",
@@ -431,6 +449,12 @@ impl Metrics {
                 .guest_failures
                 .with_label_values(&[module, "memory_limit"]),
             shed: self.shed.with_label_values(&[module]),
+            grpc: GrpcMetrics {
+                module: module.to_owned(),
+                handled: self.grpc_handled.clone(),
+                handling: self.grpc_handling.clone(),
+                known: Default::default(),
+            },
             instances: InstanceMetrics {
                 module: module.to_owned(),
                 created: self.instances_created.with_label_values(&[module]),
@@ -491,6 +515,82 @@ pub struct ModuleMetrics {
     pub shed: IntCounter,
     /// Instance lifecycle.
     pub instances: InstanceMetrics,
+    /// gRPC calls by method and status.
+    pub grpc: GrpcMetrics,
+}
+
+/// Most gRPC methods labelled by name, per module version; the rest are
+/// `other`, so that a client inventing method names cannot grow the
+/// series without bound.
+const MAX_GRPC_METHODS: usize = 64;
+
+/// gRPC status names by code (grpc/doc/statuscodes.md).
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A module's gRPC calls, by method and status code.
+pub struct GrpcMetrics {
+    module: String,
+    handled: IntCounterVec,
+    handling: HistogramVec,
+    /// Methods labelled by name: each answered once with a status other
+    /// than UNIMPLEMENTED, so a method the module does not have never
+    /// gets a series of its own.
+    known: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl GrpcMetrics {
+    /// Counts a finished call to `path` (`/package.Service/Method`).
+    pub fn observe(&self, path: &str, code: u32, elapsed: std::time::Duration) {
+        const UNIMPLEMENTED: u32 = 12;
+        let named = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .filter(|(service, method)| {
+                path.len() <= 200
+                    && !service.is_empty()
+                    && !method.is_empty()
+                    && !method.contains('/')
+            });
+        let (service, method) = match named {
+            Some(names) => {
+                let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+                if known.contains(path) {
+                    names
+                } else if code != UNIMPLEMENTED && known.len() < MAX_GRPC_METHODS {
+                    known.insert(path.to_owned());
+                    names
+                } else {
+                    ("other", "other")
+                }
+            }
+            None => ("other", "other"),
+        };
+        let code = GRPC_CODES.get(code as usize).copied().unwrap_or("UNKNOWN");
+        self.handled
+            .with_label_values(&[&self.module, service, method, code])
+            .inc();
+        self.handling
+            .with_label_values(&[&self.module, service, method])
+            .observe(elapsed.as_secs_f64());
+    }
 }
 
 /// A module's instance lifecycle: created, retired (with the reason), and
@@ -643,6 +743,47 @@ mod tests {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
         assert!(!text.contains(r#"kind="pen""#));
+    }
+
+    #[test]
+    fn grpc_calls_are_counted_by_method_and_code_with_invented_methods_as_other() {
+        let metrics = Metrics::new();
+        let m = metrics.for_module("greeter", "/greeter.Greeter", "0123456789ab", "stable");
+        let ms = std::time::Duration::from_millis(3);
+        m.grpc.observe("/greeter.Greeter/SayHello", 0, ms);
+        m.grpc.observe("/greeter.Greeter/SayHello", 3, ms);
+        m.grpc.observe("/greeter.Greeter/Nope", 12, ms);
+        m.grpc.observe("/greeter.Greeter/Count", 99, ms);
+        m.grpc.observe("not-a-method", 0, ms);
+        // Once known, a method keeps its name whatever its status.
+        m.grpc.observe("/greeter.Greeter/SayHello", 12, ms);
+        for i in 0..100 {
+            m.grpc.observe(&format!("/x.Y/M{i}"), 0, ms);
+        }
+        let text = String::from_utf8(metrics.render()).unwrap();
+        let labels = |service: &str, method: &str, code: &str| {
+            format!(
+                r#"berth_grpc_server_handled_total{{grpc_code="{code}",grpc_method="{method}",grpc_service="{service}",module="greeter"}}"#
+            )
+        };
+        for (line, value) in [
+            (labels("greeter.Greeter", "SayHello", "OK"), 1),
+            (labels("greeter.Greeter", "SayHello", "INVALID_ARGUMENT"), 1),
+            (labels("greeter.Greeter", "SayHello", "UNIMPLEMENTED"), 1),
+            (labels("other", "other", "UNIMPLEMENTED"), 1),
+            (labels("greeter.Greeter", "Count", "UNKNOWN"), 1),
+            // The bad path, then 100 - (64 - 2) invented methods past the cap.
+            (labels("other", "other", "OK"), 1 + 100 - 62),
+        ] {
+            assert!(
+                text.contains(&format!("{line} {value}\n")),
+                "missing {line} {value} in\n{text}"
+            );
+        }
+        assert!(!text.contains(r#"grpc_method="Nope""#));
+        assert!(text.contains(
+            r#"berth_grpc_server_handling_seconds_count{grpc_method="SayHello",grpc_service="greeter.Greeter",module="greeter"} 3"#
+        ));
     }
 
     #[test]

@@ -420,6 +420,8 @@ async fn handle(
 ) -> Response<HyperOutgoingBody> {
     let request_id = request_id(&req);
     let dialect = Dialect::of(&req);
+    let started = std::time::Instant::now();
+    let grpc_path = (dialect == Dialect::Grpc).then(|| req.uri().path().to_owned());
     let (module, canary) = {
         let table = routes.current();
         let Some(release) = table.route(req.uri().path()) else {
@@ -452,7 +454,10 @@ async fn handle(
             err.status()
         }
     };
-    let resp = respond(result, &request_id, dialect);
+    let mut resp = respond(result, &request_id, dialect);
+    if let Some(path) = &grpc_path {
+        resp = grpc::Counted::wrap(resp, module.clone(), path, started);
+    }
     let elapsed = observed.finish(status, access_log);
     match canary {
         Some((canary, track)) if refused => canary.refused(track),

@@ -263,3 +263,46 @@ def test_health_watch_follows_reloads_and_the_drain(greeter, health):
         assert host.seen == ["SERVING", "NOT_SERVING"], host.seen
     finally:
         b.stop()
+
+
+def handled(berth, service, method, code):
+    """The value of berth_grpc_server_handled_total for these labels."""
+    _, page = support.http(berth.admin + "/metrics")
+    want = (f'{{grpc_code="{code}",grpc_method="{method}",grpc_service="{service}",'
+            f'module="greeter"}} ')
+    for line in page.splitlines():
+        if line.startswith("berth_grpc_server_handled_total" + want):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_count_each_method_and_status(berth, greeter):
+    pb, _ = greeter
+    s = stub(berth, greeter)
+    s.SayHello(pb.HelloRequest(name="Ada"), timeout=10)
+    s.SayHello(pb.HelloRequest(name="Bo"), timeout=10)
+    code_of(lambda: s.SayHello(pb.HelloRequest(name=""), timeout=10))
+    list(s.Count(pb.CountRequest(to=3), timeout=10))
+    channel = grpc.insecure_channel(f"127.0.0.1:{berth.port}")
+    for name in ("Nope", "Nada"):
+        call = channel.unary_unary(f"/greeter.Greeter/{name}",
+                                   request_serializer=pb.HelloRequest.SerializeToString,
+                                   response_deserializer=pb.HelloReply.FromString)
+        code_of(lambda: call(pb.HelloRequest(name="x"), timeout=10))
+    # A client that cancels a stream after its first message.
+    stream = s.Count(pb.CountRequest(to=100, interval_ms=100), timeout=20)
+    assert next(stream).n == 1
+    stream.cancel()
+    deadline = time.time() + 15
+    while handled(berth, "greeter.Greeter", "Count", "CANCELLED") != 1:
+        assert time.time() < deadline, "the cancelled stream was never counted"
+        time.sleep(0.1)
+    assert handled(berth, "greeter.Greeter", "SayHello", "OK") == 2
+    assert handled(berth, "greeter.Greeter", "SayHello", "INVALID_ARGUMENT") == 1
+    assert handled(berth, "greeter.Greeter", "Count", "OK") == 1
+    # Methods the module does not have share one series.
+    assert handled(berth, "other", "other", "UNIMPLEMENTED") == 2
+    _, page = support.http(berth.admin + "/metrics")
+    assert 'grpc_method="Nope"' not in page
+    # The HTTP view of the same calls: every gRPC answer is a 200.
+    assert 'berth_http_server_requests_total{method="POST",module="greeter",route="/greeter.Greeter",status="200"' in page

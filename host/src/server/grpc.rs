@@ -228,6 +228,99 @@ fn decode(body: &[u8]) -> Option<HealthCheckRequest> {
     HealthCheckRequest::decode(message).ok()
 }
 
+/// A gRPC response body that counts its call once it ends: by the status
+/// in its trailers (or in its head, for a trailers-only answer); INTERNAL
+/// when the stream fails, CANCELLED when the client goes first.
+pub(super) struct Counted {
+    inner: HyperOutgoingBody,
+    module: Arc<crate::runtime::Module>,
+    path: String,
+    started: std::time::Instant,
+    head_code: Option<u32>,
+    counted: bool,
+}
+
+/// The `grpc-status` of a head or trailers.
+fn code_in(headers: &HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+impl Counted {
+    pub(super) fn wrap(
+        resp: Response<HyperOutgoingBody>,
+        module: Arc<crate::runtime::Module>,
+        path: &str,
+        started: std::time::Instant,
+    ) -> Response<HyperOutgoingBody> {
+        let head_code = code_in(resp.headers());
+        resp.map(|inner| {
+            BodyExt::boxed_unsync(Counted {
+                inner,
+                module,
+                path: path.to_owned(),
+                started,
+                head_code,
+                counted: false,
+            })
+        })
+    }
+
+    fn count(&mut self, code: u32) {
+        if !std::mem::replace(&mut self.counted, true) {
+            let elapsed = self.started.elapsed();
+            self.module.metrics.grpc.observe(&self.path, code, elapsed);
+        }
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(code) = f.trailers_ref().and_then(code_in) {
+                    self.count(code);
+                }
+            }
+            Some(Err(_)) => self.count(GrpcCode::Internal as u32),
+            // No trailers: the head's status, or none at all, which a
+            // client reads as UNKNOWN.
+            None => {
+                let code = self.head_code.unwrap_or(2);
+                self.count(code);
+            }
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        // hyper drops a body it stops polling: the client reset the stream
+        // or went away, or the body said it had ended with its last frame.
+        let code = if http_body::Body::is_end_stream(&self.inner) {
+            self.head_code.unwrap_or(2)
+        } else {
+            1
+        };
+        self.count(code);
+    }
+}
+
 /// One length-prefixed message.
 fn frame(message: &HealthCheckResponse) -> bytes::Bytes {
     let mut framed = BytesMut::with_capacity(5 + message.encoded_len());
