@@ -144,15 +144,19 @@ impl From<crate::Error> for Status {
     /// An error of a host call inside a handler, as gRPC's status for it:
     /// a timeout is `DEADLINE_EXCEEDED`, an open breaker or a failed
     /// upstream `UNAVAILABLE`, a refusal by the outbound policy
-    /// `PERMISSION_DENIED`, the rest `INTERNAL`.
+    /// `PERMISSION_DENIED`, the rest `INTERNAL`. The message is fixed:
+    /// the error's own text names URLs, which may carry credentials, and
+    /// the caller is not to see the module's upstreams.
     fn from(e: crate::Error) -> Self {
-        let code = match e {
-            crate::Error::Timeout { .. } => Code::DeadlineExceeded,
-            crate::Error::Unavailable { .. } | crate::Error::Upstream { .. } => Code::Unavailable,
-            crate::Error::Denied { .. } => Code::PermissionDenied,
-            _ => Code::Internal,
+        let (code, message) = match e {
+            crate::Error::Timeout { .. } => (Code::DeadlineExceeded, "an upstream call timed out"),
+            crate::Error::Unavailable { .. } | crate::Error::Upstream { .. } => {
+                (Code::Unavailable, "an upstream is unavailable")
+            }
+            crate::Error::Denied { .. } => (Code::PermissionDenied, "an upstream call was refused"),
+            _ => (Code::Internal, "internal error"),
         };
-        Status::new(code, e.to_string())
+        Status::new(code, message)
     }
 }
 
@@ -212,17 +216,19 @@ impl Frames {
             }
         }
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        if len > self.max {
+        // On wasm32 `5 + len` can wrap: a length that does not fit is over
+        // any limit.
+        let Some(end) = len.checked_add(5).filter(|_| len <= self.max) else {
             return Err(Status::new(
                 Code::ResourceExhausted,
                 format!("a message of {len} bytes is over the limit of {}", self.max),
             ));
-        }
-        if self.buf.len() < 5 + len {
+        };
+        if self.buf.len() < end {
             return Ok(None);
         }
-        let message = self.buf[5..5 + len].to_vec();
-        self.buf.drain(..5 + len);
+        let message = self.buf[5..end].to_vec();
+        self.buf.drain(..end);
         Ok(Some(message))
     }
 
@@ -255,9 +261,11 @@ impl Context {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The time the call had when it reached the module: the client's
-    /// deadline capped by the module's `timeout`, or `None` when the
-    /// client set none (the module's `timeout` still applies).
+    /// The time the call had when it reached the module, from its
+    /// `grpc-timeout`, or `None` when the client set none (the module's
+    /// `timeout` applies all the same). Over HTTP/2, as gRPC clients call,
+    /// the host caps it by the module's `timeout`; a request that is not
+    /// gRPC to the host (HTTP/1.1) passes the client's value on as sent.
     pub fn timeout(&self) -> Option<Duration> {
         self.timeout
     }
@@ -265,6 +273,11 @@ impl Context {
 
 /// `TimeoutValue TimeoutUnit` of the gRPC over HTTP/2 spec.
 fn parse_timeout(text: &str) -> Option<Duration> {
+    // Split by bytes below: only ASCII can be a timeout (and a split
+    // inside a character would panic).
+    if !text.is_ascii() {
+        return None;
+    }
     let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -325,10 +338,20 @@ impl<M: Message + Default> Streaming<M> {
                 }
                 Err(StreamError::LastOperationFailed(e)) => {
                     self.input = None;
-                    return Some(Err(Status::new(
-                        Code::Cancelled,
-                        format!("reading the request failed: {}", e.to_debug_string()),
-                    )));
+                    // The host's error text is for the host's logs, not
+                    // for the caller: its code says enough.
+                    let over = matches!(
+                        wasi::http::types::http_error_code(&e),
+                        Some(wasi::http::types::ErrorCode::HttpRequestBodySize(_))
+                    );
+                    return Some(Err(if over {
+                        Status::new(
+                            Code::ResourceExhausted,
+                            "the request is over the module's body limit",
+                        )
+                    } else {
+                        Status::new(Code::Cancelled, "the request stream failed")
+                    }));
                 }
             }
         }
@@ -683,9 +706,40 @@ mod tests {
         assert_eq!(parse_timeout("2S"), Some(Duration::from_secs(2)));
         assert_eq!(parse_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_timeout("7n"), Some(Duration::from_nanos(7)));
-        for bad in ["", "m", "123456789m", "5x", "-5m", "5"] {
+        for bad in [
+            "",
+            "m",
+            "123456789m",
+            "5x",
+            "-5m",
+            "5",
+            "1é",
+            "é",
+            "1\u{fffd}",
+        ] {
             assert_eq!(parse_timeout(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn host_errors_reach_the_caller_without_their_urls() {
+        let url = "http://svc:TOPSECRET@orders.internal/v1?api_key=TOPSECRET".to_owned();
+        for e in [
+            crate::Error::Denied { url: url.clone() },
+            crate::Error::Timeout { url: url.clone() },
+            crate::Error::Unavailable { url: url.clone() },
+            crate::Error::Upstream {
+                url: url.clone(),
+                reason: "ConnectionRefused".into(),
+            },
+            crate::Error::Io(url.clone()),
+        ] {
+            let status = Status::from(e.clone());
+            assert!(!status.message().contains("TOPSECRET"), "{e:?} -> {status}");
+            assert!(!status.message().contains("orders"), "{e:?} -> {status}");
+        }
+        let status = Status::from(crate::Error::Denied { url });
+        assert_eq!(status.code(), Code::PermissionDenied);
     }
 
     #[test]

@@ -683,6 +683,61 @@ pub struct OutboundHooks {
     pub outbound: Arc<ModuleOutbound>,
     /// The request's trace, continued by each call.
     pub trace: TraceContext,
+    /// The request's deadline, carried onward by gRPC calls.
+    pub deadline: Option<tokio::time::Instant>,
+}
+
+/// A `grpc-timeout` value: milliseconds, rounded up (a budget of 0 would
+/// read as "expired"), at most the spec's eight digits.
+pub fn grpc_timeout(budget: Duration) -> http::HeaderValue {
+    let ms = budget.as_micros().div_ceil(1000).clamp(1, 99_999_999);
+    http::HeaderValue::from_str(&format!("{ms}m")).expect("digits and a unit")
+}
+
+/// `TimeoutValue TimeoutUnit` of the gRPC over HTTP/2 spec: at most eight
+/// digits, then H, M, S, m, u or n.
+pub fn parse_grpc_timeout(text: &str) -> Option<Duration> {
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Shortens an outbound gRPC call's `grpc-timeout` to what is left of the
+/// inbound request's time (gRPC's deadline propagation); an upstream then
+/// stops working on an answer nobody will wait for. Other calls, and
+/// calls whose own `grpc-timeout` is shorter, are left alone.
+fn propagate_deadline(headers: &mut http::HeaderMap, deadline: Option<tokio::time::Instant>) {
+    let Some(deadline) = deadline else { return };
+    let grpc = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/grpc")
+        });
+    if !grpc {
+        return;
+    }
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let own = headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    if own.is_none_or(|own| left < own) {
+        headers.insert("grpc-timeout", grpc_timeout(left));
+    }
 }
 
 impl WasiHttpHooks for OutboundHooks {
@@ -693,6 +748,8 @@ impl WasiHttpHooks for OutboundHooks {
         _fut: IoFuture,
     ) -> Box<dyn Future<Output = Result<(Response<HyperOutgoingBody>, IoFuture), Error>> + Send>
     {
+        let mut request = request;
+        propagate_deadline(request.headers_mut(), self.deadline);
         Box::new(
             self.outbound
                 .clone()
@@ -706,6 +763,67 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit_and_bad_ones_are_refused() {
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "S", "123456789S", "10s", "1.5S", "-1S", "10 S", "1x"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_grpc_call_carries_what_is_left_of_the_request_deadline_onward() {
+        let grpc = |timeout: Option<&str>| {
+            let mut h = http::HeaderMap::new();
+            h.insert("content-type", "application/grpc+proto".parse().unwrap());
+            if let Some(t) = timeout {
+                h.insert("grpc-timeout", t.parse().unwrap());
+            }
+            h
+        };
+        let deadline = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+        let left = |h: &http::HeaderMap| {
+            parse_grpc_timeout(h.get("grpc-timeout").unwrap().to_str().unwrap()).unwrap()
+        };
+        let mut h = grpc(None);
+        propagate_deadline(&mut h, deadline);
+        let set = left(&h);
+        assert!(
+            set <= Duration::from_secs(2) && set > Duration::from_secs(1),
+            "{set:?}"
+        );
+        // A longer one of the guest's is shortened, in any unit.
+        let mut h = grpc(Some("1M"));
+        propagate_deadline(&mut h, deadline);
+        assert!(left(&h) <= Duration::from_secs(2));
+        // A shorter one is the guest's to keep.
+        let mut h = grpc(Some("1S"));
+        propagate_deadline(&mut h, deadline);
+        assert_eq!(h["grpc-timeout"], "1S");
+        // Not gRPC, or no deadline: nothing added.
+        let mut h = http::HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        propagate_deadline(&mut h, deadline);
+        assert!(h.get("grpc-timeout").is_none());
+        let mut h = grpc(None);
+        propagate_deadline(&mut h, None);
+        assert!(h.get("grpc-timeout").is_none());
+        // Past the deadline: the smallest budget, never "expired" as 0.
+        let mut h = grpc(None);
+        propagate_deadline(&mut h, Some(tokio::time::Instant::now()));
+        assert_eq!(h["grpc-timeout"], "1m");
+        assert_eq!(grpc_timeout(Duration::from_secs(10_000_000)), "99999999m");
+    }
+
     use crate::config::AllowList;
 
     /// A real HTTP server on 127.0.0.1 that counts the requests it gets.

@@ -430,12 +430,16 @@ async fn handle(
         let (module, canary) = release.pick(req.headers());
         (module.clone(), canary.map(|(c, track)| (c.clone(), track)))
     };
-    let observed = observe::Observed::start(&req, module, request_id.clone());
-    let module = observed.module();
+    let mut observed = observe::Observed::start(&req, module, request_id.clone());
+    let limit = observed.module().limits.timeout;
     let timeout = match dialect {
-        Dialect::Grpc => grpc::deadline(req.headers_mut(), module.limits.timeout),
-        Dialect::Http => Ok(module.limits.timeout),
+        Dialect::Grpc => grpc::deadline(req.headers_mut(), limit),
+        Dialect::Http => Ok(limit),
     };
+    if let Ok(budget) = timeout {
+        observed.set_deadline(budget);
+    }
+    let module = observed.module();
     let result = match timeout {
         Ok(timeout) => {
             let terms = invoke::Terms { timeout, dialect };

@@ -1154,3 +1154,38 @@ fn a_p3_guests_shorter_request_timeouts_hold() {
         );
     }
 }
+
+#[test]
+fn a_stream_cut_by_a_neighbours_trap_never_looks_complete() {
+    use std::io::{Read, Write};
+    // One reused instance: a drip of 150 lines (3 s) is in flight when a
+    // neighbour on the same instance traps and takes the instance down.
+    // The drip's stream ends then, and must not end as if complete.
+    let berth = Berth::start(&p3(
+        "instances = { max_concurrent = 16 }\nlimits = { timeout = \"10s\" }",
+    ));
+    assert_eq!(get(&berth.url("/p3/count")).status, 200, "a warm instance");
+    let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.write_all(
+        b"GET /p3/drip HTTP/1.1\r\nhost: x\r\nx-lines: 150\r\nconnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut seen = vec![0u8; 256];
+    let n = conn.read(&mut seen).unwrap();
+    seen.truncate(n);
+    let trap = get(&berth.url("/p3/trap"));
+    assert_eq!(trap.status, 500, "{}", trap.body);
+    conn.read_to_end(&mut seen).expect("the stream ends");
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        !text.contains("tick 149"),
+        "the drip outlived the trap: the neighbour ran elsewhere"
+    );
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "a stream cut by its instance's end looked complete: {text}"
+    );
+}

@@ -371,3 +371,39 @@ fn a_stream_cut_at_its_deadline_never_looks_complete() {
         "a cut-off stream ended with the last chunk, as if complete: {text}"
     );
 }
+
+#[test]
+fn a_guest_that_traps_after_its_head_never_sends_a_body_that_looks_whole() {
+    use std::io::{Read, Write};
+    // The guest sets its head, writes a little and traps without finishing
+    // its body. If the host gathered the body before the head went out it
+    // still can, and must, answer with the failure (500); if the head went
+    // first, the stream must end aborted. Never a 200 that looks complete.
+    let berth = Berth::start(&module("proxy", "/proxy", "stream_proxy", ""));
+    let (mut five_hundreds, mut aborted) = (0, 0);
+    for round in 0..20 {
+        let bytes = if round % 2 == 0 { 0 } else { 1024 };
+        let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            conn,
+            "GET /proxy HTTP/1.1\r\nhost: x\r\nx-trap-after: {bytes}\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        let _ = conn.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        if text.starts_with("HTTP/1.1 500") {
+            five_hundreds += 1;
+            continue;
+        }
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            !text.to_ascii_lowercase().contains("content-length") && !text.ends_with("0\r\n\r\n"),
+            "{bytes} bytes, then a trap, sent as a whole response: {text}"
+        );
+        aborted += 1;
+    }
+    assert_eq!(five_hundreds + aborted, 20);
+}

@@ -48,6 +48,9 @@ pub struct RequestContext {
     pub trace: TraceContext,
     /// The module's allowance of log lines.
     pub logs: Arc<LogBudget>,
+    /// When the request's time is up, if it has a deadline: outbound gRPC
+    /// calls carry what is left onward as `grpc-timeout`.
+    pub deadline: Option<tokio::time::Instant>,
 }
 
 /// A module's allowance of guest log lines, shared by all its instances:
@@ -262,6 +265,7 @@ impl Host {
             hooks: OutboundHooks {
                 outbound,
                 trace: cx.trace.clone(),
+                deadline: cx.deadline,
             },
             config,
             guest_metrics,
@@ -297,6 +301,7 @@ impl Host {
         let Some(tasks) = &self.tasks else { return };
         let cx = tasks.context();
         self.hooks.trace = cx.trace.clone();
+        self.hooks.deadline = cx.deadline;
         self.cx = cx;
     }
 

@@ -547,6 +547,7 @@ impl Module {
                         request_id: "-".into(),
                         trace: crate::trace::TraceContext::untraced(),
                         logs: logs.clone(),
+                        deadline: None,
                     },
                 }))
             }

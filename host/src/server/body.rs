@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use super::error::{Dialect, GrpcCode, grpc_trailers};
+use crate::runtime::{Retired, Retirement};
 
 /// A body that fails once more than `limit` bytes have passed through it,
 /// without buffering anything. Used both ways: on the request body (the
@@ -171,12 +172,22 @@ impl Drop for CutOff {
     }
 }
 
-/// How a fresh instance's guest task ended, as its response body needs to
-/// know. wasmtime-wasi-http ends the body of a guest torn down mid-stream
-/// (over its deadline, or trapped) the way it ends a finished one, so
-/// without this a cut-off stream would look complete to the client.
+/// How the guest behind a response ended, as its body needs to know.
+/// wasmtime-wasi-http ends the body of a guest torn down mid-stream (over
+/// its deadline, trapped, or on an instance a neighbour took down) the way
+/// it ends a finished one, so without this a cut-off stream would look
+/// complete to the client.
 #[derive(Clone, Default)]
-pub(super) struct Fate(Arc<std::sync::OnceLock<Cut>>);
+pub(super) enum Fate {
+    /// Whole bodies, which were complete when the head went out.
+    #[default]
+    Whole,
+    /// A fresh instance: its task records how it ended.
+    Task(Arc<std::sync::OnceLock<Cut>>),
+    /// A reused instance: retired for a trap, the memory limit or a
+    /// request's deadline, it took every stream on it down.
+    Instance(Arc<std::sync::OnceLock<Arc<Retirement>>>),
+}
 
 /// Why a guest stopped before finishing its response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,14 +199,28 @@ pub(super) enum Cut {
 }
 
 impl Fate {
+    /// For a fresh instance's task to record its end in.
+    pub(super) fn task() -> Self {
+        Fate::Task(Arc::default())
+    }
+
     /// Records the guest's end. Set before the guest's store is dropped,
     /// so a body that sees its stream end already knows why.
     pub(super) fn cut(&self, cut: Cut) {
-        let _ = self.0.set(cut);
+        if let Fate::Task(cell) = self {
+            let _ = cell.set(cut);
+        }
     }
 
-    fn get(&self) -> Option<Cut> {
-        self.0.get().copied()
+    pub(super) fn get(&self) -> Option<Cut> {
+        match self {
+            Fate::Whole => None,
+            Fate::Task(cell) => cell.get().copied(),
+            Fate::Instance(instance) => match instance.get()?.reason()? {
+                Retired::Trap | Retired::MemoryLimit | Retired::Timeout => Some(Cut::Failed),
+                Retired::MaxRequests | Retired::Idle | Retired::Stopped => None,
+            },
+        }
     }
 }
 
@@ -294,6 +319,7 @@ where
 pub(super) struct Bounded<B> {
     state: Arc<std::sync::Mutex<Delivery<B>>>,
     dialect: Dialect,
+    fate: Fate,
     _timer: tokio_util::task::AbortOnDropHandle<()>,
 }
 
@@ -319,6 +345,7 @@ impl<B: Send + 'static> Bounded<B> {
         deadline: tokio::time::Instant,
         module: Arc<str>,
         dialect: Dialect,
+        fate: Fate,
     ) -> Self {
         let state = Arc::new(std::sync::Mutex::new(Delivery::Streaming {
             body: inner,
@@ -349,6 +376,7 @@ impl<B: Send + 'static> Bounded<B> {
         Bounded {
             state,
             dialect,
+            fate,
             _timer: tokio_util::task::AbortOnDropHandle::new(timer),
         }
     }
@@ -384,6 +412,12 @@ where
             }
             return Poll::Pending;
         };
+        if frame.is_none()
+            && let Some(cut) = self.fate.get()
+        {
+            *state = Delivery::Ended;
+            return Poll::Ready(Some(cut.last_frame(self.dialect)));
+        }
         if frame.is_none() || inner.is_end_stream() {
             *state = Delivery::Done;
         }

@@ -33,34 +33,11 @@ pub(super) fn deadline(
     let asked = value
         .to_str()
         .ok()
-        .and_then(parse)
+        .and_then(crate::outbound::parse_grpc_timeout)
         .ok_or_else(|| RequestError::Malformed(format!("bad grpc-timeout {value:?}")))?;
     let budget = asked.min(module);
-    // Milliseconds, rounded up (a budget of 0 would read as "expired").
-    let ms = budget.as_micros().div_ceil(1000).max(1);
-    if let Ok(v) = HeaderValue::from_str(&format!("{ms}m")) {
-        headers.insert(GRPC_TIMEOUT, v);
-    }
+    headers.insert(GRPC_TIMEOUT, crate::outbound::grpc_timeout(budget));
     Ok(budget)
-}
-
-/// `TimeoutValue TimeoutUnit` of the gRPC over HTTP/2 spec: at most eight
-/// digits, then H, M, S, m, u or n.
-fn parse(text: &str) -> Option<Duration> {
-    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 /// The path of `grpc.health.v1.Health/Check`.
@@ -375,19 +352,6 @@ mod tests {
             decode(&[0, 0, 0, 0, 2, 0xff, 0xff]).is_none(),
             "not protobuf"
         );
-    }
-
-    #[test]
-    fn grpc_timeouts_parse_in_every_unit_and_bad_ones_are_refused() {
-        assert_eq!(parse("2H"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse("3M"), Some(Duration::from_secs(180)));
-        assert_eq!(parse("10S"), Some(Duration::from_secs(10)));
-        assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse("7u"), Some(Duration::from_micros(7)));
-        assert_eq!(parse("99999999n"), Some(Duration::from_nanos(99_999_999)));
-        for bad in ["", "S", "123456789S", "10s", "1.5S", "-1S", "10 S", "1x"] {
-            assert_eq!(parse(bad), None, "{bad:?}");
-        }
     }
 
     #[test]

@@ -66,7 +66,7 @@ async fn fresh(
     let permit = admit(module, &req)?;
     let mut store = module.new_store(pre, cx.clone());
     let request = WasiRequest::new(&mut store, req, module.limits.max_body.0)?;
-    let fate = Fate::default();
+    let fate = Fate::task();
     let guest = Guest {
         handles: request.handles,
         permit,
@@ -86,6 +86,18 @@ async fn fresh(
     let outcome = client_held_up(outcome, &request.waiting)?;
     let (parts, body) = outcome.into_parts();
     let body = super::body::coalesce(body).await;
+    // The guest failed while its body was being gathered: it may have
+    // ended the stream by going, not by finishing it. The head is not out
+    // yet, so the client gets the failure itself, not a short body that
+    // looks whole.
+    if let Some(cut) = fate.get() {
+        return Err(RequestError::Guest(match cut {
+            Cut::Timeout => GuestError::Timeout(terms.timeout),
+            Cut::Failed => {
+                GuestError::Trap("the module failed before finishing its response".into())
+            }
+        }));
+    }
     let capped = Limited::response(body, module.limits.max_response_body.0);
     let body = Delivered::new(capped, cut_off, fate, terms.dialect);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
@@ -290,13 +302,21 @@ async fn pooled(
     }
     let (parts, body) = client_held_up(result, &waiting)?.into_parts();
     let body = super::body::coalesce(body).await;
+    let fate = Fate::Instance(instance);
+    if fate.get().is_some() {
+        // As on a fresh instance: gathered from a guest that went.
+        return Err(RequestError::Guest(GuestError::Trap(
+            "its instance was torn down before the response was finished".into(),
+        )));
+    }
     let capped = Limited::response(body, module.limits.max_response_body.0);
     // A whole body is taken by hyper at once, and frees the slot as it
     // goes; a stream is bounded by the request's deadline.
     let body = if capped.size_hint().exact().is_some() {
-        Delivered::new(capped, CutOff::holding(slot), Fate::default(), dialect).boxed_unsync()
+        Delivered::new(capped, CutOff::holding(slot), Fate::Whole, dialect).boxed_unsync()
     } else {
-        Bounded::new(capped, slot, deadline, module.name.clone(), dialect).boxed_unsync()
+        let name = module.name.clone();
+        Bounded::new(capped, slot, deadline, name, dialect, fate).boxed_unsync()
     };
     Ok(Response::from_parts(parts, body))
 }

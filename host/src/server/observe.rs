@@ -50,9 +50,15 @@ impl Observed {
                 module: module.name.clone(),
                 request_id,
                 trace,
+                deadline: None,
             },
             module,
         }
+    }
+
+    /// Sets when the request's time is up, once its budget is known.
+    pub(super) fn set_deadline(&mut self, budget: std::time::Duration) {
+        self.cx.deadline = Some(tokio::time::Instant::now() + budget);
     }
 
     /// The module the request was routed to.

@@ -12,6 +12,9 @@
 //! With `x-drip-ms: N` it proxies nothing: it answers 200, then writes
 //! `tick` lines N ms apart. Between two lines it only sleeps, so it cannot
 //! notice a client that hung up; only the host can end it.
+//!
+//! With `x-trap-after: N` it answers 200, writes N bytes and traps
+//! without finishing the body.
 
 use wasi::exports::http::incoming_handler::Guest;
 use wasi::http::outgoing_handler;
@@ -132,6 +135,17 @@ fn answer(out: ResponseOutparam, status: u16, text: &str) {
     let _ = OutgoingBody::finish(body, None);
 }
 
+fn trap_after(out: ResponseOutparam, bytes: usize) {
+    let resp = OutgoingResponse::new(Fields::new());
+    let body = resp.body().expect("response body");
+    ResponseOutparam::set(out, Ok(resp));
+    let stream = body.write().expect("body stream");
+    for chunk in vec![b'x'; bytes].chunks(4096) {
+        let _ = stream.blocking_write_and_flush(chunk);
+    }
+    panic!("stream-proxy: asked to trap after {bytes} bytes");
+}
+
 fn drip(out: ResponseOutparam, ms: u64) {
     let resp = OutgoingResponse::new(Fields::new());
     let body = resp.body().expect("response body");
@@ -152,6 +166,9 @@ impl Guest for Proxy {
         let headers = req.headers();
         if let Some(ms) = header(&headers, "x-drip-ms").and_then(|v| v.parse::<u64>().ok()) {
             return drip(out, ms);
+        }
+        if let Some(n) = header(&headers, "x-trap-after").and_then(|v| v.parse::<usize>().ok()) {
+            return trap_after(out, n);
         }
         let Some(upstream) = header(&headers, "x-upstream") else {
             return answer(out, 400, "x-upstream missing\n");
