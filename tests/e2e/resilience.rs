@@ -833,3 +833,41 @@ fn a_guests_shorter_request_timeouts_hold() {
         }
     }
 }
+
+#[test]
+fn an_outbound_grpc_call_carries_what_is_left_of_the_deadline() {
+    // The downstream answers with the grpc-timeout it was sent.
+    let (addr, _downstream) = crate::downstream::serve(
+        |req: hyper::Request<hyper::body::Incoming>| async move {
+            let sent = req
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_owned();
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from(sent),
+            )))
+        },
+        None,
+    );
+    let berth = Berth::start(&module(
+        "m",
+        "/m",
+        "misbehave",
+        &format!("allowed_outbound_hosts = [\"http://{addr}\"]\nlimits = {{ timeout = \"3s\" }}"),
+    ));
+    let call = |own: &str| {
+        let r = get(&berth.url(&format!("/m/grpc_call?url=http://{addr}/svc/M{own}")));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
+    };
+    let millis = |v: &str| -> u64 { v.strip_suffix('m').unwrap().parse().unwrap() };
+    // None of its own: what is left of the module's 3 s.
+    let sent = millis(&call(""));
+    assert!((1..=3000).contains(&sent), "{sent}");
+    // A longer one of its own is shortened; a shorter one is kept.
+    let sent = millis(&call("&own=1H"));
+    assert!((1..=3000).contains(&sent), "{sent}");
+    assert_eq!(call("&own=1S"), "1S");
+}

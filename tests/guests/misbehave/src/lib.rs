@@ -97,6 +97,20 @@ fn handle(req: Request) -> Response {
                 Err(e) => Response::error(502, &e.to_string()),
             }
         }
+        "grpc_call" => {
+            // An outbound gRPC-shaped call (the host carries the request's
+            // deadline onward), with the guest's own `grpc-timeout` if
+            // `own` is given.
+            let url = req.query_param("url").unwrap_or_default();
+            let mut call = http::Client::post(&url).header("content-type", "application/grpc");
+            if let Some(own) = req.query_param("own") {
+                call = call.header("grpc-timeout", &own);
+            }
+            match call.body(vec![0, 0, 0, 0, 0]).send() {
+                Ok(r) => Response::text(r.text_body()),
+                Err(e) => Response::error(502, &e.to_string()),
+            }
+        }
         "fetch_within" => {
             // A call with the guest's own, shorter timeouts than the
             // host's: `ms` to the first byte and between bytes,
