@@ -201,6 +201,53 @@ mod tests {
     }
 
     #[test]
+    fn a_half_open_circuit_lets_through_as_many_probes_as_configured() {
+        let b = Breaker::new(
+            BreakerConfig {
+                failures: 1,
+                open_for: Duration::from_millis(20),
+                half_open_probes: 3,
+            },
+            IntGauge::new("g", "g").unwrap(),
+        );
+        b.admit().unwrap().record(false);
+        std::thread::sleep(Duration::from_millis(30));
+        let probes: Vec<_> = (0..3)
+            .map(|i| b.admit().unwrap_or_else(|| panic!("probe {i} of 3")))
+            .collect();
+        assert!(b.admit().is_none(), "a fourth probe while three are out");
+        assert!(probes.iter().all(|p| p.probe));
+        let mut probes = probes.into_iter();
+        probes.next().unwrap().record(true);
+        assert_eq!(b.gauge.get(), 0, "one good probe closes the circuit");
+        // The other two, reporting late, are stale news for a closed circuit.
+        for p in probes {
+            p.record(true);
+        }
+        assert_eq!(b.gauge.get(), 0);
+    }
+
+    #[test]
+    fn a_call_admitted_before_the_circuit_opened_cannot_close_or_reopen_it() {
+        let b = breaker(2, Duration::from_millis(20));
+        let early_ok = b.admit().unwrap();
+        let early_fail = b.admit().unwrap();
+        b.admit().unwrap().record(false);
+        b.admit().unwrap().record(false);
+        assert_eq!(b.gauge.get(), 2, "open");
+        std::thread::sleep(Duration::from_millis(30));
+        let probe = b.admit().expect("half-open");
+        assert_eq!(b.gauge.get(), 1);
+        // Calls from before the circuit opened report while the probe is out.
+        early_ok.record(true);
+        assert_eq!(b.gauge.get(), 1, "a stale success closed the circuit");
+        early_fail.record(false);
+        assert_eq!(b.gauge.get(), 1, "a stale failure reopened the circuit");
+        probe.record(true);
+        assert_eq!(b.gauge.get(), 0);
+    }
+
+    #[test]
     fn zero_failures_disables_it() {
         let b = breaker(0, Duration::from_secs(1));
         for _ in 0..10 {
