@@ -226,3 +226,19 @@ def test_a_pinned_module_moves_with_its_pin_as_docs_deploy_md_says(image, tmp_pa
         assert "exited with 2" in str(failed.value) and "sha256" in str(failed.value), failed.value
     finally:
         pod.cleanup()
+
+
+def test_readiness_through_the_native_grpc_probe(image, tmp_path):
+    """`probes.grpc: true`: the kubelet asks grpc.health.v1 on the traffic
+    port; the pod becomes ready through it and stops being ready while it
+    drains (NOT_SERVING), before it exits."""
+    docs = render("berth", "--set", "probes.grpc=true")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    ready = deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert ready["grpc"] == {"port": 8080, "service": ""}, ready
+    assert "httpGet" not in ready
+    pod, status, body, code, took, drained_ready = run_pod(docs, image, tmp_path)
+    assert status == 200, body
+    assert code == 0, "\n".join(pod.lines[-20:])
+    assert any(event == "ready" for event, _ in pod.events), pod.events
+    assert any(p["status"] == 503 and p["body"] == "NOT_SERVING" and p["traffic"] for p in drained_ready), drained_ready
