@@ -340,10 +340,12 @@ impl<M: Message + Default> Streaming<M> {
                     self.input = None;
                     // The host's error text is for the host's logs, not
                     // for the caller: its code says enough.
+                    // Berth's body limit reaches the guest as an I/O error
+                    // whose text names it (not always as an error code).
                     let over = matches!(
                         wasi::http::types::http_error_code(&e),
                         Some(wasi::http::types::ErrorCode::HttpRequestBodySize(_))
-                    );
+                    ) || e.to_debug_string().contains("body size exceeds");
                     return Some(Err(if over {
                         Status::new(
                             Code::ResourceExhausted,
@@ -738,8 +740,31 @@ mod tests {
             assert!(!status.message().contains("TOPSECRET"), "{e:?} -> {status}");
             assert!(!status.message().contains("orders"), "{e:?} -> {status}");
         }
-        let status = Status::from(crate::Error::Denied { url });
-        assert_eq!(status.code(), Code::PermissionDenied);
+        let codes = [
+            (
+                crate::Error::Denied { url: url.clone() },
+                Code::PermissionDenied,
+            ),
+            (
+                crate::Error::Timeout { url: url.clone() },
+                Code::DeadlineExceeded,
+            ),
+            (
+                crate::Error::Unavailable { url: url.clone() },
+                Code::Unavailable,
+            ),
+            (
+                crate::Error::Upstream {
+                    url,
+                    reason: "x".into(),
+                },
+                Code::Unavailable,
+            ),
+            (crate::Error::Io("x".into()), Code::Internal),
+        ];
+        for (e, code) in codes {
+            assert_eq!(Status::from(e.clone()).code(), code, "{e:?}");
+        }
     }
 
     #[test]

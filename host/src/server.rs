@@ -266,6 +266,7 @@ async fn until_drained<C, E>(
     conn: C,
     stop: &CancellationToken,
     idle: Option<(Duration, LastRequest)>,
+    hangup: &body::Hangup,
 ) where
     C: GracefulConnection<Error = E>,
     E: std::fmt::Display,
@@ -283,16 +284,25 @@ async fn until_drained<C, E>(
             tokio::time::sleep_until(due).await;
         }
     };
+    // A stuck response closes the connection at once, in a drain too: a
+    // graceful shutdown would wait for the stream the client never takes.
     let res = tokio::select! {
         res = conn.as_mut() => res,
         _ = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                res = conn => res,
+                _ = hangup.requested() => return,
+            }
         }
         _ = idle_out => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                res = conn => res,
+                _ = hangup.requested() => return,
+            }
         }
+        _ = hangup.requested() => return,
     };
     if let Err(err) = res {
         tracing::debug!(error = %err, "connection ended with an error");
@@ -353,13 +363,16 @@ pub async fn serve(
             } else {
                 (false, Bytes::new())
             };
+            let hangup = body::Hangup::default();
+            let on_conn = hangup.clone();
             // Only HTTP/2 connections are closed for idling here.
             let last = LastRequest::new();
             let seen = h2.then(|| last.clone());
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |mut req: Request<Incoming>| {
                 if let Some(seen) = &seen {
                     seen.touch();
                 }
+                req.extensions_mut().insert(on_conn.clone());
                 let (routes, ready) = (routes.clone(), ready.clone());
                 let tracker = conn_tracker.clone();
                 let watching = watching.clone();
@@ -393,9 +406,9 @@ pub async fn serve(
                 // An HTTP/2 connection with no new stream for as long as an
                 // HTTP/1.1 one may idle gets GOAWAY (gRPC clients reconnect).
                 let idle = Some((options.header_read_timeout, last));
-                until_drained(http2.serve_connection(io, svc), &stop, idle).await;
+                until_drained(http2.serve_connection(io, svc), &stop, idle, &hangup).await;
             } else {
-                until_drained(http1.serve_connection(io, svc), &stop, None).await;
+                until_drained(http1.serve_connection(io, svc), &stop, None, &hangup).await;
             }
         });
     }

@@ -187,6 +187,15 @@ fn guest_metrics_show_up_and_the_series_cap_holds() {
         None,
         "the host's latency buckets replaced the guest's"
     );
+    // Labelled observations get the chosen buckets too.
+    assert_eq!(
+        metric(
+            &page,
+            "berth_guest_m_order_bytes_bucket",
+            &[("module", "m"), ("kind", "book"), ("le", "1000")]
+        ),
+        Some(2.0)
+    );
 }
 
 #[test]

@@ -871,3 +871,64 @@ fn an_outbound_grpc_call_carries_what_is_left_of_the_deadline() {
     assert!((1..=3000).contains(&sent), "{sent}");
     assert_eq!(call("&own=1S"), "1S");
 }
+
+/// Whether process `pid` still holds the TCP connection whose peer is
+/// `peer` (read from /proc: the socket inodes in its fd table against
+/// /proc/net/tcp).
+fn holds_connection(pid: i32, peer: std::net::SocketAddr) -> bool {
+    let port = format!(":{:04X}", peer.port());
+    let inodes: Vec<String> = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols[2].ends_with(&port).then(|| cols[9].to_owned())
+        })
+        .collect();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|link| {
+            let link = link.to_string_lossy().into_owned();
+            inodes.iter().any(|i| link == format!("socket:[{i}]"))
+        })
+}
+
+#[test]
+fn a_client_that_never_reads_a_cut_response_loses_its_connection() {
+    // 64 MiB the client never reads: hyper stops polling the body, so at
+    // the deadline nothing tells it the response is over. The host closes
+    // the connection instead of keeping it, and the response's buffers,
+    // until the client goes.
+    let berth = Berth::start(&module(
+        "m",
+        "/m",
+        "misbehave",
+        "limits = { timeout = \"1s\", memory = \"256MiB\" }",
+    ));
+    let mut conn = TcpStream::connect(&berth.addr).unwrap();
+    conn.write_all(b"GET /m/big?mb=64 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let me = conn.local_addr().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !holds_connection(berth.pid(), me) {
+        assert!(
+            Instant::now() < deadline,
+            "the host never took the connection"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while holds_connection(berth.pid(), me) {
+        assert!(
+            Instant::now() < deadline,
+            "the host still holds a connection whose response was cut off 29 s ago"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // What was sent is a cut response, never a whole one.
+    let mut got = Vec::new();
+    let _ = conn.read_to_end(&mut got);
+    assert!(got.len() < 64 << 20, "{} bytes", got.len());
+}

@@ -300,6 +300,14 @@ def test_metrics_count_each_method_and_status(berth, greeter):
     assert handled(berth, "greeter.Greeter", "SayHello", "OK") == 2
     assert handled(berth, "greeter.Greeter", "SayHello", "INVALID_ARGUMENT") == 1
     assert handled(berth, "greeter.Greeter", "Count", "OK") == 1
+    # The host's own trailers-only answer (over max_body) is counted by its code.
+    code, _ = code_of(lambda: s.SayHello(pb.HelloRequest(name="x" * 2_000_000), timeout=10))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, code
+    assert handled(berth, "greeter.Greeter", "SayHello", "RESOURCE_EXHAUSTED") == 1
+    _, page = support.http(berth.admin + "/metrics")
+    took = [l for l in page.splitlines() if l.startswith(
+        'berth_grpc_server_handling_seconds_sum{grpc_method="SayHello"')]
+    assert took and float(took[0].rsplit(" ", 1)[1]) > 0, took
     # Methods the module does not have share one series.
     assert handled(berth, "other", "other", "UNIMPLEMENTED") == 2
     _, page = support.http(berth.admin + "/metrics")

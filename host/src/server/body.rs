@@ -172,6 +172,41 @@ impl Drop for CutOff {
     }
 }
 
+/// Closes the connection a request came on. hyper does not poll a
+/// response body it cannot send (a client that stopped reading, or never
+/// opens its flow-control window), so a body cut off at its deadline is
+/// never told to end, and hyper keeps the stream, its buffered bytes and
+/// the connection until the client goes. A cut response not taken up
+/// within [`STUCK_GRACE`] closes the connection instead.
+#[derive(Clone, Default)]
+pub(super) struct Hangup(tokio_util::sync::CancellationToken);
+
+/// How long a response cut at its deadline may wait for hyper to take its
+/// last frame before its connection is closed.
+pub(super) const STUCK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Hangup {
+    /// Resolves once some response on the connection was stuck.
+    pub(super) async fn requested(&self) {
+        self.0.cancelled().await
+    }
+
+    /// Closes the connection after [`STUCK_GRACE`] unless `ended` says the
+    /// response's last frame was taken by then.
+    pub(super) fn unless_taken(&self, ended: impl Fn() -> bool + Send + 'static) {
+        let token = self.0.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(STUCK_GRACE).await;
+            if !ended() && !token.is_cancelled() {
+                tracing::info!(
+                    "closing a connection whose client takes no more of a response cut off at its deadline"
+                );
+                token.cancel();
+            }
+        });
+    }
+}
+
 /// How the guest behind a response ended, as its body needs to know.
 /// wasmtime-wasi-http ends the body of a guest torn down mid-stream (over
 /// its deadline, trapped, or on an instance a neighbour took down) the way
@@ -182,10 +217,12 @@ pub(super) enum Fate {
     /// Whole bodies, which were complete when the head went out.
     #[default]
     Whole,
-    /// A fresh instance: its task records how it ended.
-    Task(Arc<std::sync::OnceLock<Cut>>),
-    /// A reused instance: retired for a trap, the memory limit or a
-    /// request's deadline, it took every stream on it down.
+    /// A fresh instance: its task records how it ended, and the body
+    /// whether its last frame was taken.
+    Task(Arc<TaskFate>),
+    /// A reused instance: retired for a trap or the memory limit, it took
+    /// every stream on it down. (A request's deadline only stops it taking
+    /// new requests: its neighbours run on and finish their streams.)
     Instance(Arc<std::sync::OnceLock<Arc<Retirement>>>),
 }
 
@@ -198,6 +235,17 @@ pub(super) enum Cut {
     Failed,
 }
 
+/// What a fresh instance's task and its response body share.
+#[derive(Default)]
+pub(super) struct TaskFate {
+    cut: std::sync::OnceLock<Cut>,
+    /// A response body was handed to hyper (a host answer replaces it
+    /// otherwise: nothing to wait for).
+    delivering: AtomicBool,
+    /// The body's last frame was taken, or the body dropped.
+    ended: AtomicBool,
+}
+
 impl Fate {
     /// For a fresh instance's task to record its end in.
     pub(super) fn task() -> Self {
@@ -205,20 +253,33 @@ impl Fate {
     }
 
     /// Records the guest's end. Set before the guest's store is dropped,
-    /// so a body that sees its stream end already knows why.
-    pub(super) fn cut(&self, cut: Cut) {
-        if let Fate::Task(cell) = self {
-            let _ = cell.set(cut);
+    /// so a body that sees its stream end already knows why. A body not
+    /// taken up by then gets [`STUCK_GRACE`] before `hangup` closes its
+    /// connection.
+    pub(super) fn cut(&self, cut: Cut, hangup: &Hangup) {
+        if let Fate::Task(fate) = self {
+            let _ = fate.cut.set(cut);
+            let fate = fate.clone();
+            hangup.unless_taken(move || {
+                !fate.delivering.load(Ordering::Relaxed) || fate.ended.load(Ordering::Relaxed)
+            });
+        }
+    }
+
+    /// The body is done with: its last frame taken, or dropped.
+    fn ended(&self) {
+        if let Fate::Task(fate) = self {
+            fate.ended.store(true, Ordering::Relaxed);
         }
     }
 
     pub(super) fn get(&self) -> Option<Cut> {
         match self {
             Fate::Whole => None,
-            Fate::Task(cell) => cell.get().copied(),
+            Fate::Task(fate) => fate.cut.get().copied(),
             Fate::Instance(instance) => match instance.get()?.reason()? {
-                Retired::Trap | Retired::MemoryLimit | Retired::Timeout => Some(Cut::Failed),
-                Retired::MaxRequests | Retired::Idle | Retired::Stopped => None,
+                Retired::Trap | Retired::MemoryLimit => Some(Cut::Failed),
+                Retired::Timeout | Retired::MaxRequests | Retired::Idle | Retired::Stopped => None,
             },
         }
     }
@@ -260,6 +321,9 @@ pub(super) struct Delivered<B> {
 
 impl<B> Delivered<B> {
     pub(super) fn new(inner: B, cut_off: CutOff, fate: Fate, dialect: Dialect) -> Self {
+        if let Fate::Task(fate) = &fate {
+            fate.delivering.store(true, Ordering::Relaxed);
+        }
         Delivered {
             inner,
             cut_off,
@@ -267,6 +331,12 @@ impl<B> Delivered<B> {
             dialect,
             ended: false,
         }
+    }
+}
+
+impl<B> Drop for Delivered<B> {
+    fn drop(&mut self) {
+        self.fate.ended();
     }
 }
 
@@ -292,8 +362,9 @@ where
             frame = Some(cut.last_frame(self.dialect));
         }
         // hyper stops polling a body that says it has ended.
-        if frame.is_none() || self.inner.is_end_stream() {
+        if frame.is_none() || self.ended || self.inner.is_end_stream() {
             self.cut_off.disarm();
+            self.fate.ended();
         }
         Poll::Ready(frame)
     }
@@ -346,6 +417,7 @@ impl<B: Send + 'static> Bounded<B> {
         module: Arc<str>,
         dialect: Dialect,
         fate: Fate,
+        hangup: Hangup,
     ) -> Self {
         let state = Arc::new(std::sync::Mutex::new(Delivery::Streaming {
             body: inner,
@@ -356,8 +428,10 @@ impl<B: Send + 'static> Bounded<B> {
             let state = Arc::downgrade(&state);
             async move {
                 tokio::time::sleep_until(deadline).await;
-                let Some(state) = state.upgrade() else { return };
-                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(state_arc) = state.upgrade() else {
+                    return;
+                };
+                let mut state = state_arc.lock().unwrap_or_else(|e| e.into_inner());
                 if let Delivery::Streaming { waker, .. } = &mut *state {
                     let waker = waker.take();
                     // Dropped here, outside of hyper: slot and stream.
@@ -370,6 +444,14 @@ impl<B: Send + 'static> Bounded<B> {
                     if let Some(waker) = waker {
                         waker.wake();
                     }
+                    let weak = Arc::downgrade(&state_arc);
+                    drop(state_arc);
+                    hangup.unless_taken(move || {
+                        weak.upgrade().is_none_or(|state| {
+                            let state = state.lock().unwrap_or_else(|e| e.into_inner());
+                            !matches!(*state, Delivery::Expired)
+                        })
+                    });
                 }
             }
         });

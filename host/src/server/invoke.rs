@@ -25,7 +25,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 
-use super::body::{Bounded, Cut, CutOff, Delivered, Fate, InFlight, Limited, Slot};
+use super::body::{Bounded, Cut, CutOff, Delivered, Fate, Hangup, InFlight, Limited, Slot};
 use super::error::{Dialect, GuestError, RequestError};
 use crate::runtime::{Host, Module, RequestContext, Retired, Retirement, Serving, Ticket, Workers};
 
@@ -64,6 +64,7 @@ async fn fresh(
     terms: Terms,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
     let permit = admit(module, &req)?;
+    let hangup = hangup_of(&req);
     let mut store = module.new_store(pre, cx.clone());
     let request = WasiRequest::new(&mut store, req, module.limits.max_body.0)?;
     let fate = Fate::task();
@@ -72,6 +73,7 @@ async fn fresh(
         permit,
         timeout: terms.timeout,
         fate: fate.clone(),
+        hangup,
     };
     let task = spawn_guest(module, pre, tracker, store, guest, cx);
     // Armed until the guest's answer is out: if this future is dropped
@@ -172,6 +174,17 @@ struct Guest {
     timeout: std::time::Duration,
     /// Told how the guest ended, before its store goes.
     fate: Fate,
+    /// Closes the connection if a cut response is never taken up.
+    hangup: Hangup,
+}
+
+/// The request's connection's [`Hangup`] (none for a request that came
+/// another way, as in tests).
+fn hangup_of<B>(req: &Request<B>) -> Hangup {
+    req.extensions()
+        .get::<Hangup>()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Instantiates the module and calls its handler in a task of its own:
@@ -190,6 +203,7 @@ fn spawn_guest(
         permit,
         timeout,
         fate,
+        hangup,
     } = guest;
     let module = module.clone();
     let pre = pre.clone();
@@ -229,10 +243,11 @@ fn spawn_guest(
                 .await
                 .unwrap_or(Err(GuestError::Timeout(timeout)));
             if let Err(err) = &result {
-                fate.cut(match err {
+                let cut = match err {
                     GuestError::Timeout(_) => Cut::Timeout,
                     _ => Cut::Failed,
-                });
+                };
+                fate.cut(cut, &hangup);
                 failed(&module, &cx, err);
             }
             result
@@ -268,6 +283,7 @@ async fn pooled(
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
     let Terms { timeout, dialect } = terms;
     let permit = admit(module, &req)?;
+    let hangup = hangup_of(&req);
     let too_big = Arc::new(AtomicBool::new(false));
     let waiting = Arc::new(AtomicBool::new(false));
     let (parts, body) = req.into_parts();
@@ -316,7 +332,7 @@ async fn pooled(
         Delivered::new(capped, CutOff::holding(slot), Fate::Whole, dialect).boxed_unsync()
     } else {
         let name = module.name.clone();
-        Bounded::new(capped, slot, deadline, name, dialect, fate).boxed_unsync()
+        Bounded::new(capped, slot, deadline, name, dialect, fate, hangup).boxed_unsync()
     };
     Ok(Response::from_parts(parts, body))
 }

@@ -61,6 +61,9 @@ fn handle(req: Request) -> Response {
             static ITEMS: metrics::Histogram =
                 metrics::Histogram::with_buckets("order_items", &[1.0, 5.0, 25.0]);
             ITEMS.observe(3.0);
+            static SIZES: metrics::Histogram =
+                metrics::Histogram::with_buckets("order_bytes", &[100.0, 1000.0]);
+            SIZES.observe_with(500.0, &[("kind", "book")]);
             Response::text("counted\n")
         }
         "metrics-0.1.0" => {
