@@ -887,6 +887,36 @@ mod tests {
     }
 
     #[test]
+    fn each_threshold_holds_at_its_exact_value() {
+        let p = policy(
+            "min_requests = 10\nmin_success_rate = 90.0\nmax_p99 = \"250ms\"\nmax_p99_ratio = 2.0",
+        );
+        // Exactly min_requests is judged; exactly 90 % and exactly 2x the
+        // stable p99 pass.
+        let stable = figures(10, 0, 50.0);
+        assert_eq!(judge(&p, &stable, &figures(10, 1, 100.0)), Verdict::Pass);
+        // Exactly max_p99 passes (250 ms: exact in binary, as 200 is not).
+        assert_eq!(
+            judge(&p, &figures(10, 0, 150.0), &figures(10, 0, 250.0)),
+            Verdict::Pass
+        );
+        // A stable version with exactly min_requests is compared with.
+        assert!(matches!(
+            judge(&p, &stable, &figures(10, 0, 101.0)),
+            Verdict::Fail(_)
+        ));
+        // One under each: waits, fails.
+        assert!(matches!(
+            judge(&p, &stable, &figures(9, 0, 1.0)),
+            Verdict::Wait(_)
+        ));
+        assert!(matches!(
+            judge(&p, &stable, &figures(10, 2, 1.0)),
+            Verdict::Fail(_)
+        ));
+    }
+
+    #[test]
     fn the_p99_of_a_window_is_read_from_its_buckets() {
         let w = Window::new();
         for _ in 0..990 {
