@@ -179,6 +179,10 @@ pub fn encode<M: Message>(message: &M) -> Vec<u8> {
 #[derive(Debug)]
 pub struct Frames {
     buf: Vec<u8>,
+    /// Where the next message starts in `buf`: messages are taken by
+    /// moving it, and the taken bytes dropped once per read, so a read full
+    /// of small messages is not shifted once for each of them.
+    start: usize,
     max: usize,
 }
 
@@ -187,18 +191,22 @@ impl Frames {
     pub fn new(max: usize) -> Self {
         Frames {
             buf: Vec::new(),
+            start: 0,
             max,
         }
     }
 
     /// Adds bytes read from the stream.
     pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.drain(..self.start);
+        self.start = 0;
         self.buf.extend_from_slice(bytes);
     }
 
     /// The next whole message, if one has arrived.
     pub fn next_message(&mut self) -> Result<Option<Vec<u8>>, Status> {
-        let Some(header) = self.buf.get(..5) else {
+        let rest = &self.buf[self.start..];
+        let Some(header) = rest.get(..5) else {
             return Ok(None);
         };
         match header[0] {
@@ -224,17 +232,17 @@ impl Frames {
                 format!("a message of {len} bytes is over the limit of {}", self.max),
             ));
         };
-        if self.buf.len() < end {
+        if rest.len() < end {
             return Ok(None);
         }
-        let message = self.buf[5..end].to_vec();
-        self.buf.drain(..end);
+        let message = rest[5..end].to_vec();
+        self.start += end;
         Ok(Some(message))
     }
 
     /// Whether bytes of an unfinished message are left.
     pub fn is_partial(&self) -> bool {
-        !self.buf.is_empty()
+        self.start < self.buf.len()
     }
 }
 

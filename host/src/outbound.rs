@@ -722,11 +722,8 @@ fn propagate_deadline(headers: &mut http::HeaderMap, deadline: Option<tokio::tim
     let grpc = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct.trim()
-                .to_ascii_lowercase()
-                .starts_with("application/grpc")
-        });
+        .and_then(|ct| ct.trim_start().get(.."application/grpc".len()))
+        .is_some_and(|ct| ct.eq_ignore_ascii_case("application/grpc"));
     if !grpc {
         return;
     }

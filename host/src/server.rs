@@ -286,23 +286,21 @@ async fn until_drained<C, E>(
     };
     // A stuck response closes the connection at once, in a drain too: a
     // graceful shutdown would wait for the stream the client never takes.
-    let res = tokio::select! {
-        res = conn.as_mut() => res,
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                res = conn => res,
-                _ = hangup.requested() => return,
-            }
-        }
-        _ = idle_out => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                res = conn => res,
-                _ = hangup.requested() => return,
-            }
-        }
+    let ended = tokio::select! {
+        res = conn.as_mut() => Some(res),
+        _ = stop.cancelled() => None,
+        _ = idle_out => None,
         _ = hangup.requested() => return,
+    };
+    let res = match ended {
+        Some(res) => res,
+        None => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                res = conn => res,
+                _ = hangup.requested() => return,
+            }
+        }
     };
     if let Err(err) = res {
         tracing::debug!(error = %err, "connection ended with an error");
@@ -322,7 +320,12 @@ pub async fn serve(
 ) {
     let http1 = options.http1();
     let http2 = options.http2(&tracker);
-    let watches = Arc::new(tokio::sync::Semaphore::new(grpc::MAX_WATCHES));
+    let watching = Arc::new(grpc::Watching {
+        ready: ready.clone(),
+        stop: stop.clone(),
+        tracker: tracker.clone(),
+        slots: Arc::new(tokio::sync::Semaphore::new(grpc::MAX_WATCHES)),
+    });
     loop {
         let (stream, _peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -341,12 +344,7 @@ pub async fn serve(
         let ready = ready.clone();
         let stop = stop.clone();
         let conn_tracker = tracker.clone();
-        let watching = grpc::Watching {
-            ready: ready.clone(),
-            stop: stop.clone(),
-            tracker: tracker.clone(),
-            slots: watches.clone(),
-        };
+        let watching = watching.clone();
         let (http1, http2) = (http1.clone(), http2.clone());
         tracker.spawn(async move {
             let mut stream = stream;
@@ -368,11 +366,11 @@ pub async fn serve(
             // Only HTTP/2 connections are closed for idling here.
             let last = LastRequest::new();
             let seen = h2.then(|| last.clone());
-            let svc = service_fn(move |mut req: Request<Incoming>| {
+            let svc = service_fn(move |req: Request<Incoming>| {
                 if let Some(seen) = &seen {
                     seen.touch();
                 }
-                req.extensions_mut().insert(on_conn.clone());
+                let hangup = on_conn.clone();
                 let (routes, ready) = (routes.clone(), ready.clone());
                 let tracker = conn_tracker.clone();
                 let watching = watching.clone();
@@ -384,7 +382,7 @@ pub async fn serve(
                         respond(result, &request_id, Dialect::Grpc)
                     } else if is_health(&req, grpc::HEALTH_WATCH) {
                         let request_id = request_id(&req);
-                        let result = grpc::health_watch(req, routes, watching, within).await;
+                        let result = grpc::health_watch(req, routes, &watching, within).await;
                         respond(result, &request_id, Dialect::Grpc)
                     } else if req.headers().len() > options.max_headers {
                         // hyper counts HTTP/1.1 headers itself; on HTTP/2
@@ -396,7 +394,7 @@ pub async fn serve(
                             Dialect::of(&req),
                         )
                     } else {
-                        handle(&routes, options.access_log, &tracker, req).await
+                        handle(&routes, options.access_log, &tracker, hangup, req).await
                     };
                     Ok::<_, Infallible>(resp)
                 }
@@ -429,11 +427,11 @@ async fn handle(
     routes: &Routes,
     access_log: bool,
     tracker: &TaskTracker,
+    hangup: body::Hangup,
     mut req: Request<Incoming>,
 ) -> Response<HyperOutgoingBody> {
     let request_id = request_id(&req);
     let dialect = Dialect::of(&req);
-    let started = std::time::Instant::now();
     let grpc_path = (dialect == Dialect::Grpc).then(|| req.uri().path().to_owned());
     let (module, canary) = {
         let table = routes.current();
@@ -455,7 +453,11 @@ async fn handle(
     let module = observed.module();
     let result = match timeout {
         Ok(timeout) => {
-            let terms = invoke::Terms { timeout, dialect };
+            let terms = invoke::Terms {
+                timeout,
+                dialect,
+                hangup,
+            };
             invoke::invoke(module, tracker, req, observed.context(), terms).await
         }
         Err(err) => Err(err),
@@ -473,7 +475,7 @@ async fn handle(
     };
     let mut resp = respond(result, &request_id, dialect);
     if let Some(path) = &grpc_path {
-        resp = grpc::Counted::wrap(resp, module.clone(), path, started);
+        resp = grpc::Counted::wrap(resp, module.clone(), path, observed.started());
     }
     let elapsed = observed.finish(status, access_log);
     match canary {

@@ -183,7 +183,7 @@ pub(super) struct Hangup(tokio_util::sync::CancellationToken);
 
 /// How long a response cut at its deadline may wait for hyper to take its
 /// last frame before its connection is closed.
-pub(super) const STUCK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+const STUCK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Hangup {
     /// Resolves once some response on the connection was stuck.

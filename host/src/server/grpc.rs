@@ -93,7 +93,6 @@ pub(super) async fn health_check(
 
 /// What `Watch` needs of the server: its readiness, its drain signal, the
 /// task tracker the watch runs in, and the host-wide bound on watches.
-#[derive(Clone)]
 pub(super) struct Watching {
     pub(super) ready: super::Readiness,
     pub(super) stop: tokio_util::sync::CancellationToken,
@@ -110,7 +109,7 @@ pub(super) struct Watching {
 pub(super) async fn health_watch(
     req: Request<Incoming>,
     routes: Arc<Routes>,
-    watching: Watching,
+    watching: &Watching,
     within: Duration,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
     let slot = watching
@@ -120,13 +119,8 @@ pub(super) async fn health_watch(
         .map_err(|_| RequestError::Shed)?;
     let service = health_request(req, within).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Frame<bytes::Bytes>>(1);
-    let Watching {
-        ready,
-        stop,
-        tracker,
-        ..
-    } = watching;
-    tracker.spawn(async move {
+    let (ready, stop) = (watching.ready.clone(), watching.stop.clone());
+    watching.tracker.spawn(async move {
         let _slot = slot;
         let mut sent = None;
         let mut every = tokio::time::interval(WATCH_EVERY);

@@ -33,11 +33,12 @@ use crate::runtime::{Host, Module, RequestContext, Retired, Retirement, Serving,
 type Answer = oneshot::Receiver<Result<Response<HyperOutgoingBody>, ErrorCode>>;
 
 /// What a request is allowed: its time (the module's `limits.timeout`, or
-/// less when the client asked for less), and how a body cut short ends.
-#[derive(Clone, Copy)]
+/// less when the client asked for less), how a body cut short ends, and
+/// its connection's [`Hangup`] for a cut response never taken up.
 pub(super) struct Terms {
     pub(super) timeout: std::time::Duration,
     pub(super) dialect: Dialect,
+    pub(super) hangup: Hangup,
 }
 
 /// Runs `req` through an instance of `module`, within its terms.
@@ -64,7 +65,6 @@ async fn fresh(
     terms: Terms,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
     let permit = admit(module, &req)?;
-    let hangup = hangup_of(&req);
     let mut store = module.new_store(pre, cx.clone());
     let request = WasiRequest::new(&mut store, req, module.limits.max_body.0)?;
     let fate = Fate::task();
@@ -73,7 +73,7 @@ async fn fresh(
         permit,
         timeout: terms.timeout,
         fate: fate.clone(),
-        hangup,
+        hangup: terms.hangup,
     };
     let task = spawn_guest(module, pre, tracker, store, guest, cx);
     // Armed until the guest's answer is out: if this future is dropped
@@ -87,19 +87,7 @@ async fn fresh(
     }
     let outcome = client_held_up(outcome, &request.waiting)?;
     let (parts, body) = outcome.into_parts();
-    let body = super::body::coalesce(body).await;
-    // The guest failed while its body was being gathered: it may have
-    // ended the stream by going, not by finishing it. The head is not out
-    // yet, so the client gets the failure itself, not a short body that
-    // looks whole.
-    if let Some(cut) = fate.get() {
-        return Err(RequestError::Guest(match cut {
-            Cut::Timeout => GuestError::Timeout(terms.timeout),
-            Cut::Failed => {
-                GuestError::Trap("the module failed before finishing its response".into())
-            }
-        }));
-    }
+    let body = gather(body, &fate, terms.timeout).await?;
     let capped = Limited::response(body, module.limits.max_response_body.0);
     let body = Delivered::new(capped, cut_off, fate, terms.dialect);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
@@ -178,13 +166,23 @@ struct Guest {
     hangup: Hangup,
 }
 
-/// The request's connection's [`Hangup`] (none for a request that came
-/// another way, as in tests).
-fn hangup_of<B>(req: &Request<B>) -> Hangup {
-    req.extensions()
-        .get::<Hangup>()
-        .cloned()
-        .unwrap_or_default()
+/// The response body, whole if the guest finished it at once (see
+/// `coalesce`). A guest that failed meanwhile may have ended the stream by
+/// going, not by finishing it; the head is not out yet, so the client gets
+/// the failure itself, not a short body that looks whole.
+async fn gather(
+    body: HyperOutgoingBody,
+    fate: &Fate,
+    timeout: std::time::Duration,
+) -> Result<HyperOutgoingBody, RequestError> {
+    let body = super::body::coalesce(body).await;
+    match fate.get() {
+        None => Ok(body),
+        Some(Cut::Timeout) => Err(GuestError::Timeout(timeout).into()),
+        Some(Cut::Failed) => {
+            Err(GuestError::Trap("the module failed before finishing its response".into()).into())
+        }
+    }
 }
 
 /// Instantiates the module and calls its handler in a task of its own:
@@ -281,9 +279,12 @@ async fn pooled(
     cx: &RequestContext,
     terms: Terms,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
-    let Terms { timeout, dialect } = terms;
+    let Terms {
+        timeout,
+        dialect,
+        hangup,
+    } = terms;
     let permit = admit(module, &req)?;
-    let hangup = hangup_of(&req);
     let too_big = Arc::new(AtomicBool::new(false));
     let waiting = Arc::new(AtomicBool::new(false));
     let (parts, body) = req.into_parts();
@@ -317,14 +318,8 @@ async fn pooled(
         return Err(RequestError::BodyTooLarge);
     }
     let (parts, body) = client_held_up(result, &waiting)?.into_parts();
-    let body = super::body::coalesce(body).await;
     let fate = Fate::Instance(instance);
-    if fate.get().is_some() {
-        // As on a fresh instance: gathered from a guest that went.
-        return Err(RequestError::Guest(GuestError::Trap(
-            "its instance was torn down before the response was finished".into(),
-        )));
-    }
+    let body = gather(body, &fate, timeout).await?;
     let capped = Limited::response(body, module.limits.max_response_body.0);
     // A whole body is taken by hyper at once, and frees the slot as it
     // goes; a stream is bounded by the request's deadline.

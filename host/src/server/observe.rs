@@ -61,6 +61,11 @@ impl Observed {
         self.cx.deadline = Some(tokio::time::Instant::now() + budget);
     }
 
+    /// When the request arrived.
+    pub(super) fn started(&self) -> Instant {
+        self.started
+    }
+
     /// The module the request was routed to.
     pub(super) fn module(&self) -> &Arc<Module> {
         &self.module
