@@ -850,7 +850,14 @@ fn modules_of_the_same_bytes_are_compiled_once() {
 fn idle_instance_memory_goes_back_to_the_kernel_after_a_quiet_spell() {
     let config = "[runtime]\nrelease_idle_after = \"1s\"\n".to_owned()
         + &module("hello", "/hello", "hello", "")
-        + &module("svc", "/p3", "p3_service", "");
+        // A reused instance idling out frees a slot and starts a new quiet
+        // spell; retiring well inside the spell keeps it to one release.
+        + &module(
+            "svc",
+            "/p3",
+            "p3_service",
+            "instances = { idle_timeout = \"100ms\" }",
+        );
     let berth = Berth::start(&config);
     let burst = || {
         let urls = (0..4)
