@@ -53,11 +53,22 @@ type HttpsClient =
 type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
 
 /// Pooled HTTP clients, shared by every module: one per connect timeout
-/// (it belongs to the connector) and per guard setting (whether restricted
-/// addresses are filtered out of name lookups).
+/// (it belongs to the connector), per guard setting (whether restricted
+/// addresses are filtered out of name lookups) and per protocol.
 pub struct Clients {
     lookup: Lookup,
-    pools: Mutex<HashMap<(Duration, Guard), HttpsClient>>,
+    pools: Mutex<HashMap<(Duration, Guard, Protocol), HttpsClient>>,
+}
+
+/// How a client picks the HTTP version of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Protocol {
+    /// HTTP/1.1 in the clear; over TLS, HTTP/2 when the server offers it
+    /// by ALPN. Each pooled HTTP/2 connection carries many calls at once.
+    Negotiated,
+    /// HTTP/2 with prior knowledge (h2c) in the clear, as configured for
+    /// the upstream; over TLS still by ALPN.
+    H2c,
 }
 
 /// Whether a client may connect to restricted addresses.
@@ -83,10 +94,10 @@ impl Clients {
         }
     }
 
-    fn get(&self, connect_timeout: Duration, guard: Guard) -> HttpsClient {
+    fn get(&self, connect_timeout: Duration, guard: Guard, protocol: Protocol) -> HttpsClient {
         let mut clients = self.pools.lock().unwrap();
         clients
-            .entry((connect_timeout, guard))
+            .entry((connect_timeout, guard, protocol))
             .or_insert_with(|| {
                 let resolver = GuardedResolver::new(self.lookup.clone(), guard == Guard::On);
                 let mut http = HttpConnector::new_with_resolver(resolver);
@@ -99,11 +110,22 @@ impl Clients {
                     .with_provider_and_platform_verifier(rustls::crypto::ring::default_provider())
                     .expect("ring offers the default protocol versions")
                     .https_or_http()
-                    .enable_http1()
+                    .enable_all_versions()
                     .wrap_connector(http);
-                Client::builder(TokioExecutor::new())
+                let mut client = Client::builder(TokioExecutor::new());
+                client
                     .pool_idle_timeout(Duration::from_secs(60))
-                    .build(https)
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .pool_timer(hyper_util::rt::TokioTimer::new())
+                    // A multiplexed connection that went dead without a
+                    // FIN (a NAT or a node gone) would fail every call on
+                    // it: pings find out while it idles.
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .http2_keep_alive_timeout(Duration::from_secs(10));
+                if protocol == Protocol::H2c {
+                    client.http2_only(true);
+                }
+                client.build(https)
             })
             .clone()
     }
@@ -115,7 +137,7 @@ impl Clients {
     pub async fn download(&self, url: &str, limit: usize) -> Result<Vec<u8>, String> {
         let uri: http::Uri = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
         // The operator wrote the URL: no guard.
-        let client = self.get(Duration::from_secs(10), Guard::Off);
+        let client = self.get(Duration::from_secs(10), Guard::Off, Protocol::Negotiated);
         let req = Request::get(uri)
             .body(
                 http_body_util::Empty::new()
@@ -264,9 +286,15 @@ impl ModuleOutbound {
                 }
                 let m = &self.metrics;
                 let labels = [&*self.module, label.as_str()];
+                let protocol = if config.h2c && *scheme == Scheme::HTTP {
+                    Protocol::H2c
+                } else {
+                    Protocol::Negotiated
+                };
                 Arc::new(Upstream {
-                    client: self.clients.get(config.connect_timeout, guard),
+                    client: self.clients.get(config.connect_timeout, guard, protocol),
                     guard,
+                    protocol,
                     clients: self.clients.clone(),
                     breaker: Breaker::new(
                         config.circuit_breaker,
@@ -369,6 +397,8 @@ struct Upstream {
     retries: IntCounter,
     /// Whether this upstream's connections filter restricted addresses.
     guard: Guard,
+    /// How its connections choose the HTTP version.
+    protocol: Protocol,
     /// The module's count of denied calls.
     denied: IntCounter,
     /// When a call last used this entry.
@@ -527,9 +557,11 @@ impl Upstream {
         // the guest picks another pooled client, rounded up to 100 ms so
         // guests cannot make one pool per nanosecond.
         let client = match guest.connect_timeout {
-            Some(asked) if asked < cfg.connect_timeout => self
-                .clients
-                .get(round_up_100ms(asked).min(cfg.connect_timeout), self.guard),
+            Some(asked) if asked < cfg.connect_timeout => self.clients.get(
+                round_up_100ms(asked).min(cfg.connect_timeout),
+                self.guard,
+                self.protocol,
+            ),
             _ => self.client.clone(),
         };
         CallLimits {
@@ -1070,7 +1102,8 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let client = Clients::default().get(Duration::from_secs(2), Guard::Off);
+        let client =
+            Clients::default().get(Duration::from_secs(2), Guard::Off, Protocol::Negotiated);
         let req = Request::get(format!("http://127.0.0.1:{port}/"))
             .body(
                 http_body_util::Empty::new()

@@ -826,3 +826,156 @@ fn a_client_that_never_reads_holds_its_slots_only_until_the_deadline() {
     assert!(raw.frames_of(DATA).is_empty(), "{:?}", raw.head());
     assert!(!raw.closed_within(Duration::ZERO));
 }
+
+/// An upstream that answers each request with the HTTP version it came
+/// in on, after `delay`, and counts the connections it accepted: HTTP/2
+/// (by ALPN over TLS, or by prior knowledge in the clear) or HTTP/1.1.
+struct VersionUpstream {
+    port: u16,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl VersionUpstream {
+    /// Over TLS with `tls` (whose ALPN list decides the version), or in
+    /// the clear speaking HTTP/2 only (an h2c server such as a gRPC one).
+    fn start(tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>, delay: Duration) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        rt.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |req: http::Request<_>| async move {
+                            tokio::time::sleep(delay).await;
+                            let version = format!("{:?}", req.version());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from(version),
+                            )))
+                        });
+                    let mut builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        Some(acceptor) => {
+                            let Ok(tls) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                        }
+                        None => {
+                            builder = builder.http2_only();
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        VersionUpstream {
+            port,
+            connections,
+            _rt: rt,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// `/m/fetch` of `url` through the misbehave guest: the upstream's body.
+fn fetched(berth: &Berth, url: &str) -> Result<String, String> {
+    let r = get(&berth.url(&format!("/m/fetch?url={url}")));
+    if r.status != 200 {
+        return Err(format!("{}: {}", r.status, r.body));
+    }
+    Ok(r.json()["body"].as_str().unwrap_or_default().to_owned())
+}
+
+/// `n` fetches of `url` at once; each must succeed.
+fn fetched_at_once(berth: &Berth, url: &str, n: usize) {
+    std::thread::scope(|s| {
+        let calls: Vec<_> = (0..n).map(|_| s.spawn(|| fetched(berth, url))).collect();
+        for call in calls {
+            call.join().unwrap().expect("a concurrent fetch");
+        }
+    });
+}
+
+#[test]
+fn outbound_tls_takes_http2_by_alpn_and_multiplexes_calls_on_one_connection() {
+    let ca = crate::tls::PrivateCa::new();
+    let mut h2_tls = (*ca.server).clone();
+    h2_tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let delay = Duration::from_millis(300);
+    let h2 = VersionUpstream::start(Some(Arc::new(h2_tls)), delay);
+    // No ALPN from the server: the client must stay on HTTP/1.1.
+    let h1 = VersionUpstream::start(Some(ca.server.clone()), delay);
+    let config = module(
+        "m",
+        "/m",
+        "misbehave",
+        &format!(
+            "allowed_outbound_hosts = [\"https://localhost:{}\", \"https://localhost:{}\"]",
+            h2.port, h1.port
+        ),
+    );
+    let ca_file = ca.ca_file.display().to_string();
+    let berth = Berth::start_with(&config, &[("SSL_CERT_FILE", &ca_file)]);
+    let (h2_url, h1_url) = (
+        format!("https://localhost:{}/v", h2.port),
+        format!("https://localhost:{}/v", h1.port),
+    );
+    assert_eq!(fetched(&berth, &h2_url).unwrap(), "HTTP/2.0");
+    assert_eq!(fetched(&berth, &h1_url).unwrap(), "HTTP/1.1");
+
+    // Six calls in flight at once: over HTTP/1.1 they need connections of
+    // their own; over HTTP/2 they are streams of the one pooled connection.
+    fetched_at_once(&berth, &h1_url, 6);
+    assert!(
+        h1.connections() > 1,
+        "HTTP/1.1 calls overlapped: {}",
+        h1.connections()
+    );
+    fetched_at_once(&berth, &h2_url, 6);
+    assert_eq!(h2.connections(), 1, "HTTP/2 calls share one connection");
+}
+
+#[test]
+fn an_upstream_configured_for_h2c_is_spoken_to_in_http2_by_prior_knowledge() {
+    let up = VersionUpstream::start(None, Duration::ZERO);
+    let url = format!("http://127.0.0.1:{}/v", up.port);
+    let allow = format!(
+        "allowed_outbound_hosts = [\"http://127.0.0.1:{}\"]",
+        up.port
+    );
+    let with_h2c = format!(
+        "[upstreams.\"127.0.0.1:{}\"]\nh2c = true\n{}",
+        up.port,
+        module("m", "/m", "misbehave", &allow)
+    );
+    let berth = Berth::start(&with_h2c);
+    assert_eq!(fetched(&berth, &url).unwrap(), "HTTP/2.0");
+    fetched_at_once(&berth, &url, 4);
+    assert_eq!(up.connections(), 1, "h2c calls share one connection");
+    drop(berth);
+
+    // Not configured so, a cleartext call is HTTP/1.1, which an HTTP/2-only
+    // server refuses: the guest gets a protocol error, not a hang.
+    let berth = Berth::start(&module("m", "/m", "misbehave", &allow));
+    let err = fetched(&berth, &url).unwrap_err();
+    assert!(err.starts_with("502"), "{err}");
+}

@@ -314,3 +314,122 @@ def test_metrics_count_each_method_and_status(berth, greeter):
     assert 'grpc_method="Nope"' not in page
     # The HTTP view of the same calls: every gRPC answer is a 200.
     assert 'berth_http_server_requests_total{method="POST",module="greeter",route="/greeter.Greeter",status="200"' in page
+
+
+class UpstreamGreeter:
+    """A gRPC server of grpcio's own (C-core, HTTP/2 only) behind a guest:
+    the Greeter again, recording the metadata and time left of each call."""
+
+    def __init__(self, greeter):
+        from concurrent import futures
+        pb, stubs = greeter
+        self.pb, self.calls = pb, []
+        outer = self
+
+        class Servicer(stubs.GreeterServicer):
+            def SayHello(self, request, context):
+                outer.record("SayHello", context)
+                if not request.name:
+                    context.abort(grpc.StatusCode.NOT_FOUND, "nobody by that name upstream")
+                return pb.HelloReply(message=f"Upstream, {request.name}!")
+
+            def Count(self, request, context):
+                outer.record("Count", context)
+                for n in range(1, request.to + 1):
+                    yield pb.CountReply(n=n)
+                if request.interval_ms == 7:
+                    # A status after messages: it can only travel in trailers.
+                    context.abort(grpc.StatusCode.DATA_LOSS, "cut after the last")
+
+            def Sum(self, request_iterator, context):
+                outer.record("Sum", context)
+                values = [n.value for n in request_iterator]
+                return pb.Total(sum=sum(values), count=len(values))
+
+            def Chat(self, request_iterator, context):
+                outer.record("Chat", context)
+                for r in request_iterator:
+                    yield pb.HelloReply(message=f"Upstream, {r.name}!")
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        stubs.add_GreeterServicer_to_server(Servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def record(self, method, context):
+        self.calls.append((method, dict(context.invocation_metadata()), context.time_remaining()))
+
+    def stop(self):
+        self.server.stop(grace=None)
+
+
+@pytest.fixture
+def hop(greeter):
+    """A grpcio client -> berth (h2c) -> the stream-proxy guest -> berth's
+    outbound HTTP/2 by prior knowledge -> a grpcio server."""
+    up = UpstreamGreeter(greeter)
+    b = support.Berth(f"""
+[server]
+http2 = true
+
+[upstreams."127.0.0.1:{up.port}"]
+h2c = true
+
+[modules.proxy]
+file = "{support.wasm('stream_proxy')}"
+route = "/greeter.Greeter"
+allowed_outbound_hosts = ["http://127.0.0.1:{up.port}"]
+limits = {{ timeout = "5s" }}
+""").wait_ready()
+    yield b, up
+    b.stop()
+    up.stop()
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_grpc_reaches_an_upstream_through_a_guest_with_trailers_deadline_and_trace(hop, greeter):
+    b, up = hop
+    pb, _ = greeter
+    s = stub(b, greeter)
+    md = [("x-upstream", f"127.0.0.1:{up.port}"),
+          ("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01")]
+    # All four kinds, over HTTP/2 on both sides of the guest.
+    assert s.SayHello(pb.HelloRequest(name="Ada"), timeout=30, metadata=md).message == "Upstream, Ada!"
+    assert [r.n for r in s.Count(pb.CountRequest(to=3), timeout=30, metadata=md)] == [1, 2, 3]
+    total = s.Sum(iter([pb.Number(value=v) for v in range(10)]), timeout=30, metadata=md)
+    assert (total.sum, total.count) == (45, 10)
+    outbox = queue.Queue()
+    outbox.put("Ada")
+
+    def requests():
+        while (name := outbox.get()) is not None:
+            yield pb.HelloRequest(name=name)
+
+    got = []
+    for reply in s.Chat(requests(), timeout=30, metadata=md):
+        got.append(reply.message)
+        outbox.put("Bo" if len(got) == 1 else None)
+    assert got == ["Upstream, Ada!", "Upstream, Bo!"]
+
+    # The upstream's statuses come back: trailers-only, and after messages.
+    assert code_of(lambda: s.SayHello(pb.HelloRequest(name=""), timeout=30, metadata=md)) == (
+        grpc.StatusCode.NOT_FOUND, "nobody by that name upstream")
+    got = []
+    with pytest.raises(grpc.RpcError) as e:
+        for r in s.Count(pb.CountRequest(to=2, interval_ms=7), timeout=30, metadata=md):
+            got.append(r.n)
+    assert got == [1, 2]
+    assert (e.value.code(), e.value.details()) == (grpc.StatusCode.DATA_LOSS, "cut after the last")
+
+    assert [c[0] for c in up.calls] == ["SayHello", "Count", "Sum", "Chat", "SayHello", "Count"]
+    for method, metadata, left in up.calls:
+        # The client allowed 30 s; the module's 5 s is what is left, and
+        # the host carried it onward as the upstream's deadline.
+        assert left is not None and left <= 5.0, (method, left)
+        # One trace across the hop: the client's trace id, with the host's
+        # outbound span as the parent the upstream sees.
+        version, trace_id, parent, _ = metadata["traceparent"].split("-")
+        assert (version, trace_id) == ("00", TRACE_ID), metadata
+        assert parent != "00f067aa0ba902b7", "the host's own span is the parent"

@@ -44,6 +44,11 @@ pub struct OutboundConfig {
     pub max_retry_body: ByteSize,
     /// Circuit breaker per upstream.
     pub circuit_breaker: BreakerConfig,
+    /// Speak HTTP/2 with prior knowledge (h2c) on cleartext `http://`
+    /// calls, for upstreams known to serve it (a gRPC server in the
+    /// cluster). Calls over TLS choose HTTP/2 or 1.1 by ALPN whatever this
+    /// says.
+    pub h2c: bool,
 }
 
 impl Default for OutboundConfig {
@@ -60,6 +65,7 @@ impl Default for OutboundConfig {
             retry_non_idempotent: false,
             max_retry_body: ByteSize(64 << 10),
             circuit_breaker: BreakerConfig::default(),
+            h2c: false,
         }
     }
 }
@@ -165,6 +171,9 @@ pub struct OutboundOverride {
     /// See [`OutboundConfig::circuit_breaker`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<BreakerConfig>,
+    /// See [`OutboundConfig::h2c`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub h2c: Option<bool>,
 }
 
 impl OutboundOverride {
@@ -186,6 +195,7 @@ impl OutboundOverride {
                 .unwrap_or(base.retry_non_idempotent),
             max_retry_body: self.max_retry_body.unwrap_or(base.max_retry_body),
             circuit_breaker: self.circuit_breaker.unwrap_or(base.circuit_breaker),
+            h2c: self.h2c.unwrap_or(base.h2c),
         }
     }
 }
