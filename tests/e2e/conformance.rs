@@ -3,6 +3,7 @@
 //! wasmtime release gives the same answers: streaming request and response
 //! bodies, trailers, forbidden headers, outbound GET and POST with large
 //! bodies, outbound timeouts, and a middleware that forwards the request.
+//! Berth gives each answer over HTTP/2 (h2c) as over HTTP/1.1 too.
 //!
 //! It needs `wasmtime` of that release, which `scripts/wasmtime.sh` builds
 //! into `.tools/` (or `BERTH_WASMTIME` points at). `make test` starts that
@@ -152,23 +153,68 @@ fn dechunk(mut rest: &str) -> String {
     }
 }
 
-fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
-    let mut out = format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n");
-    for (k, v) in headers {
-        out.push_str(&format!("{k}: {v}\r\n"));
+/// A request of a case, sent as HTTP/1.1 bytes or on an HTTP/2 stream.
+struct Req<'a> {
+    method: &'a str,
+    path: &'a str,
+    headers: Vec<(&'a str, &'a str)>,
+    body: &'a [u8],
+}
+
+fn request<'a>(
+    method: &'a str,
+    path: &'a str,
+    headers: &[(&'a str, &'a str)],
+    body: &'a [u8],
+) -> Req<'a> {
+    Req {
+        method,
+        path,
+        headers: headers.to_vec(),
+        body,
     }
-    if !body.is_empty() || method == "POST" {
-        out.push_str(&format!("content-length: {}\r\n", body.len()));
+}
+
+impl Req<'_> {
+    fn http1(&self) -> Vec<u8> {
+        let (method, path) = (self.method, self.path);
+        let mut out = format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n");
+        for (k, v) in &self.headers {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !self.body.is_empty() || method == "POST" {
+            out.push_str(&format!("content-length: {}\r\n", self.body.len()));
+        }
+        out.push_str("\r\n");
+        let mut bytes = out.into_bytes();
+        bytes.extend_from_slice(self.body);
+        bytes
     }
-    out.push_str("\r\n");
-    let mut bytes = out.into_bytes();
-    bytes.extend_from_slice(body);
-    bytes
+
+    /// The exchange on a stream of `h2`, told as [`exchange`] tells one.
+    fn over_h2(&self, h2: &crate::h2::H2, keep: &[&str]) -> String {
+        let method = self.method.parse().unwrap();
+        let reply = match h2.send(method, self.path, &self.headers, self.body) {
+            Ok(reply) => reply,
+            Err(e) => return format!("no answer over HTTP/2: {e}"),
+        };
+        let mut out = format!("status {}\n", reply.status);
+        for name in keep {
+            for v in reply.headers.get_all(*name) {
+                out.push_str(&format!("{name}: {}\n", v.to_str().unwrap_or("?")));
+            }
+        }
+        out.push_str(&String::from_utf8_lossy(&reply.body));
+        for (k, v) in reply.trailers.iter().flatten() {
+            out.push_str(&format!("trailer {k}: {}\n", v.to_str().unwrap_or("?")));
+        }
+        out
+    }
 }
 
 /// A case: its name, the request, the headers compared, the answer
 /// expected, and how long it may take at most.
-type Case<'a> = (&'a str, Vec<u8>, &'a [&'a str], &'a str, Duration);
+type Case<'a> = (&'a str, Req<'a>, &'a [&'a str], &'a str, Duration);
 
 #[test]
 fn berth_and_wasmtime_serve_answer_alike() {
@@ -264,16 +310,27 @@ fn berth_and_wasmtime_serve_answer_alike() {
         ),
     ];
     let mut differences = Vec::new();
+    let h2 = crate::h2::H2::connect(&berth.addr);
     for (name, req, keep, expected, within) in &cases {
-        let timed = |addr: &str, host: &str| {
+        let timed = |host: &str, answer: &dyn Fn() -> String| {
             let started = Instant::now();
-            let answer = exchange(addr, req, keep);
+            let answer = answer();
             let took = started.elapsed();
             assert!(took < *within, "{name}: {host} took {took:?}");
             answer
         };
-        let ours = timed(&berth.addr, "berth");
-        let theirs = timed(&wasmtime.addr, "wasmtime serve");
+        let ours = timed("berth", &|| exchange(&berth.addr, &req.http1(), keep));
+        let theirs = timed("wasmtime serve", &|| {
+            exchange(&wasmtime.addr, &req.http1(), keep)
+        });
+        let ours_h2 = timed("berth over HTTP/2", &|| req.over_h2(&h2, keep));
+        if ours_h2 != ours {
+            differences.push(format!(
+                "{name}:\n  berth over HTTP/2: {:?}\n  berth over 1.1:   {:?}",
+                cut(&ours_h2),
+                cut(&ours)
+            ));
+        }
         if ours != theirs {
             differences.push(format!(
                 "{name}:\n  berth:    {:?}\n  wasmtime: {:?}",
@@ -298,13 +355,14 @@ fn berth_and_wasmtime_serve_answer_alike() {
     // the next is sent.
     crate::streaming::ping_pong(&wasmtime.addr, "/echo", &[]);
     crate::streaming::ping_pong(&berth.addr, "/echo", &[]);
-    // The POST reached the upstream whole from both hosts.
+    // The POST reached the upstream whole from both hosts, and from
+    // Berth over HTTP/2 as well.
     let posted: Vec<usize> = down
         .bodies()
         .into_iter()
         .filter(|n| *n == big.len())
         .collect();
-    assert_eq!(posted.len(), 2, "{:?}", down.bodies());
+    assert_eq!(posted.len(), 3, "{:?}", down.bodies());
 }
 
 fn cut(s: &str) -> String {

@@ -19,12 +19,12 @@ use crate::support::*;
 
 /// One answer on an HTTP/2 stream.
 #[derive(Debug)]
-struct H2Reply {
-    version: Version,
-    status: u16,
-    headers: HeaderMap,
-    body: Vec<u8>,
-    trailers: Option<HeaderMap>,
+pub(crate) struct H2Reply {
+    pub(crate) version: Version,
+    pub(crate) status: u16,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Vec<u8>,
+    pub(crate) trailers: Option<HeaderMap>,
 }
 
 impl H2Reply {
@@ -37,13 +37,13 @@ impl H2Reply {
 type Call<'a> = (Method, &'a str, Vec<(&'a str, &'a str)>, Vec<u8>);
 
 /// A client connection speaking h2c by prior knowledge (hyper's client).
-struct H2 {
+pub(crate) struct H2 {
     rt: tokio::runtime::Runtime,
     sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
 }
 
 impl H2 {
-    fn connect(addr: &str) -> H2 {
+    pub(crate) fn connect(addr: &str) -> H2 {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -100,7 +100,7 @@ impl H2 {
             .collect()
     }
 
-    fn send(
+    pub(crate) fn send(
         &self,
         method: Method,
         path: &str,
