@@ -3,7 +3,8 @@
 //! `/package.Service/Method`, and gRPC statuses. All four kinds of RPC
 //! work on WASI 0.2: the request's messages are read as they arrive and
 //! the response's are written as they are sent, so a bidirectional stream
-//! is a conversation.
+//! is a conversation. On WASI 0.3 (with the `p3` feature) [`p3::Router`]
+//! does the same with `async` handlers.
 //!
 //! ```no_run
 //! use berth_sdk::grpc::{self, Context, Router, Sink, Status};
@@ -45,6 +46,9 @@ use std::fmt;
 use std::io::Write as _;
 use std::marker::PhantomData;
 use std::time::Duration;
+
+#[cfg(feature = "p3")]
+pub mod p3;
 
 pub use prost;
 use prost::Message;
@@ -323,11 +327,7 @@ impl<M: Message + Default> Streaming<M> {
     fn next_message(&mut self) -> Option<Result<M, Status>> {
         loop {
             match self.frames.next_message() {
-                Ok(Some(bytes)) => {
-                    return Some(M::decode(bytes.as_slice()).map_err(|e| {
-                        Status::invalid_argument(format!("the message does not decode: {e}"))
-                    }));
-                }
+                Ok(Some(bytes)) => return Some(decode(&bytes)),
                 Ok(None) => {}
                 Err(status) => {
                     self.input = None;
@@ -340,7 +340,7 @@ impl<M: Message + Default> Streaming<M> {
                 Err(StreamError::Closed) => {
                     self.input = None;
                     if self.frames.is_partial() {
-                        return Some(Err(Status::internal("the request ended inside a message")));
+                        return Some(Err(cut_mid_message()));
                     }
                     return None;
                 }
@@ -354,14 +354,7 @@ impl<M: Message + Default> Streaming<M> {
                         wasi::http::types::http_error_code(&e),
                         Some(wasi::http::types::ErrorCode::HttpRequestBodySize(_))
                     ) || e.to_debug_string().contains("body size exceeds");
-                    return Some(Err(if over {
-                        Status::new(
-                            Code::ResourceExhausted,
-                            "the request is over the module's body limit",
-                        )
-                    } else {
-                        Status::new(Code::Cancelled, "the request stream failed")
-                    }));
+                    return Some(Err(body_failed(over)));
                 }
             }
         }
@@ -369,15 +362,11 @@ impl<M: Message + Default> Streaming<M> {
 
     /// The one message of a unary or server-streaming call.
     fn single(mut self) -> Result<M, Status> {
-        let message = self
-            .next_message()
-            .unwrap_or_else(|| Err(Status::internal("the call has no request message")))?;
+        let message = self.next_message().unwrap_or_else(|| Err(no_message()))?;
         match self.next_message() {
             None => Ok(message),
             Some(Err(status)) => Err(status),
-            Some(Ok(_)) => Err(Status::internal(
-                "a unary call has more than one request message",
-            )),
+            Some(Ok(_)) => Err(second_message()),
         }
     }
 }
@@ -451,10 +440,7 @@ impl Router {
         Req: Message + Default,
         Resp: Message,
     {
-        assert!(
-            method.starts_with('/') && method[1..].contains('/'),
-            "a gRPC method is named /package.Service/Method, not {method:?}"
-        );
+        check_method_name(method);
         let erased: Handler = Box::new(move |input, max, cx, output| {
             let mut sink = Sink {
                 output,
@@ -531,62 +517,28 @@ impl Router {
     #[doc(hidden)]
     pub fn serve(&self, req: IncomingRequest, out: ResponseOutparam) {
         let metadata = crate::message::header_list(&req.headers());
-        let header = |name: &str| {
-            metadata
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
+        let method = req.method();
+        let path = req.path_with_query().unwrap_or_default();
+        let Some((cx, accepted)) = call_of(crate::message::method_name(&method), &path, metadata)
+        else {
+            return crate::Response::error(415, NOT_GRPC).send(out);
         };
-        let grpc = header("content-type").is_some_and(|ct| {
-            ct == "application/grpc"
-                || ct.starts_with("application/grpc+")
-                || ct.starts_with("application/grpc;")
-        });
-        if !grpc || crate::message::method_name(&req.method()) != "POST" {
-            // What the gRPC over HTTP/2 spec asks of a server sent
-            // something that is not gRPC.
-            return crate::Response::error(415, "this module serves gRPC (application/grpc)")
-                .send(out);
-        }
-        let method = req
-            .path_with_query()
-            .unwrap_or_default()
-            .split('?')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        let cx = Context {
-            timeout: header("grpc-timeout").and_then(parse_timeout),
-            method,
-            metadata: metadata.clone(),
-        };
-        let encoding = header("grpc-encoding").unwrap_or("identity");
-        let status = if encoding != "identity" {
-            Err(Status::new(
-                Code::Unimplemented,
-                format!("grpc-encoding {encoding} is not supported"),
-            ))
-        } else {
-            Ok(())
-        };
-
         let headers = Fields::new();
-        let _ = headers.append("content-type", b"application/grpc");
-        let _ = headers.append("grpc-accept-encoding", b"identity");
+        for (name, value) in RESPONSE_HEADERS {
+            let _ = headers.append(name, value.as_bytes());
+        }
         let resp = OutgoingResponse::new(headers);
         let body = resp.body().expect("a new response has a body");
         ResponseOutparam::set(out, Ok(resp));
         let mut output = body.write().expect("the body stream is taken once");
         let incoming = req.consume().ok();
         let input = incoming.as_ref().and_then(|b| b.stream().ok());
-        let result = status.and_then(|()| {
+        let result = accepted.and_then(|()| {
             let (_, handler) = self
                 .routes
                 .iter()
                 .find(|(name, _)| *name == cx.method)
-                .ok_or_else(|| {
-                    Status::new(Code::Unimplemented, format!("unknown method {}", cx.method))
-                })?;
+                .ok_or_else(|| unknown_method(&cx))?;
             handler(input, self.max_message, &cx, &mut output)
         });
         // Child streams go before their bodies are finished.
@@ -594,16 +546,115 @@ impl Router {
         if let Some(incoming) = incoming {
             let _ = IncomingBody::finish(incoming);
         }
-        let status = match result {
-            Ok(()) => Status::new(Code::Ok, ""),
-            Err(status) => status,
-        };
         let trailers = Fields::new();
-        let _ = trailers.append("grpc-status", (status.code as u8).to_string().as_bytes());
-        if !status.message.is_empty() {
-            let _ = trailers.append("grpc-message", percent_encode(&status.message).as_bytes());
+        for (name, value) in status_fields(result) {
+            let _ = trailers.append(name, value.as_bytes());
         }
         let _ = OutgoingBody::finish(body, Some(trailers));
+    }
+}
+
+/// What a module serving gRPC answers (with 415) to anything else, as the
+/// gRPC over HTTP/2 spec asks.
+const NOT_GRPC: &str = "this module serves gRPC (application/grpc)";
+
+/// The head of every gRPC response.
+const RESPONSE_HEADERS: [(&str, &str); 2] = [
+    ("content-type", "application/grpc"),
+    ("grpc-accept-encoding", "identity"),
+];
+
+/// The call a request makes, and whether it can be served (a compressed
+/// one cannot); `None` when the request is not gRPC at all.
+fn call_of(
+    method: &str,
+    path_with_query: &str,
+    metadata: Vec<(String, String)>,
+) -> Option<(Context, Result<(), Status>)> {
+    let header = |name: &str| {
+        metadata
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let grpc = header("content-type").is_some_and(|ct| {
+        ct == "application/grpc"
+            || ct.starts_with("application/grpc+")
+            || ct.starts_with("application/grpc;")
+    });
+    if !grpc || method != "POST" {
+        return None;
+    }
+    let encoding = header("grpc-encoding").unwrap_or("identity");
+    let accepted = if encoding == "identity" {
+        Ok(())
+    } else {
+        Err(Status::new(
+            Code::Unimplemented,
+            format!("grpc-encoding {encoding} is not supported"),
+        ))
+    };
+    let cx = Context {
+        timeout: header("grpc-timeout").and_then(parse_timeout),
+        method: path_with_query
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        metadata,
+    };
+    Some((cx, accepted))
+}
+
+/// The trailers that end a call: `grpc-status`, and `grpc-message` when
+/// there is one.
+fn status_fields(result: Result<(), Status>) -> Vec<(&'static str, String)> {
+    let status = result.err().unwrap_or_else(|| Status::new(Code::Ok, ""));
+    let mut fields = vec![("grpc-status", (status.code as u8).to_string())];
+    if !status.message.is_empty() {
+        fields.push(("grpc-message", percent_encode(&status.message)));
+    }
+    fields
+}
+
+fn check_method_name(method: &str) {
+    assert!(
+        method.starts_with('/') && method[1..].contains('/'),
+        "a gRPC method is named /package.Service/Method, not {method:?}"
+    );
+}
+
+fn unknown_method(cx: &Context) -> Status {
+    Status::new(Code::Unimplemented, format!("unknown method {}", cx.method))
+}
+
+fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, Status> {
+    M::decode(bytes)
+        .map_err(|e| Status::invalid_argument(format!("the message does not decode: {e}")))
+}
+
+fn cut_mid_message() -> Status {
+    Status::internal("the request ended inside a message")
+}
+
+fn no_message() -> Status {
+    Status::internal("the call has no request message")
+}
+
+fn second_message() -> Status {
+    Status::internal("a unary call has more than one request message")
+}
+
+/// Why the request stream failed: over the module's body limit, or cut
+/// (the host's error text is for the host's logs, not for the caller).
+fn body_failed(over_limit: bool) -> Status {
+    if over_limit {
+        Status::new(
+            Code::ResourceExhausted,
+            "the request is over the module's body limit",
+        )
+    } else {
+        Status::new(Code::Cancelled, "the request stream failed")
     }
 }
 

@@ -12,9 +12,11 @@
 //! 4. retries with exponential back-off and full jitter, for connect errors
 //!    and for 502/503/504 on idempotent methods, honouring `Retry-After`,
 //!    within a retry budget per upstream (tower's `TpsBudget`);
-//! 5. pooled connections (hyper-util's client, one pool per connect
-//!    timeout and guard setting, so a connection made under one policy is
-//!    never reused under another).
+//! 5. pooled connections (hyper-util's client, one pool per module,
+//!    connect timeout, guard setting and protocol, so a connection made
+//!    under one policy is never reused under another, and one module's
+//!    calls never queue behind another's on a shared HTTP/2 connection,
+//!    for its streams or its flow-control window).
 //!
 //! Each (module, upstream) pair keeps its own breaker, budget and metric
 //! handles, created on the first call.
@@ -52,9 +54,11 @@ type HttpsClient =
     Client<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>, HyperOutgoingBody>;
 type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
 
-/// Pooled HTTP clients, shared by every module: one per connect timeout
-/// (it belongs to the connector), per guard setting (whether restricted
-/// addresses are filtered out of name lookups) and per protocol.
+/// Pooled HTTP clients: one per connect timeout (it belongs to the
+/// connector), per guard setting (whether restricted addresses are
+/// filtered out of name lookups) and per protocol. The host holds one set
+/// for its own downloads and each module one of its own
+/// ([`Clients::for_module`]).
 pub struct Clients {
     lookup: Lookup,
     pools: Mutex<HashMap<(Duration, Guard, Protocol), HttpsClient>>,
@@ -94,6 +98,11 @@ impl Clients {
         }
     }
 
+    /// An empty set of pools resolving names as these do, for one module.
+    pub fn for_module(&self) -> Arc<Clients> {
+        Arc::new(Clients::with_lookup(self.lookup.clone()))
+    }
+
     fn get(&self, connect_timeout: Duration, guard: Guard, protocol: Protocol) -> HttpsClient {
         let mut clients = self.pools.lock().unwrap();
         clients
@@ -117,11 +126,13 @@ impl Clients {
                     .pool_idle_timeout(Duration::from_secs(60))
                     .timer(hyper_util::rt::TokioTimer::new())
                     .pool_timer(hyper_util::rt::TokioTimer::new())
-                    // A multiplexed connection that went dead without a
+                    // A multiplexed connection that went silent without a
                     // FIN (a NAT or a node gone) would fail every call on
-                    // it: pings find out while it idles.
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .http2_keep_alive_timeout(Duration::from_secs(10));
+                    // it, since a call's timeout only resets its stream:
+                    // pings, busy or idle, find it out within 10 s.
+                    .http2_keep_alive_interval(H2_PING_EVERY)
+                    .http2_keep_alive_timeout(H2_PING_EVERY)
+                    .http2_keep_alive_while_idle(true);
                 if protocol == Protocol::H2c {
                     client.http2_only(true);
                 }
@@ -173,18 +184,19 @@ pub struct ModuleOutbound {
 }
 
 impl ModuleOutbound {
-    /// The outbound state of module `module`.
+    /// The outbound state of module `module`, with connection pools of its
+    /// own made like `clients`.
     pub fn new(
         module: Arc<str>,
         spec: OutboundSpec,
-        clients: Arc<Clients>,
+        clients: &Clients,
         metrics: Arc<Metrics>,
     ) -> Self {
         ModuleOutbound {
             denied: metrics.outbound_denied.with_label_values(&[&module]),
             module,
             spec,
-            clients,
+            clients: clients.for_module(),
             metrics,
             upstreams: Mutex::default(),
         }
@@ -266,7 +278,11 @@ impl ModuleOutbound {
         let now = Instant::now();
         upstreams.evict_idle(now);
         let known = upstreams.labels.contains(&label);
-        if !known && upstreams.labels.len() >= MAX_UPSTREAMS {
+        // An upstream the config names keeps its own entry and settings
+        // (`h2c` above all) whatever else the module called first; the
+        // config bounds how many there are.
+        let configured = self.spec.upstreams.contains_key(&label);
+        if !known && !configured && upstreams.labels.len() >= MAX_UPSTREAMS {
             label = OTHER.to_owned();
         } else if !known {
             upstreams.labels.insert(label.clone());
@@ -318,6 +334,10 @@ impl ModuleOutbound {
         upstream
     }
 }
+
+/// How often a pooled HTTP/2 connection is pinged, and how long an answer
+/// may take.
+const H2_PING_EVERY: Duration = Duration::from_secs(5);
 
 /// The most upstreams one module keeps apart; see [`ModuleOutbound::upstream`].
 const MAX_UPSTREAMS: usize = 64;
@@ -905,9 +925,31 @@ mod tests {
         Arc::new(ModuleOutbound::new(
             "m".into(),
             spec,
-            Arc::new(Clients::with_lookup(lookup)),
+            &Clients::with_lookup(lookup),
             Arc::new(Metrics::new()),
         ))
+    }
+
+    #[tokio::test]
+    async fn a_configured_upstream_keeps_its_entry_and_h2c_past_the_cap() {
+        let mut m = Arc::into_inner(outbound(&["http://*:*"], scripted(vec![]))).unwrap();
+        let h2c = crate::config::OutboundOverride {
+            h2c: Some(true),
+            ..Default::default()
+        };
+        m.spec.upstreams = Arc::new([("grpc.internal:50051".to_owned(), h2c)].into());
+        for i in 0..MAX_UPSTREAMS + 5 {
+            let other = m.upstream(&Scheme::HTTP, &format!("h{i}.internal"), 80, Guard::On);
+            let past = i >= MAX_UPSTREAMS;
+            assert_eq!(other.label == OTHER, past, "upstream {i}: {}", other.label);
+            assert_eq!(other.protocol, Protocol::Negotiated);
+        }
+        let configured = m.upstream(&Scheme::HTTP, "grpc.internal", 50051, Guard::On);
+        assert_eq!(configured.label, "grpc.internal:50051");
+        assert_eq!(configured.protocol, Protocol::H2c);
+        // Over TLS, ALPN decides whatever `h2c` says.
+        let tls = m.upstream(&Scheme::HTTPS, "grpc.internal", 50051, Guard::On);
+        assert_eq!(tls.protocol, Protocol::Negotiated);
     }
 
     async fn call(m: &Arc<ModuleOutbound>, url: &str) -> Result<StatusCode, Error> {
@@ -963,7 +1005,7 @@ mod tests {
         let url = format!("http://svc.internal:{port}/");
         assert_eq!(call(&exact, &url).await.unwrap(), StatusCode::OK);
         assert_eq!(hits.load(Ordering::SeqCst), 1);
-        // A wildcard module sharing the client set gets no pooled
+        // A wildcard module made from the same client set gets no pooled
         // connection made under the exact rule.
         let wildcard = ModuleOutbound::new(
             "w".into(),
@@ -971,7 +1013,7 @@ mod tests {
                 allow: AllowList::parse(&["http://*:*".to_owned()]).unwrap(),
                 ..exact.spec.clone()
             },
-            exact.clients.clone(),
+            &exact.clients,
             exact.metrics.clone(),
         );
         assert!(call(&Arc::new(wildcard), &url).await.is_err());

@@ -828,11 +828,13 @@ fn a_client_that_never_reads_holds_its_slots_only_until_the_deadline() {
 }
 
 /// An upstream that answers each request with the HTTP version it came
-/// in on, after `delay`, and counts the connections it accepted: HTTP/2
-/// (by ALPN over TLS, or by prior knowledge in the clear) or HTTP/1.1.
+/// in on, after `delay` (`/hang`: after 30 s), and counts the connections
+/// it accepted and the `/hang` requests it holds: HTTP/2 (by ALPN over
+/// TLS, or by prior knowledge in the clear) or HTTP/1.1.
 struct VersionUpstream {
     port: u16,
     connections: Arc<std::sync::atomic::AtomicUsize>,
+    hanging: Arc<std::sync::atomic::AtomicUsize>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -840,6 +842,15 @@ impl VersionUpstream {
     /// Over TLS with `tls` (whose ALPN list decides the version), or in
     /// the clear speaking HTTP/2 only (an h2c server such as a gRPC one).
     fn start(tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>, delay: Duration) -> Self {
+        Self::start_with(tls, delay, 200)
+    }
+
+    /// Same, allowing `max_streams` at once on an HTTP/2 connection.
+    fn start_with(
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+        delay: Duration,
+        max_streams: u32,
+    ) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -850,23 +861,31 @@ impl VersionUpstream {
             .unwrap();
         let port = listener.local_addr().unwrap().port();
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = connections.clone();
+        let hanging = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (counted, held) = (connections.clone(), hanging.clone());
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         rt.spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
-                let acceptor = acceptor.clone();
+                let (acceptor, held) = (acceptor.clone(), held.clone());
                 tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(move |req: http::Request<_>| async move {
+                    let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                        let held = held.clone();
+                        async move {
+                            if req.uri().path() == "/hang" {
+                                held.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                            }
                             tokio::time::sleep(delay).await;
                             let version = format!("{:?}", req.version());
                             Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
                                 Bytes::from(version),
                             )))
-                        });
+                        }
+                    });
                     let mut builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    builder.http2().max_concurrent_streams(max_streams);
                     match acceptor {
                         Some(acceptor) => {
                             let Ok(tls) = acceptor.accept(stream).await else {
@@ -887,6 +906,7 @@ impl VersionUpstream {
         VersionUpstream {
             port,
             connections,
+            hanging,
             _rt: rt,
         }
     }
@@ -978,4 +998,189 @@ fn an_upstream_configured_for_h2c_is_spoken_to_in_http2_by_prior_knowledge() {
     let berth = Berth::start(&module("m", "/m", "misbehave", &allow));
     let err = fetched(&berth, &url).unwrap_err();
     assert!(err.starts_with("502"), "{err}");
+}
+
+#[test]
+fn a_grpc_stream_whose_guest_traps_mid_body_ends_internal_without_its_internals() {
+    let berth = Berth::start(&module("proxy", "/proxy", "stream_proxy", ""));
+    let h2 = H2::connect(&berth.addr);
+    for bytes in ["0", "1024", "100000"] {
+        let reply = h2
+            .send(
+                Method::POST,
+                "/proxy",
+                &[
+                    ("content-type", "application/grpc"),
+                    ("te", "trailers"),
+                    ("x-trap-after", bytes),
+                ],
+                b"",
+            )
+            .unwrap_or_else(|e| panic!("after {bytes} bytes: {e}"));
+        assert_eq!(reply.status, 200, "{reply:?}");
+        // Trailers-only when the host still held the head, else the
+        // bytes that left and then trailers; never a clean end.
+        let status = reply.trailers.as_ref().unwrap_or(&reply.headers);
+        let field = |name: &str| status.get(name).and_then(|v| v.to_str().ok());
+        assert_eq!(
+            field("grpc-status"),
+            Some("13"),
+            "after {bytes} bytes: {reply:?}"
+        );
+        let message = field("grpc-message").unwrap_or_default();
+        assert!(
+            !message.contains("panicked") && !message.contains("stream-proxy"),
+            "guest internals in {message:?}"
+        );
+        assert!(reply.body.len() <= bytes.parse().unwrap(), "{reply:?}");
+    }
+}
+
+#[test]
+fn one_modules_calls_never_queue_behind_anothers_on_a_shared_http2_connection() {
+    // The upstream takes two streams at a time per connection. Module `a`
+    // holds both with calls that hang; module `b`'s call must still be
+    // answered, not queued behind them until its first-byte timeout.
+    let up = VersionUpstream::start_with(None, Duration::ZERO, 2);
+    let allow = format!(
+        "allowed_outbound_hosts = [\"http://127.0.0.1:{}\"]",
+        up.port
+    );
+    let config = format!(
+        "[upstreams.\"127.0.0.1:{}\"]\nh2c = true\nfirst_byte_timeout = \"20s\"\n\n{}{}",
+        up.port,
+        module("a", "/a", "misbehave", &allow),
+        module("b", "/b", "misbehave", &allow),
+    );
+    let berth = Berth::start(&config);
+    let hang = format!("/a/fetch?url=http://127.0.0.1:{}/hang", up.port);
+    let holders: Vec<_> = (0..2)
+        .map(|_| {
+            let url = berth.url(&hang);
+            std::thread::spawn(move || get(&url))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.hanging.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "module a's calls never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = get(&berth.url(&format!(
+        "/b/fetch_within?url=http://127.0.0.1:{}/v&ms=5000",
+        up.port
+    )));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["body"], "HTTP/2.0");
+    drop(berth);
+    for holder in holders {
+        let _ = holder.join();
+    }
+}
+
+/// A TCP relay to `backend` that can make every connection it has open so
+/// far go silent, without closing it (a peer gone without a FIN, a NAT
+/// that dropped the flow), while new connections pass.
+struct SilencingRelay {
+    port: u16,
+    opened: Arc<std::sync::atomic::AtomicUsize>,
+    silent_below: Arc<std::sync::atomic::AtomicUsize>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl SilencingRelay {
+    fn start(backend: u16) -> Self {
+        use std::sync::atomic::AtomicUsize;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let opened = Arc::new(AtomicUsize::new(0));
+        let silent_below = Arc::new(AtomicUsize::new(0));
+        let (count, silent) = (opened.clone(), silent_below.clone());
+        rt.spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let id = count.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut to) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(sr), Box::new(cw)),
+                ] {
+                    let silent = silent.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0; 16 * 1024];
+                        while let Ok(n @ 1..) = from.read(&mut buf).await {
+                            if id < silent.load(Ordering::SeqCst) {
+                                // Swallow everything from now on; keep both
+                                // ends open.
+                                std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        SilencingRelay {
+            port,
+            opened,
+            silent_below,
+            _rt: rt,
+        }
+    }
+}
+
+#[test]
+fn a_pooled_http2_connection_gone_silent_is_replaced_by_its_pings() {
+    // Over HTTP/2 a call's timeout resets only its stream, so a silent
+    // connection would stay pooled and fail every call on it; the pings
+    // (every 5 s, 5 s to answer) find it out and a new one is made.
+    let up = VersionUpstream::start(None, Duration::ZERO);
+    let relay = SilencingRelay::start(up.port);
+    let allow = format!(
+        "allowed_outbound_hosts = [\"http://127.0.0.1:{}\"]",
+        relay.port
+    );
+    let config = format!(
+        "[upstreams.\"127.0.0.1:{}\"]\nh2c = true\nfirst_byte_timeout = \"1s\"\nretries = 0\n\
+         circuit_breaker = {{ failures = 0 }}\n\n{}",
+        relay.port,
+        module("m", "/m", "misbehave", &allow),
+    );
+    let berth = Berth::start(&config);
+    let url = format!("http://127.0.0.1:{}/v", relay.port);
+    assert_eq!(fetched(&berth, &url).unwrap(), "HTTP/2.0");
+    relay
+        .silent_below
+        .store(relay.opened.load(Ordering::SeqCst), Ordering::SeqCst);
+    assert!(
+        fetched(&berth, &url).is_err(),
+        "the silent connection was used"
+    );
+    // Well past the pings' 10 s, well short of the 40 s the keep-alive
+    // used to take (and of never, without pings while idle).
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        if fetched(&berth, &url).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still on the silent connection");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(relay.opened.load(Ordering::SeqCst), 2);
 }

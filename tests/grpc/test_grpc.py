@@ -363,12 +363,8 @@ class UpstreamGreeter:
         self.server.stop(grace=None)
 
 
-@pytest.fixture
-def hop(greeter):
-    """A grpcio client -> berth (h2c) -> the stream-proxy guest -> berth's
-    outbound HTTP/2 by prior knowledge -> a grpcio server."""
-    up = UpstreamGreeter(greeter)
-    b = support.Berth(f"""
+def hop_config(up, extra=""):
+    return f"""
 [server]
 http2 = true
 
@@ -380,10 +376,28 @@ file = "{support.wasm('stream_proxy')}"
 route = "/greeter.Greeter"
 allowed_outbound_hosts = ["http://127.0.0.1:{up.port}"]
 limits = {{ timeout = "5s" }}
-""").wait_ready()
+{extra}
+"""
+
+
+@pytest.fixture
+def hop(greeter):
+    """A grpcio client -> berth (h2c) -> the stream-proxy guest -> berth's
+    outbound HTTP/2 by prior knowledge -> a grpcio server."""
+    up = UpstreamGreeter(greeter)
+    b = support.Berth(hop_config(up)).wait_ready()
     yield b, up
     b.stop()
     up.stop()
+
+
+def created(berth, module):
+    """berth_instances_created_total of `module`."""
+    _, page = support.http(berth.admin + "/metrics")
+    for line in page.splitlines():
+        if line.startswith(f'berth_instances_created_total{{module="{module}"}} '):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -433,3 +447,112 @@ def test_grpc_reaches_an_upstream_through_a_guest_with_trailers_deadline_and_tra
         version, trace_id, parent, _ = metadata["traceparent"].split("-")
         assert (version, trace_id) == ("00", TRACE_ID), metadata
         assert parent != "00f067aa0ba902b7", "the host's own span is the parent"
+
+
+def test_a_reused_instance_serves_call_after_call(greeter):
+    pb, _ = greeter
+    b = support.Berth(config() + 'instances = { max_requests = 1000, idle_timeout = "60s" }\n').wait_ready()
+    try:
+        s = stub(b, greeter)
+        for name in ["Ada", "Bo", "Cy"]:
+            assert s.SayHello(pb.HelloRequest(name=name), timeout=10).message == f"Hej, {name}!"
+        assert [r.n for r in s.Count(pb.CountRequest(to=3), timeout=10)] == [1, 2, 3]
+        total = s.Sum(iter([pb.Number(value=v) for v in range(5)]), timeout=10)
+        assert (total.sum, total.count) == (10, 5)
+        # A guest's error status leaves the instance serving.
+        assert code_of(lambda: s.SayHello(pb.HelloRequest(name=""), timeout=10))[0] == \
+            grpc.StatusCode.INVALID_ARGUMENT
+        replies = s.Chat(iter([pb.HelloRequest(name=n) for n in ["Ada", "Bo"]]), timeout=10)
+        assert [r.message for r in replies] == ["Hej, Ada!", "Hej, Bo!"]
+        assert created(b, "greeter") == 1, "eight calls, one instance"
+    finally:
+        b.stop()
+
+
+def test_a_reused_instance_carries_each_calls_own_deadline_onward(greeter):
+    """The deadline an outbound call carries is the current request's, not
+    the one the reused instance first served."""
+    pb, _ = greeter
+    up = UpstreamGreeter(greeter)
+    b = support.Berth(hop_config(up, 'instances = { max_requests = 100, idle_timeout = "60s" }')).wait_ready()
+    try:
+        s = stub(b, greeter)
+        md = [("x-upstream", f"127.0.0.1:{up.port}")]
+        for name in ["Ada", "Bo"]:
+            assert s.SayHello(pb.HelloRequest(name=name), timeout=30, metadata=md).message \
+                == f"Upstream, {name}!"
+            time.sleep(3)
+        assert created(b, "proxy") == 1
+        (_, _, first), (_, _, second) = up.calls
+        # Each call had the module's 5 s; a stale deadline would leave the
+        # second less than 2 s.
+        assert 3.5 < first <= 5.0 and 3.5 < second <= 5.0, (first, second)
+    finally:
+        b.stop()
+        up.stop()
+
+
+@pytest.fixture
+def p3_greeter():
+    """The same service from a WASI 0.3 module on the SDK's async router."""
+    b = support.Berth(f"""
+[server]
+http2 = true
+
+[modules.greeter3]
+file = "{support.wasm('p3_grpc')}"
+route = "/greeter.Greeter"
+config = {{ greeting = "Hej" }}
+limits = {{ timeout = "10s", max_body = "64KiB" }}
+""").wait_ready()
+    yield b
+    b.stop()
+
+
+def test_a_wasi_0_3_module_serves_all_four_kinds_and_its_statuses(p3_greeter, greeter):
+    pb, _ = greeter
+    s = stub(p3_greeter, greeter)
+    assert s.SayHello(pb.HelloRequest(name="Ada"), timeout=10).message == "Hej from p3, Ada!"
+    assert [r.n for r in s.Count(pb.CountRequest(to=4), timeout=10)] == [1, 2, 3, 4]
+    total = s.Sum(iter([pb.Number(value=v) for v in range(1, 101)]), timeout=10)
+    assert (total.sum, total.count) == (5050, 100)
+    assert code_of(lambda: s.SayHello(pb.HelloRequest(name=""), timeout=10)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "name is empty")
+    big = [pb.Number(value=2**62), pb.Number(value=2**62)]
+    assert code_of(lambda: s.Sum(iter(big), timeout=10)) == (
+        grpc.StatusCode.OUT_OF_RANGE, "the sum overflows an int64")
+    channel = grpc.insecure_channel(f"127.0.0.1:{p3_greeter.port}")
+    nope = channel.unary_unary("/greeter.Greeter/Nope",
+                               request_serializer=pb.HelloRequest.SerializeToString,
+                               response_deserializer=pb.HelloReply.FromString)
+    assert code_of(lambda: nope(pb.HelloRequest(name="x"), timeout=10)) == (
+        grpc.StatusCode.UNIMPLEMENTED, "unknown method /greeter.Greeter/Nope")
+    # Over the module's body limit while the guest reads it.
+    code, _ = code_of(lambda: s.Sum(iter([pb.Number(value=1)] * 20_000), timeout=10))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, code
+    # Messages stream out as sent: the timer between them is the guest's.
+    arrivals = [time.monotonic() for _ in s.Count(pb.CountRequest(to=3, interval_ms=400), timeout=10)]
+    assert arrivals[-1] - arrivals[0] >= 0.6, arrivals
+
+
+def test_a_wasi_0_3_instance_holds_two_conversations_at_once(p3_greeter, greeter):
+    """Two bidirectional calls open together, each answered turn by turn:
+    each call is a task of its own whose head leaves at once, so neither
+    waits for its own end or for the other's. (Whether wasmtime gives the
+    second call the first one's instance is its scheduler's choice.)"""
+    pb, _ = greeter
+    s = stub(p3_greeter, greeter)
+    boxes = [queue.Queue(), queue.Queue()]
+
+    def requests(box):
+        while (name := box.get()) is not None:
+            yield pb.HelloRequest(name=name)
+
+    calls = [s.Chat(requests(box), timeout=15) for box in boxes]
+    for turn in ["Ada", "Bo"]:
+        for i, (box, call) in enumerate(zip(boxes, calls)):
+            box.put(f"{turn}{i}")
+            assert next(call).message == f"Hej from p3, {turn}{i}!"
+    for box, call in zip(boxes, calls):
+        box.put(None)
+        assert list(call) == []

@@ -207,13 +207,56 @@ pub(super) fn check_upstreams(
 ) -> Result<(), ConfigError> {
     for (upstream, o) in upstreams {
         let key = format!("upstreams.\"{upstream}\"");
-        if upstream.contains('/') || upstream.is_empty() {
-            return Err(rejected(
-                key,
-                "an upstream key is `host:port`, without scheme or path",
-            ));
+        if let Some(why) = upstream_key_problem(upstream) {
+            return Err(rejected(key, why));
         }
         o.over(base).check(&key)?;
     }
     Ok(())
+}
+
+/// Why `key` can never name an upstream, if it cannot. Calls are matched
+/// by host and port as the host spells them after normalising (lower
+/// case, ASCII, no trailing dot, IPv6 in brackets), so a key spelled
+/// otherwise would be silently ignored.
+fn upstream_key_problem(key: &str) -> Option<&'static str> {
+    let Ok(authority) = key.parse::<http::uri::Authority>() else {
+        return Some("an upstream key is `host:port`, without scheme or path");
+    };
+    if authority.as_str() != key || key.contains('@') || authority.port_u16().is_none() {
+        return Some("an upstream key is `host:port`, with the port (`orders.default.svc:8080`)");
+    }
+    let host = authority.host();
+    if host != host.to_ascii_lowercase() || !host.is_ascii() || host.ends_with('.') {
+        return Some(
+            "an upstream's host is written in lower case, ASCII (punycode for other \
+             names) and without a trailing dot, as calls are matched",
+        );
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::upstream_key_problem;
+
+    #[test]
+    fn upstream_keys_are_written_as_calls_are_matched() {
+        for good in ["orders.default.svc:8080", "127.0.0.1:50051", "[::1]:443"] {
+            assert_eq!(upstream_key_problem(good), None, "{good}");
+        }
+        for bad in [
+            "",
+            "http://orders:80",
+            "orders:80/path",
+            "orders",
+            "[::1]",
+            "user@orders:80",
+            "Orders.svc:80",
+            "orders.svc.:80",
+            "bücher.example:443",
+        ] {
+            assert!(upstream_key_problem(bad).is_some(), "{bad:?} accepted");
+        }
+    }
 }

@@ -512,7 +512,7 @@ impl Module {
         let outbound = Arc::new(ModuleOutbound::new(
             name.clone(),
             spec.outbound.clone(),
-            runtime.clients().clone(),
+            runtime.clients(),
             metrics.clone(),
         ));
         let config: Arc<WasiConfigVariables> = Arc::new(spec.config.iter().cloned().collect());

@@ -1,0 +1,108 @@
+//! The example's `greeter.Greeter` on WASI 0.3 with the SDK's async gRPC
+//! router: the same four methods and statuses, with replies that say
+//! "p3" so a test knows which module answered, and waits that are timers
+//! (other calls on the instance run meanwhile).
+
+use berth_sdk::grpc::p3::{Messages, Router, Sink};
+use berth_sdk::grpc::{Code, Context, Status};
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HelloRequest {
+    #[prost(string, tag = "1")]
+    pub name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HelloReply {
+    #[prost(string, tag = "1")]
+    pub message: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CountRequest {
+    #[prost(uint32, tag = "1")]
+    pub to: u32,
+    #[prost(uint32, tag = "2")]
+    pub interval_ms: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CountReply {
+    #[prost(uint32, tag = "1")]
+    pub n: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Number {
+    #[prost(int64, tag = "1")]
+    pub value: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Total {
+    #[prost(int64, tag = "1")]
+    pub sum: i64,
+    #[prost(uint32, tag = "2")]
+    pub count: u32,
+}
+
+fn greet(name: &str) -> Result<HelloReply, Status> {
+    if name.is_empty() {
+        return Err(Status::invalid_argument("name is empty"));
+    }
+    let greeting = berth_sdk::config::get_or("greeting", "Hello");
+    Ok(HelloReply {
+        message: format!("{greeting} from p3, {name}!"),
+    })
+}
+
+async fn say_hello(req: HelloRequest, _cx: Context) -> Result<HelloReply, Status> {
+    greet(&req.name)
+}
+
+async fn count(req: CountRequest, _cx: Context, mut out: Sink<CountReply>) -> Result<(), Status> {
+    if req.to > 1000 {
+        return Err(Status::invalid_argument("count to 1000 at most"));
+    }
+    for n in 1..=req.to {
+        if n > 1 && req.interval_ms > 0 {
+            let nanos = u64::from(req.interval_ms) * 1_000_000;
+            berth_sdk::p3::wasip3::clocks::monotonic_clock::wait_for(nanos).await;
+        }
+        out.send(&CountReply { n }).await?;
+    }
+    Ok(())
+}
+
+async fn sum(mut numbers: Messages<Number>, _cx: Context) -> Result<Total, Status> {
+    let mut total = Total { sum: 0, count: 0 };
+    while let Some(number) = numbers.message().await {
+        total.sum = total
+            .sum
+            .checked_add(number?.value)
+            .ok_or_else(|| Status::new(Code::OutOfRange, "the sum overflows an int64"))?;
+        total.count += 1;
+    }
+    Ok(total)
+}
+
+async fn chat(
+    mut names: Messages<HelloRequest>,
+    _cx: Context,
+    mut out: Sink<HelloReply>,
+) -> Result<(), Status> {
+    while let Some(req) = names.message().await {
+        out.send(&greet(&req?.name)?).await?;
+    }
+    Ok(())
+}
+
+fn router() -> Router {
+    Router::new()
+        .unary("/greeter.Greeter/SayHello", say_hello)
+        .server_streaming("/greeter.Greeter/Count", count)
+        .client_streaming("/greeter.Greeter/Sum", sum)
+        .bidi_streaming("/greeter.Greeter/Chat", chat)
+}
+
+berth_sdk::grpc_service_p3!(router);
