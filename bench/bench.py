@@ -484,9 +484,9 @@ def write_results(results, starts, instantiation, idle_rss, density, burst):
         f"| idle RSS < 40 MiB with the examples loaded (compiled at start-up) | {idle_rss['compiled at start-up']:.1f} MiB | {yes(idle_rss['compiled at start-up'] < 40)} |",
         "",
     ]
-    # The registry and canary figures of bench/oci.py and bench/canary.py
-    # (run first by bench/run.sh).
-    for part in ("OCI.md", "CANARY.md"):
+    # The registry, canary and HTTP/2 figures of bench/oci.py,
+    # bench/canary.py and bench/http2.py (run first by bench/run.sh).
+    for part in ("OCI.md", "CANARY.md", "GRPC.md"):
         path = os.path.join(ROOT, "bench", part)
         if os.path.exists(path):
             lines.insert(lines.index("## Targets"), open(path).read())

@@ -88,6 +88,7 @@ pub async fn run(
     let health = Arc::new(Health::default());
     let (reload, reload_requests) = reload::channel();
     let (admin_state, _beating) = admin_state(&config, &health, &routes, &reload, &metrics);
+    let watches = metrics.grpc_watches.clone();
     let admin_thread = admin::spawn(listeners.admin, admin_state)?;
 
     // A pod deleted while it starts must not wait for every module to load.
@@ -123,6 +124,7 @@ pub async fn run(
         ready,
         stop_accepting.clone(),
         tracker.clone(),
+        watches,
     ));
 
     let signal = shutdown.await;

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub breaker_state: IntGaugeVec,
     grpc_handled: IntCounterVec,
     grpc_handling: HistogramVec,
+    /// Health `Watch` streams open now.
+    pub grpc_watches: IntGauge,
     guest_dropped: IntCounterVec,
     /// 1 while the host is ready for traffic, 0 while loading or draining.
     ready: IntGauge,
@@ -292,6 +294,13 @@ impl Metrics {
                 &["module", "grpc_service", "grpc_method"],
                 LATENCY_BUCKETS,
             ),
+            grpc_watches: gauge(
+                &r,
+                "berth_grpc_health_watches",
+                "grpc.health.v1.Health/Watch streams open now (at most 1,024).",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
             guest_dropped: counter(
                 &r,
                 "berth_guest_metrics_dropped_total",

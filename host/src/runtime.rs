@@ -32,7 +32,7 @@ pub use link::Unsatisfied;
 pub(crate) use module::Serving;
 pub use module::{Fetched, FileStamp, LoadError, Module, version_label};
 pub(crate) use reuse::Workers;
-pub use reuse::{Retired, Retirement, Reuse, Ticket};
+pub use reuse::{Retired, Retirement, Reuse, Streaming, Ticket};
 
 /// Measured for Rust `wasm32-wasip2` components: each component instance
 /// holds three core instances and two tables (see WASMTIME.md). Other

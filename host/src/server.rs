@@ -317,6 +317,7 @@ pub async fn serve(
     ready: Readiness,
     stop: CancellationToken,
     tracker: TaskTracker,
+    watches: prometheus::IntGauge,
 ) {
     let http1 = options.http1();
     let http2 = options.http2(&tracker);
@@ -325,6 +326,7 @@ pub async fn serve(
         stop: stop.clone(),
         tracker: tracker.clone(),
         slots: Arc::new(tokio::sync::Semaphore::new(grpc::MAX_WATCHES)),
+        open: watches,
     });
     loop {
         let (stream, _peer) = tokio::select! {
@@ -552,6 +554,7 @@ mod tests {
             Arc::new(|| true),
             stop,
             tracker,
+            metrics.grpc_watches.clone(),
         ));
         (url, metrics)
     }

@@ -492,10 +492,8 @@ def test_a_reused_instance_carries_each_calls_own_deadline_onward(greeter):
         up.stop()
 
 
-@pytest.fixture
-def p3_greeter():
-    """The same service from a WASI 0.3 module on the SDK's async router."""
-    b = support.Berth(f"""
+def p3_config(timeout="10s", extra=""):
+    return f"""
 [server]
 http2 = true
 
@@ -503,8 +501,15 @@ http2 = true
 file = "{support.wasm('p3_grpc')}"
 route = "/greeter.Greeter"
 config = {{ greeting = "Hej" }}
-limits = {{ timeout = "10s", max_body = "64KiB" }}
-""").wait_ready()
+limits = {{ timeout = "{timeout}", max_body = "64KiB" }}
+{extra}
+"""
+
+
+@pytest.fixture
+def p3_greeter():
+    """The same service from a WASI 0.3 module on the SDK's async router."""
+    b = support.Berth(p3_config()).wait_ready()
     yield b
     b.stop()
 
@@ -556,3 +561,57 @@ def test_a_wasi_0_3_instance_holds_two_conversations_at_once(p3_greeter, greeter
     for box, call in zip(boxes, calls):
         box.put(None)
         assert list(call) == []
+
+
+def test_a_wasi_0_3_call_at_its_deadline_always_ends_deadline_exceeded(greeter):
+    """Calls whose clients stall mid-request run into the module's
+    timeout; however the host ends them (the response's own deadline, or
+    the worker tearing the instance down), each ends DEADLINE_EXCEEDED,
+    never as a stream that merely stopped."""
+    pb, _ = greeter
+    b = support.Berth(p3_config(timeout="2s")).wait_ready()
+    try:
+        s = stub(b, greeter)
+
+        def stalled():
+            yield pb.Number(value=1)
+            time.sleep(30)
+
+        codes = []
+        calls = [s.Sum.future(stalled(), timeout=20) for _ in range(6)]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as e:
+                call.result()
+            codes.append((e.value.code(), e.value.details()))
+        assert codes == [(grpc.StatusCode.DEADLINE_EXCEEDED, "the module ran over its deadline")] * 6
+    finally:
+        b.stop()
+
+
+def test_max_concurrent_counts_wasi_0_3_calls_that_are_still_streaming(greeter):
+    """A WASI 0.3 handler returns its head at once and streams from a task
+    of its own; `max_concurrent` still counts the call until its stream
+    ends, so a third open conversation gets an instance of its own."""
+    pb, _ = greeter
+    b = support.Berth(p3_config(extra='instances = { max_concurrent = 2, idle_timeout = "30s" }')).wait_ready()
+    try:
+        s = stub(b, greeter)
+        boxes, calls = [], []
+        for i in range(3):
+            box = queue.Queue()
+            box.put(f"n{i}")
+
+            def requests(box=box):
+                while (name := box.get()) is not None:
+                    yield pb.HelloRequest(name=name)
+
+            call = s.Chat(requests(), timeout=20)
+            assert next(call).message == f"Hej from p3, n{i}!"
+            boxes.append(box)
+            calls.append(call)
+        assert created(b, "greeter3") >= 2, "three open calls on one instance of max_concurrent 2"
+        for box, call in zip(boxes, calls):
+            box.put(None)
+            assert list(call) == []
+    finally:
+        b.stop()

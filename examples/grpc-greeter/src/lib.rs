@@ -103,7 +103,10 @@ fn chat(
 }
 
 fn router() -> Router {
+    // A greeting needs no 4 MiB message; a larger one is refused from its
+    // length prefix, before any of it is read.
     Router::new()
+        .max_message_size(64 << 10)
         .unary("/greeter.Greeter/SayHello", say_hello)
         .server_streaming("/greeter.Greeter/Count", count)
         .client_streaming("/greeter.Greeter/Sum", sum)

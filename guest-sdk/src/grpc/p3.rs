@@ -240,13 +240,22 @@ impl Router {
         let metadata: Vec<(String, String)> = parts
             .headers
             .iter()
-            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .map(|(k, v)| {
+                let value = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                (k.as_str().to_owned(), value)
+            })
             .collect();
         let Some((cx, accepted)) =
             super::call_of(parts.method.as_str(), parts.uri.path(), metadata)
         else {
-            let mut resp = Response::new(crate::p3::full(super::NOT_GRPC));
+            // As the 0.2 router answers (`Response::error`).
+            let body = serde_json::json!({ "error": super::NOT_GRPC }).to_string();
+            let mut resp = Response::new(crate::p3::full(body));
             *resp.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+            resp.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static("application/json"),
+            );
             return resp;
         };
         let (mut tx, rx) = mpsc::channel(4);

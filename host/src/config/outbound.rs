@@ -223,14 +223,29 @@ fn upstream_key_problem(key: &str) -> Option<&'static str> {
     let Ok(authority) = key.parse::<http::uri::Authority>() else {
         return Some("an upstream key is `host:port`, without scheme or path");
     };
-    if authority.as_str() != key || key.contains('@') || authority.port_u16().is_none() {
+    let port = authority.port_u16();
+    if authority.as_str() != key
+        || key.contains('@')
+        || port.is_none()
+        // Calls are matched by the port number: `080` would never match.
+        || port.map(|p| p.to_string()) != authority.port().map(|p| p.as_str().to_owned())
+    {
         return Some("an upstream key is `host:port`, with the port (`orders.default.svc:8080`)");
     }
     let host = authority.host();
-    if host != host.to_ascii_lowercase() || !host.is_ascii() || host.ends_with('.') {
+    let canonical = match host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+    {
+        Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]"),
+        Ok(ip) => ip.to_string(),
+        Err(_) => idna::domain_to_ascii(host).unwrap_or_default(),
+    };
+    if canonical != host || host.ends_with('.') {
         return Some(
-            "an upstream's host is written in lower case, ASCII (punycode for other \
-             names) and without a trailing dot, as calls are matched",
+            "an upstream's host is written as calls are matched: a name in lower case, \
+             punycode for other scripts, no trailing dot; an address in its shortest form",
         );
     }
     None
@@ -242,7 +257,12 @@ mod tests {
 
     #[test]
     fn upstream_keys_are_written_as_calls_are_matched() {
-        for good in ["orders.default.svc:8080", "127.0.0.1:50051", "[::1]:443"] {
+        for good in [
+            "orders.default.svc:8080",
+            "127.0.0.1:50051",
+            "[::1]:443",
+            "xn--bcher-kva.example:443",
+        ] {
             assert_eq!(upstream_key_problem(good), None, "{good}");
         }
         for bad in [
@@ -254,6 +274,9 @@ mod tests {
             "user@orders:80",
             "Orders.svc:80",
             "orders.svc.:80",
+            "orders:080",
+            "[0:0::1]:443",
+            "xn--bcher-kva.EXAMPLE:443",
             "bücher.example:443",
         ] {
             assert!(upstream_key_problem(bad).is_some(), "{bad:?} accepted");

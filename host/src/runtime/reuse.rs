@@ -17,7 +17,7 @@
 //! the next request gets a new instance.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -106,18 +106,50 @@ impl Retired {
     }
 }
 
-/// Why one instance retires; the first reason set wins.
+/// Why one instance retires (the first reason set wins), whether its
+/// worker tore it down mid-request, and how many of its responses are
+/// still streaming.
 #[derive(Debug, Default)]
-pub struct Retirement(OnceLock<Retired>);
+pub struct Retirement {
+    why: OnceLock<Retired>,
+    torn_down: AtomicBool,
+    streaming: AtomicUsize,
+}
 
 impl Retirement {
     fn set(&self, why: Retired) {
-        let _ = self.0.set(why);
+        let _ = self.why.set(why);
     }
 
     /// The reason, once there is one.
     pub fn reason(&self) -> Option<Retired> {
-        self.0.get().copied()
+        self.why.get().copied()
+    }
+
+    /// Whether the worker gave up on the instance while requests were on
+    /// it (a guest past the deadline that never yields): every stream
+    /// still open on it was cut off.
+    pub fn torn_down(&self) -> bool {
+        self.torn_down.load(Ordering::Relaxed)
+    }
+
+    /// Counts one response of this instance as streaming until the guard
+    /// is dropped. A WASI 0.3 handler returns its head and writes the body
+    /// from a task of its own, which wasmtime no longer counts as a request
+    /// on the instance; `max_concurrent` counts it through this.
+    pub fn streaming(self: &Arc<Self>) -> Streaming {
+        self.streaming.fetch_add(1, Ordering::Relaxed);
+        Streaming(self.clone())
+    }
+}
+
+/// One response streaming from a reused instance; see
+/// [`Retirement::streaming`].
+pub struct Streaming(Arc<Retirement>);
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.0.streaming.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -195,6 +227,8 @@ impl HandlerState for Workers {
             },
             state: Worker {
                 tasks,
+                // A 0.2 handler writes its body before it returns.
+                counts_streaming: matches!(self.pre, ProxyPre::P3(_)),
                 reuse: self.reuse,
                 timeout: self.timeout,
                 served: AtomicUsize::new(0),
@@ -209,6 +243,9 @@ impl HandlerState for Workers {
 pub(crate) struct Worker {
     /// Which request each task group serves.
     tasks: Tasks,
+    /// Whether responses still streaming count against `max_concurrent`
+    /// (WASI 0.3: see [`Retirement::streaming`]).
+    counts_streaming: bool,
     reuse: Reuse,
     timeout: Duration,
     served: AtomicUsize,
@@ -224,10 +261,15 @@ impl WorkerState for Worker {
         if self.retirement.reason().is_some() {
             return ShouldAccept::Never;
         }
+        let streaming = if self.counts_streaming {
+            self.retirement.streaming.load(Ordering::Relaxed)
+        } else {
+            0
+        };
         if total >= self.reuse.max_requests as usize {
             self.retirement.set(Retired::MaxRequests);
             ShouldAccept::Never
-        } else if concurrent >= self.reuse.max_concurrent as usize {
+        } else if concurrent + streaming >= self.reuse.max_concurrent as usize {
             ShouldAccept::No
         } else {
             ShouldAccept::Yes
@@ -320,6 +362,9 @@ impl WorkerExpiration for Expiry {
         let expired = self.sleep.as_mut().poll(cx);
         if expired.is_ready() {
             self.retirement.set(why);
+            if why == Retired::Timeout {
+                self.retirement.torn_down.store(true, Ordering::Relaxed);
+            }
         }
         expired
     }

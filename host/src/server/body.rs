@@ -220,9 +220,10 @@ pub(super) enum Fate {
     /// A fresh instance: its task records how it ended, and the body
     /// whether its last frame was taken.
     Task(Arc<TaskFate>),
-    /// A reused instance: retired for a trap or the memory limit, it took
-    /// every stream on it down. (A request's deadline only stops it taking
-    /// new requests: its neighbours run on and finish their streams.)
+    /// A reused instance: retired for a trap or the memory limit, or torn
+    /// down by its worker past the deadline, it took every stream on it
+    /// down. (A request's deadline only stops it taking new requests: its
+    /// neighbours run on and finish their streams.)
     Instance(Arc<std::sync::OnceLock<Arc<Retirement>>>),
 }
 
@@ -277,10 +278,16 @@ impl Fate {
         match self {
             Fate::Whole => None,
             Fate::Task(fate) => fate.cut.get().copied(),
-            Fate::Instance(instance) => match instance.get()?.reason()? {
-                Retired::Trap | Retired::MemoryLimit => Some(Cut::Failed),
-                Retired::Timeout | Retired::MaxRequests | Retired::Idle | Retired::Stopped => None,
-            },
+            Fate::Instance(instance) => {
+                let instance = instance.get()?;
+                match instance.reason()? {
+                    Retired::Trap | Retired::MemoryLimit => Some(Cut::Failed),
+                    _ if instance.torn_down() => Some(Cut::Timeout),
+                    Retired::Timeout | Retired::MaxRequests | Retired::Idle | Retired::Stopped => {
+                        None
+                    }
+                }
+            }
         }
     }
 }
@@ -397,8 +404,9 @@ pub(super) struct Bounded<B> {
 enum Delivery<B> {
     Streaming {
         body: B,
-        /// Held, never read: dropping it frees the slot.
-        _slot: Slot,
+        /// Held, never read: dropping it frees the slot, and the
+        /// instance's count of streaming responses.
+        _slot: (Slot, Option<crate::runtime::Streaming>),
         /// hyper's task while it waits on this body: woken at the deadline
         /// so that it sees the error and closes the connection.
         waker: Option<std::task::Waker>,
@@ -419,9 +427,13 @@ impl<B: Send + 'static> Bounded<B> {
         fate: Fate,
         hangup: Hangup,
     ) -> Self {
+        let streaming = match &fate {
+            Fate::Instance(instance) => instance.get().map(|i| i.streaming()),
+            _ => None,
+        };
         let state = Arc::new(std::sync::Mutex::new(Delivery::Streaming {
             body: inner,
-            _slot: slot,
+            _slot: (slot, streaming),
             waker: None,
         }));
         let timer = tokio::spawn({

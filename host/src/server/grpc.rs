@@ -98,6 +98,30 @@ pub(super) struct Watching {
     pub(super) stop: tokio_util::sync::CancellationToken,
     pub(super) tracker: tokio_util::task::TaskTracker,
     pub(super) slots: Arc<tokio::sync::Semaphore>,
+    /// Watches open now (`berth_grpc_health_watches`).
+    pub(super) open: prometheus::IntGauge,
+}
+
+/// One of the [`MAX_WATCHES`] slots, counted while held.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    open: prometheus::IntGauge,
+}
+
+impl Slot {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, open: &prometheus::IntGauge) -> Self {
+        open.inc();
+        Slot {
+            _permit: permit,
+            open: open.clone(),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 /// `Watch`: the service's status now, then each change, as the health
@@ -112,11 +136,12 @@ pub(super) async fn health_watch(
     watching: &Watching,
     within: Duration,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
-    let slot = watching
+    let permit = watching
         .slots
         .clone()
         .try_acquire_owned()
         .map_err(|_| RequestError::Shed)?;
+    let slot = Slot::new(permit, &watching.open);
     let service = health_request(req, within).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Frame<bytes::Bytes>>(1);
     let (ready, stop) = (watching.ready.clone(), watching.stop.clone());
