@@ -615,3 +615,33 @@ def test_max_concurrent_counts_wasi_0_3_calls_that_are_still_streaming(greeter):
             assert list(call) == []
     finally:
         b.stop()
+
+
+def open_watches(berth):
+    _, page = support.http(berth.admin + "/metrics")
+    for line in page.splitlines():
+        if line.startswith("berth_grpc_health_watches "):
+            return float(line.split()[1])
+    raise AssertionError("berth_grpc_health_watches is missing")
+
+
+def test_a_cancelled_watch_gives_its_slot_back(greeter, health):
+    b = support.Berth(config()).wait_ready()
+    try:
+        watches = [Watch(b, health, "greeter") for _ in range(3)]
+        for w in watches:
+            w.wait_for("SERVING")
+        assert open_watches(b) == 3
+        for w in watches[:2]:
+            w.call.cancel()
+        deadline = time.time() + 10
+        while open_watches(b) != 1:
+            assert time.time() < deadline, f"{open_watches(b)} watches still held"
+            time.sleep(0.1)
+        watches[2].call.cancel()
+        deadline = time.time() + 10
+        while open_watches(b) != 0:
+            assert time.time() < deadline, f"{open_watches(b)} watches still held"
+            time.sleep(0.1)
+    finally:
+        b.stop()
