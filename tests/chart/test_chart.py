@@ -631,3 +631,12 @@ def serve_rendered(tmp_path, values, path, want, check_info=None, env=None):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     return log
+
+
+def test_the_service_port_can_declare_h2c_for_grpc_through_a_mesh():
+    port = find(render(), "Service")["spec"]["ports"][0]
+    assert "appProtocol" not in port, port
+    port = find(render("--set", "service.appProtocol=kubernetes.io/h2c"), "Service")["spec"]["ports"][0]
+    assert port["appProtocol"] == "kubernetes.io/h2c"
+    bad = run(HELM, "template", "rel", CHART, "--set", "service.appProtocol=grpc", check=False)
+    assert bad.returncode != 0 and "appProtocol" in bad.stderr, bad.stderr
