@@ -162,14 +162,14 @@ impl Body for ReplayBody {
 
 /// A response body that fails when the upstream goes quiet for longer than
 /// `timeout` between two frames.
-pub(super) struct BetweenBytes {
-    inner: Incoming,
+pub(super) struct BetweenBytes<B = Incoming> {
+    inner: B,
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
 }
 
-impl BetweenBytes {
-    pub(super) fn new(inner: Incoming, timeout: Duration) -> Self {
+impl<B> BetweenBytes<B> {
+    pub(super) fn new(inner: B, timeout: Duration) -> Self {
         BetweenBytes {
             inner,
             timeout,
@@ -178,7 +178,11 @@ impl BetweenBytes {
     }
 }
 
-impl Body for BetweenBytes {
+impl<B> Body for BetweenBytes<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Error>,
+{
     type Data = Bytes;
     type Error = Error;
 
@@ -191,7 +195,7 @@ impl Body for BetweenBytes {
             Poll::Ready(frame) => {
                 let deadline = Instant::now() + this.timeout;
                 this.sleep.as_mut().reset(deadline);
-                Poll::Ready(frame.map(|f| f.map_err(Error::from)))
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
                 ready!(this.sleep.as_mut().poll(cx));
@@ -265,10 +269,90 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_limit_the_copy_is_dropped_and_no_replay_is_offered() {
-        let body = ReplayBody::new(source(&[b"abcd", b"efgh"]), 6);
-        assert_eq!(read_all(body.replay()).await.unwrap(), b"abcdefgh");
+        // A small chunk after the overflow must not start a new copy.
+        let body = ReplayBody::new(source(&[b"abcd", b"efgh", b"i"]), 6);
+        assert_eq!(read_all(body.replay()).await.unwrap(), b"abcdefghi");
         assert!(!body.replayable());
         assert!(body.shared.lock().unwrap().kept.is_empty(), "copy freed");
+        // The limit is on the sum of the chunks, not on each.
+        let body = ReplayBody::new(source(&[b"a", b"bcdef"]), 5);
+        assert_eq!(read_all(body.replay()).await.unwrap(), b"abcdef");
+        assert!(!body.replayable(), "6 bytes passed a limit of 5");
+        let body = ReplayBody::new(source(&[b"ab", b"cde"]), 5);
+        assert_eq!(read_all(body.replay()).await.unwrap(), b"abcde");
+        assert!(body.replayable(), "5 bytes fit a limit of 5");
+    }
+
+    #[tokio::test]
+    async fn an_attempt_ends_after_the_kept_bytes_and_the_guests_end() {
+        let empty = http_body_util::Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        assert!(ReplayBody::new(empty, 8).replay().is_end_stream());
+
+        let body = ReplayBody::new(source(&[b"ab", b"cd"]), 8);
+        let first = body.replay();
+        assert!(!first.is_end_stream(), "the guest's body is still to come");
+        assert_eq!(read_all(first).await.unwrap(), b"abcd");
+        // A replay has its kept bytes still to send, then ends.
+        let mut again = body.replay();
+        assert!(!again.is_end_stream(), "kept bytes still to send");
+        let _ = again.frame().await;
+        assert!(!again.is_end_stream());
+        let _ = again.frame().await;
+        assert!(again.is_end_stream());
+        // An attempt superseded by a newer one never claims to be whole.
+        let newer = body.replay();
+        assert!(!again.is_end_stream());
+        assert!(!newer.is_end_stream());
+    }
+
+    /// A response body: its frames, then quiet (`Pending`) for good.
+    struct ThenQuiet(VecDeque<&'static [u8]>);
+
+    impl Body for ThenQuiet {
+        type Data = Bytes;
+        type Error = Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+            match self.0.pop_front() {
+                Some(c) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(c))))),
+                None => Poll::Pending,
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.0.iter().map(|c| c.len() as u64).sum())
+        }
+    }
+
+    #[tokio::test]
+    async fn between_bytes_passes_frames_and_fails_a_quiet_upstream() {
+        let within = Duration::from_millis(200);
+        let mut body = BetweenBytes::new(ThenQuiet([&b"ab"[..], b"cd"].into()), within);
+        assert_eq!(body.size_hint().exact(), Some(4));
+        assert!(!body.is_end_stream());
+        // Each frame restarts the timer: frames a little apart all pass.
+        for want in ["ab", "cd"] {
+            tokio::time::sleep(within / 2).await;
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), want);
+        }
+        assert!(body.is_end_stream());
+        let started = Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::ConnectionReadTimeout), "{err:?}");
+        assert!(
+            started.elapsed() >= within / 2,
+            "the timer restarted at the last frame"
+        );
     }
 
     #[tokio::test]

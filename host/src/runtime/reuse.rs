@@ -398,6 +398,129 @@ mod tests {
         assert!(!p2.is_fresh());
     }
 
+    /// A worker of `reuse`, with `streaming` responses open.
+    fn worker(reuse: Reuse, counts_streaming: bool) -> Worker {
+        let metrics = crate::metrics::Metrics::new();
+        let module = metrics.for_module("m", "/m", "v1", "stable");
+        let cx = RequestContext {
+            module: "m".into(),
+            request_id: "-".into(),
+            trace: crate::trace::TraceContext::untraced(),
+            logs: Arc::new(super::super::host::LogBudget::new(
+                10,
+                prometheus::IntCounter::new("dropped", "dropped").unwrap(),
+            )),
+            deadline: None,
+        };
+        Worker {
+            tasks: Tasks::new(cx),
+            counts_streaming,
+            reuse,
+            timeout: Duration::from_secs(1),
+            served: AtomicUsize::new(0),
+            retirement: Arc::default(),
+            metrics: module.instances,
+        }
+    }
+
+    fn reuse(max_requests: u32, max_concurrent: u32) -> Reuse {
+        Reuse {
+            max_requests,
+            max_concurrent,
+            idle_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn accepts(w: &Worker, concurrent: usize, total: usize) -> &'static str {
+        match w.should_accept_request(concurrent, total) {
+            ShouldAccept::Yes => "yes",
+            ShouldAccept::No => "no",
+            ShouldAccept::Never => "never",
+        }
+    }
+
+    #[test]
+    fn an_instance_takes_requests_within_its_bounds_and_retires_at_its_life() {
+        let w = worker(reuse(4, 2), true);
+        assert_eq!(accepts(&w, 0, 0), "yes");
+        assert_eq!(accepts(&w, 1, 1), "yes");
+        assert_eq!(accepts(&w, 2, 2), "no", "at max_concurrent");
+        assert_eq!(w.retirement.reason(), None);
+        // Responses still streaming count as requests on the instance...
+        let one = w.retirement.streaming();
+        assert_eq!(accepts(&w, 1, 2), "no");
+        drop(one);
+        assert_eq!(accepts(&w, 1, 2), "yes");
+        // ...on WASI 0.3 only: a 0.2 handler has written its body when it
+        // returns.
+        let p2 = worker(reuse(4, 2), false);
+        let _held = p2.retirement.streaming();
+        assert_eq!(accepts(&p2, 1, 2), "yes");
+        // The last of its life: retired for good, with the reason.
+        assert_eq!(accepts(&w, 0, 3), "yes");
+        assert_eq!(accepts(&w, 0, 4), "never");
+        assert_eq!(w.retirement.reason(), Some(Retired::MaxRequests));
+        assert_eq!(accepts(&w, 0, 0), "never", "retired is final");
+    }
+
+    #[test]
+    fn retirement_reasons_have_their_metric_labels() {
+        let labels: Vec<_> = [
+            Retired::MaxRequests,
+            Retired::Idle,
+            Retired::Timeout,
+            Retired::Trap,
+            Retired::MemoryLimit,
+            Retired::Stopped,
+        ]
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+        assert_eq!(
+            labels,
+            [
+                "max_requests",
+                "idle",
+                "timeout",
+                "trap",
+                "memory_limit",
+                "stopped"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn expiry_tears_a_busy_instance_down_at_the_deadline_and_an_idle_one_at_idle_timeout() {
+        let expiry = |retirement: &Arc<Retirement>| Expiry {
+            idle_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            sleep: Box::pin(tokio::time::sleep(Duration::MAX / 4)),
+            retirement: retirement.clone(),
+        };
+        let poll = |e: &mut Expiry, status, started_ago: u64| {
+            let waker = std::task::Waker::noop();
+            let mut cx = Context::from_waker(waker);
+            let start = Instant::now() - Duration::from_secs(started_ago);
+            Pin::new(e).poll(&mut cx, status, start).is_ready()
+        };
+        // Busy: bounded by the request deadline, not by idle_timeout.
+        let busy = Arc::new(Retirement::default());
+        let mut e = expiry(&busy);
+        assert!(!poll(&mut e, WorkerStatus::Requests, 0));
+        assert!(!poll(&mut e, WorkerStatus::Requests, 2));
+        assert_eq!(busy.reason(), None);
+        assert!(poll(&mut e, WorkerStatus::PostReturn, 6));
+        assert_eq!(busy.reason(), Some(Retired::Timeout));
+        assert!(busy.torn_down());
+        // Idle: bounded by idle_timeout, and nothing is cut.
+        let idle = Arc::new(Retirement::default());
+        let mut e = expiry(&idle);
+        assert!(!poll(&mut e, WorkerStatus::Idle, 0));
+        assert!(poll(&mut e, WorkerStatus::Idle, 2));
+        assert_eq!(idle.reason(), Some(Retired::Idle));
+        assert!(!idle.torn_down(), "nothing was running on it");
+    }
+
     #[test]
     fn the_first_retirement_reason_wins() {
         let r = Retirement::default();
