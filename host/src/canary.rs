@@ -856,6 +856,69 @@ mod tests {
     }
 
     #[test]
+    fn states_and_actions_have_their_words_gauges_and_finality() {
+        let states = [State::Progressing, State::Paused, State::Promoted, State::RolledBack];
+        let seen: Vec<_> = states
+            .iter()
+            .map(|s| (s.as_str(), s.gauge(), s.is_final()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("progressing", 0, false),
+                ("paused", 1, false),
+                ("promoted", 2, true),
+                ("rolled_back", 3, true),
+            ]
+        );
+        for action in [Action::Promote, Action::Abort, Action::Pause, Action::Resume] {
+            assert_eq!(action.as_str().parse::<Action>(), Ok(action));
+        }
+        let words: Vec<_> = [Action::Promote, Action::Abort, Action::Pause, Action::Resume]
+            .iter()
+            .map(|a| a.as_str())
+            .collect();
+        assert_eq!(words, ["promote", "abort", "pause", "resume"]);
+        assert_eq!("Promote".parse::<Action>(), Err(()));
+        assert_eq!("".parse::<Action>(), Err(()));
+    }
+
+    #[test]
+    fn a_latency_on_a_bucket_bound_is_counted_in_that_bucket() {
+        let w = Window::new();
+        let at = bounds()[3];
+        w.record(200, Duration::from_secs_f64(at));
+        w.record(500, Duration::from_secs_f64(at * 1.1));
+        assert_eq!(w.buckets[3].load(Ordering::Relaxed), 1, "le: the bound itself");
+        assert_eq!(w.buckets[4].load(Ordering::Relaxed), 1);
+        let f = w.figures(true);
+        assert_eq!((f.requests, f.errors), (2, 1));
+        assert_eq!(f.success_rate, Some(50.0));
+        assert_eq!(w.figures(false).requests, 0, "reset");
+        // No requests: no success rate at all, rather than 0/0.
+        assert_eq!(Window::new().figures(false).success_rate, None);
+    }
+
+    #[test]
+    fn a_canary_that_failed_to_load_is_recorded_as_rolled_back() {
+        let metrics = Metrics::new();
+        metrics.canary_weight.with_label_values(&["m"]).set(25);
+        Canary::failed_to_load("m", &metrics, "bad wasm");
+        assert_eq!(metrics.canary_weight.with_label_values(&["m"]).get(), 0);
+        assert_eq!(
+            metrics.canary_state.with_label_values(&["m"]).get(),
+            State::RolledBack.gauge()
+        );
+        assert_eq!(
+            metrics
+                .canary_judgements
+                .with_label_values(&["m", "fail"])
+                .get(),
+            1
+        );
+    }
+
+    #[test]
     fn a_window_is_judged_on_requests_success_rate_and_latency() {
         let p = policy("min_requests = 10\nmax_p99 = \"200ms\"\nmax_p99_ratio = 2.0");
         let stable = figures(100, 0, 50.0);
