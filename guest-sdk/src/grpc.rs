@@ -716,6 +716,12 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "/package.Service/Method")]
+    fn a_route_not_named_as_a_grpc_method_is_refused() {
+        check_method_name("SayHello");
+    }
+
+    #[test]
     fn frames_split_what_encode_joins_across_reads() {
         let mut wire = encode(&Note { text: "one".into() });
         wire.extend(encode(&Note { text: "two".into() }));

@@ -857,7 +857,12 @@ mod tests {
 
     #[test]
     fn states_and_actions_have_their_words_gauges_and_finality() {
-        let states = [State::Progressing, State::Paused, State::Promoted, State::RolledBack];
+        let states = [
+            State::Progressing,
+            State::Paused,
+            State::Promoted,
+            State::RolledBack,
+        ];
         let seen: Vec<_> = states
             .iter()
             .map(|s| (s.as_str(), s.gauge(), s.is_final()))
@@ -871,13 +876,23 @@ mod tests {
                 ("rolled_back", 3, true),
             ]
         );
-        for action in [Action::Promote, Action::Abort, Action::Pause, Action::Resume] {
+        for action in [
+            Action::Promote,
+            Action::Abort,
+            Action::Pause,
+            Action::Resume,
+        ] {
             assert_eq!(action.as_str().parse::<Action>(), Ok(action));
         }
-        let words: Vec<_> = [Action::Promote, Action::Abort, Action::Pause, Action::Resume]
-            .iter()
-            .map(|a| a.as_str())
-            .collect();
+        let words: Vec<_> = [
+            Action::Promote,
+            Action::Abort,
+            Action::Pause,
+            Action::Resume,
+        ]
+        .iter()
+        .map(|a| a.as_str())
+        .collect();
         assert_eq!(words, ["promote", "abort", "pause", "resume"]);
         assert_eq!("Promote".parse::<Action>(), Err(()));
         assert_eq!("".parse::<Action>(), Err(()));
@@ -889,7 +904,11 @@ mod tests {
         let at = bounds()[3];
         w.record(200, Duration::from_secs_f64(at));
         w.record(500, Duration::from_secs_f64(at * 1.1));
-        assert_eq!(w.buckets[3].load(Ordering::Relaxed), 1, "le: the bound itself");
+        assert_eq!(
+            w.buckets[3].load(Ordering::Relaxed),
+            1,
+            "le: the bound itself"
+        );
         assert_eq!(w.buckets[4].load(Ordering::Relaxed), 1);
         let f = w.figures(true);
         assert_eq!((f.requests, f.errors), (2, 1));

@@ -1020,6 +1020,21 @@ mod tests {
         assert_eq!(hits.load(Ordering::SeqCst), 1);
     }
 
+    #[tokio::test]
+    async fn one_modules_exact_and_wildcard_rules_never_share_a_client() {
+        // Both names resolve to loopback. The exact rule may reach it; the
+        // wildcard's calls go through the guarded resolver, whose client
+        // must not be the exact rule's unguarded one.
+        let (port, hits) = local_server().await;
+        let lookup = scripted(vec![Some("127.0.0.1"), Some("127.0.0.1")]);
+        let both = outbound(&["http://svc.internal:*", "http://*:*"], lookup);
+        let exact = format!("http://svc.internal:{port}/");
+        assert_eq!(call(&both, &exact).await.unwrap(), StatusCode::OK);
+        let wildcard = format!("http://other.internal:{port}/");
+        assert!(call(&both, &wildcard).await.is_err());
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+    }
+
     #[test]
     fn hosts_are_brought_to_one_spelling() {
         let norm = |uri: &str| {
