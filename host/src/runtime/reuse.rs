@@ -398,7 +398,7 @@ mod tests {
         assert!(!p2.is_fresh());
     }
 
-    /// A worker of `reuse`, with `streaming` responses open.
+    /// A worker of `reuse`; `counts_streaming` for a WASI 0.3 one.
     fn worker(reuse: Reuse, counts_streaming: bool) -> Worker {
         let metrics = crate::metrics::Metrics::new();
         let module = metrics.for_module("m", "/m", "v1", "stable");
