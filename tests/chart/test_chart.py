@@ -505,6 +505,7 @@ modules:
       retryNonIdempotent: true
       maxRetryBody: 32KiB
       circuitBreaker: {failures: 3, openFor: 10s, halfOpenProbes: 2}
+      h2c: true
 """
 
 

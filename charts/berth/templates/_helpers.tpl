@@ -58,17 +58,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 berth's snake_case keys, nested tables too. Helm reads the numbers of a
 values file as float64, which berth refuses where it wants an integer:
 whole numbers are set as integers (a share such as retryBudget: 0.2 stays
-a float). Called as (dict "in" VALUES "out" DICT); renders nothing. */}}
+a float). Sprig's snakecase splits digits off (`h2c` would be `h_2c`,
+which berth refuses), so only capitals start a new word here. Called as
+(dict "in" VALUES "out" DICT); renders nothing. */}}
 {{- define "berth.hostKeys" -}}
 {{- range $key, $value := .in -}}
+{{- $hostKey := regexReplaceAll "([A-Z])" $key "_${1}" | lower -}}
 {{- if kindIs "map" $value -}}
 {{- $table := dict -}}
 {{- include "berth.hostKeys" (dict "in" $value "out" $table) -}}
-{{- $_ := set $.out (snakecase $key) $table -}}
+{{- $_ := set $.out $hostKey $table -}}
 {{- else if and (kindIs "float64" $value) (eq $value (floor $value)) -}}
-{{- $_ := set $.out (snakecase $key) (int64 $value) -}}
+{{- $_ := set $.out $hostKey (int64 $value) -}}
 {{- else -}}
-{{- $_ := set $.out (snakecase $key) $value -}}
+{{- $_ := set $.out $hostKey $value -}}
 {{- end -}}
 {{- end -}}
 {{- end }}
