@@ -33,6 +33,20 @@ pub enum Mode {
     Stall,
 }
 
+/// A listener on a free loopback port, and the one-thread runtime a test
+/// server runs it on (the server lives as long as the runtime).
+pub fn loopback_listener() -> (tokio::runtime::Runtime, tokio::net::TcpListener) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    (runtime, listener)
+}
+
 /// Serves HTTP/1 (over TLS with a server config) on a free loopback port
 /// from a runtime of its own; the server lives as long as the returned
 /// runtime.
@@ -47,14 +61,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
+    let (runtime, listener) = loopback_listener();
     let addr = listener.local_addr().unwrap();
     runtime.spawn(async move {
         loop {

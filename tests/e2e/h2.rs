@@ -851,14 +851,7 @@ impl VersionUpstream {
         delay: Duration,
         max_streams: u32,
     ) -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let (rt, listener) = crate::downstream::loopback_listener();
         let port = listener.local_addr().unwrap().port();
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let hanging = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1109,14 +1102,7 @@ impl SilencingRelay {
     fn start(backend: u16) -> Self {
         use std::sync::atomic::AtomicUsize;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let (rt, listener) = crate::downstream::loopback_listener();
         let port = listener.local_addr().unwrap().port();
         let opened = Arc::new(AtomicUsize::new(0));
         let silent_below = Arc::new(AtomicUsize::new(0));
