@@ -709,6 +709,15 @@ fn concurrent_requests_on_one_p3_instance_keep_their_own_trace_and_ids() {
         assert_eq!(line["trace_id"], trace.to_string().repeat(32), "{line}");
     }
     // Guest stdout on the shared instance: never another request's ids.
+    // Stdout is relayed after the guest's own log line, so wait for both
+    // before counting.
+    for id in ["request-a", "request-b"] {
+        berth
+            .wait_for_log(Duration::from_secs(5), |l| {
+                l["stream"] == "stdout" && l["request_id"] == id
+            })
+            .unwrap_or_else(|| panic!("no stdout line of {id}"));
+    }
     let printed: Vec<_> = berth
         .log_lines()
         .into_iter()
