@@ -23,6 +23,7 @@ SRC = os.path.join(ROOT, "host", "src")
 # Lower ranks are lower layers. A new top-level module must be placed here.
 LAYERS = {
     "redact": 0,
+    "scaffold": 0,
     "signal": 0,
     "telemetry": 0,
     "config": 1,
@@ -37,9 +38,11 @@ LAYERS = {
     "server": 7,
     "admin": 7,
     "app": 8,
+    # `berth dev`: drives a `berth serve` child through its admin port.
+    "dev": 9,
     # Helpers of the in-process tests (`#[cfg(test)]`): may use anything,
     # and only test code may use them.
-    "testing": 9,
+    "testing": 10,
 }
 
 PATH = re.compile(r"\b(crate|super|self)((?:::[a-z_][a-z0-9_]*)*)(?:::\{([^}]*)\})?")

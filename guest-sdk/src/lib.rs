@@ -50,7 +50,7 @@ pub mod metrics;
 pub mod p3;
 
 pub use error::Error;
-pub use message::{IntoResponse, Request, Response};
+pub use message::{IntoResponse, Request, Response, query_param};
 
 #[allow(missing_docs, unreachable_pub, unsafe_code)]
 mod bindings {

@@ -96,10 +96,7 @@ impl Request {
 
     /// The first query parameter called `name`, percent-decoded.
     pub fn query_param(&self, name: &str) -> Option<String> {
-        self.query.as_deref()?.split('&').find_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k) == name).then(|| percent_decode(v))
-        })
+        query_param(self.query.as_deref()?, name)
     }
 
     /// The first value of header `name` (case-insensitive).
@@ -334,6 +331,16 @@ pub(crate) fn write_outgoing(body: OutgoingBody, data: &[u8]) -> Result<(), Erro
             .map_err(|e| Error::Io(e.to_string()))?;
     }
     OutgoingBody::finish(body, None).map_err(|e| Error::Io(format!("{e:?}")))
+}
+
+/// The first parameter called `name` of a query string (`a=1&b=2`),
+/// percent-decoded: for handlers that get the raw query, as WASI 0.3 ones
+/// do from `req.uri().query()`.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k) == name).then(|| percent_decode(v))
+    })
 }
 
 fn percent_decode(s: &str) -> String {

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 mod admin;
 mod allow;
+mod build;
 mod canary;
 mod defaults;
 mod env;
@@ -27,6 +28,7 @@ mod spec;
 mod values;
 pub use admin::AdminConfig;
 pub use allow::{AllowList, AllowRule, Specificity, default_port};
+pub use build::BuildFields;
 pub use canary::{CanaryConfig, Sticky};
 pub use defaults::Defaults;
 pub use env::ignored_env_vars;

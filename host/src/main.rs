@@ -1,5 +1,5 @@
-//! The `berth` command line: `serve` (the default), `check`, `push`,
-//! `pull` and `version`.
+//! The `berth` command line: `serve` (the default), `new`, `dev`, `check`,
+//! `push`, `pull` and `version`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -90,6 +90,35 @@ enum Command {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+    /// Start a module project from a template: `berth new --template rust
+    /// hello`, then `cd hello` and `berth dev`.
+    New {
+        /// The module's name: lowercase letters, digits and `-`; also the
+        /// project's directory.
+        #[arg(required_unless_present = "list")]
+        name: Option<String>,
+        /// The template (`--list` shows them).
+        #[arg(long, short, default_value = "rust")]
+        template: String,
+        /// The path prefix the module serves (default: `/NAME`).
+        #[arg(long)]
+        route: Option<String>,
+        /// Where to create the project's directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// List the templates.
+        #[arg(long)]
+        list: bool,
+    },
+    /// Build, serve and rebuild on change: runs each module's `build`,
+    /// serves the project's berth.toml with this host, and on a change to a
+    /// module's `watch` globs rebuilds it and swaps it in.
+    Dev {
+        /// The project directory, holding berth.toml (`--config` names
+        /// another file).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -152,6 +181,14 @@ fn main() -> ExitCode {
             output,
             registry,
         } => pull(&reference, &output, &registry),
+        Command::New {
+            name,
+            template,
+            route,
+            dir,
+            list,
+        } => new(name.as_deref(), &template, route.as_deref(), &dir, list),
+        Command::Dev { dir } => dev(&dir, cli.serve),
         Command::Serve => serve(cli.serve),
     }
 }
@@ -239,6 +276,59 @@ fn serve(args: ServeArgs) -> ExitCode {
     // Guests stuck past the grace period must not hold up the exit.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     code
+}
+
+fn new(
+    name: Option<&str>,
+    template: &str,
+    route: Option<&str>,
+    parent: &std::path::Path,
+    list: bool,
+) -> ExitCode {
+    use berth_host::scaffold::{TEMPLATES, Template};
+    if list {
+        for t in TEMPLATES {
+            println!("{:<8} {}", t.name, t.about);
+        }
+        return ExitCode::SUCCESS;
+    }
+    let name = name.unwrap_or_default();
+    let created = Template::find(template)
+        .and_then(|t| berth_host::scaffold::create(t, name, route, parent).map(|dir| (t, dir)));
+    let (template, dir) = match created {
+        Ok(done) => done,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    println!(
+        "created {name} from the {} template in {}",
+        template.name,
+        dir.display()
+    );
+    let missing = template.missing_tools();
+    for tool in &missing {
+        eprintln!("berth: to build it: {}", tool.hint());
+    }
+    println!("next:\n  cd {}\n  berth dev", dir.display());
+    ExitCode::SUCCESS
+}
+
+fn dev(dir: &std::path::Path, args: ServeArgs) -> ExitCode {
+    let options = berth_host::dev::DevOptions {
+        config: args.config.unwrap_or_else(|| dir.join("berth.toml")),
+        overrides: Overrides {
+            listen: args.listen,
+            admin_listen: args.admin_listen,
+            secrets_file: args.secrets_file,
+        },
+    };
+    let result = block_on(async {
+        let mut signals = Signals::install().context("installing signal handlers")?;
+        berth_host::dev::run(options, async move { signals.next().await }).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(EXIT_CONFIG, format!("{e:#}")),
+    }
 }
 
 /// Runs one registry operation on a small runtime of its own.

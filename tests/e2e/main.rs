@@ -17,4 +17,5 @@ mod p3;
 mod resilience;
 mod streaming;
 mod support;
+mod templates;
 mod tls;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::allow::AllowList;
+use super::build::BuildFields;
 use super::canary::CanaryConfig;
 use super::defaults::Defaults;
 use super::limits::LimitsOverride;
@@ -68,6 +69,14 @@ pub struct ModuleConfig {
     /// against this one, and promoted or rolled back on its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanaryConfig>,
+    /// For `berth dev`: a shell command, run in the config file's
+    /// directory, that writes `file`. `berth serve` never runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
+    /// For `berth dev`: globs (relative to the config file's directory) of
+    /// the sources whose change reruns `build`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub watch: Vec<String>,
 }
 
 impl ModuleConfig {
@@ -82,6 +91,14 @@ impl ModuleConfig {
         }
     }
 
+    /// How `berth dev` rebuilds it.
+    pub fn build_fields(&self) -> BuildFields<'_> {
+        BuildFields {
+            build: self.build.as_deref(),
+            watch: &self.watch,
+        }
+    }
+
     /// Everything of the module that does not involve the other modules,
     /// under `key` (`modules.NAME.`), its limits and outbound policy taken
     /// over `defaults`. Returns `allowed_outbound_hosts` parsed.
@@ -91,6 +108,7 @@ impl ModuleConfig {
         defaults: &Defaults,
     ) -> Result<AllowList, ConfigError> {
         self.source().check(key)?;
+        self.build_fields().check(key)?;
         if let Some(canary) = &self.canary {
             canary.check(&|k: &str| key(&format!("canary.{k}")), self.source())?;
         }

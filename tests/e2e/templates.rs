@@ -1,0 +1,349 @@
+//! `berth new` and `berth dev`, as a module author meets them: create a
+//! project from each template with the real binary, build it with the
+//! command its `berth.toml` declares, run its unit tests, serve it, and use
+//! every host feature the template shows (config, a log line with the
+//! request id, a guest metric, an outbound call under the allow-list).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::downstream::Downstream;
+use crate::support::*;
+
+/// Where the Rust template projects build: one directory for all of them,
+/// so the SDK's dependencies compile once per CI run, outside the
+/// workspace's target directory (which the running `cargo test` locks).
+fn rust_builds() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("template-builds")
+}
+
+/// `berth new --template TEMPLATE NAME` in a fresh folder.
+fn new_project(template: &str, name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap().to_owned();
+    let out = run_cli(&["new", "--template", template, name, "--dir", &dir]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("berth dev"), "{}", out.stdout);
+    let project = tmp.path().join(name);
+    if template.starts_with("rust") {
+        std::fs::create_dir_all(rust_builds()).unwrap();
+        std::os::unix::fs::symlink(rust_builds(), project.join("target")).unwrap();
+    }
+    (tmp, project)
+}
+
+/// A shell command run in the project as its author would, with none of
+/// the workspace's cargo settings leaking in.
+fn sh(project: &Path, command: &str) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(command)
+        .current_dir(project)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CLIPPY_ARGS");
+    cmd
+}
+
+fn run(project: &Path, command: &str) {
+    let out = sh(project, command).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{command}` failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn edit_config(project: &Path, change: impl FnOnce(&mut toml_edit::DocumentMut)) {
+    let path = project.join("berth.toml");
+    let mut doc: toml_edit::DocumentMut = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    change(&mut doc);
+    std::fs::write(&path, doc.to_string()).unwrap();
+}
+
+/// The `build` command the project's config declares for `name`.
+fn build_command(project: &Path, name: &str) -> String {
+    let doc: toml_edit::DocumentMut = std::fs::read_to_string(project.join("berth.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    doc["modules"][name]["build"].as_str().unwrap().to_owned()
+}
+
+/// Builds, unit-tests, serves and exercises a fresh project.
+fn template_serves(template: &str, name: &str, unit_tests: &str) {
+    let (_tmp, project) = new_project(template, name);
+    run(&project, &build_command(&project, name));
+    run(&project, unit_tests);
+    exercise(&project, name);
+}
+
+/// Serves the project's own config (ports aside) and uses what the
+/// template shows: a config value, a log line, a metric, an outbound call
+/// to an allowed upstream and one to an upstream outside the allow-list.
+fn exercise(project: &Path, name: &str) {
+    let down = Downstream::serving(b"upstream says hi".to_vec());
+    let allowed = format!("http://{}", down.addr);
+    edit_config(project, |doc| {
+        let module = &mut doc["modules"][name];
+        module["allowed_outbound_hosts"] =
+            toml_edit::value(toml_edit::Array::from_iter([allowed.as_str()]));
+        module["config"]["greeting"] = toml_edit::value("Howdy");
+        module["config"]["upstream_url"] = toml_edit::value(format!("{allowed}/up"));
+    });
+    let berth = Berth::start_at(&project.join("berth.toml"));
+    let route = format!("/{name}");
+
+    let hello = get_with(
+        &berth.url(&format!("{route}?name=Ada")),
+        &[("x-request-id", "template-req-1")],
+    );
+    assert_eq!(hello.status, 200, "{}", hello.body);
+    assert!(
+        hello
+            .header("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "{:?}",
+        hello.headers
+    );
+    assert_eq!(hello.json()["message"], "Howdy, Ada!", "{}", hello.body);
+    let plain = get(&berth.url(&route));
+    assert_eq!(plain.json()["message"], "Howdy, world!", "{}", plain.body);
+    let line = berth
+        .wait_for_log(Duration::from_secs(5), |l| {
+            l["target"] == "guest" && l["message"] == "greeted Ada"
+        })
+        .unwrap_or_else(|| panic!("no guest log line:\n{}", berth.log_text()));
+    assert_eq!(line["request_id"], "template-req-1", "{line}");
+    assert_eq!(line["module"], name, "{line}");
+    let snake = name.replace('-', "_");
+    let greetings = metric(
+        &berth.metrics(),
+        &format!("berth_guest_{snake}_greetings_total"),
+        &[("module", name)],
+    );
+    assert_eq!(greetings, Some(2.0), "{}", berth.metrics());
+
+    let up = get(&berth.url(&format!("{route}/upstream")));
+    assert_eq!(up.status, 200, "{}", up.body);
+    assert_eq!(up.json()["status"], 200, "{}", up.body);
+    assert_eq!(up.json()["body"], "upstream says hi", "{}", up.body);
+
+    let missing = get(&berth.url(&format!("{route}/nope")));
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    assert_eq!(missing.json()["error"], "not found", "{}", missing.body);
+
+    // The same upstream under another name is not on the allow-list.
+    edit_config(project, |doc| {
+        doc["modules"][name]["config"]["upstream_url"] =
+            toml_edit::value(format!("http://localhost:{}/up", down.addr.port()));
+    });
+    let reload = admin_post(&berth.admin_url("/admin/reload"));
+    assert_eq!(reload.status, 200, "{}", reload.body);
+    let refused = get(&berth.url(&format!("{route}/upstream")));
+    assert_eq!(refused.status, 502, "{}", refused.body);
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{}",
+        refused.body
+    );
+    assert_eq!(down.hits(), 1, "the refused call reached the upstream");
+}
+
+#[test]
+fn the_rust_template_builds_tests_and_serves() {
+    template_serves("rust", "hello-rust", "cargo test --quiet");
+}
+
+#[test]
+fn the_rust_p3_template_builds_tests_and_serves() {
+    template_serves("rust-p3", "hello-p3", "cargo test --quiet");
+}
+
+#[test]
+fn new_refuses_bad_input_and_names_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let out = run_cli(&["new", "--template", "go", "x", "--dir", dir]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stderr.contains("no template `go`"), "{}", out.stderr);
+    assert!(out.stderr.contains("python"), "{}", out.stderr);
+    let out = run_cli(&["new", "Bad_Name", "--dir", dir]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        out.stderr.contains("invalid module name `Bad_Name`"),
+        "{}",
+        out.stderr
+    );
+    assert!(run_cli(&["new", "twice", "--dir", dir]).status.success());
+    let out = run_cli(&["new", "twice", "--dir", dir]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stderr.contains("already exists"), "{}", out.stderr);
+    let list = run_cli(&["new", "--list"]);
+    for t in ["rust", "rust-p3", "ts", "js", "python"] {
+        assert!(
+            list.stdout
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(t)),
+            "{}",
+            list.stdout
+        );
+    }
+}
+
+/// A free loopback port (bound and let go: `berth dev` prints the URL of
+/// the port it is given).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `berth dev`, its output (its own lines and the host's) collected.
+struct Dev {
+    child: std::process::Child,
+    output: Arc<Mutex<String>>,
+}
+
+impl Dev {
+    fn start(project: &Path, listen: u16, admin: u16) -> Dev {
+        let mut child = Command::new(berth_bin())
+            .args(["dev", "--listen", &format!("127.0.0.1:{listen}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .current_dir(project)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("CLIPPY_ARGS")
+            .env_remove("BERTH_ADMIN__TOKEN")
+            .env("LOG_FORMAT", "json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let sink = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut text = sink.lock().unwrap();
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            });
+        }
+        Dev { child, output }
+    }
+
+    fn text(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits until the output holds `what` `count` times.
+    fn wait_for(&self, what: &str, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.text().matches(what).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "no `{what}` (x{count}) after {limit:?}:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `url` until its JSON `message` is `want`.
+fn wait_for_message(url: &str, want: &str, dev: &Dev) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let reply = get(url);
+        if reply.status == 200 && reply.json()["message"] == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never answered {want}; last {} {}:\n{}",
+            reply.status,
+            reply.body,
+            dev.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn dev_rebuilds_on_change_keeps_the_last_good_version_and_recovers() {
+    let (_tmp, project) = new_project("rust", "dev-loop");
+    let (listen, admin) = (free_port(), free_port());
+    let dev = Dev::start(&project, listen, admin);
+    let url = format!("http://127.0.0.1:{listen}/dev-loop?name=Ada");
+    dev.wait_for(
+        &format!("dev-loop is serving at http://127.0.0.1:{listen}/dev-loop"),
+        1,
+        Duration::from_secs(300),
+    );
+    wait_for_message(&url, "Hello, Ada!", &dev);
+
+    let source = project.join("src/lib.rs");
+    let original = std::fs::read_to_string(&source).unwrap();
+    let edited = original.replace("{greeting}, {name}!", "{greeting}, {name}?");
+    assert_ne!(edited, original);
+    std::fs::write(&source, &edited).unwrap();
+    wait_for_message(&url, "Hello, Ada?", &dev);
+    dev.wait_for("now serving the new dev-loop", 1, Duration::from_secs(10));
+
+    // A syntax error: the compiler's own message, and the old version on.
+    std::fs::write(&source, format!("{edited}\nfn broken( {{\n")).unwrap();
+    dev.wait_for("the build of dev-loop failed", 1, Duration::from_secs(120));
+    let text = dev.text();
+    assert!(text.contains("error"), "{text}");
+    assert!(
+        text.contains("src/lib.rs"),
+        "the compiler's report:\n{text}"
+    );
+    let reply = get(&url);
+    assert_eq!(reply.json()["message"], "Hello, Ada?", "{}", reply.body);
+
+    // The fix is picked up like any other change.
+    std::fs::write(
+        &source,
+        original.replace("{greeting}, {name}!", "{greeting}, {name}."),
+    )
+    .unwrap();
+    wait_for_message(&url, "Hello, Ada.", &dev);
+}
+
+#[test]
+fn dev_refuses_a_project_without_a_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("berth.toml"),
+        "[modules.a]\nfile = \"a.wasm\"\nroute = \"/a\"\n",
+    )
+    .unwrap();
+    let out = run_cli(&["dev", tmp.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("no module of"), "{}", out.stderr);
+    assert!(out.stderr.contains("build = "), "{}", out.stderr);
+}
