@@ -10,6 +10,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
 COPY host host
 COPY guest-sdk guest-sdk
+# `berth new` embeds the project templates (host/build.rs).
+COPY templates templates
 # host/Cargo.toml names the end-to-end tests as a target; cargo wants the
 # file present even for a binary-only build.
 COPY tests/e2e tests/e2e
