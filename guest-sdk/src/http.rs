@@ -104,6 +104,19 @@ impl Client {
 
     /// Sends the request and reads the whole response.
     pub fn send(self) -> Result<Response, Error> {
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::send(crate::testing::Sent {
+            method: self.method,
+            url: self.url,
+            headers: self.headers,
+            body: self.body,
+        });
+        #[cfg(target_arch = "wasm32")]
+        self.send_wasi()
+    }
+
+    #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+    fn send_wasi(self) -> Result<Response, Error> {
         let url = self.url.clone();
         let (scheme, authority, path) = split_url(&url)?;
         let fields = Fields::new();

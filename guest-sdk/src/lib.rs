@@ -48,6 +48,8 @@ mod message;
 pub mod metrics;
 #[cfg(feature = "p3")]
 pub mod p3;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
 
 pub use error::Error;
 pub use message::{IntoResponse, Request, Response, query_param};
@@ -64,7 +66,10 @@ mod bindings {
 /// Configuration values set by the operator for this module
 /// (`[modules.NAME.config]` in `berth.toml`, overridable per key by
 /// environment variables on the host).
+///
+/// In `cargo test` on your machine these read [`testing::set_config`].
 pub mod config {
+    #[cfg(target_arch = "wasm32")]
     use crate::bindings::wasi::config::store;
 
     /// The value of `key`, or `None` when it is not set.
@@ -79,14 +84,21 @@ pub mod config {
 
     /// The value of `key`, telling a missing key from a host failure.
     pub fn try_get(key: &str) -> Result<Option<String>, crate::Error> {
-        store::get(key).map_err(|e| crate::Error::Config(describe(e)))
+        #[cfg(target_arch = "wasm32")]
+        return store::get(key).map_err(|e| crate::Error::Config(describe(e)));
+        #[cfg(not(target_arch = "wasm32"))]
+        Ok(crate::testing::config_get(key))
     }
 
     /// Every key and value.
     pub fn get_all() -> Result<Vec<(String, String)>, crate::Error> {
-        store::get_all().map_err(|e| crate::Error::Config(describe(e)))
+        #[cfg(target_arch = "wasm32")]
+        return store::get_all().map_err(|e| crate::Error::Config(describe(e)));
+        #[cfg(not(target_arch = "wasm32"))]
+        Ok(crate::testing::config_all())
     }
 
+    #[cfg(target_arch = "wasm32")]
     fn describe(e: store::Error) -> String {
         match e {
             store::Error::Upstream(s) | store::Error::Io(s) => s,
@@ -113,9 +125,16 @@ pub enum Level {
 pub mod __private {
     pub use wasi;
 
+    #[cfg(target_arch = "wasm32")]
     use crate::bindings::wasi::logging::logging as wlog;
     use crate::{IntoResponse, Level, Request};
 
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn log(level: Level, _context: &str, message: &str) {
+        crate::testing::log(level, message);
+    }
+
+    #[cfg(target_arch = "wasm32")]
     pub fn log(level: Level, context: &str, message: &str) {
         let level = match level {
             Level::Trace => wlog::Level::Trace,

@@ -18,7 +18,10 @@
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
+#[cfg(target_arch = "wasm32")]
 use crate::bindings::berth::metrics::metrics as host;
+#[cfg(not(target_arch = "wasm32"))]
+use crate::testing::metrics as host;
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs

@@ -33,9 +33,17 @@ use crate::config::{Config, ConfigSource, ModuleSource, Overrides};
 /// How long a burst of file events may take to settle before a build.
 const SETTLE: Duration = Duration::from_millis(150);
 
-/// Directories that hold builds and dependencies, never sources: a change
-/// there never reruns a build unless a `watch` glob names it.
-const NEVER_SOURCES: &[&str] = &[".git", "target", "node_modules", "__pycache__", "dist"];
+/// Directories that hold builds, dependencies and tools, never sources: a
+/// change there never reruns a build (an `npm install` or a `pip install`
+/// would otherwise rebuild in a loop).
+const NEVER_SOURCES: &[&str] = &[
+    ".git",
+    "target",
+    "node_modules",
+    "__pycache__",
+    ".venv",
+    "dist",
+];
 
 /// What a burst of file events calls for.
 #[derive(Debug, PartialEq)]
@@ -60,7 +68,8 @@ pub struct DevOptions {
 struct Build {
     module: String,
     command: String,
-    /// `None`: every file of the project that is not a build output.
+    /// `None`: every file of the project outside build and tool
+    /// directories.
     watch: Option<GlobSet>,
     output: PathBuf,
 }
@@ -137,11 +146,11 @@ impl Project {
             Component::Normal(part) => NEVER_SOURCES.iter().any(|n| part == *n),
             _ => false,
         });
+        if in_build_dir {
+            return Change::Sources(hit);
+        }
         for (i, build) in self.builds.iter().enumerate() {
-            let wanted = match &build.watch {
-                Some(globs) => globs.is_match(rel),
-                None => !in_build_dir,
-            };
+            let wanted = build.watch.as_ref().is_none_or(|globs| globs.is_match(rel));
             if wanted {
                 hit.insert(i);
             }
@@ -633,6 +642,7 @@ route = "/plain"
         assert_eq!(names("src/lib.rs"), ["api"]);
         assert_eq!(names("target/debug/x.o"), Vec::<&str>::new());
         assert_eq!(names("web/node_modules/x/index.js"), Vec::<&str>::new());
+        assert_eq!(names("web/src/.venv/x.py"), Vec::<&str>::new());
         // Its own output never reruns a build, even where a glob says so.
         assert_eq!(names("web/dist/web.wasm"), Vec::<&str>::new());
         assert_eq!(p.affected(&config, &config), Change::Config);

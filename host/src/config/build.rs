@@ -3,7 +3,7 @@
 //! runs anything.
 
 use super::{ConfigError, rejected};
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 /// `build` and `watch` of one module, as written (a view: the fields
 /// live in [`ModuleConfig`](super::ModuleConfig), whose unknown keys are
@@ -23,7 +23,11 @@ impl BuildFields<'_> {
     pub fn watch_set(&self, key: &dyn Fn(&str) -> String) -> Result<GlobSet, ConfigError> {
         let mut set = GlobSetBuilder::new();
         for (i, pattern) in self.watch.iter().enumerate() {
-            let glob = Glob::new(pattern)
+            // `*` stays within a directory, as in a shell: `*.py` is the
+            // project's top-level sources, not everything under `.venv`.
+            let glob = GlobBuilder::new(pattern)
+                .literal_separator(true)
+                .build()
                 .map_err(|e| rejected(format!("{}[{i}]", key("watch")), e.kind().to_string()))?;
             set.add(glob);
         }
@@ -80,6 +84,9 @@ mod tests {
         assert!(set.is_match("src/a/b.ts"));
         assert!(set.is_match("package.json"));
         assert!(!set.is_match("dist/m.wasm"));
+        let set = check(Some("make"), &["*.py"]).unwrap();
+        assert!(set.is_match("app.py"));
+        assert!(!set.is_match(".venv/lib/site.py"));
         check(None, &[]).unwrap();
     }
 

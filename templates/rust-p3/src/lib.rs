@@ -21,9 +21,7 @@ async fn handle(req: Request) -> Response<Body> {
         "" => {
             let name = berth_sdk::query_param(req.uri().query().unwrap_or(""), "name")
                 .unwrap_or_else(|| "world".into());
-            info!("greeted {name}");
-            GREETINGS.inc();
-            answer(200, greet(&config::get_or("greeting", "Hello"), &name))
+            answer(200, greet(&name))
         }
         "upstream" => upstream().await,
         _ => answer(404, json!({ "error": "not found" })),
@@ -64,7 +62,10 @@ fn answer(status: u16, body: serde_json::Value) -> Response<Body> {
     response
 }
 
-fn greet(greeting: &str, name: &str) -> serde_json::Value {
+fn greet(name: &str) -> serde_json::Value {
+    info!("greeted {name}");
+    GREETINGS.inc();
+    let greeting = config::get_or("greeting", "Hello");
     json!({ "message": format!("{greeting}, {name}!") })
 }
 
@@ -72,10 +73,17 @@ berth_sdk::p3::service!(handle);
 
 #[cfg(test)]
 mod tests {
+    // On your machine the SDK talks to `berth_sdk::testing`, an in-memory
+    // host: set config, read logs and metrics. (The async handler itself
+    // needs the host's WASI 0.3 types: `berth dev` runs it.)
     use super::*;
+    use berth_sdk::{Level, testing};
 
     #[test]
-    fn greets_by_name_with_the_configured_greeting() {
-        assert_eq!(greet("Hi", "Ada"), json!({ "message": "Hi, Ada!" }));
+    fn greets_with_the_configured_greeting_logs_and_counts() {
+        testing::set_config("greeting", "Hi");
+        assert_eq!(greet("Ada"), json!({ "message": "Hi, Ada!" }));
+        assert_eq!(testing::logs(), [(Level::Info, "greeted Ada".to_owned())]);
+        assert_eq!(testing::counter("greetings"), 1);
     }
 }

@@ -47,10 +47,37 @@ berth_sdk::handler!(handle);
 
 #[cfg(test)]
 mod tests {
+    // On your machine the SDK talks to `berth_sdk::testing`, an in-memory
+    // host: set config and upstream answers, read logs and metrics.
     use super::*;
+    use berth_sdk::{Level, testing};
 
     #[test]
-    fn greets_by_name_with_the_configured_greeting() {
-        assert_eq!(greet("Hi", "Ada"), json!({ "message": "Hi, Ada!" }));
+    fn greets_with_the_configured_greeting_logs_and_counts() {
+        testing::set_config("greeting", "Hi");
+        let answer = handle(Request::new("GET", "{{route}}?name=Ada"));
+        assert_eq!(answer.status(), 200);
+        let body: serde_json::Value = answer.json_body().unwrap();
+        assert_eq!(body, json!({ "message": "Hi, Ada!" }));
+        assert_eq!(testing::logs(), [(Level::Info, "greeted Ada".to_owned())]);
+        assert_eq!(testing::counter("greetings"), 1);
+    }
+
+    #[test]
+    fn passes_on_what_the_upstream_answered() {
+        testing::set_config("upstream_url", "https://example.com/");
+        testing::on_outbound(|sent| Ok(Response::text(format!("you asked for {}", sent.url))));
+        let answer = handle(Request::new("GET", "{{route}}/upstream"));
+        let body: serde_json::Value = answer.json_body().unwrap();
+        assert_eq!(
+            body,
+            json!({ "status": 200, "body": "you asked for https://example.com/" })
+        );
+    }
+
+    #[test]
+    fn without_an_upstream_url_says_so() {
+        let answer = handle(Request::new("GET", "{{route}}/upstream"));
+        assert_eq!(answer.status(), 503);
     }
 }
