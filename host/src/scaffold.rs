@@ -246,31 +246,34 @@ fn write_all(template: &Template, name: &str, route: &str, dir: &Path) -> Result
             .replace("{{snake}}", &snake)
             .replace("{{route}}", route)
     };
-    for (path, bytes) in files(&format!("templates/{}/", template.name)) {
+    for (path, bytes, executable) in files(&format!("templates/{}/", template.name)) {
         let contents = match std::str::from_utf8(bytes) {
             Ok(text) => fill(text).into_bytes(),
             Err(_) => bytes.to_vec(),
         };
-        write(&dir.join(path), &contents)?;
+        write(&dir.join(path), &contents, executable)?;
     }
     let vendor = dir.join("vendor/berth-sdk");
-    for (path, bytes) in files(&format!("sdk/{}/", template.sdk)) {
-        write(&vendor.join(path), bytes)?;
+    for (path, bytes, executable) in files(&format!("sdk/{}/", template.sdk)) {
+        write(&vendor.join(path), bytes, executable)?;
     }
-    for (path, bytes) in files("sdk/wit/") {
-        write(&vendor.join("wit").join(path), bytes)?;
+    for (path, bytes, executable) in files("sdk/wit/") {
+        write(&vendor.join("wit").join(path), bytes, executable)?;
     }
     Ok(())
 }
 
 /// The embedded files under `prefix`, with the prefix taken off.
-fn files(prefix: &str) -> impl Iterator<Item = (&'static str, &'static [u8])> + '_ {
+fn files(prefix: &str) -> impl Iterator<Item = (&'static str, &'static [u8], bool)> + '_ {
     embedded::FILES
         .iter()
-        .filter_map(move |(path, bytes)| Some((path.strip_prefix(prefix)?, *bytes)))
+        .filter_map(move |(path, bytes, x)| Some((path.strip_prefix(prefix)?, *bytes, *x)))
 }
 
-fn write(path: &Path, contents: &[u8]) -> Result<(), NewError> {
+/// Writes a file; `executable` keeps a script runnable (npm does not
+/// restore the bit of a `bin` in a package that is already installed).
+fn write(path: &Path, contents: &[u8], executable: bool) -> Result<(), NewError> {
+    use std::os::unix::fs::PermissionsExt;
     let io = |source| NewError::Io {
         path: path.to_owned(),
         source,
@@ -278,7 +281,11 @@ fn write(path: &Path, contents: &[u8]) -> Result<(), NewError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
-    std::fs::write(path, contents).map_err(io)
+    std::fs::write(path, contents).map_err(io)?;
+    if executable {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -289,7 +296,7 @@ mod tests {
     fn every_template_is_embedded_with_a_config_and_readme_and_its_sdk() {
         for t in TEMPLATES {
             let prefix = format!("templates/{}/", t.name);
-            let names: Vec<&str> = files(&prefix).map(|(p, _)| p).collect();
+            let names: Vec<&str> = files(&prefix).map(|(p, ..)| p).collect();
             for needed in ["berth.toml", "README.md", ".gitignore"] {
                 assert!(
                     names.contains(&needed),
@@ -303,14 +310,14 @@ mod tests {
                 t.name
             );
         }
-        assert!(files("sdk/wit/").any(|(p, _)| p == "world.wit"));
+        assert!(files("sdk/wit/").any(|(p, ..)| p == "world.wit"));
     }
 
     #[test]
     fn the_vendored_rust_sdk_is_this_version_and_stands_alone() {
         let manifest = files("sdk/rust/")
-            .find(|(p, _)| *p == "Cargo.toml")
-            .map(|(_, b)| std::str::from_utf8(b).unwrap())
+            .find(|(p, ..)| *p == "Cargo.toml")
+            .map(|(_, b, _)| std::str::from_utf8(b).unwrap())
             .unwrap();
         let version = format!("version = \"{}\"", env!("CARGO_PKG_VERSION"));
         assert!(manifest.contains(&version), "{manifest}");
@@ -319,10 +326,17 @@ mod tests {
 
     #[test]
     fn nothing_of_a_working_copy_is_embedded() {
-        for (path, _) in embedded::FILES {
+        for (path, ..) in embedded::FILES {
             for part in path.split('/') {
                 assert!(
-                    !["node_modules", "__pycache__", "target", "dist"].contains(&part),
+                    ![
+                        "node_modules",
+                        "__pycache__",
+                        ".pytest_cache",
+                        "target",
+                        "dist"
+                    ]
+                    .contains(&part),
                     "{path}"
                 );
             }
@@ -341,6 +355,12 @@ mod tests {
         assert!(!config.contains("{{"), "{config}");
         assert!(dir.join("vendor/berth-sdk/Cargo.toml").is_file());
         assert!(dir.join("vendor/berth-sdk/wit/world.wit").is_file());
+        // A script of a vendored SDK stays runnable.
+        let js = create(Template::find("js").unwrap(), "web", None, tmp.path()).unwrap();
+        let bin = js.join("vendor/berth-sdk/bin/berth-componentize.js");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&bin.metadata().unwrap().permissions());
+        assert_eq!(mode & 0o111, 0o111, "{mode:o}");
+        assert!(!js.join("vendor/berth-sdk/package-lock.json").exists());
         // The SDK is copied as it is, placeholders and all.
         let route = create(t, "other", None, tmp.path()).unwrap();
         let config = std::fs::read_to_string(route.join("berth.toml")).unwrap();

@@ -35,6 +35,14 @@ fn new_project(template: &str, name: &str) -> (tempfile::TempDir, PathBuf) {
     (tmp, project)
 }
 
+/// The repository's tool venv (`make k8s-tools`: componentize-py), put
+/// first on the PATH of the authors' commands, as an activated venv would.
+fn tool_path() -> String {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin");
+    let path = std::env::var("PATH").unwrap_or_default();
+    format!("{}:{path}", venv.display())
+}
+
 /// A shell command run in the project as its author would, with none of
 /// the workspace's cargo settings leaking in.
 fn sh(project: &Path, command: &str) -> Command {
@@ -42,6 +50,7 @@ fn sh(project: &Path, command: &str) -> Command {
     cmd.arg("-c")
         .arg(command)
         .current_dir(project)
+        .env("PATH", tool_path())
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CLIPPY_ARGS");
@@ -164,6 +173,21 @@ fn the_rust_template_builds_tests_and_serves() {
 #[test]
 fn the_rust_p3_template_builds_tests_and_serves() {
     template_serves("rust-p3", "hello-p3", "cargo test --quiet");
+}
+
+#[test]
+fn the_typescript_template_builds_tests_and_serves() {
+    template_serves("ts", "hello-ts", "npm test --silent");
+}
+
+#[test]
+fn the_javascript_template_builds_tests_and_serves() {
+    template_serves("js", "hello-js", "npm test --silent");
+}
+
+#[test]
+fn the_python_template_builds_tests_and_serves() {
+    template_serves("python", "hello-py", "python3 -m unittest --quiet");
 }
 
 #[test]

@@ -1,0 +1,2 @@
+// Side effect only: installs the test double's loader hooks.
+export {};
