@@ -387,9 +387,11 @@ fn admin_token(config: &Config) -> anyhow::Result<Token> {
             generated: None,
         });
     }
-    let value: String = (0..32)
-        .map(|_| char::from_digit(fastrand::u32(0..16), 16).unwrap_or('0'))
-        .collect();
+    // Anyone who can reach the admin port could reload with it: from the
+    // OS's generator, as a credential should be.
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a token: {e}"))?;
+    let value = hex::encode(bytes);
     Ok(Token {
         value: value.clone(),
         generated: Some(value),
