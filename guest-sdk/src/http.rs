@@ -136,7 +136,8 @@ impl Client {
             "OPTIONS" => Method::Options,
             other => Method::Other(other.to_owned()),
         };
-        let invalid = |what: &str| Error::InvalidRequest(format!("{what} of {url}"));
+        let invalid =
+            |what: &str| Error::InvalidRequest(format!("{what} of {}", crate::error::shown(&url)));
         req.set_method(&method).map_err(|()| invalid("method"))?;
         req.set_scheme(Some(&scheme))
             .map_err(|()| invalid("scheme"))?;
@@ -196,9 +197,9 @@ fn from_code(url: &str, code: ErrorCode) -> Error {
 
 /// `http://host:port/path?q` → scheme, authority, path-with-query.
 fn split_url(url: &str) -> Result<(Scheme, &str, String), Error> {
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| Error::InvalidRequest(format!("`{url}` has no scheme")))?;
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        Error::InvalidRequest(format!("`{}` has no scheme", crate::error::shown(url)))
+    })?;
     let scheme = match scheme.to_ascii_lowercase().as_str() {
         "http" => Scheme::Http,
         "https" => Scheme::Https,
@@ -207,7 +208,10 @@ fn split_url(url: &str) -> Result<(Scheme, &str, String), Error> {
     let split = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(split);
     if authority.is_empty() {
-        return Err(Error::InvalidRequest(format!("`{url}` has no host")));
+        return Err(Error::InvalidRequest(format!(
+            "`{}` has no host",
+            crate::error::shown(url)
+        )));
     }
     let path = if path.starts_with('/') {
         path.to_owned()

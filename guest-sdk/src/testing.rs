@@ -199,8 +199,8 @@ mod tests {
         ORDERS.add_with(2, &[("kind", "book")]);
         assert_eq!(counter("orders"), 3);
         assert_eq!(counter("other"), 0);
-        Gauge::new("depth").set_with(4.0, &[("q", "a")]);
-        assert_eq!(gauge("depth", &[("q", "a")]), Some(4.0));
+        Gauge::new("depth").set_with(4.0, &[("q", "a"), ("r", "b")]);
+        assert_eq!(gauge("depth", &[("r", "b"), ("q", "a")]), Some(4.0));
         assert_eq!(gauge("depth", &[]), None);
         static SIZE: Histogram = Histogram::with_buckets("size", &[1.0, 10.0]);
         SIZE.observe(3.0);
@@ -219,16 +219,31 @@ mod tests {
             .send()
             .unwrap();
         assert_eq!(answer.text_body(), "POST http://up.example/y");
+        // The answer stays for the next call, and may set the one after.
+        let again = crate::http::get("http://up.example/z").unwrap();
+        assert_eq!(again.text_body(), "GET http://up.example/z");
+        on_outbound(|_| {
+            on_outbound(|_| Ok(Response::text("second")));
+            Ok(Response::text("first"))
+        });
+        assert_eq!(crate::http::get("http://a/").unwrap().text_body(), "first");
+        assert_eq!(crate::http::get("http://a/").unwrap().text_body(), "second");
         let sent = sent();
-        assert_eq!(sent.len(), 2);
+        assert_eq!(sent.len(), 5);
         assert_eq!(sent[1].headers, [("x-a".to_owned(), "1".to_owned())]);
         assert_eq!(sent[1].body, b"hi");
     }
 
     #[test]
-    fn each_test_thread_starts_empty() {
-        assert!(logs().is_empty());
-        assert_eq!(crate::config::get("greeting"), None);
-        assert_eq!(counter("orders"), 0);
+    fn another_thread_sees_none_of_this_ones_state() {
+        set_config("greeting", "Hi");
+        crate::info!("here");
+        crate::metrics::Counter::new("orders").inc();
+        let there =
+            std::thread::spawn(|| (logs(), crate::config::get("greeting"), counter("orders")))
+                .join()
+                .unwrap();
+        assert_eq!(there, (Vec::new(), None, 0));
+        assert_eq!(counter("orders"), 1);
     }
 }

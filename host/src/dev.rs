@@ -37,6 +37,7 @@ const SETTLE: Duration = Duration::from_millis(150);
 /// change there never reruns a build (an `npm install` or a `pip install`
 /// would otherwise rebuild in a loop).
 const NEVER_SOURCES: &[&str] = &[
+    SHADOW_DIR,
     ".git",
     "target",
     "node_modules",
@@ -45,13 +46,22 @@ const NEVER_SOURCES: &[&str] = &[
     "dist",
 ];
 
+/// Where the good builds are kept, in the project (never a source).
+const SHADOW_DIR: &str = ".berth-dev";
+
 /// What a burst of file events calls for.
-#[derive(Debug, PartialEq)]
-enum Change {
-    /// Rerun these builds (indexes into `Project::builds`).
-    Sources(BTreeSet<usize>),
+#[derive(Debug, Default, PartialEq)]
+struct Change {
+    /// Rerun the builds of these modules.
+    builds: BTreeSet<String>,
     /// The config file changed: read it again and reload.
-    Config,
+    config: bool,
+}
+
+impl Change {
+    fn is_empty(&self) -> bool {
+        self.builds.is_empty() && !self.config
+    }
 }
 
 /// What `berth dev` was asked for.
@@ -68,10 +78,22 @@ pub struct DevOptions {
 struct Build {
     module: String,
     command: String,
-    /// `None`: every file of the project outside build and tool
-    /// directories.
-    watch: Option<GlobSet>,
+    /// `watch` as written, and compiled.
+    patterns: Vec<String>,
+    watch: GlobSet,
     output: PathBuf,
+}
+
+impl PartialEq for Build {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.module, &self.command, &self.patterns, &self.output)
+            == (
+                &other.module,
+                &other.command,
+                &other.patterns,
+                &other.output,
+            )
+    }
 }
 
 /// The project as its config file describes it.
@@ -90,8 +112,7 @@ impl Project {
             overrides: options.overrides.clone(),
         };
         let config = source.load()?;
-        let file = std::path::absolute(&options.config)
-            .with_context(|| format!("cannot resolve {}", options.config.display()))?;
+        let file = absolute(&options.config)?;
         let dir = file.parent().map(Path::to_owned).unwrap_or_default();
         let mut builds = Vec::new();
         for spec in config.module_specs() {
@@ -99,6 +120,14 @@ impl Project {
             let Some(command) = module.build.clone() else {
                 continue;
             };
+            // The host is pointed at the good builds through `BERTH_`
+            // variables, whose names carry no case.
+            if spec.name != spec.name.to_ascii_lowercase() {
+                bail!(
+                    "modules.{}: berth dev needs module names in lower case",
+                    spec.name
+                );
+            }
             let ModuleSource::File { path, .. } = spec.source else {
                 bail!(
                     "modules.{}.build: the module must come from `file` (what the build writes)",
@@ -106,14 +135,17 @@ impl Project {
                 );
             };
             let fields = module.build_fields();
-            let watch = (!module.watch.is_empty())
-                .then(|| fields.watch_set(&|k: &str| format!("modules.{}.{k}", spec.name)))
-                .transpose()?;
+            let watch = fields.watch_set(&|k: &str| format!("modules.{}.{k}", spec.name))?;
+            // Absolute, as the watcher reports paths: a relative config
+            // path (`./berth.toml`) gives relative ones here, and an output
+            // that is not recognised as such rebuilds itself forever.
+            let output = absolute(&path)?;
             builds.push(Build {
                 module: spec.name.clone(),
                 command,
+                patterns: module.watch.clone(),
                 watch,
-                output: path,
+                output,
             });
         }
         if builds.is_empty() {
@@ -132,31 +164,50 @@ impl Project {
 
     /// What a change of `path` (absolute) calls for.
     fn affected(&self, path: &Path, config_file: &Path) -> Change {
+        let mut change = Change::default();
         if path == config_file {
-            return Change::Config;
+            change.config = true;
+            return change;
         }
-        let mut hit = BTreeSet::new();
         let Ok(rel) = path.strip_prefix(&self.dir) else {
-            return Change::Sources(hit);
+            return change;
         };
         if self.builds.iter().any(|b| b.output == path) {
-            return Change::Sources(hit);
+            return change;
         }
         let in_build_dir = rel.components().any(|c| match c {
             Component::Normal(part) => NEVER_SOURCES.iter().any(|n| part == *n),
             _ => false,
         });
-        if in_build_dir {
-            return Change::Sources(hit);
+        if !in_build_dir {
+            change.builds = self
+                .builds
+                .iter()
+                .filter(|b| b.watch.is_match(rel))
+                .map(|b| b.module.clone())
+                .collect();
         }
-        for (i, build) in self.builds.iter().enumerate() {
-            let wanted = build.watch.as_ref().is_none_or(|globs| globs.is_match(rel));
-            if wanted {
-                hit.insert(i);
-            }
-        }
-        Change::Sources(hit)
+        change
     }
+}
+
+/// `path` from the root, with `.` and `..` resolved by its text: the form
+/// the watcher reports paths in (it joins names onto the watched
+/// directory, which is this form too), so that paths compare equal.
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    let full =
+        std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
+    let mut clean = PathBuf::new();
+    for part in full.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                clean.pop();
+            }
+            other => clean.push(other),
+        }
+    }
+    Ok(clean)
 }
 
 /// Runs the loop until `shutdown` resolves or the host exits.
@@ -165,76 +216,209 @@ pub async fn run(
     shutdown: impl Future<Output = &'static str>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
-    let config_file = std::path::absolute(&options.config)
-        .with_context(|| format!("cannot resolve {}", options.config.display()))?;
+    let config_file = absolute(&options.config)?;
     let mut project = Project::load(&options)?;
+    check_ports(&project.config)?;
+    let shadow = Shadow::new(&project.dir)?;
     let (tx, mut changes) = mpsc::unbounded_channel();
     let _watcher = watch(&project.dir, tx)?;
-
-    for build in &project.builds {
-        run_build(build, &project.dir).await;
-    }
-    // The host cannot start without every module's file: wait for builds
-    // that fix them.
-    loop {
-        let missing: Vec<_> = project
-            .builds
-            .iter()
-            .filter(|b| !b.output.is_file())
-            .collect();
-        if missing.is_empty() {
-            break;
-        }
-        for b in &missing {
-            say(&format!(
-                "{} has no build yet ({} is missing): waiting for a change to its sources",
-                b.module,
-                b.output.display()
-            ));
-        }
-        tokio::select! {
-            change = next_change(&mut changes, &project, &config_file) => {
-                project = rebuild(project, change, &options).await.0;
-            }
-            signal = &mut shutdown => {
-                say(&format!("{signal}: stopping"));
-                return Ok(());
-            }
-        }
-    }
-
     let token = admin_token(&project.config)?;
-    let mut host = spawn_host(&options, token.generated.as_deref())?;
     let admin = Admin {
         client: Client::builder(TokioExecutor::new()).build_http(),
         addr: project.config.admin.listen,
         token: token.value,
     };
+
+    let everything = Change {
+        builds: project.builds.iter().map(|b| b.module.clone()).collect(),
+        config: false,
+    };
     tokio::select! {
-        ready = admin.wait_ready(&project) => ready?,
-        exit = host.wait() => bail!("the host exited while starting ({})", describe(exit)),
-        signal = &mut shutdown => {
-            say(&format!("{signal}: stopping"));
-            return stop(host).await;
+        _ = step(&mut project, everything, &options, &shadow, None) => {}
+        signal = &mut shutdown => return stopping(signal, None).await,
+    }
+    'serve: loop {
+        // The host cannot start without a good build of every module.
+        while let Some(b) = project.builds.iter().find(|b| !shadow.has(b)) {
+            say(&format!(
+                "{} has no good build yet: waiting for a change to its sources",
+                b.module
+            ));
+            let change = tokio::select! {
+                change = next_change(&mut changes, &project, &config_file) => change,
+                signal = &mut shutdown => return stopping(signal, None).await,
+            };
+            tokio::select! {
+                _ = step(&mut project, change, &options, &shadow, None) => {}
+                signal = &mut shutdown => return stopping(signal, None).await,
+            }
+        }
+        let mut host = spawn_host(&options, token.generated.as_deref(), &project, &shadow)?;
+        tokio::select! {
+            ready = admin.wait_ready(&project) => ready?,
+            exit = host.wait() => {
+                say(&format!(
+                    "the host could not start ({}): fix what it says above and save",
+                    describe(exit)
+                ));
+                let change = tokio::select! {
+                    change = next_change(&mut changes, &project, &config_file) => change,
+                    signal = &mut shutdown => return stopping(signal, None).await,
+                };
+                tokio::select! {
+                    _ = step(&mut project, change, &options, &shadow, None) => {}
+                    signal = &mut shutdown => return stopping(signal, None).await,
+                }
+                continue 'serve;
+            }
+            signal = &mut shutdown => return stopping(signal, Some(host)).await,
+        }
+        print_urls(&project.config);
+
+        loop {
+            let change = tokio::select! {
+                change = next_change(&mut changes, &project, &config_file) => change,
+                exit = host.wait() => bail!("the host exited ({})", describe(exit)),
+                signal = &mut shutdown => return stopping(signal, Some(host)).await,
+            };
+            // A signal stops a build or a reload half way: dropping the step
+            // kills the build's process group.
+            let restart = tokio::select! {
+                restart = step(&mut project, change, &options, &shadow, Some(&admin)) => restart,
+                exit = host.wait() => bail!("the host exited ({})", describe(exit)),
+                signal = &mut shutdown => return stopping(signal, Some(host)).await,
+            };
+            if restart {
+                say("the modules to build changed: restarting the host");
+                stop(host).await?;
+                continue 'serve;
+            }
         }
     }
-    print_urls(&project.config);
+}
 
-    loop {
-        tokio::select! {
-            change = next_change(&mut changes, &project, &config_file) => {
-                let built;
-                (project, built) = rebuild(project, change, &options).await;
-                if built {
-                    admin.reload().await;
-                }
+async fn stopping(signal: &'static str, host: Option<Child>) -> anyhow::Result<()> {
+    say(&format!("{signal}: stopping"));
+    match host {
+        Some(host) => stop(host).await,
+        None => Ok(()),
+    }
+}
+
+/// Acts on a change: takes the new config, reruns builds and installs the
+/// good ones; then, when there is a host, reloads it. Returns whether the
+/// host must be restarted instead: the set of modules to build changed, and
+/// the host was told where their builds are when it started.
+async fn step(
+    project: &mut Project,
+    change: Change,
+    options: &DevOptions,
+    shadow: &Shadow,
+    admin: Option<&Admin>,
+) -> bool {
+    let mut to_build = change.builds;
+    let mut restart = false;
+    if change.config {
+        say("berth.toml changed");
+        match Project::load(options) {
+            Ok(new) => {
+                // New modules, and modules whose build changed, build now.
+                to_build.extend(
+                    new.builds
+                        .iter()
+                        .filter(|b| !project.builds.contains(b))
+                        .map(|b| b.module.clone()),
+                );
+                let names = |p: &Project| -> BTreeSet<String> {
+                    p.builds.iter().map(|b| b.module.clone()).collect()
+                };
+                restart = names(&new) != names(project);
+                *project = new;
             }
-            exit = host.wait() => bail!("the host exited ({})", describe(exit)),
-            signal = &mut shutdown => {
-                say(&format!("{signal}: stopping"));
-                return stop(host).await;
-            }
+            // The host says why when it reloads, and keeps its config.
+            Err(e) => say(&format!("{e:#}")),
         }
+    }
+    let mut built = Vec::new();
+    for build in project
+        .builds
+        .iter()
+        .filter(|b| to_build.contains(&b.module))
+    {
+        if run_build(build, &project.dir).await && shadow.install(build) {
+            built.push(build);
+        }
+    }
+    if restart {
+        return true;
+    }
+    let what = if !built.is_empty() {
+        Some(format!("loading {}", sizes(built.iter().copied())))
+    } else if change.config {
+        Some("reloading berth.toml".to_owned())
+    } else {
+        None
+    };
+    if let (Some(admin), Some(what)) = (admin, what) {
+        admin.reload(what).await;
+    }
+    false
+}
+
+/// Refuses ports that `berth dev` could not point at: port 0 (it prints the
+/// URL and reloads through the admin port) and ports already taken (another
+/// `berth dev`, whose `/ready` would be taken for this host's).
+fn check_ports(config: &Config) -> anyhow::Result<()> {
+    for (what, addr) in [
+        ("server.listen (--listen)", config.server.listen),
+        ("admin.listen (--admin-listen)", config.admin.listen),
+    ] {
+        if addr.port() == 0 {
+            bail!("{what} is {addr}: berth dev needs a fixed port");
+        }
+        std::net::TcpListener::bind(addr)
+            .with_context(|| format!("{what} {addr} is taken: is another berth dev running?"))?;
+    }
+    Ok(())
+}
+
+/// The good builds the host serves, under `.berth-dev/` in the project: a
+/// build writes its output in place, and the host must never load a
+/// half-written file or the output of a build that then failed. Only a
+/// build that succeeded is copied here, by an atomic rename.
+struct Shadow {
+    dir: PathBuf,
+}
+
+impl Shadow {
+    fn new(project: &Path) -> anyhow::Result<Shadow> {
+        let dir = project.join(SHADOW_DIR);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Shadow { dir })
+    }
+
+    fn path(&self, build: &Build) -> PathBuf {
+        self.dir.join(format!("{}.wasm", build.module))
+    }
+
+    fn has(&self, build: &Build) -> bool {
+        self.path(build).is_file()
+    }
+
+    /// Copies a build's output in; says why not when it cannot.
+    fn install(&self, build: &Build) -> bool {
+        let to = self.path(build);
+        let part = to.with_extension("wasm.part");
+        let done = std::fs::copy(&build.output, &part).and_then(|_| std::fs::rename(&part, &to));
+        if let Err(e) = &done {
+            say(&format!(
+                "the build of {} succeeded but {} cannot be copied: {e}",
+                build.module,
+                build.output.display()
+            ));
+        }
+        done.is_ok()
     }
 }
 
@@ -266,40 +450,14 @@ async fn next_change(
         while let Ok(p) = changes.try_recv() {
             paths.push(p);
         }
-        let mut builds = BTreeSet::new();
+        let mut change = Change::default();
         for path in &paths {
-            match project.affected(path, config_file) {
-                Change::Config => return Change::Config,
-                Change::Sources(hit) => builds.extend(hit),
-            }
+            let hit = project.affected(path, config_file);
+            change.builds.extend(hit.builds);
+            change.config |= hit.config;
         }
-        if !builds.is_empty() {
-            return Change::Sources(builds);
-        }
-    }
-}
-
-/// Reruns the builds of a change, or re-reads the config after a change to
-/// it (keeping the old one if the new one is invalid: the host says why
-/// when it reloads). Returns whether the host has something new to load.
-async fn rebuild(project: Project, change: Change, options: &DevOptions) -> (Project, bool) {
-    match change {
-        Change::Sources(builds) => {
-            let mut built = false;
-            for i in builds {
-                built |= run_build(&project.builds[i], &project.dir).await;
-            }
-            (project, built)
-        }
-        Change::Config => {
-            say("berth.toml changed: reloading");
-            match Project::load(options) {
-                Ok(new) => (new, true),
-                Err(e) => {
-                    say(&format!("{e:#}"));
-                    (project, true)
-                }
-            }
+        if !change.is_empty() {
+            return change;
         }
     }
 }
@@ -309,13 +467,27 @@ async fn rebuild(project: Project, change: Change, options: &DevOptions) -> (Pro
 async fn run_build(build: &Build, dir: &Path) -> bool {
     say(&format!("building {}: {}", build.module, build.command));
     let started = Instant::now();
-    let status = Command::new("sh")
+    // Its own process group, so that a build stopped half way (Ctrl-C)
+    // takes the compiler it started with it, not only `sh`.
+    let child = Command::new("sh")
         .arg("-c")
         .arg(&build.command)
         .current_dir(dir)
+        .process_group(0)
         .kill_on_drop(true)
-        .status()
-        .await;
+        .spawn();
+    let status = match child {
+        Ok(mut child) => {
+            let group = child
+                .id()
+                .and_then(|id| rustix::process::Pid::from_raw(id as i32))
+                .map(KillGroupOnDrop);
+            let status = child.wait().await;
+            std::mem::forget(group);
+            status
+        }
+        Err(e) => Err(e),
+    };
     let took = started.elapsed().as_secs_f64();
     match status {
         Ok(s) if s.success() => {
@@ -336,6 +508,15 @@ async fn run_build(build: &Build, dir: &Path) -> bool {
             ));
             false
         }
+    }
+}
+
+/// Kills a build's process group unless forgotten once the build ended.
+struct KillGroupOnDrop(rustix::process::Pid);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        let _ = rustix::process::kill_process_group(self.0, rustix::process::Signal::KILL);
     }
 }
 
@@ -398,7 +579,12 @@ fn admin_token(config: &Config) -> anyhow::Result<Token> {
     })
 }
 
-fn spawn_host(options: &DevOptions, token: Option<&str>) -> anyhow::Result<Child> {
+fn spawn_host(
+    options: &DevOptions,
+    token: Option<&str>,
+    project: &Project,
+    shadow: &Shadow,
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find the berth binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("serve").arg("--config").arg(&options.config);
@@ -412,7 +598,14 @@ fn spawn_host(options: &DevOptions, token: Option<&str>) -> anyhow::Result<Child
     if let Some(secrets) = &o.secrets_file {
         cmd.arg("--secrets-file").arg(secrets);
     }
+    // berth dev is the watcher, and the host loads the good builds only.
     cmd.env("BERTH_RUNTIME__WATCH", "false");
+    for build in &project.builds {
+        cmd.env(
+            format!("BERTH_MODULES__{}__FILE", build.module.to_ascii_uppercase()),
+            shadow.path(build),
+        );
+    }
     if let Some(token) = token {
         cmd.env("BERTH_ADMIN__TOKEN", token);
     }
@@ -454,7 +647,7 @@ struct Admin {
 
 impl Admin {
     async fn wait_ready(&self, project: &Project) -> anyhow::Result<()> {
-        let progress = Progress::start(format!("starting {}", sizes(project)));
+        let progress = Progress::start(format!("starting {}", sizes(&project.builds)));
         loop {
             let uri = format!("http://{}/ready", self.addr);
             if let Ok(resp) = self.client.get(uri.parse()?).await
@@ -468,8 +661,8 @@ impl Admin {
     }
 
     /// Reloads and reports what the host did with each module.
-    async fn reload(&self) {
-        let progress = Progress::start("reloading".to_owned());
+    async fn reload(&self, what: String) {
+        let progress = Progress::start(what);
         let request = hyper::Request::post(format!("http://{}/admin/reload", self.addr))
             .header("authorization", format!("Bearer {}", self.token))
             .body(Empty::new());
@@ -524,6 +717,17 @@ fn describe_report(report: &serde_json::Value) -> String {
     if !changed.is_empty() {
         parts.push(format!("now serving the new {}", changed.join(", ")));
     }
+    let removed = list("removed");
+    if !removed.is_empty() {
+        parts.push(format!("no longer serving {}", removed.join(", ")));
+    }
+    let restart = list("restart_needed");
+    if !restart.is_empty() {
+        parts.push(format!(
+            "changes to {} apply when berth dev starts again",
+            restart.join(", ")
+        ));
+    }
     if let Some(errors) = report["errors"].as_object() {
         for (module, why) in errors {
             parts.push(format!(
@@ -539,11 +743,10 @@ fn describe_report(report: &serde_json::Value) -> String {
     }
 }
 
-/// `NAME.wasm (12.2 MiB)` for each module file present.
-fn sizes(project: &Project) -> String {
-    project
-        .builds
-        .iter()
+/// `NAME.wasm (12.2 MiB)` for each build's output.
+fn sizes<'a>(builds: impl IntoIterator<Item = &'a Build>) -> String {
+    builds
+        .into_iter()
         .map(|b| {
             let name = b.output.file_name().unwrap_or_default().to_string_lossy();
             let mib = std::fs::metadata(&b.output).map_or(0.0, |m| m.len() as f64 / 1048576.0);
@@ -600,11 +803,21 @@ impl Progress {
 mod tests {
     use super::*;
 
+    /// The project of `toml`, loaded through a relative path to its
+    /// config, as `berth dev` in the project's directory does.
     fn project(dir: &Path, toml: &str) -> anyhow::Result<Project> {
         let file = dir.join("berth.toml");
         std::fs::write(&file, toml).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        let relative: PathBuf = cwd
+            .components()
+            .skip(1)
+            .map(|_| Component::ParentDir)
+            .collect::<PathBuf>()
+            .join(file.strip_prefix("/").unwrap());
+        assert!(relative.is_relative());
         Project::load(&DevOptions {
-            config: file,
+            config: relative,
             overrides: Overrides::default(),
         })
     }
@@ -618,9 +831,10 @@ route = "/web"
 build = "npm run build"
 watch = ["web/src/**"]
 [modules.api]
-file = "target/api.wasm"
+file = "api.wasm"
 route = "/api"
 build = "cargo build"
+watch = ["**"]
 [modules.plain]
 file = "plain.wasm"
 route = "/plain"
@@ -631,26 +845,46 @@ route = "/plain"
         let tmp = tempfile::tempdir().unwrap();
         let p = project(tmp.path(), TWO).unwrap();
         let config = p.dir.join("berth.toml");
-        let names = |path: &str| -> Vec<&str> {
-            let Change::Sources(hit) = p.affected(&p.dir.join(path), &config) else {
-                panic!("{path} is not a source");
-            };
-            hit.into_iter()
-                .map(|i| p.builds[i].module.as_str())
-                .collect()
+        let names = |path: &str| -> Vec<String> {
+            let change = p.affected(&p.dir.join(path), &config);
+            assert!(!change.config, "{path}");
+            change.builds.into_iter().collect::<Vec<_>>()
         };
-        // `api` watches everything but build outputs; `web` only its globs.
+        // `api` watches everything but build and tool directories and
+        // outputs; `web` only its globs.
         assert_eq!(names("web/src/app.ts"), ["api", "web"]);
         assert_eq!(names("src/lib.rs"), ["api"]);
         assert_eq!(names("target/debug/x.o"), Vec::<&str>::new());
+        assert_eq!(names(".git/index"), Vec::<&str>::new());
+        assert_eq!(names("__pycache__/a.pyc"), Vec::<&str>::new());
+        // An output at the top, outside any build directory: still not a
+        // source, or the build would rerun itself forever.
+        assert_eq!(names("api.wasm"), Vec::<&str>::new());
         assert_eq!(names("web/node_modules/x/index.js"), Vec::<&str>::new());
         assert_eq!(names("web/src/.venv/x.py"), Vec::<&str>::new());
         // Its own output never reruns a build, even where a glob says so.
         assert_eq!(names("web/dist/web.wasm"), Vec::<&str>::new());
-        assert_eq!(p.affected(&config, &config), Change::Config);
+        assert!(p.affected(&config, &config).config);
         assert_eq!(
             p.affected(Path::new("/elsewhere/x"), &config),
-            Change::Sources(BTreeSet::new())
+            Change::default()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_the_config_and_a_source_calls_for_both() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = project(tmp.path(), TWO).unwrap();
+        let config = p.dir.join("berth.toml");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tx.send(p.dir.join("target/x.o")).unwrap();
+        tx.send(config.clone()).unwrap();
+        tx.send(p.dir.join("web/src/app.ts")).unwrap();
+        let change = next_change(&mut rx, &p, &config).await;
+        assert!(change.config);
+        assert_eq!(
+            change.builds,
+            BTreeSet::from(["api".to_owned(), "web".to_owned()])
         );
     }
 
@@ -665,7 +899,7 @@ route = "/plain"
         assert!(err.to_string().contains("no module of"), "{err}");
         let err = project(
             tmp.path(),
-            "[modules.a]\noci = \"r.example/a@sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nroute = \"/a\"\nbuild = \"make\"\n",
+            "[modules.a]\noci = \"r.example/a@sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nroute = \"/a\"\nbuild = \"make\"\nwatch = [\"src/**\"]\n",
         )
         .unwrap_err();
         assert!(err.to_string().contains("modules.a.build"), "{err:#}");
@@ -682,5 +916,50 @@ route = "/plain"
         assert!(line.contains("not a component"), "{line}");
         let same = serde_json::json!({"changed": [], "errors": {}});
         assert_eq!(describe_report(&same), "reloaded: nothing changed");
+        let config = serde_json::json!({
+            "config_error": "modules.a.route: missing", "changed": [], "errors": {},
+            "removed": ["old"], "restart_needed": ["server"],
+        });
+        let line = describe_report(&config);
+        assert!(
+            line.contains("berth.toml rejected, the running config stays: modules.a.route"),
+            "{line}"
+        );
+        assert!(line.contains("no longer serving old"), "{line}");
+        assert!(
+            line.contains("server apply when berth dev starts again"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn outputs_are_named_with_their_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = project(tmp.path(), TWO).unwrap();
+        std::fs::create_dir_all(tmp.path().join("web/dist")).unwrap();
+        std::fs::write(tmp.path().join("web/dist/web.wasm"), vec![0u8; 2 << 20]).unwrap();
+        assert_eq!(sizes(&p.builds[1..]), "web.wasm (2.0 MiB)");
+        assert_eq!(sizes(&p.builds), "api.wasm (0.0 MiB), web.wasm (2.0 MiB)");
+    }
+
+    #[test]
+    fn a_token_is_made_up_only_when_the_config_has_none() {
+        let config = Config::default();
+        let (a, b) = (admin_token(&config).unwrap(), admin_token(&config).unwrap());
+        assert_eq!(a.value.len(), 32);
+        assert!(
+            a.value.chars().all(|c| c.is_ascii_hexdigit()),
+            "{}",
+            a.value
+        );
+        assert_ne!(a.value, b.value);
+        assert_eq!(a.generated.as_deref(), Some(a.value.as_str()));
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let mut config = Config::default();
+        config.admin.token_file = Some(file);
+        let t = admin_token(&config).unwrap();
+        assert_eq!((t.value.as_str(), t.generated), ("from-file", None));
     }
 }

@@ -187,7 +187,9 @@ fn check_name(name: &str) -> Result<(), NewError> {
             .iter()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
         && !name.ends_with('-')
-        && !name.contains("--");
+        && !name.contains("--")
+        // The vendored SDK's package: a project of that name cannot build.
+        && name != "berth-sdk";
     if ok {
         Ok(())
     } else {
@@ -220,13 +222,36 @@ pub fn create(
     check_name(name)?;
     let route = route.map_or_else(|| format!("/{name}"), str::to_owned);
     check_route(&route)?;
+    // The host routes `/api` and `/api/x` to a route `/api/`; the
+    // templates strip the route as written from the path.
+    let route = match route.trim_end_matches('/') {
+        "" => "/".to_owned(),
+        trimmed => trimmed.to_owned(),
+    };
+    if !parent.is_dir() {
+        return Err(NewError::Io {
+            path: parent.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+        });
+    }
     let dir = parent.join(name);
     if dir.symlink_metadata().is_ok() {
         return Err(NewError::Exists(dir));
     }
     // Built beside its final place and renamed in, so a failure half way
-    // (a full disk) leaves no half project that the next try refuses.
-    let staging = parent.join(format!(".{name}.berth-new-{}", std::process::id()));
+    // (a full disk) leaves no half project that the next try refuses. The
+    // staging name is unguessable and created exclusively: nothing planted
+    // there beforehand can be merged into the project, or deleted.
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| NewError::Io {
+        path: parent.to_owned(),
+        source: std::io::Error::other(e),
+    })?;
+    let staging = parent.join(format!(".{name}.berth-new-{}", hex::encode(nonce)));
+    std::fs::create_dir(&staging).map_err(|source| NewError::Io {
+        path: staging.clone(),
+        source,
+    })?;
     let result = write_all(template, name, &route, &staging).and_then(|()| {
         std::fs::rename(&staging, &dir).map_err(|source| NewError::Io {
             path: dir.clone(),
@@ -361,10 +386,67 @@ mod tests {
         let mode = std::os::unix::fs::PermissionsExt::mode(&bin.metadata().unwrap().permissions());
         assert_eq!(mode & 0o111, 0o111, "{mode:o}");
         assert!(!js.join("vendor/berth-sdk/package-lock.json").exists());
-        // The SDK is copied as it is, placeholders and all.
-        let route = create(t, "other", None, tmp.path()).unwrap();
-        let config = std::fs::read_to_string(route.join("berth.toml")).unwrap();
+        let slash = create(t, "slash", Some("/api/"), tmp.path()).unwrap();
+        let config = std::fs::read_to_string(slash.join("berth.toml")).unwrap();
+        assert!(config.contains("route = \"/api\""), "{config}");
+        let plain = create(t, "other", None, tmp.path()).unwrap();
+        let config = std::fs::read_to_string(plain.join("berth.toml")).unwrap();
         assert!(config.contains("route = \"/other\""), "{config}");
+        // The SDK is copied byte for byte; the project's own files are not
+        // executable.
+        let (_, lib, _) = files("sdk/rust/")
+            .find(|(p, ..)| *p == "src/lib.rs")
+            .unwrap();
+        assert_eq!(
+            std::fs::read(dir.join("vendor/berth-sdk/src/lib.rs")).unwrap(),
+            lib
+        );
+        for file in ["berth.toml", "vendor/berth-sdk/Cargo.toml"] {
+            let mode = std::os::unix::fs::PermissionsExt::mode(
+                &dir.join(file).metadata().unwrap().permissions(),
+            );
+            assert_eq!(mode & 0o111, 0, "{file} {mode:o}");
+        }
+    }
+
+    #[test]
+    fn every_template_takes_the_route_and_leaves_no_placeholder() {
+        let tmp = tempfile::tempdir().unwrap();
+        for t in TEMPLATES {
+            let name = format!("m-{}", t.name);
+            let dir = create(t, &name, Some("/custom-r"), tmp.path()).unwrap();
+            let mut seen_route = false;
+            for (path, ..) in files(&format!("templates/{}/", t.name)) {
+                let text = std::fs::read_to_string(dir.join(path)).unwrap();
+                assert!(!text.contains("{{"), "{}/{path}: {text}", t.name);
+                seen_route |= text.contains("/custom-r");
+            }
+            assert!(seen_route, "{} never uses the route", t.name);
+        }
+    }
+
+    #[test]
+    fn a_planted_staging_directory_is_neither_merged_nor_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = Template::find("rust").unwrap();
+        // Whatever a neighbour plants beside the project, under any name
+        // of the staging form, stays where it is and out of the project.
+        let planted = tmp
+            .path()
+            .join(format!(".x.berth-new-{}", std::process::id()));
+        std::fs::create_dir(&planted).unwrap();
+        std::fs::write(planted.join("build.rs"), "evil").unwrap();
+        let dir = create(t, "x", None, tmp.path()).unwrap();
+        assert!(!dir.join("build.rs").exists());
+        assert!(planted.join("build.rs").exists());
+        let stray: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| {
+                n.to_string_lossy().contains("berth-new") && **n != *planted.file_name().unwrap()
+            })
+            .collect();
+        assert!(stray.is_empty(), "{stray:?}");
     }
 
     #[test]
@@ -373,6 +455,7 @@ mod tests {
         let t = Template::find("rust").unwrap();
         for name in [
             "",
+            "berth-sdk",
             "Hello",
             "1st",
             "a_b",
@@ -385,7 +468,9 @@ mod tests {
             let err = create(t, name, None, tmp.path()).unwrap_err();
             assert!(matches!(err, NewError::BadName(_)), "{name}: {err}");
         }
-        for route in ["orders", "/a b", "/a?b", "/a\"b", "/a\\b"] {
+        for route in [
+            "orders", "/a b", "/a?b", "/a#b", "/a'b", "/a`b", "/a\"b", "/a\\b",
+        ] {
             let err = create(t, "ok", Some(route), tmp.path()).unwrap_err();
             assert!(err.to_string().contains("invalid route"), "{route}: {err}");
         }
@@ -394,6 +479,12 @@ mod tests {
         assert!(err.to_string().contains("already exists"), "{err}");
         let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
         assert_eq!(left.len(), 1, "{left:?}");
+        create(t, &"a".repeat(63), None, tmp.path()).unwrap();
+        let err = create(t, "m", None, &tmp.path().join("absent")).unwrap_err();
+        assert!(
+            err.to_string().contains("absent: no such directory"),
+            "{err}"
+        );
         let err = Template::find("go").unwrap_err().to_string();
         assert!(err.contains("rust, rust-p3"), "{err}");
     }

@@ -434,6 +434,10 @@ async fn handle(
 ) -> Response<HyperOutgoingBody> {
     let request_id = request_id(&req);
     let dialect = Dialect::of(&req);
+    if !host_is_valid(&req) {
+        let err = RequestError::Malformed("the Host header is not a host[:port]".into());
+        return respond(Err(err), &request_id, dialect);
+    }
     let grpc_path = (dialect == Dialect::Grpc).then(|| req.uri().path().to_owned());
     let (module, canary) = {
         let table = routes.current();
@@ -488,6 +492,27 @@ async fn handle(
     resp
 }
 
+/// Whether the `Host` header, if any, is a host with an optional port. The
+/// guest gets it as the request's authority (JavaScript builds `request.url`
+/// from it), so one with a path, a fragment, userinfo or a bad port could
+/// steer its routing or crash its URL parser.
+fn host_is_valid<B>(req: &Request<B>) -> bool {
+    let Some(host) = req.headers().get(http::header::HOST) else {
+        return true;
+    };
+    match http::uri::Authority::try_from(host.as_bytes()) {
+        // `http` keeps a port it cannot read as u16 (`a:99999`) as none.
+        Ok(a) => match a.as_str().strip_prefix(a.host()) {
+            Some("") => true,
+            Some(port) => port
+                .strip_prefix(':')
+                .is_some_and(|p| p.parse::<u16>().is_ok()),
+            None => false,
+        },
+        Err(_) => false,
+    }
+}
+
 /// The only place an error becomes a response; every response carries the
 /// request id.
 fn respond(
@@ -539,6 +564,31 @@ mod tests {
     use super::*;
     use crate::testing::{ConfigFile, get, module, routes, send};
     use http::Method;
+
+    #[test]
+    fn a_host_header_is_a_host_and_an_optional_port() {
+        let with = |host: &[u8]| {
+            let mut req = Request::new(());
+            req.headers_mut()
+                .insert(http::header::HOST, HeaderValue::from_bytes(host).unwrap());
+            host_is_valid(&req)
+        };
+        for ok in [&b"example.com"[..], b"a:8080", b"[::1]:80", b"127.0.0.1"] {
+            assert!(with(ok), "{}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &b"x/jsapp/upstream#"[..],
+            b"a b",
+            b"[::1",
+            b"a:99999",
+            b"x:y:z",
+            b"user@host",
+            b"a?b",
+        ] {
+            assert!(!with(bad), "{}", String::from_utf8_lossy(bad));
+        }
+        assert!(host_is_valid(&Request::new(())));
+    }
 
     /// The traffic server on a free port, serving `file`'s modules.
     async fn server(file: &ConfigFile) -> (String, Arc<crate::metrics::Metrics>) {

@@ -24,12 +24,17 @@ def tree(root, files):
 
 def test_the_repository_context_holds_the_workspace_and_nothing_else(tmp_path):
     files = container.build_context(ROOT, str(tmp_path / "ctx"))
+    # `berth new` embeds the templates (host/build.rs), their READMEs too.
     for needed in ["Cargo.toml", "Cargo.lock", "host/src/main.rs", "guest-sdk/Cargo.toml",
-                   "bench/native-hello/Cargo.toml", "tests/e2e/main.rs", "Dockerfile"]:
+                   "bench/native-hello/Cargo.toml", "tests/e2e/main.rs", "Dockerfile",
+                   "host/build.rs", "templates/rust/README.md", "guest-sdk/js/package.json",
+                   "guest-sdk/python/berth/__init__.py"]:
         assert needed in files, needed
     for prefix in ["target/", ".git/", "charts/", "examples/", "tests/guests/", ".tools/", "bench/bench.py"]:
         assert not any(f.startswith(prefix) for f in files), prefix
-    assert not any(f.endswith(".md") or f.endswith(".wasm") for f in files)
+    assert not any("node_modules/" in f or "__pycache__/" in f for f in files)
+    assert not any(f.endswith(".wasm") for f in files)
+    assert not any(f.endswith(".md") and not f.startswith("templates/") for f in files)
 
 
 def test_dockerignore_follows_dockers_documented_rules(tmp_path):

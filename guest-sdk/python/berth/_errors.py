@@ -47,6 +47,18 @@ class ConfigError(BerthError):
         self.reason = reason
 
 
+def _shown(url: str) -> str:
+    """A URL as error text shows it: no userinfo, query or fragment. That
+    text reaches clients (an uncaught FetchError is the 502 body) and logs,
+    and secrets ride in queries (``?api_key=``) and userinfo."""
+    url = url.split("#", 1)[0].split("?", 1)[0]
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
+
+
 class FetchError(HttpError):
     """An outbound request failed. Uncaught in a handler, it answers 502
     (504 for :class:`Timeout`) with its message."""
@@ -65,7 +77,7 @@ class Denied(FetchError):
     def __init__(self, url: str) -> None:
         super().__init__(
             url,
-            f"outbound request to {url} denied by the host: "
+            f"outbound request to {_shown(url)} denied by the host: "
             "its destination is not in this module's allowed_outbound_hosts",
         )
 
@@ -76,7 +88,7 @@ class Timeout(FetchError, TimeoutError):
     default_status = 504
 
     def __init__(self, url: str) -> None:
-        super().__init__(url, f"outbound request to {url} timed out")
+        super().__init__(url, f"outbound request to {_shown(url)} timed out")
 
 
 class Unavailable(FetchError):
@@ -86,7 +98,7 @@ class Unavailable(FetchError):
     def __init__(self, url: str) -> None:
         super().__init__(
             url,
-            f"outbound request to {url} failed fast: "
+            f"outbound request to {_shown(url)} failed fast: "
             "the upstream is failing and its circuit is open",
         )
 
@@ -96,7 +108,7 @@ class UpstreamError(FetchError):
     ``wasi:http`` error code as text (``connection refused``, ...)."""
 
     def __init__(self, url: str, reason: str) -> None:
-        super().__init__(url, f"outbound request to {url} failed: {reason}")
+        super().__init__(url, f"outbound request to {_shown(url)} failed: {reason}")
         self.reason = reason
 
 

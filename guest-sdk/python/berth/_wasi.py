@@ -35,6 +35,7 @@ from ._errors import (
     Timeout,
     Unavailable,
     UpstreamError,
+    _shown,
 )
 from ._loop import PollLoop
 from ._message import Request, Response, _request_from_host, _response_from_host
@@ -385,7 +386,7 @@ def _set(url: str, what: str, setter: Any, value: Any) -> None:
     try:
         setter(value)
     except Err:
-        raise InvalidRequest(url, f"the host refused the {what} of {url}") from None
+        raise InvalidRequest(url, f"the host refused the {what} of {_shown(url)}") from None
 
 
 def _scheme(scheme: str) -> types.Scheme:

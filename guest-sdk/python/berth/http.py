@@ -23,7 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _host
-from ._errors import Denied, FetchError, InvalidRequest, Timeout, Unavailable, UpstreamError
+from ._errors import (
+    Denied,
+    FetchError,
+    InvalidRequest,
+    Timeout,
+    Unavailable,
+    UpstreamError,
+    _shown,
+)
 from ._message import (
     _MISSING,
     BodyLike,
@@ -82,14 +90,14 @@ def split_url(url: str) -> tuple[str, str, str]:
         raise TypeError(f"url must be str, not {type(url).__name__}")
     scheme, sep, rest = url.partition("://")
     if not sep or not scheme:
-        raise InvalidRequest(url, f"{url!r} has no scheme (http:// or https://)")
+        raise InvalidRequest(url, f"{_shown(url)!r} has no scheme (http:// or https://)")
     rest = rest.partition("#")[0]
     cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
     authority, path = rest[:cut], rest[cut:]
     if not authority:
-        raise InvalidRequest(url, f"{url!r} has no host")
+        raise InvalidRequest(url, f"{_shown(url)!r} has no host")
     if any(c.isspace() for c in url):
-        raise InvalidRequest(url, f"{url!r} contains whitespace")
+        raise InvalidRequest(url, f"{_shown(url)!r} contains whitespace")
     if not path.startswith("/"):
         path = "/" + path
     return scheme.lower(), authority, path

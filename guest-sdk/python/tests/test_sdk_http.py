@@ -159,3 +159,18 @@ class FetchTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ErrorTextTest(unittest.TestCase):
+    """Error text reaches clients and logs: never a URL's userinfo or query."""
+
+    def test_fetch_errors_hide_userinfo_query_and_fragment(self):
+        from berth._errors import Denied, Timeout, UpstreamError
+
+        url = "https://svc:hunter2@example.com:8443/v1/x?api_key=SECRET#frag"
+        for err in (Denied(url), Timeout(url), UpstreamError(url, "refused")):
+            text = str(err)
+            self.assertIn("https://example.com:8443/v1/x", text)
+            self.assertNotIn("SECRET", text)
+            self.assertNotIn("hunter2", text)
+            self.assertEqual(err.url, url)

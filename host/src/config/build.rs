@@ -14,7 +14,7 @@ pub struct BuildFields<'a> {
     /// module's `file`.
     pub build: Option<&'a str>,
     /// Globs, relative to the config file's directory, of the sources whose
-    /// change reruns `build`.
+    /// change reruns `build`; required with it.
     pub watch: &'a [String],
 }
 
@@ -46,9 +46,24 @@ impl BuildFields<'_> {
                     "needs `build`: it names what reruns the build",
                 ));
             }
+            // Without globs every written file would rerun the build, the
+            // build's own logs and caches included: say which sources.
+            Some(_) if self.watch.is_empty() => {
+                return Err(rejected(
+                    key("watch"),
+                    "is needed with `build`: the globs of the sources whose change reruns it, \
+                     e.g. [\"src/**\"]",
+                ));
+            }
             _ => {}
         }
         for (i, pattern) in self.watch.iter().enumerate() {
+            if pattern.starts_with("./") {
+                return Err(rejected(
+                    format!("{}[{i}]", key("watch")),
+                    "write it without the leading `./`: globs are relative already",
+                ));
+            }
             if pattern.starts_with('/') || pattern.split('/').any(|s| s == "..") {
                 return Err(rejected(
                     format!("{}[{i}]", key("watch")),
@@ -81,6 +96,7 @@ mod tests {
     #[test]
     fn a_build_with_globs_passes_and_matches_what_it_names() {
         let set = check(Some("npm run build"), &["src/**", "package.json"]).unwrap();
+        assert!(set.is_match("src/app.ts"));
         assert!(set.is_match("src/a/b.ts"));
         assert!(set.is_match("package.json"));
         assert!(!set.is_match("dist/m.wasm"));
@@ -92,8 +108,10 @@ mod tests {
 
     #[test]
     fn bad_fields_are_refused_with_their_key() {
-        let cases: [(Option<&str>, &[&str], &str); 5] = [
-            (Some("  "), &[], "modules.m.build"),
+        let cases: [(Option<&str>, &[&str], &str); 7] = [
+            (Some("  "), &["src/**"], "modules.m.build"),
+            (Some("make"), &[], "modules.m.watch"),
+            (Some("make"), &["./src/**"], "modules.m.watch[0]"),
             (None, &["src/**"], "modules.m.watch"),
             (Some("make"), &["src/[a"], "modules.m.watch[0]"),
             (Some("make"), &["ok", "/etc/**"], "modules.m.watch[1]"),
