@@ -417,3 +417,29 @@ fn no_state_survives_from_one_request_to_the_next() {
         });
     }
 }
+
+/// A `Host` header that is not `host[:port]` never reaches a guest, which
+/// takes it as the request's authority (a JavaScript module builds its
+/// `request.url` from it).
+#[test]
+fn a_host_header_with_a_path_or_a_bad_port_is_refused() {
+    use std::io::{Read, Write};
+    let berth = Berth::start(&module("hello", "/hello", "hello", ""));
+    let send = |host: &str| {
+        let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+        write!(
+            conn,
+            "GET /hello HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert!(send("example.com:8080").starts_with("HTTP/1.1 200"));
+    for bad in ["x/hello/upstream#", "a b", "[::1", "a:99999", "u@h"] {
+        let answer = send(bad);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{bad}: {answer}");
+        assert!(answer.contains("Host header"), "{bad}: {answer}");
+    }
+}
