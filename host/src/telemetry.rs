@@ -118,16 +118,50 @@ struct CappedWriter<W> {
 
 impl<W: Write> Write for CappedWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if buf.len() <= MAX_LOG_LINE {
-            return self.inner.write(buf);
+        // One event is one line. JSON escapes line breaks inside values; the
+        // human format does not, so a newline a guest logs (or a client
+        // sends in a value a guest logs) would start a line that reads as
+        // an event of its own.
+        let body = &buf[..buf.len().saturating_sub(1)];
+        if !self.json && body.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+            let escaped = escape_breaks(buf);
+            self.write_line(&escaped)?;
+            return Ok(buf.len());
         }
-        self.inner.write_all(cut_line(buf, self.json).as_bytes())?;
+        self.write_line(buf)?;
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
     }
+}
+
+impl<W: Write> CappedWriter<W> {
+    fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+        if line.len() <= MAX_LOG_LINE {
+            return self.inner.write_all(line);
+        }
+        self.inner.write_all(cut_line(line, self.json).as_bytes())
+    }
+}
+
+/// `line` with every line break but the last written as `\n` or `\r`.
+fn escape_breaks(line: &[u8]) -> Vec<u8> {
+    let (body, end) = match line.split_last() {
+        Some((b'\n', body)) => (body, &b"\n"[..]),
+        _ => (line, &b""[..]),
+    };
+    let mut out = Vec::with_capacity(line.len() + 16);
+    for &b in body {
+        match b {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b => out.push(b),
+        }
+    }
+    out.extend_from_slice(end);
+    out
 }
 
 /// The line written instead of one over [`MAX_LOG_LINE`]: still one JSON
@@ -486,6 +520,30 @@ pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_human_log_line_keeps_a_logged_newline_inside_it() {
+        let mut out = Vec::new();
+        let mut w = CappedWriter {
+            inner: &mut out,
+            json: false,
+        };
+        w.write_all(b"INFO guest: greeted a\n2026 ERROR forged\r\n")
+            .unwrap();
+        w.write_all(b"INFO plain\n").unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "INFO guest: greeted a\\n2026 ERROR forged\\r\nINFO plain\n"
+        );
+        // JSON escapes its own; its lines pass untouched.
+        let mut out = Vec::new();
+        let mut w = CappedWriter {
+            inner: &mut out,
+            json: true,
+        };
+        w.write_all(b"{\"message\":\"a\\nb\"}\n").unwrap();
+        assert_eq!(out, b"{\"message\":\"a\\nb\"}\n");
+    }
 
     #[test]
     fn samplers_are_read_as_the_spec_says_and_bad_ones_refused() {
