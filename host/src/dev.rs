@@ -237,21 +237,32 @@ pub async fn run(
         _ = step(&mut project, everything, &options, &shadow, None) => {}
         signal = &mut shutdown => return stopping(signal, None).await,
     }
+    // Set when the host refused to start: wait for a change before trying
+    // again.
+    let mut refused = false;
     'serve: loop {
         // The host cannot start without a good build of every module.
-        while let Some(b) = project.builds.iter().find(|b| !shadow.has(b)) {
-            say(&format!(
-                "{} has no good build yet: waiting for a change to its sources",
-                b.module
-            ));
-            let change = tokio::select! {
-                change = next_change(&mut changes, &project, &config_file) => change,
-                signal = &mut shutdown => return stopping(signal, None).await,
-            };
-            tokio::select! {
-                _ = step(&mut project, change, &options, &shadow, None) => {}
-                signal = &mut shutdown => return stopping(signal, None).await,
+        loop {
+            match project.builds.iter().find(|b| !shadow.has(b)) {
+                Some(b) => say(&format!(
+                    "{} has no good build yet: waiting for a change to its sources",
+                    b.module
+                )),
+                None if refused => refused = false,
+                None => break,
             }
+            let waited = tokio::select! {
+                change = next_change(&mut changes, &project, &config_file) => Ok(change),
+                signal = &mut shutdown => Err(signal),
+            };
+            let signal = match waited {
+                Ok(change) => tokio::select! {
+                    _ = step(&mut project, change, &options, &shadow, None) => continue,
+                    signal = &mut shutdown => signal,
+                },
+                Err(signal) => signal,
+            };
+            return stopping(signal, None).await;
         }
         let mut host = spawn_host(&options, token.generated.as_deref(), &project, &shadow)?;
         tokio::select! {
@@ -261,14 +272,7 @@ pub async fn run(
                     "the host could not start ({}): fix what it says above and save",
                     describe(exit)
                 ));
-                let change = tokio::select! {
-                    change = next_change(&mut changes, &project, &config_file) => change,
-                    signal = &mut shutdown => return stopping(signal, None).await,
-                };
-                tokio::select! {
-                    _ = step(&mut project, change, &options, &shadow, None) => {}
-                    signal = &mut shutdown => return stopping(signal, None).await,
-                }
+                refused = true;
                 continue 'serve;
             }
             signal = &mut shutdown => return stopping(signal, Some(host)).await,
@@ -803,23 +807,25 @@ impl Progress {
 mod tests {
     use super::*;
 
-    /// The project of `toml`, loaded through a relative path to its
-    /// config, as `berth dev` in the project's directory does.
+    /// The project of `toml`, its config named with a `.` in its path, as
+    /// `berth dev` in the project's directory names `./berth.toml`: the
+    /// paths derived from it must still compare equal to the watcher's.
+    /// (Not a relative path: figment's test jails change the working
+    /// directory of the whole test process.)
     fn project(dir: &Path, toml: &str) -> anyhow::Result<Project> {
-        let file = dir.join("berth.toml");
-        std::fs::write(&file, toml).unwrap();
-        let cwd = std::env::current_dir().unwrap();
-        let relative: PathBuf = cwd
-            .components()
-            .skip(1)
-            .map(|_| Component::ParentDir)
-            .collect::<PathBuf>()
-            .join(file.strip_prefix("/").unwrap());
-        assert!(relative.is_relative());
+        std::fs::write(dir.join("berth.toml"), toml).unwrap();
         Project::load(&DevOptions {
-            config: relative,
+            config: dir.join(".").join("berth.toml"),
             overrides: Overrides::default(),
         })
+    }
+
+    #[test]
+    fn paths_are_made_absolute_and_plain() {
+        assert_eq!(
+            absolute(Path::new("/a/./b/../c")).unwrap(),
+            PathBuf::from("/a/c")
+        );
     }
 
     const TWO: &str = r#"

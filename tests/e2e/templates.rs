@@ -433,7 +433,11 @@ fn dev_waits_for_a_first_build_keeps_the_last_good_load_and_drains() {
     let mut dev = Dev::start_with(&project, listen, admin, &["--config", "dev.toml"]);
     dev.wait_for("app has no good build yet", 1, Duration::from_secs(30));
 
+    // A build that succeeds but that the host cannot load: it says so and
+    // waits for the next change.
     let source = project.join("src/v.wasm");
+    std::fs::write(&source, b"not a component").unwrap();
+    dev.wait_for("the host could not start", 1, Duration::from_secs(60));
     std::fs::copy(wasm("swap_v1"), &source).unwrap();
     dev.wait_for("app is serving at", 1, Duration::from_secs(60));
     let url = format!("http://127.0.0.1:{listen}/app");
@@ -442,7 +446,7 @@ fn dev_waits_for_a_first_build_keeps_the_last_good_load_and_drains() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         dev.text().matches("building app").count(),
-        2,
+        3,
         "{}",
         dev.text()
     );
