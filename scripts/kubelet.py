@@ -28,6 +28,7 @@ pkg/volume/util/atomic_writer.go (the `..data` scheme),
 Pods").
 """
 import base64
+import contextlib
 import itertools
 import os
 import shutil
@@ -132,7 +133,12 @@ class Pod:
         self.deployment = next(d for d in docs if d["kind"] == "Deployment")
         self.spec = self.deployment["spec"]["template"]["spec"]
         self.container = self.spec["containers"][0]
+        # An address block still routed belongs to a pod of a run that was
+        # killed before its clean-up: its route would take this pod's
+        # traffic into the dead pod's namespace (connection refused).
         self.index = next(_POD_INDEX) % 250 + 1
+        while _routed(f"10.233.{self.index}.0/30"):
+            self.index = next(_POD_INDEX) % 250 + 1
         self.netns = f"berth-pod-{os.getpid()}-{self.index}"
         self.host_ip = f"10.233.{self.index}.1"
         self.pod_ip = f"10.233.{self.index}.2"
@@ -239,7 +245,7 @@ class Pod:
 
     def _network(self):
         ns, host, pod = self.netns, self.host_ip, self.pod_ip
-        veth = f"bp{os.getpid() % 10000}x{self.index}"
+        veth = self.veth = f"bp{os.getpid() % 10000}x{self.index}"
         cmds = [
             ["ip", "netns", "add", ns],
             ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns],
@@ -356,12 +362,16 @@ class Pod:
         failures = 0
         while True:
             self._alive()
-            if self.probe(spec):
+            status, why = self.probe_answer(spec)
+            if status is not None and 200 <= status < 400:
                 self.events.append(("started", time.time() - self.started))
                 return
             failures += 1
             if failures >= spec.get("failureThreshold", 3):
-                raise PodFailed(f"startup probe failed {failures} times: the kubelet would restart the container")
+                raise PodFailed(
+                    f"startup probe failed {failures} times ({status}: {why}): the kubelet would "
+                    "restart the container; its last lines:\n" + "\n".join(self.lines[-30:])
+                )
             time.sleep(spec.get("periodSeconds", 10))
 
     def wait_ready(self, limit):
@@ -435,8 +445,21 @@ class Pod:
             self.proc.wait()
         for path in self._mounted:
             subprocess.run(["umount", "-l", path], capture_output=True)
+        # Whatever still runs in the pod's namespace (the container's own
+        # children) would keep it, its veth and its route alive.
+        pids = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True).stdout
+        for pid in pids.split():
+            with contextlib.suppress(OSError):
+                os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+        subprocess.run(["ip", "link", "del", getattr(self, "veth", "")], capture_output=True)
         shutil.rmtree(os.path.join(self.workdir, "volumes"), ignore_errors=True)
+
+
+def _routed(block):
+    """Whether the host has a route for this address block."""
+    out = subprocess.run(["ip", "route", "show", block], capture_output=True, text=True).stdout
+    return bool(out.strip())
 
 
 def _bytes(quantity):

@@ -242,3 +242,30 @@ def test_readiness_through_the_native_grpc_probe(image, tmp_path):
     assert code == 0, "\n".join(pod.lines[-20:])
     assert any(event == "ready" for event, _ in pod.events), pod.events
     assert any(p["status"] == 503 and p["body"] == "NOT_SERVING" and p["traffic"] for p in drained_ready), drained_ready
+
+
+def test_a_pod_never_takes_an_address_block_a_killed_run_left_routed(image, tmp_path):
+    """A run killed mid-test leaves a pod's namespace and veth behind, with
+    the route of its address block. A pod given that block again would be
+    reached through the dead pod's veth: its probes refused for good."""
+    import itertools
+    index = next(kubelet._POD_INDEX) + 1
+    kubelet._POD_INDEX = itertools.count(index)
+    stale = index % 250 + 1
+    ns, veth = f"berth-stale-{os.getpid()}", f"bstale{os.getpid() % 10000}"
+    setup = [
+        ["ip", "netns", "add", ns],
+        ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns],
+        ["ip", "addr", "add", f"10.233.{stale}.1/30", "dev", veth],
+        ["ip", "link", "set", veth, "up"],
+    ]
+    try:
+        for c in setup:
+            subprocess.run(c, check=True, capture_output=True)
+        pod, status, body, code, _, _ = run_pod(render("berth"), image, tmp_path)
+        assert pod.pod_ip != f"10.233.{stale}.2"
+        assert status == 200, body
+        assert code == 0, "\n".join(pod.lines[-20:])
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", veth], capture_output=True)
