@@ -121,10 +121,10 @@ impl Project {
                 continue;
             };
             // The host is pointed at the good builds through `BERTH_`
-            // variables, whose names carry no case.
-            if spec.name != spec.name.to_ascii_lowercase() {
+            // variables, whose names carry no case and nest at `__`.
+            if spec.name != spec.name.to_ascii_lowercase() || spec.name.contains("__") {
                 bail!(
-                    "modules.{}: berth dev needs module names in lower case",
+                    "modules.{}: berth dev needs module names in lower case, without `__`",
                     spec.name
                 );
             }
@@ -395,8 +395,16 @@ struct Shadow {
 }
 
 impl Shadow {
+    /// Starts empty: a good build of an earlier session need not match
+    /// the sources of this one, so every module is built before it serves.
     fn new(project: &Path) -> anyhow::Result<Shadow> {
         let dir = project.join(SHADOW_DIR);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot empty {}", dir.display()));
+            }
+            _ => {}
+        }
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(Shadow { dir })
@@ -909,6 +917,29 @@ route = "/plain"
         )
         .unwrap_err();
         assert!(err.to_string().contains("modules.a.build"), "{err:#}");
+        // Names an environment variable cannot carry to the host.
+        for name in ["Web", "a__b"] {
+            let err = project(
+                tmp.path(),
+                &format!("[modules.{name}]\nfile = \"a.wasm\"\nroute = \"/a\"\nbuild = \"make\"\nwatch = [\"src/**\"]\n"),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("without `__`"), "{name}: {err:#}");
+        }
+    }
+
+    #[test]
+    fn a_session_starts_with_no_good_build_of_an_earlier_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = project(tmp.path(), TWO).unwrap();
+        let old = tmp.path().join(SHADOW_DIR).join("api.wasm");
+        std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+        std::fs::write(&old, b"old").unwrap();
+        let shadow = Shadow::new(&p.dir).unwrap();
+        assert!(!shadow.has(&p.builds[0]));
+        std::fs::write(&p.builds[0].output, b"new").unwrap();
+        assert!(shadow.install(&p.builds[0]));
+        assert_eq!(std::fs::read(shadow.path(&p.builds[0])).unwrap(), b"new");
     }
 
     #[test]

@@ -28,14 +28,6 @@ struct Registry {
     config: PathBuf,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Registry {
     /// Anonymous, plain HTTP (listed in `insecure_registries`).
     fn anonymous() -> Registry {

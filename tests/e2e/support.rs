@@ -320,6 +320,24 @@ pub fn run_expecting_exit(config: &str, env: &[(&str, &str)]) -> Finished {
 }
 
 /// Runs `berth ARGS...` to completion.
+/// A free loopback port: bound, then let go, for a process that must be
+/// told its port in advance.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sends SIGTERM to a child process (it may have exited already).
+pub fn sigterm(child: &std::process::Child) {
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_child(child),
+        rustix::process::Signal::TERM,
+    );
+}
+
 pub fn run_cli(args: &[&str]) -> Finished {
     let out = Command::new(berth_bin()).args(args).output().unwrap();
     Finished {

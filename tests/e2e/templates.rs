@@ -249,16 +249,6 @@ fn new_refuses_bad_input_and_names_the_problem() {
     }
 }
 
-/// A free loopback port (bound and let go: `berth dev` prints the URL of
-/// the port it is given).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `berth dev`, its output (its own lines and the host's) collected.
 struct Dev {
     child: std::process::Child,
@@ -323,10 +313,7 @@ impl Dev {
 
 impl Drop for Dev {
     fn drop(&mut self) {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_child(&self.child),
-            rustix::process::Signal::TERM,
-        );
+        sigterm(&self.child);
         let _ = self.child.wait();
     }
 }
@@ -466,11 +453,7 @@ fn dev_waits_for_a_first_build_keeps_the_last_good_load_and_drains() {
     assert_eq!(get(&url).body, "v2\n");
 
     // SIGTERM drains the host, as in a pod, and ends berth dev cleanly.
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&dev.child),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
+    sigterm(&dev.child);
     let status = dev.child.wait().unwrap();
     assert!(status.success(), "{status}\n{}", dev.text());
     dev.wait_for("shutdown complete", 1, Duration::from_secs(5));
@@ -508,11 +491,7 @@ fn a_signal_during_a_build_stops_berth_dev_and_the_whole_build() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&dev.child),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
+    sigterm(&dev.child);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = dev.child.try_wait().unwrap() {

@@ -56,6 +56,13 @@ def berth_binary() -> str | None:
 
 
 def build(tool: str, app: str, out: Path) -> subprocess.CompletedProcess[str]:
+    # From copies: componentize-py writes bytecode beside what it imports,
+    # and the SDK's folder is embedded into the host by host/build.rs (a
+    # new file there would rebuild the host).
+    src = out.parent / "src"
+    if not src.exists():
+        shutil.copytree(SDK / "berth", src / "berth")
+        shutil.copytree(COMPONENT, src / "component")
     return subprocess.run(
         [
             tool,
@@ -66,9 +73,9 @@ def build(tool: str, app: str, out: Path) -> subprocess.CompletedProcess[str]:
             "componentize",
             app,
             "-p",
-            str(COMPONENT),
+            str(src / "component"),
             "-p",
-            str(SDK),
+            str(src),
             "-o",
             str(out),
         ],
