@@ -262,8 +262,14 @@ def run(image, argv, env, mounts, user, read_only_root, netns=None, stdout=None)
     read-only) bind-mounted over it, as `user` (`uid[:gid]`). The returned
     process is the container's entrypoint itself, so signals reach it."""
     fs = image.rootfs
-    for _, target, _ in mounts:
-        os.makedirs(fs + target, exist_ok=True)
+    for source, target, _ in mounts:
+        if os.path.isfile(source):
+            # A file mounted over a file (the kubelet's /etc/hosts).
+            os.makedirs(os.path.dirname(fs + target), exist_ok=True)
+            if not os.path.exists(fs + target):
+                open(fs + target, "w").close()
+        else:
+            os.makedirs(fs + target, exist_ok=True)
     script = ["set -e", "mount --make-rprivate /", f"mount --bind {shlex.quote(fs)} {shlex.quote(fs)}"]
     for source, target, ro in mounts:
         t = shlex.quote(fs + target)

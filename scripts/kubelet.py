@@ -50,6 +50,9 @@ def service_link_env(services):
     and `_SERVICE_HOST`/`_SERVICE_PORT`)."""
     env = {}
     for svc in services:
+        # Headless Services have no address to link to: the kubelet skips them.
+        if svc["spec"].get("clusterIP") == "None":
+            continue
         name = svc["metadata"]["name"].upper().replace("-", "_")
         ip = svc["spec"].get("clusterIP") or "10.96.0.1"
         ports = svc["spec"].get("ports", [])
@@ -143,6 +146,8 @@ class Pod:
         self.host_ip = f"10.233.{self.index}.1"
         self.pod_ip = f"10.233.{self.index}.2"
         self.name = f"{self.deployment['metadata']['name']}-{self.index:05d}"
+        # Cluster DNS names this pod resolves (see `cluster_dns`).
+        self.dns = {}
         self.proc = None
         self.lines = []
         self.events = []
@@ -254,6 +259,9 @@ class Pod:
             ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{pod}/30", "dev", "eth0"],
             ["ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up"],
             ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
+            # Other pods are reached through the node, as on a real one
+            # (forwarding on: see `forwarding`).
+            ["ip", "netns", "exec", ns, "ip", "route", "add", "default", "via", host],
         ]
         for c in cmds:
             subprocess.run(c, check=True, capture_output=True)
@@ -272,12 +280,32 @@ class Pod:
         read_only = bool((self.container.get("securityContext") or {}).get("readOnlyRootFilesystem"))
         env = self.environment()
         mounts = self.volumes()
+        mounts += self._dns_files()
         self.log(f"kubelet: starting {argv} as {uid}:{gid}, read-only root {read_only}, pod IP {self.pod_ip}")
         self.started = time.time()
         self.proc = container.run(
             self.image, argv, env, mounts, f"{uid}:{gid}", read_only, netns=self.netns, stdout=subprocess.PIPE
         )
         threading.Thread(target=self._read_logs, daemon=True).start()
+
+    def _dns_files(self):
+        """The /etc/hosts the kubelet writes into every pod, with the cluster
+        DNS names this pod resolves. This runner has no DNS server: in its
+        stead the hosts file holds each name's addresses, and a host.conf
+        with `multi on` makes glibc answer with all of them, as cluster DNS
+        answers a headless Service's name."""
+        lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
+                 f"{self.pod_ip}\t{self.name}"]
+        for name, ips in sorted(self.dns.items()):
+            lines += [f"{ip}\t{name}" for ip in ips]
+        files = []
+        for name, text in [("hosts", "\n".join(lines) + "\n"), ("host.conf", "multi on\n")]:
+            path = os.path.join(self.workdir, f"etc-{name}")
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, 0o644)
+            files.append((path, f"/etc/{name}", True))
+        return files
 
     def _read_logs(self):
         for line in self.proc.stdout:
@@ -454,6 +482,48 @@ class Pod:
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
         subprocess.run(["ip", "link", "del", getattr(self, "veth", "")], capture_output=True)
         shutil.rmtree(os.path.join(self.workdir, "volumes"), ignore_errors=True)
+
+
+def cluster_dns(pods):
+    """What cluster DNS answers for the headless Services rendered with
+    `pods`: `NAME.NS.svc` (and `.cluster.local`) to the address of every pod
+    whose labels the Service selects. Only Services that publish not-ready
+    addresses are emulated, since this runner does not track endpoints'
+    readiness. Sets each pod's `dns` and returns the names."""
+    names = {}
+    for pod in pods:
+        for svc in (d for d in pod.docs if d["kind"] == "Service"):
+            spec = svc["spec"]
+            if spec.get("clusterIP") != "None" or not spec.get("publishNotReadyAddresses"):
+                continue
+            name = f"{svc['metadata']['name']}.{pod.namespace}.svc"
+            names.setdefault(name, [])
+            names.setdefault(name + ".cluster.local", [])
+            for other in pods:
+                labels = other.deployment["spec"]["template"]["metadata"]["labels"]
+                selected = all(labels.get(k) == v for k, v in spec["selector"].items())
+                if selected and other.namespace == pod.namespace and other.pod_ip not in names[name]:
+                    names[name].append(other.pod_ip)
+                    names[name + ".cluster.local"].append(other.pod_ip)
+    for pod in pods:
+        pod.dns = names
+    return names
+
+
+@contextlib.contextmanager
+def forwarding():
+    """IPv4 forwarding on this node while pods talk to each other, as it
+    is on every Kubernetes node; the previous setting afterwards."""
+    path = "/proc/sys/net/ipv4/ip_forward"
+    with open(path) as f:
+        before = f.read().strip()
+    with open(path, "w") as f:
+        f.write("1")
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(before)
 
 
 def _routed(block):

@@ -11,6 +11,7 @@
 //! | `GET /metrics` | Prometheus text format                                     |
 //! | `POST /admin/reload` | re-read config and modules now; JSON report (422 if something failed) |
 //! | `POST /admin/canary/NAME/ACTION` | `promote`, `abort`, `pause` or `resume` a module's canary; JSON state (404 no canary, 409 already ended) |
+//! | `POST /admin/...?pods=all` | the same action on every pod `admin.peers` names; each pod's answer (see [`fanout`]) |
 //!
 //! Probes, `/info` and `/metrics` are read-only and open, for the kubelet
 //! and Prometheus. Endpoints that change state (`POST /admin/...`) need
@@ -33,6 +34,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod fanout;
 mod status;
 
 use crate::canary::Action;
@@ -251,6 +253,8 @@ pub struct AdminState {
     pub auth: AdminAuth,
     /// What `/healthz` checks.
     pub liveness: Liveness,
+    /// `admin.peers`: every pod's admin port, for `?pods=all`.
+    pub peers: Option<String>,
 }
 
 /// Starts serving the admin endpoints on `listener` in a thread of its own.
@@ -332,6 +336,12 @@ async fn route(
     {
         return refused;
     }
+    if req.method() == Method::POST
+        && req.uri().path().starts_with("/admin/")
+        && let Some(query) = req.uri().query()
+    {
+        return every_pod(state, req, query).await;
+    }
     if let Some(rest) = req.uri().path().strip_prefix("/admin/canary/") {
         return match *req.method() {
             Method::POST => canary(state, rest),
@@ -387,6 +397,32 @@ async fn reload(handle: &ReloadHandle) -> Response<Full<Bytes>> {
         }
         None => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
     }
+}
+
+/// `POST /admin/...?pods=all`: the action on every pod (see [`fanout`]).
+async fn every_pod(
+    state: &AdminState,
+    req: &Request<Incoming>,
+    query: &str,
+) -> Response<Full<Bytes>> {
+    if query != "pods=all" {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "the one query an admin action takes is ?pods=all\n",
+        );
+    }
+    let Some(peers) = &state.peers else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "?pods=all needs admin.peers (HOST:PORT of every pod's admin port; the chart sets it)\n",
+        );
+    };
+    let authorization = req.headers().get(header::AUTHORIZATION);
+    let (status, body) =
+        fanout::fan_out(peers, req.method(), req.uri().path(), authorization).await;
+    let mut resp = json_response(&body);
+    *resp.status_mut() = status;
+    resp
 }
 
 /// `POST /admin/canary/NAME/{promote,abort,pause,resume}`.
@@ -561,6 +597,7 @@ mod tests {
                 heartbeat: Heartbeat::default(),
                 stall_timeout: Duration::from_secs(10),
             },
+            peers: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -675,6 +712,32 @@ mod tests {
                 .unwrap()
                 .starts_with("text/plain")
         );
+    }
+
+    #[tokio::test]
+    async fn pods_all_needs_the_token_admin_peers_and_no_other_query() {
+        let (url, _state, _requests) = admin(AdminAuth::Token(TOKEN.into())).await;
+        let bearer = format!("Bearer {TOKEN}");
+        let abort = format!("{url}/admin/canary/a/abort");
+        // The token first: nothing is sent on for a caller without it.
+        let refused = send(Method::POST, &format!("{abort}?pods=all"), &[]).await;
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+        let unset = send(
+            Method::POST,
+            &format!("{abort}?pods=all"),
+            &[("authorization", &bearer)],
+        )
+        .await;
+        assert_eq!(unset.status, StatusCode::BAD_REQUEST);
+        assert!(unset.body.contains("admin.peers"), "{}", unset.body);
+        let other = send(
+            Method::POST,
+            &format!("{abort}?pods=some"),
+            &[("authorization", &bearer)],
+        )
+        .await;
+        assert_eq!(other.status, StatusCode::BAD_REQUEST);
+        assert!(other.body.contains("?pods=all"), "{}", other.body);
     }
 
     #[test]

@@ -161,6 +161,7 @@ fn admin_state(
             heartbeat,
             stall_timeout: config.admin.stall_timeout,
         },
+        peers: config.admin.peers.clone(),
     };
     (state, beating)
 }

@@ -48,6 +48,23 @@ def find(docs, kind, suffix=""):
     return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix))
 
 
+def traffic_service(docs):
+    """The Service clients use (not the headless one that names the pods)."""
+    return next(d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") != "None")
+
+
+def test_the_pods_service_names_every_pod_of_the_track_for_admin_peers():
+    docs = render("--set", "track=green")
+    pods = find(docs, "Service", "-green-pods")
+    assert pods["spec"]["clusterIP"] == "None" and pods["spec"]["publishNotReadyAddresses"] is True
+    labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert all(labels[k] == v for k, v in pods["spec"]["selector"].items())
+    assert pods["spec"]["selector"]["track"] == "green"
+    assert pods["spec"]["ports"] == [{"name": "admin", "port": 9090, "targetPort": "admin", "protocol": "TCP"}]
+    config = tomllib.loads(find(docs, "ConfigMap", "-config")["data"]["berth.toml"])
+    assert config["admin"]["peers"] == f"{pods['metadata']['name']}.shop.svc:9090"
+
+
 @pytest.mark.parametrize("values", [None] + ENVS)
 def test_lint_strict(values):
     args = ["-f", os.path.join(CHART, values)] if values else []
@@ -196,7 +213,7 @@ def test_deployment_is_hardened_and_shutdown_is_consistent():
 def test_blue_green_by_track():
     docs = render("--set", "track=green", "--set", "service.track=blue")
     assert find(docs, "Deployment")["metadata"]["name"].endswith("-green")
-    assert find(docs, "Service")["spec"]["selector"]["track"] == "blue"
+    assert traffic_service(docs)["spec"]["selector"]["track"] == "blue"
 
 
 def selects(selector, labels):
@@ -274,7 +291,7 @@ def test_blue_green_switch_as_documented_moves_traffic_to_the_green_pods_only():
     assert tests == [("shop-green", {"shop-green"}), ("shop", {"shop-green"})], tests
     blue, green = pod_labels(releases["shop"]), pod_labels(releases["shop-green"])
     assert blue["track"] == "blue" and green["track"] == "green"
-    selector = find(releases["shop"], "Service")["spec"]["selector"]
+    selector = traffic_service(releases["shop"])["spec"]["selector"]
     assert selects(selector, green) and not selects(selector, blue), selector
     assert not selects(selector, pod_labels(payments)), selector
     # Each Deployment's own selector: its pods, not the other release's.
@@ -285,7 +302,7 @@ def test_blue_green_switch_as_documented_moves_traffic_to_the_green_pods_only():
     switch = next(c for c in documented_commands("## Blue/green") if "service.track=green" in c)
     _, args = helm_as_documented(switch)
     rolled_back = render(*[a.replace("=green", "=blue") for a in args], release="shop")
-    selector = find(rolled_back, "Service")["spec"]["selector"]
+    selector = traffic_service(rolled_back)["spec"]["selector"]
     assert selects(selector, blue) and not selects(selector, green), selector
 
 
@@ -635,9 +652,9 @@ def serve_rendered(tmp_path, values, path, want, check_info=None, env=None):
 
 
 def test_the_service_port_can_declare_h2c_for_grpc_through_a_mesh():
-    port = find(render(), "Service")["spec"]["ports"][0]
+    port = traffic_service(render())["spec"]["ports"][0]
     assert "appProtocol" not in port, port
-    port = find(render("--set", "service.appProtocol=kubernetes.io/h2c"), "Service")["spec"]["ports"][0]
+    port = traffic_service(render("--set", "service.appProtocol=kubernetes.io/h2c"))["spec"]["ports"][0]
     assert port["appProtocol"] == "kubernetes.io/h2c"
     bad = run(HELM, "template", "rel", CHART, "--set", "service.appProtocol=grpc", check=False)
     assert bad.returncode != 0 and "appProtocol" in bad.stderr, bad.stderr

@@ -167,7 +167,7 @@ def test_configmap_volumes_use_the_atomic_writer_layout(tmp_path):
 
 def test_the_admin_port_is_not_published_and_admin_writes_need_the_token(image, tmp_path):
     docs = render("berth", "--set", "admin.token=from-values")
-    svc = next(d for d in docs if d["kind"] == "Service")
+    svc = next(d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") != "None")
     assert [p["name"] for p in svc["spec"]["ports"]] == ["http"]
     with ready_pod(docs, image, tmp_path) as pod:
         url = f"http://{pod.pod_ip}:9090/admin/reload"
@@ -269,3 +269,74 @@ def test_a_pod_never_takes_an_address_block_a_killed_run_left_routed(image, tmp_
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", veth], capture_output=True)
+
+
+def post(url, token=None, timeout=90):
+    req = urllib.request.Request(url, method="POST")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, body = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read().decode()
+    with contextlib.suppress(ValueError):
+        body = json.loads(body)
+    return status, body
+
+
+def test_a_canary_aborted_with_pods_all_on_one_pod_ends_on_every_pod(image, tmp_path):
+    """docs/deploy.md, "Operator actions": one request to one pod, with
+    `?pods=all`, reaches every pod of the release through the chart's
+    headless Service (admin.peers). Two pods of the Deployment, each in its
+    own network namespace; cluster DNS answers the Service's name with both
+    addresses, and the NetworkPolicy admits the pods to each other's admin
+    port."""
+    docs = render(
+        "shop", "--set", "admin.token=fleet-token", "--set", "networkPolicy.enabled=true",
+        "--set", "modules.hello.canary.file=api.wasm", "--set", "modules.hello.canary.steps={50,100}",
+        "--set", "modules.hello.canary.interval=10m",
+    )
+    # The admin port admits the release's own pods.
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    labels = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["metadata"]["labels"]
+    admin_rule = next(r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "admin")
+    assert any(
+        "podSelector" in f and all(labels.get(k) == v for k, v in f["podSelector"]["matchLabels"].items())
+        for f in admin_rule["from"]
+    ), admin_rule
+    pods = [kubelet.Pod(docs, image, tempfile.mkdtemp(dir=tmp_path), namespace="shop") for _ in range(2)]
+    names = kubelet.cluster_dns(pods)
+    assert sorted(names["shop-berth-blue-pods.shop.svc"]) == sorted(p.pod_ip for p in pods), names
+    with kubelet.forwarding():
+        try:
+            for pod in pods:
+                pod.start()
+            for pod in pods:
+                pod.wait_started()
+                pod.wait_ready(60)
+            first = f"http://{pods[0].pod_ip}:9090/admin/canary/hello/abort?pods=all"
+            # The token is checked before anything is sent on.
+            assert post(first, "wrong")[0] == 401
+            status, body = post(first, "fleet-token")
+            assert status == 200, body
+            assert sorted(a["pod"] for a in body["pods"]) == sorted(f"{p.pod_ip}:9090" for p in pods), body
+            assert all(a["status"] == 200 and a["answer"]["state"] == "rolled_back" for a in body["pods"]), body
+            for pod in pods:
+                info = json.loads(get(f"http://{pod.pod_ip}:9090/info")[1])
+                hello = next(m for m in info["modules"] if m["name"] == "hello")
+                assert hello["canary"]["state"] == "rolled_back", hello
+            # Again: each pod's canary has ended, which is no failure.
+            status, body = post(first, "fleet-token")
+            assert status == 200 and body["failed"] == 0, body
+            assert all(a["status"] == 409 for a in body["pods"]), body
+            # A pod gone: its address fails the action, the other still acts.
+            pods[1].proc.kill()
+            pods[1].proc.wait()
+            status, body = post(f"http://{pods[0].pod_ip}:9090/admin/reload?pods=all", "fleet-token")
+            assert status == 502 and body["failed"] == 1, body
+            gone = next(a for a in body["pods"] if a["pod"].startswith(pods[1].pod_ip))
+            assert gone["error"].startswith("cannot connect"), gone
+        finally:
+            for pod in pods:
+                pod.cleanup()

@@ -45,6 +45,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end }}
 
+{{/* The headless Service naming every pod of this release's track. */}}
+{{- define "berth.podsService" -}}
+{{- printf "%s-%s-pods" (include "berth.fullname" .) .Values.track | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{/* The Secret holding the admin token, if any. */}}
 {{- define "berth.adminTokenSecret" -}}
 {{- if .Values.admin.tokenSecret -}}
@@ -146,6 +151,7 @@ Deployment) give the credentials, the CA Secret the extra roots. */ -}}
 {{- if .Values.registry.caSecret }}{{ $_ := set $registry "ca_file" "/var/run/secrets/berth/registry-ca/ca.crt" }}{{ end -}}
 {{- $admin := dict "listen" (printf "0.0.0.0:%d" (int .Values.admin.port)) -}}
 {{- if include "berth.adminTokenSecret" . }}{{ $_ := set $admin "token_file" "/var/run/secrets/berth/token" }}{{ end -}}
+{{- $_ := set $admin "peers" (printf "%s.%s.svc:%d" (include "berth.podsService" .) .Release.Namespace (int .Values.admin.port)) -}}
 {{- $cfg := dict
   "server" (dict "listen" (printf "0.0.0.0:%d" (int .Values.server.port)))
   "admin" $admin

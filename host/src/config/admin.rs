@@ -27,6 +27,11 @@ pub struct AdminConfig {
     /// heartbeat, or a write of the log writer) before `/healthz` fails.
     #[serde(with = "humantime_serde")]
     pub stall_timeout: Duration,
+    /// `HOST:PORT` naming the admin port of every pod of this Deployment:
+    /// the chart's headless Service, which cluster DNS answers with each
+    /// pod's address. With it, `?pods=all` on an admin action repeats the
+    /// action on every pod. Resolved at each use, so it follows scaling.
+    pub peers: Option<String>,
 }
 
 impl Default for AdminConfig {
@@ -36,6 +41,7 @@ impl Default for AdminConfig {
             token: None,
             token_file: None,
             stall_timeout: Duration::from_secs(10),
+            peers: None,
         }
     }
 }
@@ -50,6 +56,73 @@ impl AdminConfig {
         if self.stall_timeout < Duration::from_secs(1) {
             return Err(rejected("admin.stall_timeout", "must be at least 1s"));
         }
+        if let Some(peers) = &self.peers {
+            check_peers(peers)?;
+        }
         Ok(())
+    }
+}
+
+/// `admin.peers` is a name (or address) and a port, as a socket address
+/// resolver takes it: `shop-berth-blue-pods.shop.svc:9090`.
+fn check_peers(peers: &str) -> Result<(), ConfigError> {
+    let Some((host, port)) = peers.rsplit_once(':') else {
+        return Err(rejected("admin.peers", "must be HOST:PORT"));
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && (host.parse::<std::net::IpAddr>().is_ok()
+            || host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            }));
+    if !host_ok {
+        return Err(rejected(
+            "admin.peers",
+            "must be HOST:PORT with a DNS name or an IP address",
+        ));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(rejected(
+            "admin.peers",
+            "must end in a port from 1 to 65535",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_peers;
+
+    #[test]
+    fn peers_are_a_name_or_an_address_and_a_port() {
+        for ok in [
+            "shop-berth-blue-pods.shop.svc:9090",
+            "10.0.0.1:9090",
+            "[::1]:9090",
+            "localhost:1",
+        ] {
+            assert!(check_peers(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "shop:0",
+            "shop",
+            ":9090",
+            "shop:99999",
+            "a b:1",
+            "http://shop:9090",
+            "a..b:1",
+            "shop:9090/x",
+        ] {
+            let err = check_peers(bad).unwrap_err().to_string();
+            assert!(err.contains("admin.peers"), "{bad}: {err}");
+        }
     }
 }

@@ -1,0 +1,212 @@
+//! `?pods=all`: one admin action, repeated on every pod of the Deployment.
+//!
+//! Each pod runs its own canary and its own reload, and `kubectl
+//! port-forward` reaches one pod. With `admin.peers` naming the chart's
+//! headless Service, one request to any pod reaches them all: this pod
+//! resolves the name (cluster DNS answers with every pod's address, ready
+//! or not), sends the same request with the caller's bearer token to each
+//! address, itself included, and gathers what each pod answered. Every pod
+//! checks the token and acts for itself, as if it had been called alone.
+//!
+//! The name comes from the operator's config, never from the request, so a
+//! caller cannot send the token anywhere else; the requests sent carry no
+//! query, so they never fan out again.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http::{HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+
+/// More addresses than this is not a Deployment's pods.
+const MAX_PODS: usize = 256;
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A reload answers once the changed modules compiled, which takes a
+/// while for a large one.
+const POD_TIMEOUT: Duration = Duration::from_secs(60);
+/// A pod's answer is a small JSON document; more is cut off as an error.
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// Sends `method path` to every address `peers` resolves to and answers
+/// with each pod's status and body: 200 when every pod answered with a 2xx
+/// or a 409 (already ended: the end state holds), 502 otherwise.
+pub(super) async fn fan_out(
+    peers: &str,
+    method: &Method,
+    path: &str,
+    authorization: Option<&HeaderValue>,
+) -> (StatusCode, Value) {
+    let pods = match resolve(peers).await {
+        Ok(pods) => pods,
+        Err(error) => {
+            tracing::error!(
+                peers,
+                error = error.as_str(),
+                "admin fan-out: no pods to ask"
+            );
+            return (
+                StatusCode::BAD_GATEWAY,
+                json!({ "error": error, "peers": peers }),
+            );
+        }
+    };
+    let answers = join_all(pods.iter().map(|&pod| async move {
+        let asked = tokio::time::timeout(POD_TIMEOUT, ask(pod, method, path, authorization));
+        match asked.await {
+            Ok(Ok((status, body))) => json!({
+                "pod": pod.to_string(),
+                "status": status.as_u16(),
+                "answer": answer(&body),
+            }),
+            Ok(Err(error)) => json!({ "pod": pod.to_string(), "error": error }),
+            Err(_) => json!({
+                "pod": pod.to_string(),
+                "error": format!("no answer within {}s", POD_TIMEOUT.as_secs()),
+            }),
+        }
+    }))
+    .await;
+    let failed = answers
+        .iter()
+        .filter(|a| {
+            let status = a["status"].as_u64().unwrap_or(0);
+            !((200..300).contains(&status) || status == 409)
+        })
+        .count();
+    tracing::info!(
+        peers,
+        path,
+        pods = answers.len(),
+        failed,
+        "admin action repeated on every pod"
+    );
+    let status = if failed == 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    (status, json!({ "pods": answers, "failed": failed }))
+}
+
+/// The pods' admin addresses, each once, in a stable order.
+async fn resolve(peers: &str) -> Result<BTreeSet<SocketAddr>, String> {
+    let found = match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(peers)).await {
+        Ok(Ok(found)) => found.collect::<BTreeSet<_>>(),
+        Ok(Err(e)) => return Err(format!("cannot resolve admin.peers {peers}: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "cannot resolve admin.peers {peers}: no answer within {}s",
+                RESOLVE_TIMEOUT.as_secs()
+            ));
+        }
+    };
+    if found.is_empty() {
+        return Err(format!("admin.peers {peers} resolves to no address"));
+    }
+    if found.len() > MAX_PODS {
+        return Err(format!(
+            "admin.peers {peers} resolves to {} addresses, more than the {MAX_PODS} pods one action reaches",
+            found.len()
+        ));
+    }
+    Ok(found)
+}
+
+/// One pod's answer to the request, over a connection of its own.
+async fn ask(
+    pod: SocketAddr,
+    method: &Method,
+    path: &str,
+    authorization: Option<&HeaderValue>,
+) -> Result<(StatusCode, Bytes), String> {
+    let stream = TcpStream::connect(pod)
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("cannot speak HTTP: {e}"))?;
+    let _conn = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
+    let mut req = Request::builder()
+        .method(method.clone())
+        .uri(path)
+        .header(header::HOST, pod.to_string());
+    if let Some(authorization) = authorization {
+        req = req.header(header::AUTHORIZATION, authorization.clone());
+    }
+    let req = req
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("cannot build the request: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("no answer: {e}"))?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), MAX_ANSWER)
+        .collect()
+        .await
+        .map_err(|e| format!("answer unread: {e} (at most {MAX_ANSWER} bytes)"))?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// A pod's body as the JSON it is, or as text.
+fn answer(body: &[u8]) -> Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).trim_end().to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unresolvable_or_empty_name_is_named_in_the_error() {
+        let (status, body) = fan_out(
+            "no-such-host.invalid:9090",
+            &Method::POST,
+            "/admin/reload",
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        let error = body["error"].as_str().unwrap();
+        assert!(
+            error.contains("admin.peers no-such-host.invalid:9090"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_refuses_the_connection_fails_the_action() {
+        // A port nobody listens on, found through the resolver.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let (status, body) = fan_out(
+            &format!("127.0.0.1:{port}"),
+            &Method::POST,
+            "/admin/reload",
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert_eq!(body["failed"], 1);
+        let error = body["pods"][0]["error"].as_str().unwrap();
+        assert!(error.starts_with("cannot connect"), "{error}");
+    }
+
+    #[test]
+    fn answers_are_json_when_they_are_json() {
+        assert_eq!(
+            answer(br#"{"state":"aborted"}"#),
+            json!({"state": "aborted"})
+        );
+        assert_eq!(answer(b"shutting down\n"), json!("shutting down"));
+    }
+}
