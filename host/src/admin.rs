@@ -273,6 +273,9 @@ pub fn spawn(listener: TcpListener, state: AdminState) -> anyhow::Result<AdminTh
                 let listener = TcpListener::from_std(listener).expect("admin listener");
                 serve(listener, Arc::new(state), token).await;
             });
+            // A name lookup of `?pods=all` still running in the blocking
+            // pool (cluster DNS down) must not hold up the process's exit.
+            rt.shutdown_background();
         })?;
     Ok(AdminThread {
         stop,

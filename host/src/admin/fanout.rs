@@ -34,8 +34,10 @@ const POD_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_ANSWER: usize = 64 * 1024;
 
 /// Sends `method path` to every address `peers` resolves to and answers
-/// with each pod's status and body: 200 when every pod answered with a 2xx
-/// or a 409 (already ended: the end state holds), 502 otherwise.
+/// with each pod's status and body: 200 when every pod answered with a 2xx,
+/// or with a 409 whose state is the one asked for (a canary aborted there
+/// already), and 502 otherwise: a 409 saying `promoted` to an abort is a
+/// pod serving what the operator wanted out.
 pub(super) async fn fan_out(
     peers: &str,
     method: &Method,
@@ -72,11 +74,23 @@ pub(super) async fn fan_out(
         }
     }))
     .await;
+    let wanted = wanted_state(path);
     let failed = answers
         .iter()
         .filter(|a| {
             let status = a["status"].as_u64().unwrap_or(0);
-            !((200..300).contains(&status) || status == 409)
+            let done = (200..300).contains(&status)
+                || (status == 409 && wanted.is_some() && a["answer"]["state"].as_str() == wanted);
+            if !done {
+                tracing::warn!(
+                    pod = a["pod"].as_str(),
+                    path,
+                    status,
+                    error = a["error"].as_str().or(a["answer"]["error"].as_str()),
+                    "admin action failed on a pod"
+                );
+            }
+            !done
         })
         .count();
     tracing::info!(
@@ -92,6 +106,19 @@ pub(super) async fn fan_out(
         StatusCode::BAD_GATEWAY
     };
     (status, json!({ "pods": answers, "failed": failed }))
+}
+
+/// The state a canary action leaves a canary in: a pod whose canary is
+/// already there has nothing left to do.
+fn wanted_state(path: &str) -> Option<&'static str> {
+    let action = path.strip_prefix("/admin/canary/")?.rsplit_once('/')?.1;
+    Some(match action {
+        "abort" => "rolled_back",
+        "promote" => "promoted",
+        "pause" => "paused",
+        "resume" => "progressing",
+        _ => return None,
+    })
 }
 
 /// The pods' admin addresses, each once, in a stable order.
@@ -199,6 +226,70 @@ mod tests {
         assert_eq!(body["failed"], 1);
         let error = body["pods"][0]["error"].as_str().unwrap();
         assert!(error.starts_with("cannot connect"), "{error}");
+    }
+
+    /// A pod on a free loopback port that answers every request with 409
+    /// and `body`.
+    async fn pod_answering_409(body: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = stream.read(&mut buf).await.unwrap();
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let answer = format!(
+                    "HTTP/1.1 409 Conflict\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                stream.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_abort_that_meets_a_promoted_canary_fails_and_one_already_rolled_back_does_not() {
+        let promoted =
+            pod_answering_409(r#"{"error":"already promoted","state":"promoted"}"#).await;
+        let (status, body) = fan_out(&promoted, &Method::POST, "/admin/canary/a/abort", None).await;
+        assert_eq!(
+            (status, body["failed"].as_u64()),
+            (StatusCode::BAD_GATEWAY, Some(1)),
+            "{body}"
+        );
+        let rolled_back =
+            pod_answering_409(r#"{"error":"already rolled_back","state":"rolled_back"}"#).await;
+        let (status, body) =
+            fan_out(&rolled_back, &Method::POST, "/admin/canary/a/abort", None).await;
+        assert_eq!(
+            (status, body["failed"].as_u64()),
+            (StatusCode::OK, Some(0)),
+            "{body}"
+        );
+        // A reload knows no such state: its 409 is a failure.
+        let (status, _) = fan_out(&rolled_back, &Method::POST, "/admin/reload", None).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+    }
+
+    #[test]
+    fn a_conflict_is_done_only_in_the_state_asked_for() {
+        assert_eq!(
+            wanted_state("/admin/canary/orders/abort"),
+            Some("rolled_back")
+        );
+        assert_eq!(
+            wanted_state("/admin/canary/orders/promote"),
+            Some("promoted")
+        );
+        assert_eq!(wanted_state("/admin/canary/a/pause"), Some("paused"));
+        assert_eq!(wanted_state("/admin/canary/a/resume"), Some("progressing"));
+        assert_eq!(wanted_state("/admin/reload"), None);
+        assert_eq!(wanted_state("/admin/canary/a/explode"), None);
     }
 
     #[test]
