@@ -25,7 +25,9 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::config::{CanaryConfig, CanarySpec, Track};
 use crate::metrics::Metrics;
-use crate::runtime::Module;
+use crate::runtime::{Module, version_label};
+
+pub mod fleet;
 
 /// Judgements kept for `/info`; a canary that waits for traffic for days
 /// must not grow without bound.
@@ -143,6 +145,21 @@ pub struct Figures {
     pub refused: u64,
 }
 
+impl Figures {
+    /// Figures of these counts, with the success rate they give.
+    pub fn of(requests: u64, errors: u64, p99_ms: Option<f64>, refused: u64) -> Figures {
+        let errors = errors.min(requests);
+        Figures {
+            requests,
+            errors,
+            success_rate: (requests > 0)
+                .then(|| 100.0 * (requests - errors) as f64 / requests as f64),
+            p99_ms,
+            refused,
+        }
+    }
+}
+
 /// A judgement, or an operator's action.
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
@@ -153,7 +170,9 @@ pub struct Entry {
     /// The canary's weight during that window, in percent.
     pub weight: u8,
     /// `pass`, `fail`, `wait`, `promoted`, `rolled_back`, `paused` or
-    /// `resumed`.
+    /// `resumed`; with fleet analysis also `joined` (the fleet's step taken
+    /// up), `followed` (a step the fleet reached first) and `unavailable`
+    /// (Prometheus did not answer: the canary holds).
     pub result: &'static str,
     /// Why: the threshold missed, the measured values, or who acted.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -164,6 +183,10 @@ pub struct Entry {
     /// The canary's figures in the window (judgements only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub canary: Option<Figures>,
+    /// The wall-clock window judged, with fleet analysis: every replica's
+    /// judgement of it saw the same figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<fleet::Window>,
 }
 
 /// What a canary looks like now, for `/info`.
@@ -190,7 +213,34 @@ pub struct Snapshot {
     pub window: WindowFigures,
     /// Judgements and actions, oldest first (the most recent 64).
     pub history: Vec<Entry>,
+    /// Fleet analysis: where the figures come from and whether they do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<AnalysisView>,
 }
+
+/// What `/info` shows of a canary's fleet analysis.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnalysisView {
+    /// The Prometheus server asked.
+    pub prometheus: String,
+    /// `joining` (the fleet's record not read yet: no canary traffic
+    /// here), `ok`, or `unavailable` (holding; rolls back after
+    /// `rollback_after_unavailable`).
+    pub status: &'static str,
+    /// Why the last query failed, while it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Since when it fails (Unix milliseconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable_since_ms: Option<u64>,
+    /// The queries of a window (evaluated at its end) and of the record.
+    pub queries: Vec<String>,
+    /// The labels that name this canary in the fleet's record.
+    pub record: BTreeMapLabels,
+}
+
+/// Label names and values, in order.
+pub type BTreeMapLabels = std::collections::BTreeMap<&'static str, String>;
 
 /// The figures of both versions in one window.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -333,6 +383,11 @@ struct Progress {
     failures: u32,
     reason: Option<String>,
     history: VecDeque<Entry>,
+    /// Fleet analysis: the fleet's record has been read once.
+    joined: bool,
+    /// Fleet analysis: since when (Unix ms, and as an instant) and why
+    /// Prometheus fails to answer.
+    unavailable: Option<(u64, std::time::Instant, String)>,
 }
 
 /// A module's canary: its version, its weight, its windows and its state.
@@ -352,18 +407,49 @@ pub struct Canary {
     wake: Notify,
     metrics: Arc<Metrics>,
     finished: mpsc::UnboundedSender<Arc<Canary>>,
+    /// Fleet-wide analysis, when the policy asks for it.
+    fleet: Option<fleet::Fleet>,
+}
+
+impl Drop for Canary {
+    /// A canary replaced or removed leaves no record series behind.
+    fn drop(&mut self) {
+        if let Some(fleet) = &self.fleet {
+            let labels = fleet.identity().values();
+            let _ = self.metrics.canary_fleet_state.remove_label_values(&labels);
+            let _ = self.metrics.canary_fleet_step.remove_label_values(&labels);
+        }
+    }
 }
 
 impl Canary {
-    /// A canary at its first step. `finished` hears of it once it is
-    /// promoted or rolled back.
+    /// A canary at its first step, against the stable version of digest
+    /// `stable`. `finished` hears of it once it is promoted or rolled back.
+    /// With fleet analysis it serves nothing until it has read the fleet's
+    /// record, and then joins the fleet's step.
     pub fn new(
         module: Arc<Module>,
         spec: CanarySpec,
+        stable: &str,
         metrics: Arc<Metrics>,
         finished: mpsc::UnboundedSender<Arc<Canary>>,
     ) -> Arc<Self> {
-        let first = spec.policy.steps[0];
+        let fleet = spec.policy.analysis.clone().map(|analysis| {
+            use sha2::{Digest, Sha256};
+            let settings = serde_json::to_vec(&*spec.policy).unwrap_or_default();
+            let identity = fleet::Identity {
+                module: module.name.to_string(),
+                stable: version_label(stable).to_owned(),
+                canary: version_label(&module.sha256).to_owned(),
+                spec: hex::encode(&Sha256::digest(settings)[..4]),
+            };
+            fleet::Fleet::new(analysis, spec.policy.interval, identity)
+        });
+        let first = if fleet.is_some() {
+            0
+        } else {
+            spec.policy.steps[0]
+        };
         let canary = Arc::new(Canary {
             module,
             weight: AtomicU8::new(first),
@@ -375,13 +461,16 @@ impl Canary {
                 failures: 0,
                 reason: None,
                 history: VecDeque::new(),
+                joined: false,
+                unavailable: None,
             }),
             wake: Notify::new(),
             metrics,
             finished,
             spec,
+            fleet,
         });
-        canary.publish(State::Progressing, first);
+        canary.publish(State::Progressing, first, 0);
         // A counter born at 1 shows Prometheus no increase; made at 0 up
         // front, the first judgement of each kind does.
         for result in ["pass", "fail", "wait"] {
@@ -491,6 +580,31 @@ impl Canary {
             reason: p.reason.clone(),
             window: self.window(false),
             history: p.history.iter().cloned().collect(),
+            analysis: self.fleet.as_ref().map(|fleet| {
+                let id = fleet.identity();
+                AnalysisView {
+                    prometheus: fleet.analysis().prometheus.to_string(),
+                    status: match (&p.unavailable, p.joined) {
+                        (Some(_), _) => "unavailable",
+                        (None, false) => "joining",
+                        (None, true) => "ok",
+                    },
+                    error: p.unavailable.as_ref().map(|u| u.2.clone()),
+                    unavailable_since_ms: p.unavailable.as_ref().map(|u| u.0),
+                    queries: fleet
+                        .window_queries()
+                        .into_iter()
+                        .chain(fleet.record_queries())
+                        .collect(),
+                    record: [
+                        ("module", id.module.clone()),
+                        ("stable", id.stable.clone()),
+                        ("canary", id.canary.clone()),
+                        ("spec", id.spec.clone()),
+                    ]
+                    .into(),
+                }
+            }),
         }
     }
 
@@ -505,6 +619,9 @@ impl Canary {
     /// promoted or rolled back; holds while paused. Aborting the task
     /// (the module's canary is removed or replaced) stops it.
     pub async fn run(self: Arc<Self>) {
+        if self.fleet.is_some() {
+            return self.run_fleet().await;
+        }
         loop {
             match self.state() {
                 State::Progressing => {
@@ -528,6 +645,17 @@ impl Canary {
             return;
         }
         let figures = self.window(true);
+        self.conclude(p, figures, None);
+    }
+
+    /// Acts on the verdict of a window's figures: the next step, a
+    /// promotion, a failure (and a rollback after `max_failures`), or a wait.
+    fn conclude(
+        self: &Arc<Self>,
+        p: &mut Progress,
+        figures: WindowFigures,
+        window: Option<fleet::Window>,
+    ) {
         let policy = &self.spec.policy;
         let weight = self.weight();
         let verdict = judge(policy, &figures.stable, &figures.canary);
@@ -550,6 +678,7 @@ impl Canary {
                 reason: reason.clone(),
                 stable: Some(figures.stable),
                 canary: Some(figures.canary),
+                window,
             },
         );
         tracing::info!(
@@ -574,7 +703,7 @@ impl Canary {
                 match policy.steps.get(p.step) {
                     Some(&next) => {
                         self.weight.store(next, Ordering::Relaxed);
-                        self.publish(State::Progressing, next);
+                        self.publish(State::Progressing, next, p.step);
                         tracing::info!(
                             module = self.name(),
                             step = p.step,
@@ -595,6 +724,136 @@ impl Canary {
                     self.finish(p, State::RolledBack, why);
                 }
             }
+        }
+    }
+
+    /// The run task with fleet analysis: reads the fleet's record at once
+    /// (to join it), then at every window's due time reads the record and
+    /// judges the window on the fleet's figures. Paused, it still follows
+    /// the fleet's outcome; it judges nothing.
+    async fn run_fleet(self: Arc<Self>) {
+        let Some(fleet) = &self.fleet else { return };
+        let (interval, scrape) = (self.spec.policy.interval, fleet.analysis().scrape_interval);
+        self.tick(fleet, None).await;
+        let mut window = fleet::Window::judgeable(now_ms(), interval, scrape).next();
+        loop {
+            if self.state().is_final() {
+                return;
+            }
+            let wait = Duration::from_millis(window.due_ms(scrape).saturating_sub(now_ms()));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                // An operator acted: look at the state again.
+                _ = self.wake.notified() => continue,
+            }
+            self.tick(fleet, Some(window)).await;
+            // Behind (slow answers): the latest window, not every one missed.
+            let latest = fleet::Window::judgeable(now_ms(), interval, scrape);
+            window = if latest.end_ms > window.end_ms {
+                latest
+            } else {
+                window.next()
+            };
+        }
+    }
+
+    /// One look at the fleet: its record, then (progressing, and `window`
+    /// given) the window's figures; every decision under the lock.
+    async fn tick(self: &Arc<Self>, fleet: &fleet::Fleet, window: Option<fleet::Window>) {
+        let record = fleet.record().await;
+        let judged = match (&record, window) {
+            (Ok(_), Some(w)) if self.state() == State::Progressing => Some(fleet.judge(w).await),
+            _ => None,
+        };
+        let mut guard = self.progress.lock().unwrap();
+        let p = &mut *guard;
+        if p.state.is_final() {
+            return;
+        }
+        // This replica's own share since the last look, for /info only.
+        self.window(true);
+        let record = match record {
+            Ok(record) => record,
+            Err(why) => return self.unavailable(p, why),
+        };
+        if let Some((since, _, _)) = p.unavailable.take() {
+            tracing::info!(
+                module = self.name(),
+                unavailable_for_ms = now_ms().saturating_sub(since),
+                "canary analysis available again"
+            );
+        }
+        if record.state == Some(State::RolledBack.gauge()) {
+            return self.finish(
+                p,
+                State::RolledBack,
+                "rolled back by a replica of the fleet".into(),
+            );
+        }
+        if record.state == Some(State::Promoted.gauge()) {
+            return self.finish(
+                p,
+                State::Promoted,
+                "promoted by a replica of the fleet".into(),
+            );
+        }
+        let last = self.spec.policy.steps.len() - 1;
+        let step = record.step.unwrap_or(0).min(last);
+        if !p.joined || (step > p.step && p.state == State::Progressing) {
+            let result = if p.joined { "followed" } else { "joined" };
+            p.joined = true;
+            p.step = p.step.max(step);
+            p.failures = 0;
+            let weight = self.spec.policy.steps[p.step];
+            self.weight.store(weight, Ordering::Relaxed);
+            self.transition(p, result, Some(format!("the fleet is at step {step}")));
+            self.publish(p.state, weight, p.step);
+        } else {
+            // Re-exported each look: a record series removed by a replaced
+            // canary of the same identity comes back.
+            self.publish(p.state, self.weight(), p.step);
+        }
+        match judged {
+            Some(Ok(judged)) => {
+                let figures = WindowFigures {
+                    stable: judged.stable,
+                    canary: judged.canary,
+                };
+                self.conclude(p, figures, Some(judged.window));
+            }
+            Some(Err(why)) => self.unavailable(p, why),
+            None => {}
+        }
+    }
+
+    /// Prometheus did not answer: hold (no step, no verdict), say so, and
+    /// roll back once it has not answered for `rollback_after_unavailable`.
+    fn unavailable(self: &Arc<Self>, p: &mut Progress, why: String) {
+        let Some(fleet) = &self.fleet else { return };
+        let limit = fleet.analysis().rollback_after_unavailable;
+        let started = match &mut p.unavailable {
+            Some((_, started, error)) => {
+                *error = why.clone();
+                *started
+            }
+            None => {
+                tracing::warn!(
+                    module = self.name(),
+                    error = why.as_str(),
+                    "canary analysis unavailable: the canary holds"
+                );
+                let now = std::time::Instant::now();
+                p.unavailable = Some((now_ms(), now, why.clone()));
+                self.transition(p, "unavailable", Some(why.clone()));
+                now
+            }
+        };
+        if started.elapsed() >= limit {
+            let reason = format!(
+                "analysis unavailable for {}: {why}",
+                humantime::format_duration(limit)
+            );
+            self.finish(p, State::RolledBack, reason);
         }
     }
 
@@ -627,7 +886,7 @@ impl Canary {
                 }
                 (Action::Pause | Action::Resume, _) => return Err(refused()),
             }
-            self.publish(p.state, self.weight());
+            self.publish(p.state, self.weight(), p.step);
         }
         self.wake.notify_one();
         Ok(self.snapshot())
@@ -646,7 +905,7 @@ impl Canary {
             "rolled_back"
         };
         self.transition(p, result, Some(reason));
-        self.publish(state, weight);
+        self.publish(state, weight, p.step);
         let _ = self.finished.send(self.clone());
     }
 
@@ -679,12 +938,24 @@ impl Canary {
                 reason,
                 stable: None,
                 canary: None,
+                window: None,
             },
         );
     }
 
-    fn publish(&self, state: State, weight: u8) {
+    fn publish(&self, state: State, weight: u8, step: usize) {
         let name = self.name();
+        if let Some(fleet) = &self.fleet {
+            let labels = fleet.identity().values();
+            self.metrics
+                .canary_fleet_state
+                .with_label_values(&labels)
+                .set(state.gauge());
+            self.metrics
+                .canary_fleet_step
+                .with_label_values(&labels)
+                .set(step as i64);
+        }
         self.metrics
             .canary_weight
             .with_label_values(&[name])

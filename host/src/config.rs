@@ -29,7 +29,7 @@ mod values;
 pub use admin::AdminConfig;
 pub use allow::{AllowList, AllowRule, Specificity, default_port};
 pub use build::BuildFields;
-pub use canary::{CanaryConfig, Sticky};
+pub use canary::{Analysis, CanaryConfig, Sticky};
 pub use defaults::Defaults;
 pub use env::ignored_env_vars;
 pub use layers::Overrides;

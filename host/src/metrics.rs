@@ -76,6 +76,11 @@ pub struct Metrics {
     pub canary_weight: IntGaugeVec,
     /// A module's canary: 0 progressing, 1 paused, 2 promoted, 3 rolled back.
     pub canary_state: IntGaugeVec,
+    /// The same, labelled with both versions and the settings' hash: the
+    /// fleet's record that every replica of a fleet-analysed canary reads.
+    pub canary_fleet_state: IntGaugeVec,
+    /// The step a fleet-analysed canary is at, labelled as the state.
+    pub canary_fleet_step: IntGaugeVec,
     /// Canary judgements by module and result (pass, fail, wait).
     pub canary_judgements: IntCounterVec,
     /// Guest log lines dropped, by module and reason (`rate_limit`).
@@ -178,8 +183,9 @@ impl Metrics {
             shed: counter(
                 &r,
                 "berth_http_server_shed_requests_total",
-                "Requests refused with 503 because the module was at its concurrency limit.",
-                &["module"],
+                "Requests refused with 503 because the module was at its concurrency limit, by \
+                 module and version.",
+                &["module", "version"],
             ),
             instances_created: counter(
                 &r,
@@ -339,6 +345,19 @@ impl Metrics {
                 "State of a module's canary: 0 progressing, 1 paused, 2 promoted, 3 rolled back.",
                 &["module"],
             ),
+            canary_fleet_state: gauge(
+                &r,
+                "berth_canary_fleet_state",
+                "State of a canary with fleet analysis, by module, stable and canary version and \
+                 settings hash: 0 progressing, 1 paused, 2 promoted, 3 rolled back.",
+                &["module", "stable", "canary", "spec"],
+            ),
+            canary_fleet_step: gauge(
+                &r,
+                "berth_canary_fleet_step",
+                "Step (0-based) of a canary with fleet analysis, labelled as berth_canary_fleet_state.",
+                &["module", "stable", "canary", "spec"],
+            ),
             canary_judgements: counter(
                 &r,
                 "berth_canary_judgements_total",
@@ -457,7 +476,7 @@ impl Metrics {
             memory: self
                 .guest_failures
                 .with_label_values(&[module, "memory_limit"]),
-            shed: self.shed.with_label_values(&[module]),
+            shed: self.shed.with_label_values(&[module, version]),
             grpc: GrpcMetrics {
                 module: module.to_owned(),
                 handled: self.grpc_handled.clone(),

@@ -246,7 +246,8 @@ impl Modules {
         let mut report = ReloadReport::default();
         let mut started = HashMap::new();
         for (canary, (_, result)) in pending.into_iter().zip(results) {
-            if let Some(c) = modules.canary_loaded(canary, result, "start", &mut report) {
+            let stable = loaded.iter().find(|m| *m.name == *canary.module.name);
+            if let Some(c) = modules.canary_loaded(canary, stable, result, "start", &mut report) {
                 started.insert(c.module.name.to_string(), c);
             }
         }
@@ -422,7 +423,8 @@ impl Modules {
         let serving = self.reconcile(loaded, &current, &mut report, since);
         let mut canaries = kept;
         for (canary, (_, result)) in pending.into_iter().zip(canary_results) {
-            if let Some(c) = self.canary_loaded(canary, result, trigger, &mut report) {
+            let stable = serving.iter().find(|m| *m.name == *canary.module.name);
+            if let Some(c) = self.canary_loaded(canary, stable, result, trigger, &mut report) {
                 canaries.insert(c.module.name.to_string(), c);
             }
         }

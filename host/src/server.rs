@@ -697,7 +697,9 @@ mod tests {
         assert_eq!(shed.headers[http::header::RETRY_AFTER], "1");
         let text = String::from_utf8(metrics.render()).unwrap();
         assert!(
-            text.contains(r#"berth_http_server_shed_requests_total{module="m"} 1"#),
+            text.lines().any(|l| l
+                .starts_with(r#"berth_http_server_shed_requests_total{module="m",version="#)
+                && l.ends_with("} 1")),
             "{text}"
         );
         assert_eq!(slow.await.unwrap().status, 200);

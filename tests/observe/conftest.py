@@ -55,12 +55,12 @@ class Berth:
 
     TOKEN = "observe-test-token"
 
-    def __init__(self, config, env=None):
+    def __init__(self, config, env=None, admin_port=None):
         self.dir = tempfile.mkdtemp(prefix="berth-observe-")
         self.config = os.path.join(self.dir, "berth.toml")
         with open(self.config, "w") as f:
             f.write(config)
-        self.port, self.admin_port = free_port(), free_port()
+        self.port, self.admin_port = free_port(), admin_port or free_port()
         full_env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
         full_env.update(LOG_FORMAT="json", LOG_LEVEL="warn", BERTH_ADMIN__TOKEN=self.TOKEN, **(env or {}))
         self.log = open(os.path.join(self.dir, "berth.log"), "w")
@@ -123,14 +123,15 @@ class Load:
 class Prometheus:
     """A real Prometheus (Debian's) scraping `targets` every second, each
     target with its own `pod` label and `namespace="shop"`, as a
-    PodMonitor labels them."""
+    PodMonitor labels them (or by the `scrape_configs` given)."""
 
-    def __init__(self, targets, rules=None):
+    def __init__(self, targets, rules=None, scrape_configs=None, port=None):
         self.dir = tempfile.mkdtemp(prefix="prometheus-observe-")
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [],
-            "scrape_configs": [{
+            # Or jobs of the caller's own (`targets` then unused).
+            "scrape_configs": scrape_configs or [{
                 "job_name": "berth",
                 "static_configs": [
                     {"targets": [addr], "labels": {"namespace": "shop", "pod": pod}}
@@ -147,7 +148,7 @@ class Prometheus:
         path = os.path.join(self.dir, "prometheus.yml")
         with open(path, "w") as f:
             yaml.safe_dump(config, f)
-        port = free_port()
+        port = port or free_port()
         self.proc = subprocess.Popen(
             ["prometheus", f"--config.file={path}", f"--storage.tsdb.path={self.dir}/data",
              f"--web.listen-address=127.0.0.1:{port}"],

@@ -68,6 +68,121 @@ pub struct CanaryConfig {
     /// Send every request with the same key to the same version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sticky: Option<Sticky>,
+    /// Judge on the whole fleet's figures from Prometheus, so that every
+    /// replica reaches the same verdict; without it each replica judges
+    /// its own traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<Analysis>,
+}
+
+/// `[modules.NAME.canary.analysis]`: fleet-wide analysis. Every replica
+/// asks Prometheus the same questions about the same closed window of wall
+/// clock time, and reads the fleet's verdicts from the series the replicas
+/// export (`berth_canary_fleet_state`, `berth_canary_fleet_step`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Analysis {
+    /// The Prometheus server's base URL (`http://prometheus.monitoring:9090`).
+    pub prometheus: SourceUrl,
+    /// Label matchers (exact values) that select this fleet's series and no
+    /// other's: e.g. `{namespace = "shop", job = "shop/shop-berth"}`.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// How often Prometheus scrapes the pods. A window is judged two scrape
+    /// intervals after it closes, when every replica's last samples of it
+    /// are in.
+    #[serde(
+        default = "Analysis::default_scrape_interval",
+        with = "humantime_serde"
+    )]
+    pub scrape_interval: Duration,
+    /// A file holding a bearer token for Prometheus (read on every query).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token_file: Option<PathBuf>,
+    /// How long the canary holds while Prometheus cannot answer before it
+    /// rolls back.
+    #[serde(
+        default = "Analysis::default_unavailable_for",
+        with = "humantime_serde"
+    )]
+    pub rollback_after_unavailable: Duration,
+}
+
+impl Analysis {
+    fn default_scrape_interval() -> Duration {
+        Duration::from_secs(15)
+    }
+    fn default_unavailable_for() -> Duration {
+        Duration::from_secs(600)
+    }
+
+    /// Labels Berth sets itself, which a matcher must not override.
+    const OWN_LABELS: [&str; 9] = [
+        "module", "version", "status", "le", "track", "route", "stable", "canary", "spec",
+    ];
+
+    fn check(&self, key: &dyn Fn(&str) -> String, interval: Duration) -> Result<(), ConfigError> {
+        let url = &self.prometheus;
+        if !(url.starts_with("https://") || url.starts_with("http://"))
+            || url.parse::<http::Uri>().is_err()
+            || url.contains(['?', '#', '@'])
+        {
+            return Err(rejected(
+                key("analysis.prometheus"),
+                "an http:// or https:// base URL without credentials, query or fragment",
+            ));
+        }
+        if self.labels.len() > 16 {
+            return Err(rejected(key("analysis.labels"), "at most 16 labels"));
+        }
+        for (name, value) in &self.labels {
+            let valid = name.bytes().enumerate().all(|(i, b)| {
+                b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit())
+            });
+            if name.is_empty() || !valid || name.starts_with("__") {
+                return Err(rejected(
+                    key("analysis.labels"),
+                    format!("`{name}` is not a Prometheus label name"),
+                ));
+            }
+            if Self::OWN_LABELS.contains(&name.as_str()) {
+                return Err(rejected(
+                    key("analysis.labels"),
+                    format!("`{name}` is set by Berth's own queries"),
+                ));
+            }
+            if value.is_empty() || value.len() > 256 {
+                return Err(rejected(
+                    key("analysis.labels"),
+                    format!("the value of `{name}` must have 1 to 256 bytes"),
+                ));
+            }
+        }
+        if self.scrape_interval < Duration::from_millis(100) {
+            return Err(rejected(
+                key("analysis.scrape_interval"),
+                "must be at least 100ms",
+            ));
+        }
+        if interval < self.scrape_interval * 2 {
+            return Err(rejected(
+                key("interval"),
+                "must be at least two of analysis.scrape_interval: a window needs two scrapes",
+            ));
+        }
+        if self.rollback_after_unavailable < interval {
+            return Err(rejected(
+                key("analysis.rollback_after_unavailable"),
+                "must be at least the canary's interval",
+            ));
+        }
+        check_duration(
+            &key("analysis.rollback_after_unavailable"),
+            self.rollback_after_unavailable,
+            Duration::from_secs(7 * 24 * 3600),
+        )?;
+        Ok(())
+    }
 }
 
 impl CanaryConfig {
@@ -170,6 +285,9 @@ impl CanaryConfig {
                 key("min_requests"),
                 "must be at least 1: a canary is never promoted on no data",
             ));
+        }
+        if let Some(analysis) = &self.analysis {
+            analysis.check(key, self.interval)?;
         }
         if let Some(sticky) = &self.sticky {
             match (&sticky.header, &sticky.cookie) {

@@ -201,6 +201,7 @@ impl Modules {
     pub(super) fn canary_loaded(
         &self,
         spec: CanarySpec,
+        stable: Option<&Arc<Module>>,
         result: Result<Arc<Module>, LoadError>,
         trigger: &'static str,
         report: &mut ReloadReport,
@@ -210,7 +211,14 @@ impl Modules {
         match result {
             Ok(module) => {
                 self.canaries.set_error(&name, None);
-                let canary = Canary::new(module, spec, self.metrics.clone(), self.finished.clone());
+                let stable = stable.map_or("", |m| m.sha256.as_str());
+                let canary = Canary::new(
+                    module,
+                    spec,
+                    stable,
+                    self.metrics.clone(),
+                    self.finished.clone(),
+                );
                 let task = tokio::spawn(canary.clone().run());
                 self.runs
                     .lock()

@@ -1,0 +1,215 @@
+"""One canary verdict across replicas (`[modules.NAME.canary.analysis]`):
+three or four real berth processes with the same config, scraped by a real
+Prometheus (Debian's) as a PodMonitor would scrape pods, load spread over
+them, and every replica judging the fleet's figures. Each test ends with
+the whole fleet in one state.
+
+The module `cart` serves `swap_v1`; its canary is `swap_v2`, which answers
+`fail_percent` of its requests with 500 (config shared by both versions;
+v1 ignores it)."""
+import json
+import time
+
+import pytest
+
+from conftest import Berth, Load, Prometheus, free_port, http, wasm
+
+INTERVAL_MS = 4000
+SCRAPE_MS = 1000
+
+
+def config(prometheus_port, fail_percent, steps, unavailable="60s"):
+    return f"""
+[log]
+access_log = false
+
+[modules.cart]
+file = "{wasm('swap_v1')}"
+route = "/cart"
+config = {{ fail_percent = "{fail_percent}" }}
+
+[modules.cart.canary]
+file = "{wasm('swap_v2')}"
+steps = {json.dumps(steps)}
+interval = "{INTERVAL_MS}ms"
+min_requests = 5
+
+[modules.cart.canary.analysis]
+prometheus = "http://127.0.0.1:{prometheus_port}"
+scrape_interval = "{SCRAPE_MS}ms"
+labels = {{ namespace = "shop" }}
+rollback_after_unavailable = "{unavailable}"
+"""
+
+
+class Fleet:
+    """`count` replicas (and room for `spare` more, scraped from the start),
+    a Prometheus scraping them all, and load spread over the running ones."""
+
+    def __init__(self, count, fail_percent, steps, spare=0, unavailable="60s"):
+        self.prom_port = free_port()
+        self.admin_ports = [free_port() for _ in range(count + spare)]
+        self.text = config(self.prom_port, fail_percent, steps, unavailable)
+        self.replicas = []
+        self.prometheus = None
+        self.load = None
+        try:
+            for port in self.admin_ports[:count]:
+                self.replicas.append(Berth(self.text, admin_port=port).wait_ready())
+            self.prometheus = Prometheus(
+                {f"berth-{i}": f"127.0.0.1:{p}" for i, p in enumerate(self.admin_ports)}, port=self.prom_port
+            )
+            self.spread()
+        except BaseException:
+            self.stop()
+            raise
+
+    def add(self):
+        """Starts the next replica (a scale-up) and spreads load over it too."""
+        port = self.admin_ports[len(self.replicas)]
+        self.replicas.append(Berth(self.text, admin_port=port).wait_ready())
+        self.spread()
+        return self.replicas[-1]
+
+    def spread(self):
+        if self.load:
+            self.load.stop()
+        urls = [f"{b.url}/cart" for b in self.replicas]
+        self.load = Load([urls[i:] + urls[:i] for i in range(len(urls))], limit=240)
+
+    def canaries(self):
+        out = []
+        for b in self.replicas:
+            status, body = http(b.admin + "/info")
+            assert status == 200, body
+            cart = next(m for m in json.loads(body)["modules"] if m["name"] == "cart")
+            out.append(cart["canary"])
+        return out
+
+    def wait(self, done, limit, what):
+        deadline = time.time() + limit
+        while time.time() < deadline:
+            canaries = self.canaries()
+            if done(canaries):
+                return canaries
+            for b in self.replicas:
+                assert b.proc.poll() is None, open(b.log.name).read()
+            time.sleep(0.5)
+        raise AssertionError(f"{what} within {limit}s: {json.dumps(self.canaries(), indent=1)[:4000]}")
+
+    def stop(self):
+        if self.load:
+            self.load.stop()
+        for b in self.replicas:
+            b.stop()
+        if self.prometheus:
+            self.prometheus.stop()
+
+
+@pytest.fixture
+def fleets():
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(Fleet(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.stop()
+
+
+def ended_at(canary, result):
+    return next(e["at_ms"] for e in canary["history"] if e["result"] == result)
+
+
+def judged(canaries, result):
+    """Window (as a tuple) -> the figures every replica that judged it saw."""
+    seen = {}
+    for c in canaries:
+        for e in c["history"]:
+            if e["result"] == result and "window" in e:
+                w = (e["window"]["start_ms"], e["window"]["end_ms"])
+                seen.setdefault(w, []).append((e["stable"], e["canary"]))
+    return seen
+
+
+def test_a_failing_canary_is_rolled_back_by_every_replica_on_the_same_window(fleets):
+    fleet = fleets(3, fail_percent=50, steps=[20, 50, 100], spare=1)
+    canaries = fleet.wait(lambda cs: all(c["state"] == "rolled_back" for c in cs), 60, "every replica rolled back")
+    # Every replica asked the same question about the same closed window
+    # and got the same answer.
+    failed = judged(canaries, "fail")
+    assert failed, canaries
+    for window, figures in failed.items():
+        assert all(f == figures[0] for f in figures), (window, figures)
+        assert figures[0][1]["errors"] > 0 and figures[0][1]["success_rate"] < 99
+    # Within one interval of each other (a replica that missed the window
+    # follows the fleet's record at its next look).
+    times = [ended_at(c, "rolled_back") for c in canaries]
+    assert max(times) - min(times) <= INTERVAL_MS + 2 * SCRAPE_MS, times
+    assert all(c["weight"] == 0 for c in canaries)
+    for c in canaries:
+        assert c["analysis"]["prometheus"] == f"http://127.0.0.1:{fleet.prom_port}"
+        assert any("berth_http_server_requests_total" in q for q in c["analysis"]["queries"])
+    # The record each replica exports says so to the fleet.
+    deadline = time.time() + 10
+    while True:
+        status, answer = fleet.prometheus.query('min(berth_canary_fleet_state{module="cart"})')
+        if answer["data"]["result"] and answer["data"]["result"][0]["value"][1] == "3":
+            break
+        assert time.time() < deadline, answer
+        time.sleep(0.5)
+    # A new pod (a restart, a reschedule, a scale-up) has no local record,
+    # and reads the fleet's: the rolled-back canary never serves there.
+    late = fleet.add()
+    canary = fleet.wait(lambda cs: cs[-1]["state"] == "rolled_back", 20, "the new replica rolled back")[-1]
+    assert canary["reason"] == "rolled back by a replica of the fleet", canary
+    assert not any(e["result"] == "joined" for e in canary["history"]), canary["history"]
+    for _ in range(20):
+        status, body = http(late.url + "/cart")
+        assert status == 200 and "v2" not in body, body
+
+
+def test_a_healthy_canary_is_promoted_by_every_replica_at_the_same_step_and_a_late_replica_joins(fleets):
+    steps = [10, 20, 30, 40, 50, 100]
+    fleet = fleets(3, fail_percent=0, steps=steps, spare=1)
+    # Mid-canary, a fourth replica starts (a scale-up): it takes up the
+    # fleet's step and weight instead of starting again at step 0.
+    fleet.wait(lambda cs: all(c["step"] >= 2 for c in cs), 60, "three replicas at step 2")
+    late = fleet.add()
+    canaries = fleet.wait(lambda cs: all(c["analysis"]["status"] == "ok" for c in cs), 20, "the fourth replica joined")
+    joined = next(e for e in canaries[-1]["history"] if e["result"] == "joined")
+    assert joined["step"] >= 2, canaries[-1]["history"]
+    assert joined["weight"] == steps[joined["step"]], joined
+    canaries = fleet.wait(lambda cs: all(c["state"] == "promoted" for c in cs), 90, "every replica promoted")
+    # Every replica passed the same windows on the same figures, and the
+    # fleet promoted at its last step, together.
+    passed = judged(canaries, "pass")
+    assert passed, canaries
+    for window, figures in passed.items():
+        assert all(f == figures[0] for f in figures), (window, figures)
+    assert {c["step"] for c in canaries} == {len(steps) - 1}, [c["step"] for c in canaries]
+    times = [ended_at(c, "promoted") for c in canaries]
+    assert max(times) - min(times) <= INTERVAL_MS + 2 * SCRAPE_MS, times
+    assert http(late.url + "/cart")[0] == 200
+
+
+def test_without_prometheus_the_canary_holds_then_rolls_back(fleets):
+    fleet = fleets(3, fail_percent=0, steps=[10, 20, 30, 40, 50, 100], unavailable="12s")
+    fleet.wait(lambda cs: all(c["step"] >= 1 for c in cs), 60, "three replicas at step 1")
+    fleet.prometheus.stop()
+    fleet.prometheus = None
+    canaries = fleet.wait(
+        lambda cs: all(c["analysis"]["status"] == "unavailable" for c in cs), 20, "analysis unavailable everywhere"
+    )
+    held = [(c["step"], c["weight"]) for c in canaries]
+    assert all(c["state"] == "progressing" for c in canaries)
+    assert all("Prometheus unreachable" in c["analysis"]["error"] for c in canaries), canaries
+    # It holds: no step taken while nobody can judge.
+    time.sleep(INTERVAL_MS / 1000 + 1)
+    for before, c in zip(held, fleet.canaries()):
+        if c["state"] == "progressing":
+            assert (c["step"], c["weight"]) == before, c
+    canaries = fleet.wait(lambda cs: all(c["state"] == "rolled_back" for c in cs), 40, "rolled back after 12s")
+    assert all(c["reason"].startswith("analysis unavailable for 12s") for c in canaries), [c["reason"] for c in canaries]
