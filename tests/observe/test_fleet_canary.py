@@ -193,6 +193,10 @@ def test_a_healthy_canary_is_promoted_by_every_replica_at_the_same_step_and_a_la
     times = [ended_at(c, "promoted") for c in canaries]
     assert max(times) - min(times) <= INTERVAL_MS + 2 * SCRAPE_MS, times
     assert http(late.url + "/cart")[0] == 200
+    # The status page says where the verdict came from and what it saw.
+    status, page = http(late.admin + "/")
+    assert status == 200 and "fleet: ok" in page and "berth_canary_fleet_state" in page, page[-3000:]
+    assert "pass at step" in page, page[-3000:]
 
 
 def test_without_prometheus_the_canary_holds_then_rolls_back(fleets):

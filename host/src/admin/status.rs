@@ -232,6 +232,7 @@ pub(super) fn page(state: &AdminState, sampler: &Sampler) -> String {
                         thead { tr {
                             th { "module" } th { "state" } th { "weight" } th { "source" }
                             th { "sha256" } th { "reason" } th { "ended" }
+                            th { "analysis" } th { "last judgement" }
                         } }
                         tbody {
                             @for (module, c) in &canaries {
@@ -251,6 +252,23 @@ pub(super) fn page(state: &AdminState, sampler: &Sampler) -> String {
                                     td { code { (crate::runtime::version_label(&text("sha256"))) } }
                                     td { (text("reason")) (text("error")) }
                                     td { (ended(c)) }
+                                    td {
+                                        @let analysis = &c["analysis"];
+                                        @match analysis["status"].as_str() {
+                                            None => "local",
+                                            Some("unavailable") => span.bad {
+                                                "fleet: unavailable " code { (analysis["error"].as_str().unwrap_or("")) }
+                                            },
+                                            Some(status) => span.ok { "fleet: " (status) },
+                                        }
+                                        @if let Some(queries) = analysis["queries"].as_array() {
+                                            details {
+                                                summary { "queries" }
+                                                @for q in queries { code { (q.as_str().unwrap_or("")) } br; }
+                                            }
+                                        }
+                                    }
+                                    td { (last_judgement(c)) }
                                 }
                             }
                         }
@@ -289,6 +307,37 @@ pub(super) fn page(state: &AdminState, sampler: &Sampler) -> String {
 }
 
 /// When a canary ended, from its outcome or its last history entry.
+/// The last judgement of a canary: its verdict, step and both versions'
+/// figures (fleet-wide with fleet analysis).
+fn last_judgement(c: &serde_json::Value) -> String {
+    let history = c["history"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let Some(e) = history.iter().rev().find(|e| e.get("canary").is_some()) else {
+        return "–".into();
+    };
+    let figures = |f: &serde_json::Value| {
+        let rate = f["success_rate"]
+            .as_f64()
+            .map_or("–".into(), |r| format!("{r:.2} %"));
+        let p99 = f["p99_ms"]
+            .as_f64()
+            .map_or("–".into(), |p| format!("{p:.1} ms"));
+        format!(
+            "{} req, {rate}, p99 {p99}",
+            f["requests"].as_u64().unwrap_or(0)
+        )
+    };
+    format!(
+        "{} at step {}: canary {}; stable {}",
+        e["result"].as_str().unwrap_or(""),
+        e["step"].as_u64().unwrap_or(0),
+        figures(&e["canary"]),
+        figures(&e["stable"])
+    )
+}
+
 fn ended(canary: &serde_json::Value) -> String {
     let state = canary["state"].as_str().unwrap_or("");
     if !matches!(state, "promoted" | "rolled_back") {
@@ -337,5 +386,21 @@ mod tests {
         let p99 = f.p99.unwrap();
         assert!((0.1..=1.0).contains(&p99), "{p99}");
         assert_eq!(quantile(&[(0.1, 0)], 0, 0.99), None);
+    }
+
+    #[test]
+    fn a_canarys_last_judgement_shows_its_verdict_step_and_figures() {
+        let c = serde_json::json!({"history": [
+            {"result": "joined", "step": 1},
+            {"result": "fail", "step": 2,
+             "canary": {"requests": 40, "success_rate": 80.0, "p99_ms": 12.5},
+             "stable": {"requests": 400, "success_rate": 100.0, "p99_ms": null}},
+            {"result": "rolled_back", "step": 2},
+        ]});
+        assert_eq!(
+            last_judgement(&c),
+            "fail at step 2: canary 40 req, 80.00 %, p99 12.5 ms; stable 400 req, 100.00 %, p99 –"
+        );
+        assert_eq!(last_judgement(&serde_json::json!({"history": []})), "–");
     }
 }
