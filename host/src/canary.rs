@@ -435,13 +435,11 @@ impl Canary {
         finished: mpsc::UnboundedSender<Arc<Canary>>,
     ) -> Arc<Self> {
         let fleet = spec.policy.analysis.clone().map(|analysis| {
-            use sha2::{Digest, Sha256};
-            let settings = serde_json::to_vec(&*spec.policy).unwrap_or_default();
             let identity = fleet::Identity {
                 module: module.name.to_string(),
                 stable: version_label(stable).to_owned(),
                 canary: version_label(&module.sha256).to_owned(),
-                spec: hex::encode(&Sha256::digest(settings)[..4]),
+                spec: spec.settings.clone(),
             };
             fleet::Fleet::new(analysis, spec.policy.interval, identity)
         });
@@ -511,6 +509,12 @@ impl Canary {
 
     fn name(&self) -> &str {
         &self.module.name
+    }
+
+    /// With fleet analysis, the `version` label of the stable version it
+    /// is judged against (part of its identity in the fleet's record).
+    pub fn judged_against(&self) -> Option<&str> {
+        self.fleet.as_ref().map(|f| f.identity().stable.as_str())
     }
 
     /// The canary's share of requests now, in percent.
@@ -770,19 +774,13 @@ impl Canary {
         if p.state.is_final() {
             return;
         }
-        // This replica's own share since the last look, for /info only.
-        self.window(true);
+        // This replica's own share since the last look: what the fleet's
+        // figures must at least show.
+        let own = self.window(true);
         let record = match record {
             Ok(record) => record,
             Err(why) => return self.unavailable(p, why),
         };
-        if let Some((since, _, _)) = p.unavailable.take() {
-            tracing::info!(
-                module = self.name(),
-                unavailable_for_ms = now_ms().saturating_sub(since),
-                "canary analysis available again"
-            );
-        }
         if record.state == Some(State::RolledBack.gauge()) {
             return self.finish(
                 p,
@@ -813,16 +811,56 @@ impl Canary {
             // canary of the same identity comes back.
             self.publish(p.state, self.weight(), p.step);
         }
-        match judged {
-            Some(Ok(judged)) => {
-                let figures = WindowFigures {
-                    stable: judged.stable,
-                    canary: judged.canary,
-                };
-                self.conclude(p, figures, Some(judged.window));
-            }
-            Some(Err(why)) => self.unavailable(p, why),
-            None => {}
+        // Paused (or paused while the queries ran): no verdict applies.
+        if p.state != State::Progressing {
+            return self.available(p);
+        }
+        let judged = match judged {
+            Some(Ok(judged)) => judged,
+            Some(Err(why)) => return self.unavailable(p, why),
+            None => return self.available(p),
+        };
+        let policy = &self.spec.policy;
+        if judged.canary.requests == 0 && own.canary.requests >= policy.min_requests {
+            // Labels that select no series (a typo, another scrape's
+            // labels) would leave a bad canary waiting for data for ever.
+            return self.unavailable(
+                p,
+                format!(
+                    "the fleet's figures show no canary requests, though this replica served {} \
+                     since its last look: do analysis.labels select this fleet's series?",
+                    own.canary.requests
+                ),
+            );
+        }
+        if (policy.max_p99.is_some() || policy.max_p99_ratio.is_some())
+            && judged.canary.requests > 0
+            && judged.canary.p99_ms.is_none()
+        {
+            // A p99 threshold judged on no p99 would always pass.
+            return self.unavailable(
+                p,
+                "no p99 for the canary: the latency histogram's buckets are not in Prometheus \
+                 (dropped by a relabelling?)"
+                    .into(),
+            );
+        }
+        self.available(p);
+        let figures = WindowFigures {
+            stable: judged.stable,
+            canary: judged.canary,
+        };
+        self.conclude(p, figures, Some(judged.window));
+    }
+
+    /// A look at the fleet that told all it had to: unavailable no more.
+    fn available(&self, p: &mut Progress) {
+        if let Some((since, _, _)) = p.unavailable.take() {
+            tracing::info!(
+                module = self.name(),
+                unavailable_for_ms = now_ms().saturating_sub(since),
+                "canary analysis available again"
+            );
         }
     }
 

@@ -422,6 +422,26 @@ impl Modules {
         let canary_results = loaded.split_off(stables);
         let serving = self.reconcile(loaded, &current, &mut report, since);
         let mut canaries = kept;
+        // A fleet-analysed canary kept while its stable version changed
+        // (new bytes under the same name) would ask the fleet about the old
+        // one: judged against the new one, it starts again.
+        let moved: Vec<Arc<Canary>> = canaries
+            .values()
+            .filter(|c| {
+                let stable = serving.iter().find(|m| *m.name == *c.module.name);
+                c.judged_against().is_some_and(|v| {
+                    stable.is_some_and(|s| crate::runtime::version_label(&s.sha256) != v)
+                })
+            })
+            .cloned()
+            .collect();
+        for live in moved {
+            let stable = serving.iter().find(|m| *m.name == *live.module.name);
+            let (spec, module) = (live.spec.clone(), live.module.clone());
+            if let Some(c) = self.canary_loaded(spec, stable, Ok(module), trigger, &mut report) {
+                canaries.insert(c.module.name.to_string(), c);
+            }
+        }
         for (canary, (_, result)) in pending.into_iter().zip(canary_results) {
             let stable = serving.iter().find(|m| *m.name == *canary.module.name);
             if let Some(c) = self.canary_loaded(canary, stable, result, trigger, &mut report) {

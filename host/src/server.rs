@@ -483,7 +483,7 @@ async fn handle(
     if let Some(path) = &grpc_path {
         resp = grpc::Counted::wrap(resp, module.clone(), path, observed.started());
     }
-    let elapsed = observed.finish(status, access_log);
+    let elapsed = observed.finish(status, access_log, refused);
     match canary {
         Some((canary, track)) if refused => canary.refused(track),
         Some((canary, track)) => canary.record(track, status.as_u16(), elapsed),

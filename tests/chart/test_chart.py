@@ -491,6 +491,44 @@ def test_a_canary_in_values_runs_in_the_real_host(tmp_path):
     serve_rendered(tmp_path, ["-f", str(values)], None, None, check)
 
 
+def test_a_fleet_analysed_canary_in_values_runs_in_the_real_host(tmp_path):
+    """`canary.analysis` renders to berth's keys, scoped to the release's
+    namespace unless the values name labels, and the host accepts it: the
+    canary waits for the fleet's record (weight 0) and says Prometheus is
+    unreachable, rather than serving a share nobody judges."""
+    values = tmp_path / "fleet.yaml"
+    values.write_text(
+        "modules:\n  hello:\n    canary:\n      file: api.wasm\n      steps: [10, 50]\n"
+        "      interval: 1m\n"
+        "      analysis:\n        prometheus: http://127.0.0.1:9\n        scrapeInterval: 15s\n"
+        "        rollbackAfterUnavailable: 1h\n        bearerTokenFile: /var/run/secrets/prom/token\n"
+    )
+    assert rendered_canary("-f", str(values))["analysis"] == {
+        "prometheus": "http://127.0.0.1:9",
+        # This release's series, as the autoscaling queries select them.
+        "labels": {"namespace": "shop", "app_kubernetes_io_instance": "rel", "app_kubernetes_io_name": "berth",
+                   "berth_dev_track": "blue"},
+        "scrape_interval": "15s",
+        "rollback_after_unavailable": "1h",
+        "bearer_token_file": "/var/run/secrets/prom/token",
+    }
+    labelled = rendered_canary("-f", str(values), "--set", "modules.hello.canary.analysis.labels.job=shop/berth")
+    assert labelled["analysis"]["labels"] == {"job": "shop/berth"}
+    for bad in ["modules.hello.canary.analysis.labels.module=x", "modules.hello.canary.analysis.prometheus=ftp://x",
+                "modules.hello.canary.analysis.scrapeInterval=often"]:
+        out = run(HELM, "template", "rel", CHART, "-f", str(values), "--set", bad, check=False)
+        assert out.returncode != 0, bad
+
+    def check(info):
+        canary = next(m for m in info["modules"] if m["name"] == "hello")["canary"]
+        assert canary["weight"] == 0 and canary["state"] == "progressing", canary
+        assert canary["analysis"]["status"] in ("joining", "unavailable"), canary
+
+    unfiled = tmp_path / "nofile.yaml"
+    unfiled.write_text(values.read_text().replace("        bearerTokenFile: /var/run/secrets/prom/token\n", ""))
+    serve_rendered(tmp_path, ["-f", str(unfiled)], None, None, check)
+
+
 MODULE_KEYS = """
 modules:
   hello:

@@ -177,6 +177,8 @@ def test_a_healthy_canary_is_promoted_by_every_replica_at_the_same_step_and_a_la
     # Mid-canary, a fourth replica starts (a scale-up): it takes up the
     # fleet's step and weight instead of starting again at step 0.
     fleet.wait(lambda cs: all(c["step"] >= 2 for c in cs), 60, "three replicas at step 2")
+    # The record holds a step once Prometheus has scraped it.
+    time.sleep(2 * SCRAPE_MS / 1000)
     late = fleet.add()
     canaries = fleet.wait(lambda cs: all(c["analysis"]["status"] == "ok" for c in cs), 20, "the fourth replica joined")
     joined = next(e for e in canaries[-1]["history"] if e["result"] == "joined")
@@ -217,3 +219,179 @@ def test_without_prometheus_the_canary_holds_then_rolls_back(fleets):
             assert (c["step"], c["weight"]) == before, c
     canaries = fleet.wait(lambda cs: all(c["state"] == "rolled_back" for c in cs), 40, "rolled back after 12s")
     assert all(c["reason"].startswith("analysis unavailable for 12s") for c in canaries), [c["reason"] for c in canaries]
+
+
+class FakePrometheus:
+    """An HTTP server answering /api/v1/query as Prometheus' API does, for
+    the answers a real one gives only when something is wrong: the record
+    empty (no canary known), and window queries answered by `window(query)`
+    (a status and a body), after `delay` seconds."""
+
+    def __init__(self, window, delay=0.0):
+        import http.server
+        import threading
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                import urllib.parse as up
+                query = up.parse_qs(up.urlparse(self.path).query).get("query", [""])[0]
+                if "berth_canary_fleet_" in query:
+                    status, body = 200, {"status": "success", "data": {"resultType": "vector", "result": []}}
+                else:
+                    time.sleep(outer.delay)
+                    status, body = outer.window(query)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.window, self.delay = window, delay
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def vector(*series):
+    return 200, {"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": labels, "value": [0, value]} for labels, value in series]}}
+
+
+def passing(query):
+    """A healthy window: both versions answered, fast."""
+    if query.startswith("sum by (track, status)"):
+        return vector(({"track": "stable", "status": "200"}, "100"), ({"track": "canary", "status": "200"}, "100"))
+    if query.startswith("histogram_quantile"):
+        return vector(({"track": "stable"}, "0.01"), ({"track": "canary"}, "0.01"))
+    return vector()
+
+
+def one_replica(prom_port, extra="", unavailable="3s", steps="[10, 50, 100]"):
+    text = f"""
+[log]
+access_log = false
+
+[modules.cart]
+file = "{wasm('swap_v1')}"
+route = "/cart"
+
+[modules.cart.canary]
+file = "{wasm('swap_v2')}"
+steps = {steps}
+interval = "1s"
+min_requests = 5
+{extra}
+[modules.cart.canary.analysis]
+prometheus = "http://127.0.0.1:{prom_port}"
+scrape_interval = "100ms"
+labels = {{ namespace = "shop" }}
+rollback_after_unavailable = "{unavailable}"
+"""
+    return Berth(text).wait_ready()
+
+
+def cart(berth):
+    status, body = http(berth.admin + "/info")
+    return next(m for m in json.loads(body)["modules"] if m["name"] == "cart")["canary"]
+
+
+def wait_for(berth, done, limit, what):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        c = cart(berth)
+        if done(c):
+            return c
+        time.sleep(0.2)
+    raise AssertionError(f"{what} within {limit}s: {json.dumps(cart(berth))[:3000]}")
+
+
+@pytest.fixture
+def fake():
+    made = []
+
+    def make(window, delay=0.0):
+        made.append(FakePrometheus(window, delay))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.stop()
+
+
+@pytest.fixture
+def replica():
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(one_replica(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.stop()
+
+
+def test_window_queries_that_keep_failing_roll_back_although_the_record_answers(fake, replica):
+    prom = fake(lambda q: (422, {"status": "error", "errorType": "execution", "error": "too many samples"}))
+    berth = replica(prom.port)
+    c = wait_for(berth, lambda c: c["state"] == "rolled_back", 20, "rolled back after 3s of failing windows")
+    assert c["reason"].startswith("analysis unavailable for 3s"), c["reason"]
+    assert "too many samples" in c["reason"], c["reason"]
+    # One `unavailable` entry for the spell, not one a look.
+    assert sum(e["result"] == "unavailable" for e in c["history"]) == 1, c["history"]
+
+
+def test_labels_that_select_no_series_do_not_leave_a_canary_unjudged(fake, replica):
+    # What Prometheus answers for matchers that select nothing: success,
+    # and no series.
+    prom = fake(lambda q: vector())
+    berth = replica(prom.port, unavailable="4s", steps="[50, 100]")
+    load = Load([[berth.url + "/cart"]] * 2, limit=30)
+    try:
+        c = wait_for(berth, lambda c: c["state"] == "rolled_back", 25, "rolled back")
+    finally:
+        load.stop()
+    assert "do analysis.labels select this fleet's series?" in c["reason"], c["reason"]
+
+
+def test_a_p99_threshold_without_a_p99_is_not_a_pass(fake, replica):
+    def no_buckets(query):
+        if query.startswith("histogram_quantile"):
+            return vector()
+        return passing(query)
+
+    prom = fake(no_buckets)
+    berth = replica(prom.port, extra='max_p99 = "100ms"\n')
+    c = wait_for(berth, lambda c: c["state"] != "progressing" or c["analysis"]["status"] == "unavailable", 15,
+                 "analysis unavailable")
+    assert c["state"] == "progressing" and "no p99 for the canary" in c["analysis"]["error"], c
+    assert not any(e["result"] == "pass" for e in c["history"]), c["history"]
+    c = wait_for(berth, lambda c: c["state"] == "rolled_back", 15, "rolled back")
+
+
+def test_a_pause_while_the_fleet_is_asked_holds(fake, replica):
+    prom = fake(passing, delay=0.8)
+    berth = replica(prom.port, unavailable="1m", steps="[10, 20, 30, 40, 50, 100]")
+    wait_for(berth, lambda c: c["analysis"]["status"] == "ok", 15, "joined")
+    # Pause right after a window's queries went out (due 200 ms after each
+    # second's boundary), before their answers come back.
+    now = time.time()
+    time.sleep((1 - now % 1) + 0.4)
+    status, body = http(berth.admin + "/admin/canary/cart/pause", data=b"",
+                        headers={"Authorization": f"Bearer {Berth.TOKEN}"})
+    assert status == 200, body
+    time.sleep(3)
+    c = cart(berth)
+    assert c["state"] == "paused", c
+    results = [e["result"] for e in c["history"]]
+    after = results[results.index("paused") + 1:]
+    assert not any(r in ("pass", "fail", "wait") for r in after), results

@@ -271,6 +271,11 @@ PANELS = {
     "Canary judgements by result [A]": [({"module": "cart", "result": "fail"}, ABOVE_ZERO)],
     "Requests by track (stable, canary) [A]": [({"module": "cart2", "track": "stable"}, ABOVE_ZERO),
                                                ({"module": "cart2", "track": "canary"}, ABOVE_ZERO)],
+    # The fleet analysis queries (host/src/canary/queries.promql).
+    "Canary analysis: requests by track and status [A]": [({"track": "canary", "status": "200"}, ABOVE_ZERO),
+                                                          ({"track": "stable", "status": "200"}, ABOVE_ZERO)],
+    "Canary analysis: shed requests by version (not judged) [A]": [({}, ABOVE_ZERO)],
+    "Canary analysis: p99 by track [A]": [({"track": "canary"}, ABOVE_ZERO), ({"track": "stable"}, ABOVE_ZERO)],
     "CPU [A]": [({"pod": "berth-0"}, ABOVE_ZERO)],
     "Resident memory [A]": [({"pod": "berth-0"}, ABOVE_ZERO)],
     "Open file descriptors [A]": [({"pod": "berth-0"}, ABOVE_ZERO)],

@@ -13,9 +13,22 @@ import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The canary analysis queries, as Berth's fleet analysis asks them.
+QUERIES = os.path.join(HERE, "..", "..", "..", "host", "src", "canary", "queries.promql")
 SEL = 'namespace=~"$namespace", pod=~"$pod"'
 MOD = f'{SEL}, module=~"$module"'
 RATE = "$__rate_interval"
+
+
+
+def analysis(name):
+    """Fleet analysis query `name` over this dashboard's selection."""
+    with open(QUERIES) as f:
+        for line in f:
+            if line.startswith(name + " "):
+                return line[len(name) + 1:].strip().replace("RANGE", RATE).replace("MATCHERS", MOD)
+    raise KeyError(name)
+
 
 # (section, [(title, type, unit, [(expr, legend)])])
 SECTIONS = [
@@ -98,6 +111,17 @@ SECTIONS = [
         ]),
         ("Requests by track (stable, canary)", "timeseries", "reqps", [
             (f"sum by (module, track, version) (rate(berth_http_server_requests_total{{{MOD}}}[{RATE}]))", "{{module}} {{track}} {{version}}"),
+        ]),
+        # What a fleet-analysed canary is judged on, asked as the replicas ask
+        # it (one module selected: the sums span the modules selected).
+        ("Canary analysis: requests by track and status", "timeseries", "short", [
+            (analysis("requests"), "{{track}} {{status}}"),
+        ]),
+        ("Canary analysis: shed requests by version (not judged)", "timeseries", "short", [
+            (analysis("shed"), "{{version}}"),
+        ]),
+        ("Canary analysis: p99 by track", "timeseries", "s", [
+            (analysis("p99"), "{{track}}"),
         ]),
     ]),
     ("Process", [

@@ -130,6 +130,15 @@ which berth refuses), so only capitals start a new word here. Called as
 {{- with $cv.maxFailures }}{{ $_ := set $c "max_failures" (int .) }}{{ end -}}
 {{- with $cv.minRequests }}{{ $_ := set $c "min_requests" (int .) }}{{ end -}}
 {{- with $cv.sticky }}{{ $_ := set $c "sticky" . }}{{ end -}}
+{{- /* Fleet analysis: this release's series (as the autoscaling
+queries select them) unless the values name other labels. */ -}}
+{{- with $cv.analysis -}}
+{{- $a := dict "prometheus" .prometheus "labels" (default (fromYaml (include "berth.seriesLabels" $)) .labels) -}}
+{{- with .scrapeInterval }}{{ $_ := set $a "scrape_interval" . }}{{ end -}}
+{{- with .bearerTokenFile }}{{ $_ := set $a "bearer_token_file" . }}{{ end -}}
+{{- with .rollbackAfterUnavailable }}{{ $_ := set $a "rollback_after_unavailable" . }}{{ end -}}
+{{- $_ := set $c "analysis" $a -}}
+{{- end -}}
 {{- $_ := set $entry "canary" $c -}}
 {{- end -}}
 {{- $_ := set $modules $name $entry -}}
@@ -182,4 +191,113 @@ Deployment) give the credentials, the CA Secret the extra roots. */ -}}
 {{- $names := list -}}
 {{- range $name, $m := .Values.modules -}}{{ if $m }}{{ $names = append $names $name }}{{ end }}{{- end -}}
 {{- $names | join ", " -}}
+{{- end }}
+
+{{/* Autoscaling on Berth's own signals. Each signal: the series it reads,
+whether it counts (and is read as a rate), and the name prometheus-adapter
+serves it under (not the series' own, which the adapter's default rules
+may already serve in another form). */}}
+{{- define "berth.autoscaling.signals" -}}
+inFlight:
+  series: berth_http_server_active_requests
+  rate: false
+  metric: berth_in_flight_requests
+  trigger: in-flight
+requestRate:
+  series: berth_http_server_requests_total
+  rate: true
+  metric: berth_requests_per_second
+  trigger: request-rate
+shedRate:
+  series: berth_http_server_shed_requests_total
+  rate: true
+  metric: berth_shed_requests_per_second
+  trigger: shed-rate
+{{- end }}
+
+{{/* The pod labels the series of this release's pods carry: the labels
+that select its pods, which the PodMonitor copies onto every series
+(podTargetLabels; a scrape job of annotations with
+`labelmap: __meta_kubernetes_pod_label_(.+)` copies them too). The track
+is copied as `berth.dev/track`, not `track`: Berth's series have a `track`
+label of their own (stable, canary), which a target label of that name
+would rename to `exported_track`. */}}
+{{- define "berth.autoscaling.podLabels" -}}
+{{ include "berth.selectorLabels" . }}
+berth.dev/track: {{ .Values.track }}
+{{- end }}
+
+{{/* The same as matchers' label names and values (YAML): the namespace and
+each pod label under Prometheus' name for it (`app.kubernetes.io/name` is
+`app_kubernetes_io_name`). What selects this release's series: the
+autoscaling queries and a fleet canary's analysis by default. */}}
+{{- define "berth.seriesLabels" -}}
+{{- $labels := dict "namespace" .Release.Namespace -}}
+{{- range $name, $value := fromYaml (include "berth.autoscaling.podLabels" .) -}}
+{{- $_ := set $labels (regexReplaceAll "[^a-zA-Z0-9_]" $name "_") $value -}}
+{{- end -}}
+{{- toYaml $labels -}}
+{{- end }}
+
+{{/* The series of this release's track, as label matchers: its namespace
+and the pod labels above. Neither another release, nor another track of
+this app, nor a namespace next door matches. */}}
+{{- define "berth.autoscaling.selector" -}}
+{{- $matchers := list -}}
+{{- range $name, $value := fromYaml (include "berth.seriesLabels" .) -}}
+{{- $matchers = append $matchers (printf "%s=%s" $name (quote $value)) -}}
+{{- end -}}
+{{- join "," $matchers -}}
+{{- end }}
+
+{{/* The PromQL of one signal, the one query KEDA and prometheus-adapter
+both run: summed over the series `selector` picks, by `by` (KEDA: one
+figure for the track, ""; the adapter: one per pod, its <<.GroupBy>>).
+A pod Prometheus scrapes that has no series of the signal yet (no request
+counted since it started) counts as 0 through berth_ready, which every pod
+has from its first scrape; a track with no pod scraped at all gives no
+value rather than 0, so a selector that matches nothing is an error to the
+autoscaler (which then keeps the replicas it has), not a quiet scale-down.
+Sums only: nothing divides, so no pod count of 0 makes NaN. Called as
+(dict "signal" NAME "series" SERIES "selector" MATCHERS "by" LABELS
+"window" RANGE); SERIES is the signal's series, or the adapter's
+<<.Series>>. */}}
+{{- define "berth.autoscaling.query" -}}
+{{- $signal := get (fromYaml (include "berth.autoscaling.signals" .)) .signal -}}
+{{- $sum := ternary "sum" (printf "sum by (%s) " .by) (eq .by "") -}}
+{{- $value := printf "%s{%s}" .series .selector -}}
+{{- if $signal.rate }}{{ $value = printf "rate(%s[%s])" $value .window }}{{ end -}}
+{{ $sum }}({{ $value }}) or {{ $sum }}(0 * berth_ready{{ "{" }}{{ .selector }}})
+{{- end }}
+
+{{/* The signals given a target (autoscaling.signals), by name. */}}
+{{- define "berth.autoscaling.targets" -}}
+{{- $targets := dict -}}
+{{- range $name, $target := .Values.autoscaling.signals -}}
+{{- if and (ne $name "rateWindow") (not (kindIs "invalid" $target)) }}{{ $_ := set $targets $name $target }}{{ end -}}
+{{- end -}}
+{{- toYaml $targets -}}
+{{- end }}
+
+{{/* A target as the number KEDA's threshold and an HPA quantity both
+read: 20, 0.5, 2.5 (Helm reads a values file's numbers as float64). */}}
+{{- define "berth.autoscaling.number" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- . -}}
+{{- end -}}
+{{- end }}
+
+{{/* What JSON schema cannot compare: the replica bounds. */}}
+{{- define "berth.autoscaling.check" -}}
+{{- $a := .Values.autoscaling -}}
+{{- if gt (int $a.minReplicas) (int $a.maxReplicas) -}}
+{{- fail (printf "autoscaling.minReplicas (%d) is above autoscaling.maxReplicas (%d)" (int $a.minReplicas) (int $a.maxReplicas)) -}}
+{{- end -}}
+{{- with $a.keda.fallback -}}
+{{- if or (lt (int .replicas) (int $a.minReplicas)) (gt (int .replicas) (int $a.maxReplicas)) -}}
+{{- fail (printf "autoscaling.keda.fallback.replicas (%d) is outside minReplicas..maxReplicas (%d..%d)" (int .replicas) (int $a.minReplicas) (int $a.maxReplicas)) -}}
+{{- end -}}
+{{- end -}}
 {{- end }}

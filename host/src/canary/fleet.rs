@@ -32,6 +32,20 @@ const RECORD_LOOKBACK: &str = "1d";
 /// A Prometheus answer is a few series; more is not one.
 const MAX_ANSWER: usize = 1 << 20;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The window's queries, shared with the chart's dashboard.
+const QUERIES: &str = include_str!("queries.promql");
+
+/// The query named `name` of [`QUERIES`], for `matchers` over `range`.
+fn window_query(name: &str, matchers: &str, range: &str) -> String {
+    QUERIES
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("queries.promql has no query `{name}`"))
+        // The range first: an operator's label value may hold `RANGE`.
+        .replace("RANGE", range)
+        .replace("MATCHERS", matchers)
+}
 
 /// A window of wall-clock time, `[start, end)`, in Unix milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -173,17 +187,7 @@ impl Fleet {
             self.fleet_matchers()
         );
         let d = format!("{}ms", self.interval.as_millis());
-        [
-            format!(
-                "sum by (track, status) (increase(berth_http_server_requests_total{{{m}}}[{d}]))"
-            ),
-            format!(
-                "sum by (version) (increase(berth_http_server_shed_requests_total{{{m}}}[{d}]))"
-            ),
-            format!(
-                "histogram_quantile(0.99, sum by (track, le) (increase(berth_http_server_request_duration_seconds_bucket{{{m}}}[{d}])))"
-            ),
-        ]
+        ["requests", "shed", "p99"].map(|name| window_query(name, &m, &d))
     }
 
     /// The queries of the record: the highest state and step.
@@ -236,28 +240,36 @@ impl Fleet {
         };
         let figures = |track: &str| {
             let of_track = requests.iter().filter(|s| s.label("track") == Some(track));
-            let all: u64 = of_track.clone().map(|s| count(s.value)).sum();
-            let errors: u64 = of_track
-                .filter(|s| s.label("status").is_some_and(|c| c.starts_with('5')))
-                .map(|s| count(s.value))
-                .sum();
+            let with = |pick: &dyn Fn(&str) -> bool| -> u64 {
+                of_track
+                    .clone()
+                    .filter(|s| s.label("status").is_some_and(pick))
+                    .map(|s| count(s.value))
+                    .sum()
+            };
+            let all = with(&|_| true);
+            let errors = with(&|c| c.starts_with('5'));
             // Shed requests are the host's 503s, not the version's: shown,
-            // never judged (as in a replica's own analysis).
-            let refused: u64 = shed
+            // never judged (as in a replica's own analysis). They come off
+            // the 503s only: `increase` misses the first value of a series
+            // born in the window, so the 503s may read fewer than the sheds,
+            // and taking the rest off would hide the version's 500s.
+            let shed_count: u64 = shed
                 .iter()
                 .filter(|s| s.label("version") == Some(version_of(track)))
                 .map(|s| count(s.value))
                 .sum();
+            let shed_503s = shed_count.min(with(&|c| c == "503"));
             let p99_ms = p99
                 .iter()
                 .find(|s| s.label("track") == Some(track))
                 .map(|s| s.value * 1e3)
                 .filter(|v| v.is_finite());
             Figures::of(
-                all.saturating_sub(refused),
-                errors.saturating_sub(refused),
+                all.saturating_sub(shed_503s),
+                errors.saturating_sub(shed_503s),
                 p99_ms,
-                refused,
+                shed_count,
             )
         };
         Judged {
@@ -490,6 +502,19 @@ mod tests {
         // The same answers, the same figures: what every replica computes.
         let again = f.figures(w, &requests, &shed, &p99);
         assert_eq!(again.canary, judged.canary);
+        // A burst shed in a window whose 503 series was born in it (its
+        // first value is not in `increase`): the sheds hide no 500.
+        let flood = vec![sample(&[("version", "cccccccccccc")], "45")];
+        let born = &requests[..3];
+        let judged = f.figures(w, born, &flood, &p99);
+        assert_eq!(
+            (
+                judged.canary.requests,
+                judged.canary.errors,
+                judged.canary.refused
+            ),
+            (22, 2, 45)
+        );
     }
 
     #[test]
@@ -509,6 +534,12 @@ mod tests {
             r#"max(max_over_time(berth_canary_fleet_state{module="orders",stable="aaaaaaaaaaaa",canary="cccccccccccc",spec="0badc0de",job="a\\b",namespace="shop\"}or vector(1)#"}[1d]))"#
         );
         assert!(step.starts_with("max(max_over_time(berth_canary_fleet_step{"));
+        // The placeholders of queries.promql in a label value stay as written.
+        let f = fleet(&[("namespace", "RANGE MATCHERS")]);
+        for q in f.window_queries() {
+            assert!(q.contains(r#"namespace="RANGE MATCHERS""#), "{q}");
+            assert!(q.contains("[10000ms]"), "{q}");
+        }
     }
 
     #[test]

@@ -132,6 +132,13 @@ impl Analysis {
                 "an http:// or https:// base URL without credentials, query or fragment",
             ));
         }
+        if self.labels.is_empty() {
+            return Err(rejected(
+                key("analysis.labels"),
+                "name the labels that select this fleet's series and no other's \
+                 (e.g. { namespace = \"shop\", app_kubernetes_io_instance = \"shop\" })",
+            ));
+        }
         if self.labels.len() > 16 {
             return Err(rejected(key("analysis.labels"), "at most 16 labels"));
         }
@@ -164,6 +171,12 @@ impl Analysis {
                 "must be at least 100ms",
             ));
         }
+        // Bounded first: the product below must not overflow.
+        check_duration(
+            &key("analysis.scrape_interval"),
+            self.scrape_interval,
+            Duration::from_secs(3600),
+        )?;
         if interval < self.scrape_interval * 2 {
             return Err(rejected(
                 key("interval"),

@@ -134,6 +134,11 @@ pub struct CanarySpec {
     pub module: ModuleSpec,
     /// Steps, interval, thresholds and stickiness.
     pub policy: Arc<CanaryConfig>,
+    /// A hash of the module's table as written (secrets redacted, so the
+    /// hash, which fleet analysis exports as a label, says nothing of
+    /// them) and of the defaults it inherits: what names this canary's
+    /// settings across a fleet.
+    pub settings: String,
 }
 
 impl SourceFields<'_> {
@@ -199,7 +204,13 @@ impl Config {
         self.module_specs()
             .into_iter()
             .filter_map(|stable| {
-                let canary = self.modules.get(&stable.name)?.canary.as_ref()?;
+                let table = self.modules.get(&stable.name)?;
+                let canary = table.canary.as_ref()?;
+                let settings = {
+                    use sha2::{Digest, Sha256};
+                    let written = serde_json::to_vec(&(table, &self.defaults)).unwrap_or_default();
+                    hex::encode(&Sha256::digest(written)[..4])
+                };
                 Some(CanarySpec {
                     module: ModuleSpec {
                         source: canary.source().resolve(&dir, &stable.name),
@@ -207,6 +218,7 @@ impl Config {
                         ..stable
                     },
                     policy: Arc::new(canary.clone()),
+                    settings,
                 })
             })
             .collect()

@@ -356,6 +356,56 @@ fn a_canary_is_checked_with_its_key_and_resolved_next_to_its_module() {
             ),
             ("file = \"b.wasm\"\nweight = 5\n", "weight"),
         ];
+        // Fleet analysis: a URL without credentials, labels that select
+        // (and are not Berth's own), windows of at least two scrapes.
+        let fleet = |rest: &str| {
+            format!("file = \"b.wasm\"\ninterval = \"1m\"\n[modules.a.canary.analysis]\n{rest}")
+        };
+        let p = "prometheus = \"http://prom:9090\"\n";
+        let ns = "labels = { namespace = \"shop\" }\n";
+        let analysis_cases = [
+            (fleet(p), "analysis.labels`: name the labels".to_owned()),
+            (
+                fleet(&format!("prometheus = \"http://u:p@prom\"\n{ns}")),
+                "analysis.prometheus".into(),
+            ),
+            (
+                fleet(&format!("prometheus = \"ftp://prom\"\n{ns}")),
+                "analysis.prometheus".into(),
+            ),
+            (
+                fleet(&format!("{p}labels = {{ module = \"x\" }}\n")),
+                "set by Berth's own queries".into(),
+            ),
+            (
+                fleet(&format!("{p}labels = {{ \"a-b\" = \"x\" }}\n")),
+                "not a Prometheus label name".into(),
+            ),
+            (
+                fleet(&format!("{p}labels = {{ ns = \"\" }}\n")),
+                "1 to 256 bytes".into(),
+            ),
+            (
+                fleet(&format!("{p}{ns}scrape_interval = \"31s\"\n")),
+                "modules.a.canary.interval".into(),
+            ),
+            (
+                fleet(&format!(
+                    "{p}{ns}scrape_interval = \"18446744073709551615s\"\n"
+                )),
+                "analysis.scrape_interval".into(),
+            ),
+            (
+                fleet(&format!("{p}{ns}rollback_after_unavailable = \"30s\"\n")),
+                "at least the canary's interval".into(),
+            ),
+        ];
+        for (canary, want) in analysis_cases {
+            let toml = format!("{module}{canary}");
+            jail.create_file("berth.toml", &toml)?;
+            let err = load(jail).unwrap_err().to_string();
+            assert!(err.contains(&want), "{toml}: {err}");
+        }
         for (canary, want) in cases {
             let toml = format!("{module}{canary}");
             jail.create_file("berth.toml", &toml)?;

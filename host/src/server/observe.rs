@@ -77,8 +77,16 @@ impl Observed {
     }
 
     /// Records the status on the span, counts the request and its
-    /// duration, and writes the access line; returns the duration.
-    pub(super) fn finish(self, status: StatusCode, access_log: bool) -> std::time::Duration {
+    /// duration, and writes the access line; returns the duration. A
+    /// request the host `shed` is counted, not timed: the latency
+    /// histogram is the versions' own, which a flood of quick refusals
+    /// must not lower (a canary's p99 is judged on it).
+    pub(super) fn finish(
+        self,
+        status: StatusCode,
+        access_log: bool,
+        shed: bool,
+    ) -> std::time::Duration {
         let status = status.as_u16();
         let span = &self.cx.trace.span;
         span.record("http.response.status_code", status);
@@ -87,7 +95,9 @@ impl Observed {
         }
         let elapsed = self.started.elapsed();
         let metrics = &self.module.metrics;
-        metrics.duration.observe(elapsed.as_secs_f64());
+        if !shed {
+            metrics.duration.observe(elapsed.as_secs_f64());
+        }
         metrics.count(&self.method, status);
         if access_log {
             tracing::info!(
