@@ -395,3 +395,31 @@ def test_a_pause_while_the_fleet_is_asked_holds(fake, replica):
     results = [e["result"] for e in c["history"]]
     after = results[results.index("paused") + 1:]
     assert not any(r in ("pass", "fail", "wait") for r in after), results
+
+
+def test_new_stable_bytes_under_the_same_name_start_the_canary_against_them(fake, replica, tmp_path):
+    """The fleet's record names both versions. The stable module's file
+    rebuilt in place (same name, same config) is another stable version:
+    the canary starts again, asking the fleet about the new one."""
+    import hashlib
+    import shutil
+
+    prom = fake(passing)
+    stable = tmp_path / "stable.wasm"
+    shutil.copy(wasm("swap_v1"), stable)
+    berth = replica(prom.port, unavailable="1m", steps="[10, 20, 30, 40, 50, 100]")
+    with open(berth.config) as f:
+        text = f.read().replace(wasm("swap_v1"), str(stable))
+    with open(berth.config, "w") as f:
+        f.write(text)
+    status, body = berth.reload()
+    assert status == 200, body
+    before = wait_for(berth, lambda c: c["analysis"]["status"] == "ok", 15, "joined")
+    shutil.copy(wasm("hello"), stable)
+    status, body = berth.reload()
+    assert status == 200, body
+    new = hashlib.sha256(stable.read_bytes()).hexdigest()[:12]
+    after = wait_for(berth, lambda c: c["analysis"]["record"]["stable"] == new, 15, "judged against the new stable")
+    assert before["analysis"]["record"]["stable"] != new
+    assert after["analysis"]["record"]["canary"] == before["analysis"]["record"]["canary"]
+    assert all(new in q for q in after["analysis"]["queries"][:3]), after["analysis"]["queries"]

@@ -311,6 +311,44 @@ fn only_known_sections_are_read_from_the_environment() {
 }
 
 #[test]
+fn a_canarys_settings_hash_follows_its_table_and_defaults_but_not_its_secrets() {
+    Jail::expect_with(|jail| {
+        let settings = |jail: &Jail, table: &str| {
+            jail.create_file(
+                "berth.toml",
+                &format!(
+                    "[modules.a]\nfile = \"a.wasm\"\nroute = \"/a\"\n{table}\n\
+                     [modules.a.canary]\nfile = \"b.wasm\"\n"
+                ),
+            )
+            .unwrap();
+            let [canary] = load(jail).unwrap().canary_specs().try_into().unwrap();
+            canary.settings
+        };
+        let base = settings(jail, "config = { greeting = \"hi\" }");
+        assert_eq!(base.len(), 8, "{base}");
+        assert_eq!(base, settings(jail, "config = { greeting = \"hi\" }"));
+        assert_ne!(base, settings(jail, "config = { greeting = \"ho\" }"));
+        assert_ne!(
+            base,
+            settings(
+                jail,
+                "config = { greeting = \"hi\" }\nlimits = { timeout = \"1s\" }"
+            )
+        );
+        // A secret's value is in no label, even hashed: rotating it is the
+        // same canary.
+        let secret =
+            |v: &str| format!("config = {{ greeting = \"hi\" }}\nsecrets = {{ key = \"{v}\" }}");
+        assert_eq!(
+            settings(jail, &secret("0042")),
+            settings(jail, &secret("0043"))
+        );
+        Ok(())
+    });
+}
+
+#[test]
 fn a_canary_is_checked_with_its_key_and_resolved_next_to_its_module() {
     Jail::expect_with(|jail| {
         let module = "[modules.a]\nfile = \"a.wasm\"\nroute = \"/a\"\n[modules.a.canary]\n";
