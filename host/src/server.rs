@@ -686,11 +686,13 @@ mod tests {
         let slow = tokio::spawn(async move { get(&slow_url).await });
         // Until the slow request holds the one slot, probes may get in.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut served = 0;
         let shed = loop {
             let reply = get(&format!("{url}/m/ok")).await;
             if reply.status == 503 || std::time::Instant::now() > deadline {
                 break reply;
             }
+            served += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(shed.status, 503);
@@ -702,6 +704,15 @@ mod tests {
                 && l.ends_with("} 1")),
             "{text}"
         );
+        // Counted, not timed: the latency histogram is the version's own
+        // (a canary's p99 is judged on it).
+        let timed: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("berth_http_server_request_duration_seconds_count{"))
+            .filter(|l| l.contains(r#"module="m""#))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(timed, f64::from(served), "{text}");
         assert_eq!(slow.await.unwrap().status, 200);
     }
 }

@@ -239,8 +239,8 @@ def test_every_query_parses(tmp_path):
         (["--set", "autoscaling.enabled=true", "--set", "autoscaling.targetCPUUtilizationPercentage=null"],
          "missing property 'targetCPUUtilizationPercentage'"),
         # Targets are per pod and above 0 (0 would divide by zero).
-        (KEDA + ["--set", "autoscaling.signals.inFlight=-5"], "/autoscaling/signals/inFlight': exclusiveMinimum"),
-        (KEDA + ["--set", "autoscaling.signals.inFlight=0"], "/autoscaling/signals/inFlight': exclusiveMinimum"),
+        (KEDA + ["--set", "autoscaling.signals.inFlight=-5"], "/autoscaling/signals/inFlight': minimum"),
+        (KEDA + ["--set", "autoscaling.signals.inFlight=0"], "/autoscaling/signals/inFlight': minimum"),
         (KEDA + ["--set", "autoscaling.signals.inFlight=lots"], "/autoscaling/signals/inFlight': got string"),
         (["--set", "autoscaling.targetCPUUtilizationPercentage=0"], "targetCPUUtilizationPercentage"),
         (KEDA + ["--set", "autoscaling.signals.inFlight=5", "--set", "autoscaling.signals.rateWindow=0m"], "rateWindow"),
@@ -311,3 +311,32 @@ def test_the_adapter_rules_in_the_docs_are_the_rendered_ones():
     section = doc.split("\n## Autoscaling\n", 1)[1]
     block = re.search(r"```yaml\n(# prometheus-adapter.*?)```", section, re.S).group(1)
     assert yaml.safe_load(block) == rendered
+
+
+def test_a_rate_window_of_fewer_than_four_scrapes_is_refused():
+    """rate() needs two samples in its window; with fewer the fallback reads
+    0 and the autoscaler scales the track down under load."""
+    base = KEDA + ["--set", "podMonitor.enabled=true", "--set", "autoscaling.signals.requestRate=50"]
+    out = run(HELM, "template", "rel", CHART, *base, "--set", "podMonitor.interval=30s", check=False)
+    assert out.returncode != 0 and "rateWindow (1m) must span at least four scrapes" in out.stderr, out.stderr
+    assert run(HELM, "template", "rel", CHART, *base, "--set", "podMonitor.interval=15s").returncode == 0
+    # In-flight is a gauge: no window to span.
+    gauge = KEDA + ["--set", "podMonitor.enabled=true", "--set", "autoscaling.signals.inFlight=5",
+                    "--set", "podMonitor.interval=5m"]
+    assert run(HELM, "template", "rel", CHART, *gauge).returncode == 0
+
+
+def test_the_longest_release_name_keeps_every_name_a_label_value():
+    """KEDA labels what it makes with the ScaledObject's name: at most 63
+    characters, and the Deployment it scales is the one rendered."""
+    release = "a" * 53
+    docs = render(*KEDA, "--set", "autoscaling.signals.inFlight=20", release=release)
+    scaled, deployment = find(docs, "ScaledObject"), find(docs, "Deployment")
+    assert len(scaled["metadata"]["name"]) <= 63, scaled["metadata"]["name"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+
+
+def test_a_target_below_a_thousandth_is_refused():
+    """KEDA and the HPA count targets in thousandths: less is 0."""
+    out = run(HELM, "template", "rel", CHART, *KEDA, "--set-json", "autoscaling.signals.inFlight=0.0004", check=False)
+    assert out.returncode != 0, out.stdout[:300]

@@ -141,6 +141,8 @@ def test_a_failing_canary_is_rolled_back_by_every_replica_on_the_same_window(fle
     # and got the same answer.
     failed = judged(canaries, "fail")
     assert failed, canaries
+    # Replicas judged a failing window themselves, not only by the record.
+    assert any(len(figures) >= 2 for figures in failed.values()), failed
     for window, figures in failed.items():
         assert all(f == figures[0] for f in figures), (window, figures)
         assert figures[0][1]["errors"] > 0 and figures[0][1]["success_rate"] < 99
@@ -189,6 +191,7 @@ def test_a_healthy_canary_is_promoted_by_every_replica_at_the_same_step_and_a_la
     # fleet promoted at its last step, together.
     passed = judged(canaries, "pass")
     assert passed, canaries
+    assert any(len(figures) >= 3 for figures in passed.values()), passed
     for window, figures in passed.items():
         assert all(f == figures[0] for f in figures), (window, figures)
     assert {c["step"] for c in canaries} == {len(steps) - 1}, [c["step"] for c in canaries]
@@ -227,7 +230,7 @@ class FakePrometheus:
     empty (no canary known), and window queries answered by `window(query)`
     (a status and a body), after `delay` seconds."""
 
-    def __init__(self, window, delay=0.0):
+    def __init__(self, window, delay=0.0, token=None):
         import http.server
         import threading
 
@@ -237,7 +240,9 @@ class FakePrometheus:
             def do_GET(self):
                 import urllib.parse as up
                 query = up.parse_qs(up.urlparse(self.path).query).get("query", [""])[0]
-                if "berth_canary_fleet_" in query:
+                if outer.token and self.headers.get("Authorization") != f"Bearer {outer.token}":
+                    status, body = 401, {"status": "error", "errorType": "unauthorized", "error": "no token"}
+                elif "berth_canary_fleet_" in query:
                     status, body = 200, {"status": "success", "data": {"resultType": "vector", "result": []}}
                 else:
                     time.sleep(outer.delay)
@@ -252,7 +257,7 @@ class FakePrometheus:
             def log_message(self, *args):
                 pass
 
-        self.window, self.delay = window, delay
+        self.window, self.delay, self.token = window, delay, token
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -275,7 +280,7 @@ def passing(query):
     return vector()
 
 
-def one_replica(prom_port, extra="", unavailable="3s", steps="[10, 50, 100]"):
+def one_replica(prom_port, extra="", unavailable="3s", steps="[10, 50, 100]", analysis=""):
     text = f"""
 [log]
 access_log = false
@@ -295,7 +300,7 @@ prometheus = "http://127.0.0.1:{prom_port}"
 scrape_interval = "100ms"
 labels = {{ namespace = "shop" }}
 rollback_after_unavailable = "{unavailable}"
-"""
+{analysis}"""
     return Berth(text).wait_ready()
 
 
@@ -318,8 +323,8 @@ def wait_for(berth, done, limit, what):
 def fake():
     made = []
 
-    def make(window, delay=0.0):
-        made.append(FakePrometheus(window, delay))
+    def make(window, delay=0.0, token=None):
+        made.append(FakePrometheus(window, delay, token))
         return made[-1]
 
     yield make
@@ -423,3 +428,53 @@ def test_new_stable_bytes_under_the_same_name_start_the_canary_against_them(fake
     assert before["analysis"]["record"]["stable"] != new
     assert after["analysis"]["record"]["canary"] == before["analysis"]["record"]["canary"]
     assert all(new in q for q in after["analysis"]["queries"][:3]), after["analysis"]["queries"]
+
+
+def failing(query):
+    """A bad canary's window: half its answers 500."""
+    if query.startswith("sum by (track, status)"):
+        return vector(({"track": "stable", "status": "200"}, "100"), ({"track": "canary", "status": "200"}, "50"),
+                      ({"track": "canary", "status": "500"}, "50"))
+    return passing(query)
+
+
+def test_max_failures_counts_failed_windows_in_a_row(fake, replica):
+    prom = fake(failing)
+    berth = replica(prom.port, extra="max_failures = 2\n", unavailable="1m")
+    c = wait_for(berth, lambda c: c["state"] == "rolled_back", 20, "rolled back after two failed windows")
+    results = [e["result"] for e in c["history"]]
+    assert results.count("fail") == 2 and results[-1] == "rolled_back", results
+
+
+def test_the_bearer_token_file_is_sent_to_prometheus(fake, replica, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret-prom\n")
+    prom = fake(passing, token="s3cret-prom")
+    berth = replica(prom.port, unavailable="1m", analysis=f'bearer_token_file = "{token}"\n')
+    c = wait_for(berth, lambda c: any(e["result"] == "pass" for e in c["history"]), 15, "a window passed")
+    assert c["analysis"]["status"] == "ok", c
+    assert "s3cret-prom" not in json.dumps(c)
+    # Another token: refused, and said so.
+    token.write_text("rotated")
+    c = wait_for(berth, lambda c: c["analysis"]["status"] == "unavailable", 15, "refused without the token")
+    assert "401" in c["analysis"]["error"], c["analysis"]
+
+
+def test_a_short_outage_between_answers_does_not_add_up_to_a_rollback(fake, replica):
+    """The unavailable clock starts again once a window is judged: two 2 s
+    outages with a judged window between never reach a 3 s limit."""
+    started = time.time()
+
+    def flaky(query):
+        phase = (time.time() - started) % 5
+        if phase < 2:
+            return 503, {"status": "error", "errorType": "unavailable", "error": "overloaded"}
+        return passing(query)
+
+    prom = fake(flaky)
+    berth = replica(prom.port, unavailable="3s", steps="[10, 20, 30, 40, 50, 60, 70, 80, 90, 100]")
+    time.sleep(11)
+    c = cart(berth)
+    assert c["state"] != "rolled_back", c["reason"]
+    results = [e["result"] for e in c["history"]]
+    assert results.count("unavailable") >= 2 and "pass" in results, results

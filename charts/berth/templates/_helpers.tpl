@@ -45,6 +45,19 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end }}
 
+{{/* The name of this release's track (Deployment, HPA, ScaledObject),
+within the 63 characters of a label value: KEDA labels the objects it
+makes with the ScaledObject's name. */}}
+{{- define "berth.trackName" -}}
+{{- printf "%s-%s" (include "berth.fullname" .) .Values.track | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* A duration of values (`90s`, `1m`, `2h`) in seconds. */}}
+{{- define "berth.seconds" -}}
+{{- $n := regexFind "^[0-9]+" . | int -}}
+{{- if hasSuffix "ms" . }}0{{ else if hasSuffix "h" . }}{{ mul $n 3600 }}{{ else if hasSuffix "m" . }}{{ mul $n 60 }}{{ else }}{{ $n }}{{ end -}}
+{{- end }}
+
 {{/* The headless Service naming every pod of this release's track. */}}
 {{- define "berth.podsService" -}}
 {{- printf "%s-%s-pods" (include "berth.fullname" .) .Values.track | trunc 63 | trimSuffix "-" }}
@@ -292,6 +305,15 @@ read: 20, 0.5, 2.5 (Helm reads a values file's numbers as float64). */}}
 {{/* What JSON schema cannot compare: the replica bounds. */}}
 {{- define "berth.autoscaling.check" -}}
 {{- $a := .Values.autoscaling -}}
+{{- /* rate() needs two samples in its window, or the fallback reads 0:
+a silent scale-down. Four scrapes, as Prometheus advises. */ -}}
+{{- if and .Values.podMonitor.enabled (or $a.signals.requestRate $a.signals.shedRate) -}}
+{{- $window := include "berth.seconds" $a.signals.rateWindow | int -}}
+{{- $scrape := include "berth.seconds" .Values.podMonitor.interval | int -}}
+{{- if lt $window (mul 4 $scrape) -}}
+{{- fail (printf "autoscaling.signals.rateWindow (%s) must span at least four scrapes of podMonitor.interval (%s): with fewer, a rate reads 0 and the autoscaler scales down" $a.signals.rateWindow .Values.podMonitor.interval) -}}
+{{- end -}}
+{{- end -}}
 {{- if gt (int $a.minReplicas) (int $a.maxReplicas) -}}
 {{- fail (printf "autoscaling.minReplicas (%d) is above autoscaling.maxReplicas (%d)" (int $a.minReplicas) (int $a.maxReplicas)) -}}
 {{- end -}}

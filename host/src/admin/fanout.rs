@@ -231,6 +231,12 @@ mod tests {
     /// A pod on a free loopback port that answers every request with 409
     /// and `body`.
     async fn pod_answering_409(body: &'static str) -> String {
+        pod(body, None).await
+    }
+
+    /// The same, or with 200 when `token` is given and the request carries
+    /// it (401 when it does not).
+    async fn pod(body: &'static str, token: Option<&'static str>) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -242,8 +248,14 @@ mod tests {
                     let n = stream.read(&mut buf).await.unwrap();
                     head.extend_from_slice(&buf[..n]);
                 }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                let status = match token {
+                    None => "409 Conflict",
+                    Some(t) if head.contains(&format!("authorization: bearer {t}\r\n")) => "200 OK",
+                    Some(_) => "401 Unauthorized",
+                };
                 let answer = format!(
-                    "HTTP/1.1 409 Conflict\r\ncontent-length: {}\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{body}",
                     body.len()
                 );
                 stream.write_all(answer.as_bytes()).await.unwrap();
@@ -274,6 +286,26 @@ mod tests {
         // A reload knows no such state: its 409 is a failure.
         let (status, _) = fan_out(&rolled_back, &Method::POST, "/admin/reload", None).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY);
+    }
+
+    #[tokio::test]
+    async fn the_callers_token_goes_to_each_pod_and_a_2xx_is_done() {
+        let addr = pod(r#"{"state":"rolled_back"}"#, Some("t0k3n")).await;
+        let token = HeaderValue::from_static("Bearer t0k3n");
+        let (status, body) =
+            fan_out(&addr, &Method::POST, "/admin/canary/a/abort", Some(&token)).await;
+        assert_eq!(
+            (status, body["failed"].as_u64()),
+            (StatusCode::OK, Some(0)),
+            "{body}"
+        );
+        assert_eq!(body["pods"][0]["status"], 200);
+        assert_eq!(body["pods"][0]["answer"]["state"], "rolled_back");
+        let (status, body) = fan_out(&addr, &Method::POST, "/admin/canary/a/abort", None).await;
+        assert_eq!(
+            (status, body["pods"][0]["status"].as_u64()),
+            (StatusCode::BAD_GATEWAY, Some(401))
+        );
     }
 
     #[test]
