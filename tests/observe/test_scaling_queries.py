@@ -36,7 +36,9 @@ from conftest import CHART, HELM, Berth, Prometheus, http, wasm
 WINDOW = 20
 SIGNALS = ["--set", "autoscaling.signals.inFlight=10", "--set", "autoscaling.signals.requestRate=10",
            "--set", "autoscaling.signals.shedRate=1", "--set", f"autoscaling.signals.rateWindow={WINDOW}s",
-           "--set", "podMonitor.enabled=true"]
+           # The PodMonitor's interval as this test's Prometheus scrapes (1 s):
+           # the chart refuses a rate window of fewer than four scrapes.
+           "--set", "podMonitor.enabled=true", "--set", "podMonitor.interval=1s"]
 KEDA = ["--set", "autoscaling.keda.enabled=true", "--set", "autoscaling.keda.serverAddress=http://prometheus:9090"]
 ADAPTER = ["--set", "autoscaling.enabled=true", "--set", "autoscaling.prometheusAdapter.enabled=true"]
 # Our track's two pods, as the Deployment names them.
