@@ -350,7 +350,7 @@ impl Window {
             }
         };
         let requests = read(&self.requests);
-        let errors = read(&self.errors).min(requests);
+        let errors = read(&self.errors);
         let refused = read(&self.refused);
         let mut seen = 0;
         let cumulative: Vec<(f64, u64)> = self
@@ -363,16 +363,10 @@ impl Window {
                 (le, seen)
             })
             .collect();
-        Figures {
-            requests,
-            errors,
-            success_rate: (requests > 0)
-                .then(|| 100.0 * (requests - errors) as f64 / requests as f64),
-            // Past the last bound (a minute) is past every threshold.
-            p99_ms: crate::metrics::quantile(&cumulative[..bounds().len()], seen, 0.99)
-                .map(|s| s * 1e3),
-            refused,
-        }
+        // Past the last bound (a minute) is past every threshold.
+        let p99_ms =
+            crate::metrics::quantile(&cumulative[..bounds().len()], seen, 0.99).map(|s| s * 1e3);
+        Figures::of(requests, errors, p99_ms, refused)
     }
 }
 
@@ -597,8 +591,9 @@ impl Canary {
                     unavailable_since_ms: p.unavailable.as_ref().map(|u| u.0),
                     queries: fleet
                         .window_queries()
-                        .into_iter()
+                        .iter()
                         .chain(fleet.record_queries())
+                        .cloned()
                         .collect(),
                     record: [
                         ("module", id.module.clone()),
@@ -1154,14 +1149,7 @@ mod tests {
     }
 
     fn figures(requests: u64, errors: u64, p99_ms: f64) -> Figures {
-        Figures {
-            requests,
-            errors,
-            success_rate: (requests > 0)
-                .then(|| 100.0 * (requests - errors) as f64 / requests as f64),
-            p99_ms: Some(p99_ms),
-            refused: 0,
-        }
+        Figures::of(requests, errors, Some(p99_ms), 0)
     }
 
     #[test]

@@ -118,8 +118,10 @@ impl Identity {
 pub struct Fleet {
     client: reqwest::Client,
     analysis: Analysis,
-    interval: Duration,
     identity: Identity,
+    /// The questions never change for one canary: built once.
+    window_queries: [String; 3],
+    record_queries: [String; 2],
 }
 
 /// The figures of both versions in a window, with the queries that gave them.
@@ -147,11 +149,37 @@ impl Fleet {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
+        let id = &identity;
+        let matchers = |own: String| -> String {
+            // The operator's labels, escaped as PromQL strings (JSON's
+            // escapes are PromQL's).
+            let fleet: String = analysis
+                .labels
+                .iter()
+                .map(|(k, v)| format!(",{k}={}", serde_json::Value::from(v.as_str())))
+                .collect();
+            format!(
+                "module={}{own}{fleet}",
+                serde_json::Value::from(id.module.as_str())
+            )
+        };
+        let window = matchers(format!(",version=~\"{}|{}\"", id.stable, id.canary));
+        let range = format!("{}ms", interval.as_millis());
+        let window_queries =
+            ["requests", "shed", "p99"].map(|name| window_query(name, &window, &range));
+        let record = matchers(format!(
+            ",stable=\"{}\",canary=\"{}\",spec=\"{}\"",
+            id.stable, id.canary, id.spec
+        ));
+        let record_queries = ["state", "step"].map(|what| {
+            format!("max(max_over_time(berth_canary_fleet_{what}{{{record}}}[{RECORD_LOOKBACK}]))")
+        });
         Fleet {
             client,
             analysis,
-            interval,
             identity,
+            window_queries,
+            record_queries,
         }
     }
 
@@ -165,54 +193,24 @@ impl Fleet {
         &self.analysis
     }
 
-    /// The label matchers of the operator's `labels`, escaped as PromQL
-    /// strings (JSON's escapes are PromQL's).
-    fn fleet_matchers(&self) -> String {
-        self.analysis
-            .labels
-            .iter()
-            .map(|(k, v)| format!(",{k}={}", serde_json::Value::from(v.as_str())))
-            .collect()
-    }
-
     /// The queries of a window: requests by track and status, shed
     /// requests by version, and the p99 by track. Public for `/info`.
-    pub fn window_queries(&self) -> [String; 3] {
-        let id = &self.identity;
-        let m = format!(
-            "module={},version=~\"{}|{}\"{}",
-            serde_json::Value::from(id.module.as_str()),
-            id.stable,
-            id.canary,
-            self.fleet_matchers()
-        );
-        let d = format!("{}ms", self.interval.as_millis());
-        ["requests", "shed", "p99"].map(|name| window_query(name, &m, &d))
+    pub fn window_queries(&self) -> &[String; 3] {
+        &self.window_queries
     }
 
     /// The queries of the record: the highest state and step.
-    pub fn record_queries(&self) -> [String; 2] {
-        let id = &self.identity;
-        let m = format!(
-            "module={},stable=\"{}\",canary=\"{}\",spec=\"{}\"{}",
-            serde_json::Value::from(id.module.as_str()),
-            id.stable,
-            id.canary,
-            id.spec,
-            self.fleet_matchers()
-        );
-        ["state", "step"].map(|what| {
-            format!("max(max_over_time(berth_canary_fleet_{what}{{{m}}}[{RECORD_LOOKBACK}]))")
-        })
+    pub fn record_queries(&self) -> &[String; 2] {
+        &self.record_queries
     }
 
     /// Both versions' fleet-wide figures in `window`.
     pub async fn judge(&self, window: Window) -> Result<Judged, String> {
         let [requests, shed, p99] = self.window_queries();
         let at = Some(window.end_ms);
-        let requests = self.query(&requests, at).await?;
-        let shed = self.query(&shed, at).await?;
-        let p99 = self.query(&p99, at).await?;
+        let requests = self.query(requests, at).await?;
+        let shed = self.query(shed, at).await?;
+        let p99 = self.query(p99, at).await?;
         Ok(self.figures(window, &requests, &shed, &p99))
     }
 
@@ -284,8 +282,8 @@ impl Fleet {
         let [state, step] = self.record_queries();
         let first =
             |samples: Vec<Sample>| samples.first().map(|s| s.value).filter(|v| v.is_finite());
-        let state = first(self.query(&state, None).await?);
-        let step = first(self.query(&step, None).await?);
+        let state = first(self.query(state, None).await?);
+        let step = first(self.query(step, None).await?);
         Ok(Record {
             state: state.map(|v| v as i64),
             step: step.filter(|v| *v >= 0.0).map(|v| v as usize),
