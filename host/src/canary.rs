@@ -1332,6 +1332,341 @@ mod tests {
         assert_eq!(cookie(&HeaderMap::new(), "uid"), None);
     }
 
+    /// A canary of `plain_hello` against itself, started from the lines
+    /// of its `[modules.app.canary]` table, with what it reports to.
+    struct Started {
+        canary: Arc<Canary>,
+        finished: mpsc::UnboundedReceiver<Arc<Canary>>,
+        metrics: Arc<Metrics>,
+        _runtime: crate::runtime::Runtime,
+        _config: crate::testing::ConfigFile,
+    }
+
+    async fn started(table: &str) -> Started {
+        use crate::runtime::{Fetched, Runtime, RuntimeOptions};
+        let file = crate::testing::ConfigFile::new("");
+        let stable = crate::testing::module(&file, "app", "/", "plain_hello");
+        crate::testing::module(&file, "v2", "/", "plain_hello");
+        // No window ends on its own unless the table says when.
+        let interval = if table.contains("interval") {
+            ""
+        } else {
+            "interval = \"1h\""
+        };
+        file.write(&format!(
+            "{stable}[modules.app.canary]\nfile = \"v2.wasm\"\n{interval}\n{table}\n"
+        ));
+        let config = file.load();
+        let runtime = Runtime::new(&RuntimeOptions::from_config(&config)).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let spec = config.canary_specs().remove(0);
+        let fetched = Fetched::fetch(&spec.module, &runtime).await.unwrap();
+        let module = Module::load(&runtime, spec.module.clone(), fetched, &metrics).unwrap();
+        let (tx, finished) = mpsc::unbounded_channel();
+        let canary = Canary::new(Arc::new(module), spec, "", metrics.clone(), tx);
+        Started {
+            canary,
+            finished,
+            metrics,
+            _runtime: runtime,
+            _config: file,
+        }
+    }
+
+    impl Started {
+        /// `n` requests of `track` answered `status` in 5 ms.
+        fn serve(&self, track: Track, status: u16, n: usize) {
+            for _ in 0..n {
+                self.canary.record(track, status, Duration::from_millis(5));
+            }
+        }
+
+        /// The published weight and state gauges.
+        fn gauges(&self) -> (i64, i64) {
+            (
+                self.metrics.canary_weight.with_label_values(&["app"]).get(),
+                self.metrics.canary_state.with_label_values(&["app"]).get(),
+            )
+        }
+
+        fn results(&self) -> Vec<&'static str> {
+            self.canary
+                .snapshot()
+                .history
+                .iter()
+                .map(|e| e.result)
+                .collect()
+        }
+    }
+
+    fn with_header(name: &str, value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+        headers
+    }
+
+    /// Canary picks among `n` random draws; a binomial count of mean
+    /// `n * weight` is within six standard deviations of it.
+    fn assert_share(picks: usize, n: usize, weight: f64, what: &str) {
+        let mean = n as f64 * weight;
+        let sd = (mean * (1.0 - weight)).sqrt();
+        assert!(
+            (picks as f64 - mean).abs() < 6.0 * sd,
+            "{what}: {picks} of {n} on the canary, {mean} expected"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_random_draw_follows_the_weight_and_the_ends_are_exact() {
+        let s = started("steps = [10, 60]").await;
+        assert_eq!(s.canary.weight(), 10);
+        let none = HeaderMap::new();
+        let n = 20_000;
+        let picks = (0..n)
+            .filter(|_| s.canary.pick(&none) == Track::Canary)
+            .count();
+        assert_share(picks, n, 0.10, "weight 10");
+        s.canary.act(Action::Promote).unwrap();
+        assert!((0..1000).all(|_| s.canary.pick(&none) == Track::Canary));
+        let s = started("steps = [10, 60]").await;
+        s.canary.act(Action::Abort).unwrap();
+        assert!((0..1000).all(|_| s.canary.pick(&none) == Track::Stable));
+    }
+
+    #[tokio::test]
+    async fn a_sticky_key_keeps_its_version_and_only_moves_to_the_canary_as_the_weight_rises() {
+        let s =
+            started("steps = [10, 60]\nmin_requests = 1\nsticky = { header = \"x-user\" }").await;
+        let keys: Vec<String> = (0..2000).map(|i| format!("user-{i}")).collect();
+        let pick = |key: &str| s.canary.pick(&with_header("x-user", key));
+        let on_canary: Vec<bool> = keys.iter().map(|k| pick(k) == Track::Canary).collect();
+        for (key, was) in keys.iter().zip(&on_canary) {
+            for _ in 0..3 {
+                assert_eq!(pick(key) == Track::Canary, *was, "{key} moved");
+            }
+        }
+        assert_share(
+            on_canary.iter().filter(|c| **c).count(),
+            2000,
+            0.10,
+            "step 10",
+        );
+        s.serve(Track::Stable, 200, 1);
+        s.serve(Track::Canary, 200, 1);
+        s.canary.judge_window();
+        assert_eq!(s.canary.weight(), 60);
+        let now: Vec<bool> = keys.iter().map(|k| pick(k) == Track::Canary).collect();
+        for ((key, was), is) in keys.iter().zip(&on_canary).zip(&now) {
+            assert!(!was || *is, "{key} left the canary as its weight rose");
+        }
+        assert_share(now.iter().filter(|c| **c).count(), 2000, 0.60, "step 60");
+
+        // A cookie key, and a request without one, drawn at random.
+        let s = started("steps = [50]\nsticky = { cookie = \"uid\" }").await;
+        let pick = |key: &str| {
+            s.canary
+                .pick(&with_header("cookie", &format!("theme=dark; uid={key}")))
+        };
+        let first: Vec<Track> = (0..200).map(|i| pick(&i.to_string())).collect();
+        assert!((0..200).all(|i| pick(&i.to_string()) == first[i]));
+        assert_share(
+            first.iter().filter(|t| **t == Track::Canary).count(),
+            200,
+            0.5,
+            "cookie at 50",
+        );
+        let none = HeaderMap::new();
+        let draws: Vec<Track> = (0..64).map(|_| s.canary.pick(&none)).collect();
+        assert!(draws.contains(&Track::Canary) && draws.contains(&Track::Stable));
+    }
+
+    #[tokio::test]
+    async fn windows_judged_in_turn_wait_advance_fail_and_promote() {
+        let mut s = started("steps = [10, 50]\nmin_requests = 2\nmax_failures = 2").await;
+        assert_eq!(s.gauges(), (10, State::Progressing.gauge()));
+        s.canary.judge_window();
+        assert_eq!(s.results(), ["wait"]);
+        assert_eq!(s.canary.weight(), 10);
+
+        s.serve(Track::Stable, 200, 2);
+        s.serve(Track::Canary, 200, 2);
+        s.canary.judge_window();
+        let snap = s.canary.snapshot();
+        assert_eq!((snap.step, snap.weight), (1, 50));
+        assert_eq!(s.gauges(), (50, State::Progressing.gauge()));
+        assert_eq!(
+            snap.window.canary.requests, 0,
+            "a judged window starts again"
+        );
+        let judged = snap.history.last().unwrap();
+        assert_eq!((judged.step, judged.weight, judged.result), (0, 10, "pass"));
+        assert_eq!(judged.canary.unwrap().requests, 2);
+
+        s.serve(Track::Canary, 500, 2);
+        s.canary.judge_window();
+        let snap = s.canary.snapshot();
+        assert_eq!(
+            (snap.state, snap.failures, snap.weight),
+            (State::Progressing, 1, 50)
+        );
+        s.serve(Track::Canary, 200, 2);
+        s.canary.judge_window();
+        let snap = s.canary.snapshot();
+        assert_eq!(snap.state, State::Promoted);
+        assert_eq!((snap.step, snap.weight, snap.failures), (1, 100, 0));
+        assert_eq!(snap.reason.as_deref(), Some("every step passed"));
+        assert_eq!(s.gauges(), (100, State::Promoted.gauge()));
+        assert_eq!(s.results(), ["wait", "pass", "fail", "pass", "promoted"]);
+        let done = s.finished.try_recv().expect("the reloader hears of it");
+        assert!(Arc::ptr_eq(&done, &s.canary));
+        let judged = |r| {
+            s.metrics
+                .canary_judgements
+                .with_label_values(&["app", r])
+                .get()
+        };
+        assert_eq!((judged("pass"), judged("fail"), judged("wait")), (2, 1, 1));
+
+        // Over: a late window changes nothing.
+        s.serve(Track::Canary, 500, 5);
+        s.canary.judge_window();
+        assert_eq!(s.results().len(), 5);
+        assert_eq!(
+            s.canary.act(Action::Abort).unwrap_err().state,
+            State::Promoted
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_windows_in_a_row_roll_back_at_max_failures() {
+        let mut s = started("steps = [10, 50]\nmin_requests = 1\nmax_failures = 2").await;
+        s.serve(Track::Canary, 500, 1);
+        s.canary.judge_window();
+        assert_eq!(s.canary.state(), State::Progressing);
+        assert_eq!((s.canary.snapshot().failures, s.canary.weight()), (1, 10));
+        assert!(s.finished.try_recv().is_err());
+        s.serve(Track::Canary, 503, 1);
+        s.canary.refused(Track::Canary);
+        assert_eq!(s.canary.snapshot().window.canary.refused, 1);
+        s.canary.judge_window();
+        let snap = s.canary.snapshot();
+        assert_eq!(
+            (snap.state, snap.weight, snap.step),
+            (State::RolledBack, 0, 0)
+        );
+        assert!(snap.reason.unwrap().contains("success rate 0.00%"));
+        assert_eq!(s.gauges(), (0, State::RolledBack.gauge()));
+        assert_eq!(s.results(), ["fail", "fail", "rolled_back"]);
+        assert!(s.finished.try_recv().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_paused_canary_judges_nothing_and_resumes_on_a_new_window() {
+        let s = started("steps = [10, 50]\nmin_requests = 1").await;
+        s.canary.act(Action::Pause).unwrap();
+        assert_eq!(s.gauges(), (10, State::Paused.gauge()));
+        s.serve(Track::Stable, 200, 3);
+        s.serve(Track::Canary, 200, 3);
+        s.canary.judge_window();
+        let snap = s.canary.snapshot();
+        assert_eq!((snap.state, snap.step, snap.weight), (State::Paused, 0, 10));
+        assert_eq!(snap.window.canary.requests, 3, "served while paused");
+        let refused = s.canary.act(Action::Pause).unwrap_err();
+        assert_eq!(
+            (refused.state, refused.action),
+            (State::Paused, Action::Pause)
+        );
+        s.canary.act(Action::Resume).unwrap();
+        assert_eq!(s.canary.snapshot().window.canary.requests, 0);
+        assert_eq!(s.gauges(), (10, State::Progressing.gauge()));
+        assert!(s.canary.act(Action::Resume).is_err());
+        assert_eq!(s.results(), ["paused", "resumed"]);
+    }
+
+    #[tokio::test]
+    async fn the_run_task_judges_every_interval_until_the_canary_ends() {
+        let mut s = started("steps = [10, 50]\nmin_requests = 1\ninterval = \"100ms\"").await;
+        let run = tokio::spawn(s.canary.clone().run());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while s.finished.try_recv().is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "never promoted");
+            s.serve(Track::Stable, 200, 1);
+            s.serve(Track::Canary, 200, 1);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(s.canary.state(), State::Promoted);
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("the run task ends with the canary")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_board_shows_live_settled_and_failed_canaries() {
+        let s = started("steps = [10]").await;
+        let board = Board::default();
+        assert!(board.get("app").is_none() && board.info("app").is_none());
+        board.set_live("app", Some(s.canary.clone()));
+        assert!(Arc::ptr_eq(&board.get("app").unwrap(), &s.canary));
+        assert_eq!(board.info("app").unwrap()["state"], "progressing");
+        assert_eq!(board.info("app").unwrap()["weight"], 10);
+        let settled = Settled {
+            stable: "a.wasm".into(),
+            canary: "b.wasm".into(),
+            stable_id: "1".into(),
+            canary_id: "2".into(),
+            sha256: "ab".into(),
+            state: State::RolledBack,
+            reason: "why".into(),
+            at_ms: 1,
+        };
+        board.set_settled([("old".to_owned(), settled.clone())].into());
+        assert_eq!(board.settled()["old"], settled);
+        assert_eq!(board.info("old").unwrap()["reason"], "why");
+        assert!(board.set_error("bad", Some("no such file".into())), "news");
+        assert!(
+            !board.set_error("bad", Some("no such file".into())),
+            "the same"
+        );
+        assert!(board.set_error("bad", Some("another".into())), "changed");
+        assert_eq!(board.info("bad").unwrap()["state"], "failed_to_load");
+        assert_eq!(board.info("bad").unwrap()["error"], "another");
+        board.set_live("bad", Some(s.canary.clone()));
+        assert_eq!(board.modules(), ["app", "bad", "old"]);
+        assert!(board.set_error("bad", None));
+        assert!(!board.set_error("bad", None));
+        board.set_live("app", None);
+        assert!(board.get("app").is_none());
+        assert_eq!(board.modules(), ["bad", "old"]);
+    }
+
+    #[test]
+    fn the_history_keeps_the_newest_entries() {
+        let mut history = VecDeque::new();
+        for step in 0..HISTORY + 3 {
+            push(
+                &mut history,
+                Entry {
+                    at_ms: now_ms(),
+                    step,
+                    weight: 0,
+                    result: "wait",
+                    reason: None,
+                    stable: None,
+                    canary: None,
+                    window: None,
+                },
+            );
+        }
+        assert_eq!(history.len(), HISTORY);
+        assert_eq!(history.front().unwrap().step, 3);
+        // 2020-09-13: a clock, not a constant.
+        assert!(history[0].at_ms > 1_600_000_000_000);
+    }
+
     #[test]
     fn actions_are_parsed_by_name() {
         assert_eq!("promote".parse::<Action>(), Ok(Action::Promote));
