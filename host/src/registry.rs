@@ -734,6 +734,262 @@ mod tests {
         .unwrap()
     }
 
+    type Answer =
+        dyn Fn(&str, usize) -> http::Response<http_body_util::Full<bytes::Bytes>> + Send + Sync;
+
+    /// A registry on loopback that answers each GET with `answer(path, n)`
+    /// (`n`: how often that path was asked before) and keeps every path it
+    /// was asked: a peer that fails, lies and overruns on demand, as the
+    /// real registry of the end-to-end tests cannot.
+    struct Fake {
+        host: String,
+        asked: Arc<std::sync::Mutex<Vec<String>>>,
+        _task: tokio_util::task::AbortOnDropHandle<()>,
+    }
+
+    use std::sync::Arc;
+
+    impl Fake {
+        async fn start(answer: Arc<Answer>) -> Fake {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let host = listener.local_addr().unwrap().to_string();
+            let asked: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+            let log = asked.clone();
+            let task = tokio::spawn(async move {
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let (answer, log) = (answer.clone(), log.clone());
+                    let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                        let path = req.uri().path().to_owned();
+                        let n = {
+                            let mut log = log.lock().unwrap();
+                            let n = log.iter().filter(|p| **p == path).count();
+                            log.push(path.clone());
+                            n
+                        };
+                        let response = answer(&path, n);
+                        async move { Ok::<_, std::convert::Infallible>(response) }
+                    });
+                    tokio::spawn(
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+                    );
+                }
+            });
+            Fake {
+                host,
+                asked,
+                _task: tokio_util::task::AbortOnDropHandle::new(task),
+            }
+        }
+
+        fn asked(&self, kind: &str) -> usize {
+            let part = format!("/{kind}/");
+            self.asked
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|p| p.contains(&part))
+                .count()
+        }
+
+        fn registry(&self, retries: u32, max_module_size: u64) -> Registry {
+            Registry::new(&RegistryConfig {
+                insecure_registries: vec![self.host.clone()],
+                auth_files: vec!["/nonexistent/berth-test-auth.json".into()],
+                retries,
+                timeout: Duration::from_secs(20),
+                max_module_size: crate::config::ByteSize(max_module_size),
+                ..RegistryConfig::default()
+            })
+            .unwrap()
+        }
+    }
+
+    fn ok(body: &[u8]) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::copy_from_slice(
+            body,
+        )))
+    }
+
+    fn status(code: u16) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+        let mut response = ok(b"{\"errors\":[{\"message\":\"said so\"}]}");
+        *response.status_mut() = http::StatusCode::from_u16(code).unwrap();
+        response
+    }
+
+    /// A component's layer, a manifest declaring `declared` bytes of it,
+    /// and the manifest's digest.
+    fn artifact(layer: &[u8], declared: i64) -> (Vec<u8>, String) {
+        let hex = hex::encode(Sha256::digest(layer));
+        let raw = manifest(&[("application/wasm", &format!("sha256:{hex}"), declared)]);
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&raw)));
+        (raw, digest)
+    }
+
+    /// Serves `raw` for every manifest and `served` for every blob, after
+    /// `failures` 503s on the manifest.
+    fn serving(raw: Vec<u8>, served: Vec<u8>, failures: usize) -> Arc<Answer> {
+        Arc::new(move |path, n| {
+            if path.contains("/manifests/") {
+                if n < failures { status(503) } else { ok(&raw) }
+            } else {
+                ok(&served)
+            }
+        })
+    }
+
+    const LAYER: &[u8] = b"\0asm\x0d\0\x01\0 a component's bytes";
+
+    #[tokio::test]
+    async fn a_pull_verifies_both_digests_and_the_cache_then_answers_alone() {
+        let (raw, digest) = artifact(LAYER, LAYER.len() as i64);
+        let fake = Fake::start(serving(raw.clone(), LAYER.to_vec(), 0)).await;
+        let reference = format!("{}/team/m@{digest}", fake.host);
+        let cache = tempfile::tempdir().unwrap();
+        // The size limit is the layer's exact size: at the limit is allowed.
+        let registry = fake.registry(0, LAYER.len() as u64);
+        let pulled = registry
+            .pull(&reference, Some(cache.path()), "m")
+            .await
+            .unwrap();
+        assert_eq!(pulled.bytes, LAYER);
+        assert_eq!(pulled.sha256, hex::encode(Sha256::digest(LAYER)));
+        assert_eq!(pulled.manifest_digest, digest);
+        assert!(!pulled.cached);
+        assert_eq!((fake.asked("manifests"), fake.asked("blobs")), (1, 1));
+        let again = registry
+            .pull(&reference, Some(cache.path()), "m")
+            .await
+            .unwrap();
+        assert!(again.cached && again.bytes == LAYER);
+        assert_eq!(fake.asked("manifests"), 1, "the cache answered alone");
+
+        // A manifest other than the pinned one, and a layer other than the
+        // manifest's, are refused and named.
+        let (other, _) = artifact(b"\0asm other", 10);
+        let fake = Fake::start(serving(other, LAYER.to_vec(), 0)).await;
+        let err = fake
+            .registry(0, 1 << 20)
+            .pull(&format!("{}/team/m@{digest}", fake.host), None, "m")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the manifest has digest") && err.contains(&digest),
+            "{err}"
+        );
+        let tampered = b"\0asm\x0d\0\x01\0 A component's bytes".to_vec();
+        let fake = Fake::start(serving(raw, tampered, 0)).await;
+        let err = fake
+            .registry(0, 1 << 20)
+            .pull(&format!("{}/team/m@{digest}", fake.host), None, "m")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RegistryError::Digest { what, .. } if what.starts_with("layer")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sizes_are_bounded_by_the_limit_and_by_what_the_manifest_declares() {
+        // Declared over the limit: refused before the layer is asked for.
+        let (raw, digest) = artifact(LAYER, LAYER.len() as i64);
+        let fake = Fake::start(serving(raw, LAYER.to_vec(), 0)).await;
+        let reference = format!("{}/team/m@{digest}", fake.host);
+        let err = fake
+            .registry(0, LAYER.len() as u64 - 1)
+            .pull(&reference, None, "m")
+            .await;
+        assert!(
+            matches!(err, Err(RegistryError::TooLarge { .. })),
+            "{err:?}"
+        );
+        assert_eq!(fake.asked("blobs"), 0);
+
+        // A layer that runs past its declared size, by one byte.
+        let (raw, digest) = artifact(LAYER, LAYER.len() as i64 - 1);
+        let fake = Fake::start(serving(raw, LAYER.to_vec(), 0)).await;
+        let err = fake
+            .registry(0, 1 << 20)
+            .pull(&format!("{}/team/m@{digest}", fake.host), None, "m")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("runs past the") && err.contains("declares"),
+            "{err}"
+        );
+
+        // No declared size: the limit bounds the stream, and a layer of
+        // exactly the limit passes.
+        let (raw, digest) = artifact(LAYER, 0);
+        let fake = Fake::start(serving(raw, LAYER.to_vec(), 0)).await;
+        let reference = format!("{}/team/m@{digest}", fake.host);
+        let err = fake
+            .registry(0, LAYER.len() as u64 - 1)
+            .pull(&reference, None, "m")
+            .await;
+        let Err(RegistryError::TooLarge { size, .. }) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(size, LAYER.len() as u64, "the size seen so far");
+        let pulled = fake
+            .registry(0, LAYER.len() as u64)
+            .pull(&reference, None, "m")
+            .await;
+        assert_eq!(pulled.unwrap().bytes, LAYER);
+    }
+
+    #[tokio::test]
+    async fn only_what_may_pass_is_retried_and_only_as_often_as_configured() {
+        let (raw, digest) = artifact(LAYER, LAYER.len() as i64);
+        // Two 503s, two retries: the third attempt is served, after the
+        // backoff of 1 s and 2 s.
+        let fake = Fake::start(serving(raw.clone(), LAYER.to_vec(), 2)).await;
+        let reference = format!("{}/team/m@{digest}", fake.host);
+        let started = std::time::Instant::now();
+        let pulled = fake.registry(2, 1 << 20).pull(&reference, None, "m").await;
+        assert_eq!(pulled.unwrap().bytes, LAYER);
+        assert_eq!(fake.asked("manifests"), 3);
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "the backoff doubles from 1 s"
+        );
+
+        // One retry is not enough for two failures.
+        let fake = Fake::start(serving(raw.clone(), LAYER.to_vec(), 2)).await;
+        let reference = format!("{}/team/m@{digest}", fake.host);
+        let err = fake
+            .registry(1, 1 << 20)
+            .pull(&reference, None, "m")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Unavailable { .. }), "{err}");
+        assert!(err.to_string().contains("503"), "{err}");
+        assert_eq!(fake.asked("manifests"), 2);
+
+        // Not found, or refused, is final at once.
+        for (code, retried) in [(404, false), (403, false), (400, false), (429, true)] {
+            let fake = Fake::start(Arc::new(move |_: &str, _| status(code))).await;
+            let reference = format!("{}/team/m@{digest}", fake.host);
+            let err = fake
+                .registry(1, 1 << 20)
+                .pull(&reference, None, "m")
+                .await
+                .unwrap_err();
+            assert_eq!(
+                fake.asked("manifests"),
+                1 + usize::from(retried),
+                "{code}: {err}"
+            );
+            assert!(err.to_string().contains("said so"), "{err}");
+        }
+    }
+
     #[test]
     fn the_one_wasm_layer_is_picked_among_others() {
         let d = format!("sha256:{}", "a".repeat(64));
