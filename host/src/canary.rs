@@ -1643,6 +1643,291 @@ mod tests {
         assert_eq!(board.modules(), ["bad", "old"]);
     }
 
+    /// What a fake Prometheus answers: the fleet's record, the window's
+    /// series, or 503s while `down`.
+    #[derive(Default)]
+    struct Answers {
+        down: bool,
+        state: Option<f64>,
+        step: Option<f64>,
+        /// (track, status, increase)
+        requests: Vec<(&'static str, &'static str, f64)>,
+        /// (track, seconds)
+        p99: Vec<(&'static str, f64)>,
+    }
+
+    /// A Prometheus on loopback answering `/api/v1/query` from `Answers`.
+    async fn prometheus() -> (crate::testing::Peer, Arc<Mutex<Answers>>) {
+        let answers: Arc<Mutex<Answers>> = Arc::default();
+        let shared = answers.clone();
+        let peer = crate::testing::Peer::start(Arc::new(move |uri: &str, _| {
+            let a = shared.lock().unwrap();
+            if a.down {
+                return crate::testing::status(503);
+            }
+            let url = reqwest::Url::parse(&format!("http://prometheus{uri}")).unwrap();
+            let query = url
+                .query_pairs()
+                .find(|(k, _)| k == "query")
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            let series = |labels: serde_json::Value, value: f64| {
+                serde_json::json!({"metric": labels, "value": [0, value.to_string()]})
+            };
+            let result: Vec<_> = if query.contains("berth_canary_fleet_state") {
+                a.state.map(|v| series(serde_json::json!({}), v)).into_iter().collect()
+            } else if query.contains("berth_canary_fleet_step") {
+                a.step.map(|v| series(serde_json::json!({}), v)).into_iter().collect()
+            } else if query.starts_with("sum by (track, status)") {
+                a.requests
+                    .iter()
+                    .map(|(t, c, v)| series(serde_json::json!({"track": t, "status": c}), *v))
+                    .collect()
+            } else if query.starts_with("histogram_quantile") {
+                a.p99
+                    .iter()
+                    .map(|(t, v)| series(serde_json::json!({"track": t}), *v))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let body = serde_json::json!({"status": "success",
+                "data": {"resultType": "vector", "result": result}});
+            crate::testing::ok(body.to_string().as_bytes())
+        }))
+        .await;
+        (peer, answers)
+    }
+
+    /// A canary judged on the fleet's figures from `prometheus`.
+    /// Its interval is an hour unless `table` says otherwise, and it rolls
+    /// back after Prometheus fails to answer for `rollback_after`.
+    async fn fleet_started(
+        prometheus: &crate::testing::Peer,
+        table: &str,
+        rollback_after: &str,
+    ) -> Started {
+        started(&format!(
+            "{table}\n[modules.app.canary.analysis]\nprometheus = \"http://{}\"\n\
+             labels = {{ job = \"shop\" }}\nscrape_interval = \"100ms\"\n\
+             rollback_after_unavailable = \"{rollback_after}\"\n",
+            prometheus.host
+        ))
+        .await
+    }
+
+    /// A window ending at 1 700 000 000 250 ms (Unix), for `time=`.
+    const WINDOW: fleet::Window = fleet::Window {
+        start_ms: 1_699_999_999_250,
+        end_ms: 1_700_000_000_250,
+    };
+
+    async fn look(s: &Started, window: Option<fleet::Window>) {
+        let fleet = s.canary.fleet.as_ref().unwrap();
+        s.canary.tick(fleet, window).await;
+    }
+
+    fn analysis_status(s: &Started) -> &'static str {
+        s.canary.snapshot().analysis.unwrap().status
+    }
+
+    #[tokio::test]
+    async fn a_fleet_canary_joins_the_fleets_step_and_judges_the_fleets_window() {
+        let (prom, answers) = prometheus().await;
+        let mut s = fleet_started(&prom, "steps = [10, 50, 90]\nmin_requests = 5", "1h").await;
+        assert_eq!(s.canary.weight(), 0, "nothing served before it joins");
+        assert_eq!(analysis_status(&s), "joining");
+        answers.lock().unwrap().step = Some(1.0);
+        look(&s, None).await;
+        assert_eq!((s.canary.snapshot().step, s.canary.weight()), (1, 50));
+        assert_eq!(s.results(), ["joined"]);
+        assert_eq!(analysis_status(&s), "ok");
+        let labels = s.canary.fleet.as_ref().unwrap().identity().values();
+        assert_eq!(
+            s.metrics.canary_fleet_step.with_label_values(&labels).get(),
+            1
+        );
+        assert!(
+            prom.asked().iter().all(|q| !q.contains("time=")),
+            "joining asks only for the record, now"
+        );
+
+        // The fleet served the window well: the next step, judged on its
+        // figures (not this replica's, which served nothing).
+        {
+            let mut a = answers.lock().unwrap();
+            a.requests = vec![
+                ("canary", "200", 7.4),
+                ("stable", "200", 30.0),
+                ("canary", "500", 0.0),
+            ];
+            a.p99 = vec![("canary", 0.01), ("stable", 0.01)];
+        }
+        look(&s, Some(WINDOW)).await;
+        let snap = s.canary.snapshot();
+        assert_eq!((snap.step, snap.weight), (2, 90));
+        let judged = snap.history.last().unwrap();
+        assert_eq!((judged.result, judged.window), ("pass", Some(WINDOW)));
+        assert_eq!(judged.canary.unwrap().requests, 7);
+        assert_eq!(
+            s.metrics.canary_fleet_step.with_label_values(&labels).get(),
+            2
+        );
+        let at_end = prom
+            .asked()
+            .iter()
+            .filter(|q| q.contains("time=1700000000.250"))
+            .count();
+        assert_eq!(at_end, 3, "the three window queries, at the window's end");
+
+        // A replica of the fleet rolled back: so does this one.
+        answers.lock().unwrap().state = Some(State::RolledBack.gauge() as f64);
+        look(&s, Some(WINDOW.next())).await;
+        let snap = s.canary.snapshot();
+        assert_eq!((snap.state, snap.weight), (State::RolledBack, 0));
+        assert_eq!(
+            snap.reason.as_deref(),
+            Some("rolled back by a replica of the fleet")
+        );
+        assert!(s.finished.try_recv().is_ok());
+        assert_eq!(
+            s.metrics
+                .canary_fleet_state
+                .with_label_values(&labels)
+                .get(),
+            State::RolledBack.gauge()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replica_behind_follows_the_fleet_and_a_promotion_promotes() {
+        let (prom, answers) = prometheus().await;
+        let s = fleet_started(&prom, "steps = [10, 50, 90]", "1h").await;
+        look(&s, None).await;
+        assert_eq!(
+            s.canary.weight(),
+            10,
+            "a fleet with no record starts at step 0"
+        );
+        answers.lock().unwrap().step = Some(2.0);
+        look(&s, None).await;
+        assert_eq!((s.canary.snapshot().step, s.canary.weight()), (2, 90));
+        assert_eq!(s.results(), ["joined", "followed"]);
+        // A record past the last step (another spec's) is clamped to it.
+        answers.lock().unwrap().step = Some(7.0);
+        look(&s, None).await;
+        assert_eq!(s.canary.snapshot().step, 2);
+        answers.lock().unwrap().state = Some(State::Promoted.gauge() as f64);
+        look(&s, None).await;
+        assert_eq!(
+            (s.canary.state(), s.canary.weight()),
+            (State::Promoted, 100)
+        );
+    }
+
+    #[tokio::test]
+    async fn without_prometheus_the_canary_holds_and_then_rolls_back() {
+        let (prom, answers) = prometheus().await;
+        let s = fleet_started(
+            &prom,
+            "steps = [10, 50]\nmin_requests = 1\ninterval = \"200ms\"",
+            "600ms",
+        )
+        .await;
+        look(&s, None).await;
+        answers.lock().unwrap().down = true;
+        look(&s, Some(WINDOW)).await;
+        let snap = s.canary.snapshot();
+        assert_eq!(
+            (snap.state, snap.step, snap.weight),
+            (State::Progressing, 0, 10)
+        );
+        assert_eq!(analysis_status(&s), "unavailable");
+        let error = snap.analysis.unwrap().error.unwrap();
+        assert!(error.contains("503"), "{error}");
+        // Back in time: available again, and a later outage starts afresh.
+        answers.lock().unwrap().down = false;
+        look(&s, None).await;
+        assert_eq!(analysis_status(&s), "ok");
+        answers.lock().unwrap().down = true;
+        look(&s, None).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        look(&s, None).await;
+        assert_eq!(s.canary.state(), State::Progressing, "300 ms of 600");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        look(&s, None).await;
+        let snap = s.canary.snapshot();
+        assert_eq!(snap.state, State::RolledBack);
+        assert!(
+            snap.reason
+                .unwrap()
+                .starts_with("analysis unavailable for 600ms")
+        );
+        assert_eq!(
+            s.results(),
+            ["joined", "unavailable", "unavailable", "rolled_back"]
+        );
+    }
+
+    #[tokio::test]
+    async fn figures_the_fleet_cannot_judge_hold_the_canary_and_say_why() {
+        let (prom, answers) = prometheus().await;
+        let s = fleet_started(
+            &prom,
+            "steps = [10, 50]\nmin_requests = 2\nmax_p99 = \"1s\"",
+            "1h",
+        )
+        .await;
+        look(&s, None).await;
+        // This replica served the canary; the fleet's figures show none.
+        s.serve(Track::Canary, 200, 2);
+        look(&s, Some(WINDOW)).await;
+        let error = s.canary.snapshot().analysis.unwrap().error.unwrap();
+        assert!(error.contains("do analysis.labels select"), "{error}");
+        assert_eq!(s.canary.snapshot().step, 0);
+        // One request short of what would make the labels suspect: a wait.
+        s.serve(Track::Canary, 200, 1);
+        look(&s, Some(WINDOW)).await;
+        assert_eq!(analysis_status(&s), "ok");
+        assert_eq!(s.results().last(), Some(&"wait"));
+        // Requests with no p99 cannot be held to max_p99.
+        answers.lock().unwrap().requests = vec![("canary", "200", 5.0)];
+        look(&s, Some(WINDOW)).await;
+        let error = s.canary.snapshot().analysis.unwrap().error.unwrap();
+        assert!(error.contains("no p99"), "{error}");
+        assert_eq!(s.canary.snapshot().step, 0);
+        // Paused, it asks about no window and judges nothing.
+        s.canary.act(Action::Pause).unwrap();
+        let before = prom.asked().len();
+        answers.lock().unwrap().p99 = vec![("canary", 0.01)];
+        look(&s, Some(WINDOW)).await;
+        assert_eq!(prom.asked().len(), before + 2, "the record only");
+        assert_eq!(s.canary.snapshot().step, 0);
+    }
+
+    #[tokio::test]
+    async fn the_run_task_looks_at_once_and_a_dropped_canary_leaves_no_record() {
+        let (prom, _answers) = prometheus().await;
+        let s = fleet_started(&prom, "steps = [10, 50]", "1h").await;
+        let run = tokio::spawn(s.canary.clone().run());
+        // The interval is an hour: only the first look asks this soon.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s.canary.weight() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no first look");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        run.abort();
+        let _ = run.await;
+        let rendered = |m: &Metrics| String::from_utf8(m.render()).unwrap();
+        assert!(rendered(&s.metrics).contains("berth_canary_fleet_state{"));
+        let Started {
+            canary, metrics, ..
+        } = s;
+        drop(canary);
+        assert!(!rendered(&metrics).contains("berth_canary_fleet_state{"));
+        assert!(!rendered(&metrics).contains("berth_canary_fleet_step{"));
+    }
+
     #[test]
     fn the_history_keeps_the_newest_entries() {
         let mut history = VecDeque::new();

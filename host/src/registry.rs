@@ -734,70 +734,31 @@ mod tests {
         .unwrap()
     }
 
-    type Answer =
-        dyn Fn(&str, usize) -> http::Response<http_body_util::Full<bytes::Bytes>> + Send + Sync;
-
-    /// A registry on loopback that answers each GET with `answer(path, n)`
-    /// (`n`: how often that path was asked before) and keeps every path it
-    /// was asked: a peer that fails, lies and overruns on demand, as the
-    /// real registry of the end-to-end tests cannot.
-    struct Fake {
-        host: String,
-        asked: Arc<std::sync::Mutex<Vec<String>>>,
-        _task: tokio_util::task::AbortOnDropHandle<()>,
-    }
-
     use std::sync::Arc;
+
+    use crate::testing::{Answer, Peer, ok, status};
+
+    /// A registry on loopback that fails, lies and overruns on demand, as
+    /// the real registry of the end-to-end tests cannot.
+    struct Fake(Peer);
 
     impl Fake {
         async fn start(answer: Arc<Answer>) -> Fake {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let host = listener.local_addr().unwrap().to_string();
-            let asked: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
-            let log = asked.clone();
-            let task = tokio::spawn(async move {
-                loop {
-                    let Ok((tcp, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let (answer, log) = (answer.clone(), log.clone());
-                    let service = hyper::service::service_fn(move |req: http::Request<_>| {
-                        let path = req.uri().path().to_owned();
-                        let n = {
-                            let mut log = log.lock().unwrap();
-                            let n = log.iter().filter(|p| **p == path).count();
-                            log.push(path.clone());
-                            n
-                        };
-                        let response = answer(&path, n);
-                        async move { Ok::<_, std::convert::Infallible>(response) }
-                    });
-                    tokio::spawn(
-                        hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
-                    );
-                }
-            });
-            Fake {
-                host,
-                asked,
-                _task: tokio_util::task::AbortOnDropHandle::new(task),
-            }
+            Fake(Peer::start(answer).await)
+        }
+
+        fn host(&self) -> &str {
+            &self.0.host
         }
 
         fn asked(&self, kind: &str) -> usize {
             let part = format!("/{kind}/");
-            self.asked
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|p| p.contains(&part))
-                .count()
+            self.0.asked().iter().filter(|p| p.contains(&part)).count()
         }
 
         fn registry(&self, retries: u32, max_module_size: u64) -> Registry {
             Registry::new(&RegistryConfig {
-                insecure_registries: vec![self.host.clone()],
+                insecure_registries: vec![self.0.host.clone()],
                 auth_files: vec!["/nonexistent/berth-test-auth.json".into()],
                 retries,
                 timeout: Duration::from_secs(20),
@@ -806,18 +767,6 @@ mod tests {
             })
             .unwrap()
         }
-    }
-
-    fn ok(body: &[u8]) -> http::Response<http_body_util::Full<bytes::Bytes>> {
-        http::Response::new(http_body_util::Full::new(bytes::Bytes::copy_from_slice(
-            body,
-        )))
-    }
-
-    fn status(code: u16) -> http::Response<http_body_util::Full<bytes::Bytes>> {
-        let mut response = ok(b"{\"errors\":[{\"message\":\"said so\"}]}");
-        *response.status_mut() = http::StatusCode::from_u16(code).unwrap();
-        response
     }
 
     /// A component's layer, a manifest declaring `declared` bytes of it,
@@ -847,7 +796,7 @@ mod tests {
     async fn a_pull_verifies_both_digests_and_the_cache_then_answers_alone() {
         let (raw, digest) = artifact(LAYER, LAYER.len() as i64);
         let fake = Fake::start(serving(raw.clone(), LAYER.to_vec(), 0)).await;
-        let reference = format!("{}/team/m@{digest}", fake.host);
+        let reference = format!("{}/team/m@{digest}", fake.host());
         let cache = tempfile::tempdir().unwrap();
         // The size limit is the layer's exact size: at the limit is allowed.
         let registry = fake.registry(0, LAYER.len() as u64);
@@ -873,7 +822,7 @@ mod tests {
         let fake = Fake::start(serving(other, LAYER.to_vec(), 0)).await;
         let err = fake
             .registry(0, 1 << 20)
-            .pull(&format!("{}/team/m@{digest}", fake.host), None, "m")
+            .pull(&format!("{}/team/m@{digest}", fake.host()), None, "m")
             .await
             .unwrap_err()
             .to_string();
@@ -885,7 +834,7 @@ mod tests {
         let fake = Fake::start(serving(raw, tampered, 0)).await;
         let err = fake
             .registry(0, 1 << 20)
-            .pull(&format!("{}/team/m@{digest}", fake.host), None, "m")
+            .pull(&format!("{}/team/m@{digest}", fake.host()), None, "m")
             .await
             .unwrap_err();
         assert!(
@@ -899,7 +848,7 @@ mod tests {
         // Declared over the limit: refused before the layer is asked for.
         let (raw, digest) = artifact(LAYER, LAYER.len() as i64);
         let fake = Fake::start(serving(raw, LAYER.to_vec(), 0)).await;
-        let reference = format!("{}/team/m@{digest}", fake.host);
+        let reference = format!("{}/team/m@{digest}", fake.host());
         let err = fake
             .registry(0, LAYER.len() as u64 - 1)
             .pull(&reference, None, "m")
@@ -915,7 +864,7 @@ mod tests {
         let fake = Fake::start(serving(raw, LAYER.to_vec(), 0)).await;
         let err = fake
             .registry(0, 1 << 20)
-            .pull(&format!("{}/team/m@{digest}", fake.host), None, "m")
+            .pull(&format!("{}/team/m@{digest}", fake.host()), None, "m")
             .await
             .unwrap_err()
             .to_string();
@@ -928,7 +877,7 @@ mod tests {
         // exactly the limit passes.
         let (raw, digest) = artifact(LAYER, 0);
         let fake = Fake::start(serving(raw, LAYER.to_vec(), 0)).await;
-        let reference = format!("{}/team/m@{digest}", fake.host);
+        let reference = format!("{}/team/m@{digest}", fake.host());
         let err = fake
             .registry(0, LAYER.len() as u64 - 1)
             .pull(&reference, None, "m")
@@ -950,7 +899,7 @@ mod tests {
         // Two 503s, two retries: the third attempt is served, after the
         // backoff of 1 s and 2 s.
         let fake = Fake::start(serving(raw.clone(), LAYER.to_vec(), 2)).await;
-        let reference = format!("{}/team/m@{digest}", fake.host);
+        let reference = format!("{}/team/m@{digest}", fake.host());
         let started = std::time::Instant::now();
         let pulled = fake.registry(2, 1 << 20).pull(&reference, None, "m").await;
         assert_eq!(pulled.unwrap().bytes, LAYER);
@@ -962,7 +911,7 @@ mod tests {
 
         // One retry is not enough for two failures.
         let fake = Fake::start(serving(raw.clone(), LAYER.to_vec(), 2)).await;
-        let reference = format!("{}/team/m@{digest}", fake.host);
+        let reference = format!("{}/team/m@{digest}", fake.host());
         let err = fake
             .registry(1, 1 << 20)
             .pull(&reference, None, "m")
@@ -975,7 +924,7 @@ mod tests {
         // Not found, or refused, is final at once.
         for (code, retried) in [(404, false), (403, false), (400, false), (429, true)] {
             let fake = Fake::start(Arc::new(move |_: &str, _| status(code))).await;
-            let reference = format!("{}/team/m@{digest}", fake.host);
+            let reference = format!("{}/team/m@{digest}", fake.host());
             let err = fake
                 .registry(1, 1 << 20)
                 .pull(&reference, None, "m")

@@ -134,3 +134,75 @@ pub(crate) async fn routes(
     routes.publish(crate::router::Router::new(modules));
     (std::sync::Arc::new(routes), metrics)
 }
+
+/// How a [`Peer`] answers: from the request's path and query, and how
+/// often that path was asked before.
+pub(crate) type Answer = dyn Fn(&str, usize) -> http::Response<Full<Bytes>> + Send + Sync;
+
+/// An HTTP/1.1 server on loopback that answers every request with an
+/// [`Answer`] and keeps what it was asked: a peer (registry, Prometheus)
+/// that fails and lies on demand. Stops when dropped.
+pub(crate) struct Peer {
+    /// `127.0.0.1:PORT`.
+    pub(crate) host: String,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl Peer {
+    pub(crate) async fn start(answer: std::sync::Arc<Answer>) -> Peer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let asked: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let log = asked.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (answer, log) = (answer.clone(), log.clone());
+                let service = hyper::service::service_fn(move |req: Request<_>| {
+                    let path = req.uri().path().to_owned();
+                    let whole = req.uri().to_string();
+                    let n = {
+                        let mut log = log.lock().unwrap();
+                        let n = log
+                            .iter()
+                            .filter(|p| p.split('?').next() == Some(path.as_str()))
+                            .count();
+                        log.push(whole.clone());
+                        n
+                    };
+                    let response = answer(&whole, n);
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+                );
+            }
+        });
+        Peer {
+            host,
+            asked,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }
+    }
+
+    /// Every request's path and query so far, in order.
+    pub(crate) fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+/// A 200 with `body`.
+pub(crate) fn ok(body: &[u8]) -> http::Response<Full<Bytes>> {
+    http::Response::new(Full::new(Bytes::copy_from_slice(body)))
+}
+
+/// A failure status with a registry's error envelope.
+pub(crate) fn status(code: u16) -> http::Response<Full<Bytes>> {
+    let mut response = ok(b"{\"errors\":[{\"message\":\"said so\"}]}");
+    *response.status_mut() = StatusCode::from_u16(code).unwrap();
+    response
+}
