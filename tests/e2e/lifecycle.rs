@@ -761,6 +761,24 @@ fn url_modules_are_verified_against_their_digest() {
     }
     drop(berth);
 
+    // `log.redact_query = false` keeps the query's values (an operator who
+    // knows they carry none), never the userinfo.
+    let berth = Berth::start(&format!(
+        "[log]\nredact_query = false\n\n{}",
+        config(&digest)
+    ));
+    let info = get(&berth.admin_url("/info")).json();
+    let file = info["modules"][0]["file"].as_str().unwrap();
+    assert!(
+        file.ends_with("/hello.wasm?X-Amz-Signature=sekrit-sig&token=sekrit-token"),
+        "{file}"
+    );
+    assert!(
+        !file.contains("alice") && !file.contains("sekrit-pass"),
+        "{file}"
+    );
+    drop(berth);
+
     let wrong = "0".repeat(64);
     let out = run_expecting_exit(&config(&wrong), &[]);
     assert_eq!(out.status.code(), Some(2));
