@@ -609,6 +609,63 @@ mod tests {
         (url, metrics)
     }
 
+    /// `berth_instances_retired_total` of `reason`.
+    fn retirements(metrics: &crate::metrics::Metrics, reason: &str) -> u64 {
+        let label = format!("reason=\"{reason}\"");
+        String::from_utf8(metrics.render())
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("berth_instances_retired_total{") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Waits until `reason` counts `n` retirements (an instance retires
+    /// after its answer has gone out), and not more.
+    async fn retired(metrics: &crate::metrics::Metrics, reason: &str, n: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while retirements(metrics, reason) < n {
+            let seen = retirements(metrics, reason);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{reason}: {seen} of {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(retirements(metrics, reason), n, "{reason}");
+    }
+
+    #[test]
+    fn a_reused_instance_is_retired_and_counted_for_why_it_ended() {
+        // A runtime of the test's own, so that the host's shutdown (the
+        // runtime dropped with an instance alive) can be acted out.
+        let host = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let file = ConfigFile::new("");
+        let m = module(&file, "p3", "/p3", "p3_service");
+        file.write(&format!(
+            "{m}instances = {{ idle_timeout = \"1s\" }}\nlimits = {{ memory = \"16MiB\" }}\n"
+        ));
+        let metrics = host.block_on(async {
+            let (url, metrics) = server(&file).await;
+            assert_eq!(get(&format!("{url}/p3/trap")).await.status, 500);
+            retired(&metrics, "trap", 1).await;
+            assert_eq!(get(&format!("{url}/p3/grow")).await.status, 500);
+            retired(&metrics, "memory_limit", 1).await;
+            assert_eq!(get(&format!("{url}/p3/count")).await.status, 200);
+            retired(&metrics, "idle", 1).await;
+            assert_eq!(get(&format!("{url}/p3/count")).await.status, 200);
+            metrics
+        });
+        assert_eq!(retirements(&metrics, "stopped"), 0);
+        drop(host);
+        let counts = ["trap", "memory_limit", "idle", "stopped"].map(|r| retirements(&metrics, r));
+        assert_eq!(counts, [1, 1, 1, 1], "trap, memory_limit, idle, stopped");
+    }
+
     fn misbehave(file: &ConfigFile, limits: &str) {
         let m = module(file, "m", "/m", "misbehave");
         file.write(&format!("{m}limits = {{ {limits} }}\n"));
