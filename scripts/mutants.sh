@@ -17,7 +17,8 @@
 #   scripts/mutants.sh --shard 1/16           a sixteenth of FILES' mutants
 #   scripts/mutants.sh --in-diff FILE         the mutants of FILES a diff touches
 #
-# Writes target/mutants/mutants.out and the score to bench/MUTANTS.md.
+# Writes target/mutants/mutants.out (or $MUTANTS_OUTPUT/mutants.out, for a
+# second run beside the first) and the score to bench/MUTANTS.md.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -55,8 +56,9 @@ if ! printf '%s\n' "${args[@]}" | grep -qxE -- '-f|--file|--file=.*'; then
 fi
 started=$(date +%s)
 rc=0
-"$bin" mutants --output target/mutants "${args[@]}" || rc=$?
+out="${MUTANTS_OUTPUT:-target/mutants}"
+"$bin" mutants --output "$out" "${args[@]}" || rc=$?
 # 0: all caught; 2: some missed; 3: some timed out. Anything else failed.
 case "$rc" in 0|2|3) ;; *) exit "$rc" ;; esac
-python3 scripts/mutants_score.py target/mutants/mutants.out/outcomes.json \
+python3 scripts/mutants_score.py "$out/mutants.out/outcomes.json" \
   "$(( $(date +%s) - started ))" "$*" | tee bench/MUTANTS.md

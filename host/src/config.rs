@@ -38,7 +38,7 @@ pub use log::LogConfig;
 pub use module::{Instances, ModuleConfig, normalize_route};
 pub use outbound::{BreakerConfig, OutboundConfig, OutboundOverride};
 pub use registry::{RegistryConfig, RegistryCredentials, check_oci_reference};
-pub use runtime::RuntimeConfig;
+pub use runtime::{CompileTarget, RuntimeConfig};
 pub use server::ServerConfig;
 pub use shutdown::ShutdownConfig;
 pub use source::SourceFields;

@@ -1,5 +1,5 @@
 //! The `berth` command line: `serve` (the default), `new`, `dev`, `check`,
-//! `push`, `pull` and `version`.
+//! `push`, `pull`, `compile` and `version`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -119,6 +119,16 @@ enum Command {
         #[arg(default_value = ".")]
         dir: PathBuf,
     },
+    /// Compile every module and canary of the config into a folder that
+    /// `runtime.prebuilt_dir` names, so that pods start without compiling:
+    /// run it where the image is built, with the pods' own config (set
+    /// `runtime.compile_target = "portable"` unless every node has the
+    /// build machine's CPU).
+    Compile {
+        /// The folder to write (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -189,7 +199,58 @@ fn main() -> ExitCode {
             list,
         } => new(name.as_deref(), &template, route.as_deref(), &dir, list),
         Command::Dev { dir } => dev(&dir, cli.serve),
+        Command::Compile { out } => compile(&out, cli.serve),
         Command::Serve => serve(cli.serve),
+    }
+}
+
+/// `berth compile`: an entry per module and canary in `out`, written with
+/// the same engine settings `serve` would use for this config.
+fn compile(out: &std::path::Path, args: ServeArgs) -> ExitCode {
+    let source = ConfigSource {
+        file: args.config,
+        overrides: Overrides {
+            secrets_file: args.secrets_file,
+            ..Overrides::default()
+        },
+    };
+    let config = match source.load() {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    let specs: Vec<_> = config
+        .module_specs()
+        .into_iter()
+        .chain(config.canary_specs().into_iter().map(|c| c.module))
+        .collect();
+    if specs.is_empty() {
+        return fail(EXIT_CONFIG, "the config names no modules to compile");
+    }
+    if let Err(e) = std::fs::create_dir_all(out) {
+        return fail(1, format!("cannot create {}: {e}", out.display()));
+    }
+    let opts = RuntimeOptions {
+        // Nothing is served: no compile cache, and no prebuilt folder
+        // (the one being written may be it).
+        cache_dir: None,
+        prebuilt_dir: None,
+        ..RuntimeOptions::from_config(&config)
+    };
+    let result = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .and_then(|rt| {
+            let runtime = Runtime::new(&opts)?;
+            rt.block_on(async {
+                for spec in &specs {
+                    let path = berth_host::runtime::prebuild(&runtime, spec, out).await?;
+                    println!("{}: {}", spec.name, path.display());
+                }
+                anyhow::Ok(())
+            })
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(EXIT_CONFIG, format!("{e:#}")),
     }
 }
 

@@ -24,13 +24,13 @@ use wasmtime::{
     Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
 };
 
-pub use cache::CompileCache;
+pub use cache::{CompileCache, Prebuilt};
 pub use check::{CheckReport, check_bytes, check_file};
 pub(crate) use host::Tasks;
 pub use host::{Host, LogBudget, MemoryLimitExceeded, RequestContext};
 pub use link::Unsatisfied;
 pub(crate) use module::Serving;
-pub use module::{Fetched, FileStamp, LoadError, Module, version_label};
+pub use module::{Fetched, FileStamp, LoadError, Module, prebuild, version_label};
 pub(crate) use reuse::Workers;
 pub use reuse::{Retired, Retirement, Reuse, Streaming, Ticket};
 
@@ -75,6 +75,10 @@ pub struct RuntimeOptions {
     pub release_idle_after: Duration,
     /// How modules are pulled from OCI registries.
     pub registry: crate::config::RegistryConfig,
+    /// The CPU compiled code is for.
+    pub compile_target: crate::config::CompileTarget,
+    /// A read-only folder of entries `berth compile` wrote.
+    pub prebuilt_dir: Option<std::path::PathBuf>,
 }
 
 impl RuntimeOptions {
@@ -101,6 +105,8 @@ impl RuntimeOptions {
             memory_cow: runtime.memory_cow,
             release_idle_after: runtime.release_idle_after,
             registry: config.registry.clone(),
+            compile_target: runtime.compile_target,
+            prebuilt_dir: runtime.prebuilt_dir.clone(),
         }
     }
 
@@ -118,6 +124,8 @@ impl RuntimeOptions {
             memory_cow: true,
             release_idle_after: Duration::ZERO,
             registry: crate::config::RegistryConfig::default(),
+            compile_target: crate::config::CompileTarget::Native,
+            prebuilt_dir: None,
         }
     }
 }
@@ -211,6 +219,7 @@ struct Inner {
     clients: Arc<Clients>,
     registry: Arc<Registry>,
     cache: Option<CompileCache>,
+    prebuilt: Option<Prebuilt>,
     /// Components compiled by this process, by flavour and sha256: modules
     /// with the same bytes (many routes of one component, a canary of the
     /// version serving elsewhere, a hot-swap to bytes already loaded)
@@ -265,6 +274,13 @@ impl Runtime {
             },
             None => None,
         };
+        let prebuilt = match &opts.prebuilt_dir {
+            Some(dir) => Some(
+                Prebuilt::open(dir)
+                    .map_err(|e| anyhow::anyhow!("runtime.prebuilt_dir {}: {e}", dir.display()))?,
+            ),
+            None => None,
+        };
         let registry = Arc::new(Registry::new(&opts.registry)?);
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let concurrent = Arc::new(OnceLock::new());
@@ -283,6 +299,7 @@ impl Runtime {
                 clients: Arc::default(),
                 registry,
                 cache,
+                prebuilt,
                 compiled: Default::default(),
                 ticker_stop,
             }),
@@ -314,6 +331,11 @@ impl Runtime {
     /// The client for OCI registries.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.inner.registry
+    }
+
+    /// The folder of prebuilt entries, when one is configured.
+    pub fn prebuilt(&self) -> Option<&Prebuilt> {
+        self.inner.prebuilt.as_ref()
     }
 
     /// The compile cache, when on.
@@ -376,7 +398,48 @@ fn build_engine(opts: &RuntimeOptions, flavor: Flavor) -> anyhow::Result<Engine>
     if flavor == Flavor::Concurrent {
         cfg.wasm_component_model_async(true);
     }
+    if opts.compile_target == crate::config::CompileTarget::Portable {
+        portable(&mut cfg)?;
+    }
     Engine::new(&cfg).map_err(|e| anyhow::anyhow!("failed to create the wasm engine: {e:#}"))
+}
+
+/// Compiles for any machine of the host's architecture rather than for
+/// this one: an explicit target turns off wasmtime's detection of the
+/// host's CPU features. On x86-64 the x86-64-v2 level is enabled on top
+/// (without SSE4.1, float rounding becomes calls into the host).
+#[allow(unsafe_code)]
+fn portable(cfg: &mut EngineConfig) -> anyhow::Result<()> {
+    let triple = format!(
+        "{}-unknown-linux-{}",
+        std::env::consts::ARCH,
+        if cfg!(target_env = "musl") {
+            "musl"
+        } else {
+            "gnu"
+        }
+    );
+    cfg.target(&triple)
+        .map_err(|e| anyhow::anyhow!("runtime.compile_target: {triple}: {e:#}"))?;
+    if cfg!(target_arch = "x86_64") {
+        for flag in [
+            "has_sse3",
+            "has_ssse3",
+            "has_sse41",
+            "has_sse42",
+            "has_popcnt",
+        ] {
+            // SAFETY: wasmtime checks that the CPU has every enabled
+            // feature before it runs code compiled with it (at engine
+            // creation for the host's target), so a node without one
+            // fails to start rather than running an unsupported
+            // instruction.
+            unsafe {
+                cfg.cranelift_flag_enable(flag);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn build_linker(engine: &Engine, flavor: Flavor) -> anyhow::Result<Linker<Host>> {

@@ -24,13 +24,13 @@ ARTIFACTS = os.path.join(TARGET, "test-artifacts")
 WARM_RUNS = 3
 
 
-def start(config, modules, cache, log_path):
+def start(config, modules, cache, log_path, **extra_env):
     """Seconds from spawning berth to its first 200 from /ready, and the
     log events up to it."""
     port, admin = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
     env.update(BERTH_RUNTIME__MODULES_DIR=str(modules), BERTH_RUNTIME__CACHE_DIR=str(cache),
-               LOG_FORMAT="json", LOG_LEVEL="info", BERTH_SHUTDOWN__DRAIN_DELAY="0s")
+               LOG_FORMAT="json", LOG_LEVEL="info", BERTH_SHUTDOWN__DRAIN_DELAY="0s", **extra_env)
     with open(log_path, "w") as log:
         began = time.monotonic()
         proc = subprocess.Popen([BERTH_BIN, "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}",
@@ -94,12 +94,45 @@ def test_a_new_pod_starts_cold_a_restarted_one_warm(name, values, files, tmp_pat
         assert loaded(events, "loaded from the compile cache") == names and not loaded(events, "compiling")
         warm.append(seconds)
 
+    files = {m["file"] for m in tomllib.loads(config_text)["modules"].values()}
+    sizes = {f: os.path.getsize(os.path.join(modules, f)) for f in sorted(files)}
+    record(name, {"modules": names, "bytes": sizes, "cold_seconds": round(cold, 3),
+                  "warm_seconds": round(statistics.median(warm), 3), "warm_runs": [round(w, 3) for w in warm]})
+
+
+def record(name, figures_of_name):
     os.makedirs(ARTIFACTS, exist_ok=True)
     path = os.path.join(ARTIFACTS, "startup.json")
     figures = json.load(open(path)) if os.path.exists(path) else {}
-    files = {m["file"] for m in tomllib.loads(config_text)["modules"].values()}
-    sizes = {f: os.path.getsize(os.path.join(modules, f)) for f in sorted(files)}
-    figures[name] = {"modules": names, "bytes": sizes, "cold_seconds": round(cold, 3),
-                     "warm_seconds": round(statistics.median(warm), 3), "warm_runs": [round(w, 3) for w in warm]}
+    figures[name] = figures_of_name
     with open(path, "w") as f:
         json.dump(figures, f, indent=2)
+
+
+def test_a_new_pod_of_an_image_with_a_prebuilt_folder_compiles_nothing(tmp_path):
+    """The chart's `compiled` values, and the image build docs/deploy.md
+    describes: `berth compile` with the pods' own config writes the folder
+    (root's, read-only); a new pod with an empty cache then loads every
+    module from it."""
+    docs = render("--set", "compiled.prebuiltDir=/opt/berth/prebuilt", "--set", "compiled.target=portable")
+    config_text = find(docs, "ConfigMap", "-config")["data"]["berth.toml"]
+    runtime = tomllib.loads(config_text)["runtime"]
+    assert (runtime["prebuilt_dir"], runtime["compile_target"]) == ("/opt/berth/prebuilt", "portable")
+    assert "prebuilt_dir" not in tomllib.loads(find(render(), "ConfigMap", "-config")["data"]["berth.toml"])["runtime"]
+    config = tmp_path / "berth.toml"
+    config.write_text(config_text)
+    modules = tmp_path / "modules"
+    shutil.copytree(os.path.join(CHART, "modules"), modules)
+    prebuilt = tmp_path / "image" / "prebuilt"
+    env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
+    env["BERTH_RUNTIME__MODULES_DIR"] = str(modules)
+    made = subprocess.run([BERTH_BIN, "compile", "--config", str(config), "--out", str(prebuilt)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr
+    os.chmod(prebuilt, 0o555)
+    names = sorted(tomllib.loads(config_text)["modules"])
+    seconds, events = start(config, modules, tmp_path / "cache" / "compiled", tmp_path / "prebuilt.log",
+                            BERTH_RUNTIME__PREBUILT_DIR=str(prebuilt))
+    assert loaded(events, "loaded from the prebuilt folder") == names
+    assert not loaded(events, "compiling"), events
+    record("chart-examples-prebuilt", {"modules": names, "prebuilt_seconds": round(seconds, 3)})

@@ -963,6 +963,96 @@ fn a_p3_module_hot_swaps_to_p2_and_back_under_load_and_sigterm_drains_it() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// `berth compile` of `config` into `out`, as an image build would run it.
+fn compile_into(config: &str, out: &std::path::Path) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("berth.toml");
+    std::fs::write(&file, config).unwrap();
+    std::process::Command::new(crate::support::berth_bin())
+        .arg("compile")
+        .arg("--config")
+        .arg(&file)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_prebuilt_folder_from_berth_compile_starts_pods_without_compiling() {
+    use std::os::unix::fs::PermissionsExt;
+    let built = tempfile::tempdir().unwrap();
+    let out = built.path().join("prebuilt");
+    let modules = p3("") + &module("plain", "/", "plain_hello", "");
+    let portable = "[runtime]\ncompile_target = \"portable\"\ncache_dir = \"\"\n";
+    let made = compile_into(&format!("{portable}{modules}"), &out);
+    let said = String::from_utf8_lossy(&made.stdout);
+    assert!(
+        made.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    assert!(said.contains("svc: ") && said.contains("plain: "), "{said}");
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        2,
+        "an entry per module"
+    );
+    // As in an image: root's, read-only for everyone.
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let serve = |runtime: &str| {
+        format!(
+            "[runtime]\n{runtime}cache_dir = \"\"\nprebuilt_dir = {:?}\n{modules}",
+            out.display().to_string()
+        )
+    };
+    let compiled = |berth: &Berth, module: &str| {
+        metric(
+            &berth.metrics(),
+            "berth_module_compilations_total",
+            &[("module", module)],
+        )
+    };
+    {
+        let berth = Berth::start(&serve("compile_target = \"portable\"\n"));
+        assert_eq!(count(&berth), 1);
+        assert_eq!(get(&berth.url("/")).body.trim(), "hello");
+        for module in ["svc", "plain"] {
+            assert_eq!(compiled(&berth, module), Some(0.0), "{module} was compiled");
+            berth
+                .wait_for_log(Duration::from_secs(1), |l| {
+                    l["message"] == "loaded from the prebuilt folder" && l["module"] == module
+                })
+                .unwrap_or_else(|| panic!("{module}: {}", berth.log_text()));
+        }
+    }
+    // Another CPU target names other entries: compiled, never refused.
+    let berth = Berth::start(&serve(""));
+    assert_eq!(count(&berth), 1);
+    assert_eq!(compiled(&berth, "svc"), Some(1.0));
+    drop(berth);
+
+    // A folder others may write to is refused, by its key.
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let refused = run_expecting_exit(&serve(""), &[]);
+    assert_ne!(refused.status.code(), Some(0));
+    assert!(
+        refused.stderr.contains("runtime.prebuilt_dir")
+            && refused.stderr.contains("others may write"),
+        "{}",
+        refused.stderr
+    );
+    // A config naming nothing to compile, and a module that is not there.
+    let none = compile_into("", &built.path().join("none"));
+    assert_eq!(none.status.code(), Some(2));
+    let missing = compile_into(
+        "[modules.gone]\nfile = \"/nonexistent/gone.wasm\"\nroute = \"/\"\n",
+        &built.path().join("gone"),
+    );
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("gone"));
+}
+
 #[test]
 fn p3_modules_use_the_compile_cache() {
     let cache = tempfile::tempdir().unwrap();

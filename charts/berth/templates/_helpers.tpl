@@ -174,10 +174,12 @@ Deployment) give the credentials, the CA Secret the extra roots. */ -}}
 {{- $admin := dict "listen" (printf "0.0.0.0:%d" (int .Values.admin.port)) -}}
 {{- if include "berth.adminTokenSecret" . }}{{ $_ := set $admin "token_file" "/var/run/secrets/berth/token" }}{{ end -}}
 {{- $_ := set $admin "peers" (printf "%s.%s.svc:%d" (include "berth.podsService" .) .Release.Namespace (int .Values.admin.port)) -}}
+{{- $runtime := dict "modules_dir" "/modules" "cache_dir" "/var/cache/berth/compiled" "cache_max_size" "200MiB" "compile_target" .Values.compiled.target -}}
+{{- if .Values.compiled.prebuiltDir }}{{ $_ := set $runtime "prebuilt_dir" .Values.compiled.prebuiltDir }}{{ end -}}
 {{- $cfg := dict
   "server" (dict "listen" (printf "0.0.0.0:%d" (int .Values.server.port)))
   "admin" $admin
-  "runtime" (dict "modules_dir" "/modules" "cache_dir" "/var/cache/berth/compiled" "cache_max_size" "200MiB")
+  "runtime" $runtime
   "shutdown" (dict "drain_delay" (printf "%ds" (int .Values.shutdown.drainDelaySeconds)) "grace_period" (printf "%ds" (int .Values.shutdown.gracePeriodSeconds)))
   "log" (dict "access_log" .Values.log.accessLog)
   "defaults" (dict "limits" $limits "outbound" $outbound)

@@ -57,6 +57,27 @@ pub struct RuntimeConfig {
     /// than copying their data into each instance, which only helps small
     /// guests on kernels without `PAGEMAP_SCAN` (see bench/NOTES.md).
     pub memory_cow: bool,
+    /// The CPU compiled code is for: `native` (this machine's, every
+    /// feature it has) or `portable` (any x86-64-v2 or aarch64 machine), so
+    /// that code compiled elsewhere (`berth compile`, a prebuilt folder in
+    /// the image) loads on every node of a cluster.
+    pub compile_target: CompileTarget,
+    /// A read-only folder of compiled components that `berth compile`
+    /// wrote (into an image, typically), looked in before `cache_dir`.
+    /// Compiled for another engine or CPU, an entry is not used.
+    pub prebuilt_dir: Option<PathBuf>,
+}
+
+/// What compiled code may assume of the CPU.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CompileTarget {
+    /// This machine's CPU, with every feature it has.
+    #[default]
+    Native,
+    /// Any machine of this architecture: x86-64-v2 (SSE4.2, POPCNT) on
+    /// x86-64, the base architecture elsewhere.
+    Portable,
 }
 
 impl Default for RuntimeConfig {
@@ -74,6 +95,8 @@ impl Default for RuntimeConfig {
             release_idle_after: Duration::from_secs(30),
             decommit_batch: 1,
             memory_cow: true,
+            compile_target: CompileTarget::Native,
+            prebuilt_dir: None,
         }
     }
 }
@@ -122,6 +145,14 @@ impl RuntimeConfig {
             return Err(rejected(
                 "runtime.decommit_batch",
                 "must be at most runtime.max_instances",
+            ));
+        }
+        if let Some(dir) = &self.prebuilt_dir
+            && !dir.is_absolute()
+        {
+            return Err(rejected(
+                "runtime.prebuilt_dir",
+                format!("`{}` must be an absolute path", dir.display()),
             ));
         }
         if self.rescan_interval.is_zero() {

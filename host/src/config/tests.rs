@@ -650,3 +650,42 @@ fn a_secrets_file_keeps_the_case_of_its_keys_and_sets_only_secrets() {
         Ok(())
     });
 }
+
+#[test]
+fn a_prebuilt_folder_is_absolute_and_a_compile_target_is_one_berth_knows() {
+    for (text, key, why) in [
+        (
+            "[runtime]\nprebuilt_dir = \"prebuilt\"\n",
+            "runtime.prebuilt_dir",
+            "absolute",
+        ),
+        (
+            "[runtime]\ncompile_target = \"x86-64-v4\"\n",
+            "compile_target",
+            "portable",
+        ),
+    ] {
+        Jail::expect_with(|jail| {
+            jail.create_file("berth.toml", text)?;
+            let err = load(jail).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(why), "{text}: {err}");
+            Ok(())
+        });
+    }
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "berth.toml",
+            "[runtime]\nprebuilt_dir = \"/opt/berth/prebuilt\"\ncompile_target = \"portable\"\n",
+        )?;
+        let config = load(jail).unwrap();
+        assert_eq!(
+            config.runtime.compile_target,
+            super::CompileTarget::Portable
+        );
+        assert_eq!(
+            config.runtime.prebuilt_dir.as_deref(),
+            Some(std::path::Path::new("/opt/berth/prebuilt"))
+        );
+        Ok(())
+    });
+}

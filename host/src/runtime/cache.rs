@@ -145,14 +145,8 @@ impl CompileCache {
         &self.dir
     }
 
-    /// An entry's file: the component's digest and a fingerprint of the
-    /// engine (the host has one per world, with different settings).
     fn entry(&self, engine: &Engine, sha256: &str) -> PathBuf {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        env!("CARGO_PKG_VERSION").hash(&mut hasher);
-        self.dir
-            .join(format!("{sha256}-{:016x}.cwasm", hasher.finish()))
+        self.dir.join(entry_name(engine, sha256))
     }
 
     /// The cached component for `sha256`, or `compile`d and stored.
@@ -188,15 +182,129 @@ impl CompileCache {
     }
 
     fn store(&self, path: &Path, payload: &[u8]) -> std::io::Result<()> {
-        // Write aside, then rename: readers never see half an entry.
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(MAGIC)?;
-        f.write_all(&Sha256::digest(payload))?;
-        f.write_all(payload)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        write_entry(path, payload)
     }
+}
+
+/// An entry's file name: the component's digest and a fingerprint of the
+/// engine (the host has one per world, with different settings, and the
+/// fingerprint covers the CPU features it compiles for).
+pub(crate) fn entry_name(engine: &Engine, sha256: &str) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    env!("CARGO_PKG_VERSION").hash(&mut hasher);
+    format!("{sha256}-{:016x}.cwasm", hasher.finish())
+}
+
+/// Writes an entry: a magic, the payload's sha256 and the payload, aside
+/// and then renamed, so readers never see half an entry.
+pub(crate) fn write_entry(path: &Path, payload: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(MAGIC)?;
+    f.write_all(&Sha256::digest(payload))?;
+    f.write_all(payload)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// A read-only folder of entries that `berth compile` wrote (into the
+/// image, so that every pod of it starts without compiling): looked in
+/// before the compile cache, never written or pruned.
+pub struct Prebuilt {
+    dir: PathBuf,
+}
+
+impl Prebuilt {
+    /// Opens `dir`. Its entries are native code the engine runs
+    /// unchecked, so a folder that a user other than root or this
+    /// process's could write to is refused, as is a symlink.
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        let meta = std::fs::symlink_metadata(dir)?;
+        if !meta.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a folder (or a symlink to one)",
+            ));
+        }
+        trusted(&meta)?;
+        Ok(Prebuilt {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The component of `sha256` as compiled for `engine`, when the folder
+    /// holds a sound, trusted entry for them; otherwise `None` (and a
+    /// warning, unless there is no entry at all).
+    pub fn get(&self, engine: &Engine, module: &str, sha256: &str) -> Option<Component> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join(entry_name(engine, sha256));
+        let skip = |why: &str| -> Option<Component> {
+            tracing::warn!(module, file = %path.display(), why, "prebuilt entry not used: compiling");
+            None
+        };
+        // Opened without following a symlink, and judged by the opened
+        // file's own metadata, so what is checked is what is read.
+        let mut file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => return skip(&e.to_string()),
+        };
+        let trust = file.metadata().and_then(|m| {
+            if m.is_file() {
+                trusted(&m)
+            } else {
+                Err(std::io::Error::other("not a file"))
+            }
+        });
+        if let Err(e) = trust {
+            return skip(&e.to_string());
+        }
+        let mut data = Vec::new();
+        if let Err(e) = file.read_to_end(&mut data) {
+            return skip(&e.to_string());
+        }
+        match verified_payload(&data).map(|payload| deserialize(engine, payload)) {
+            Some(Ok(component)) => {
+                tracing::info!(module, file = %path.display(), "loaded from the prebuilt folder");
+                Some(component)
+            }
+            Some(Err(e)) => skip(&format!("{e:#}")),
+            None => skip("its digest does not match its content"),
+        }
+    }
+}
+
+/// Whether what `meta` describes may hold code the engine runs: owned by
+/// root or this process's user, and writable by neither group nor others.
+fn trusted(meta: &std::fs::Metadata) -> std::io::Result<()> {
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "owned by uid {}, neither root nor this process's",
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("mode {:o}: others may write to it", meta.mode() & 0o777),
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `compile` with a `compiling` line first and a `still compiling`
@@ -570,5 +678,57 @@ mod tests {
         *flipped.last_mut().unwrap() ^= 1;
         assert_eq!(verified_payload(&flipped), None, "corrupt");
         assert_eq!(verified_payload(b"BERTHC0"), None);
+    }
+
+    #[test]
+    fn a_prebuilt_entry_is_used_only_when_sound_trusted_and_for_this_engine() {
+        use std::os::unix::fs::PermissionsExt;
+        let engine = Engine::default();
+        let bytes = std::fs::read(crate::testing::wasm("plain_hello")).unwrap();
+        let sha = hex::encode(Sha256::digest(&bytes));
+        let dir = tempfile::tempdir().unwrap();
+        let set_mode = |path: &Path, mode| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        set_mode(dir.path(), 0o755);
+        let prebuilt = Prebuilt::open(dir.path()).unwrap();
+        assert!(prebuilt.get(&engine, "m", &sha).is_none(), "no entry");
+        let entry = dir.path().join(entry_name(&engine, &sha));
+        write_entry(&entry, &engine.precompile_component(&bytes).unwrap()).unwrap();
+        set_mode(&entry, 0o644);
+        assert!(prebuilt.get(&engine, "m", &sha).is_some());
+        // Another engine's settings name another entry.
+        let mut other = wasmtime::Config::new();
+        other.cranelift_opt_level(wasmtime::OptLevel::None);
+        assert!(
+            prebuilt
+                .get(&Engine::new(&other).unwrap(), "m", &sha)
+                .is_none()
+        );
+        // Writable by others, or a symlink to an entry: not used, not deleted.
+        set_mode(&entry, 0o666);
+        assert!(prebuilt.get(&engine, "m", &sha).is_none());
+        set_mode(&entry, 0o644);
+        let aside = dir.path().join("aside.cwasm");
+        std::fs::rename(&entry, &aside).unwrap();
+        std::os::unix::fs::symlink(&aside, &entry).unwrap();
+        assert!(prebuilt.get(&engine, "m", &sha).is_none());
+        std::fs::remove_file(&entry).unwrap();
+        // Corrupt: refused by its digest, and left in place.
+        let mut data = std::fs::read(&aside).unwrap();
+        *data.last_mut().unwrap() ^= 1;
+        std::fs::write(&entry, &data).unwrap();
+        set_mode(&entry, 0o644);
+        assert!(prebuilt.get(&engine, "m", &sha).is_none());
+        assert!(entry.exists());
+        // The folder itself: writable by others, a symlink, or a file.
+        set_mode(dir.path(), 0o775);
+        let err = Prebuilt::open(dir.path()).err().unwrap();
+        assert!(err.to_string().contains("others may write"), "{err}");
+        set_mode(dir.path(), 0o755);
+        let link = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(dir.path(), link.path().join("l")).unwrap();
+        assert!(Prebuilt::open(&link.path().join("l")).is_err());
+        assert!(Prebuilt::open(&aside).is_err());
     }
 }

@@ -632,6 +632,12 @@ pub(super) fn compile(
     let compiled = runtime.compiled(flavor, &fetched.sha256);
     let mut compiled_now = false;
     let compiled = compiled.get_or_init(|| {
+        if let Some(component) = runtime
+            .prebuilt()
+            .and_then(|p| p.get(engine, name, &fetched.sha256))
+        {
+            return Ok(component);
+        }
         match runtime.cache() {
             Some(cache) => cache
                 .get_or_compile(engine, name, &fetched.sha256, bytes)
@@ -652,6 +658,35 @@ pub(super) fn compile(
         reason,
     })?;
     Ok((component, compiled_now))
+}
+
+/// `berth compile`: compiles `spec`'s component for the engine it would
+/// load on and writes the entry into `out`, where a pod's
+/// `runtime.prebuilt_dir` finds it. Returns the entry's path.
+pub async fn prebuild(
+    runtime: &Runtime,
+    spec: &ModuleSpec,
+    out: &std::path::Path,
+) -> Result<std::path::PathBuf, LoadError> {
+    let origin = spec.source.to_string();
+    let fetched = Fetched::fetch(spec, runtime).await?;
+    let failed = |reason: String| LoadError::Compile {
+        module: spec.name.clone(),
+        origin: origin.clone(),
+        reason,
+    };
+    let found = World::of(&fetched.bytes);
+    let world = found.unwrap_or(World::P2);
+    let flavor = flavor_of(found, &Reuse::resolve(&spec.instances, world));
+    let engine = &runtime.engines(flavor).map_err(failed)?.engine;
+    let payload = super::cache::announced(&spec.name, fetched.bytes.len(), || {
+        engine.precompile_component(&fetched.bytes)
+    })
+    .map_err(|e| failed(format!("{e:#}")))?;
+    let path = out.join(super::cache::entry_name(engine, &fetched.sha256));
+    super::cache::write_entry(&path, &payload)
+        .map_err(|e| failed(format!("cannot write {}: {e}", path.display())))?;
+    Ok(path)
 }
 
 /// Resolves every import against the linker (listing all that are
