@@ -226,8 +226,8 @@ fn compile(out: &std::path::Path, args: ServeArgs) -> ExitCode {
     if specs.is_empty() {
         return fail(EXIT_CONFIG, "the config names no modules to compile");
     }
-    if let Err(e) = std::fs::create_dir_all(out) {
-        return fail(1, format!("cannot create {}: {e}", out.display()));
+    if let Err(e) = berth_host::runtime::output_dir(out) {
+        return fail(1, format!("--out {}: {e}", out.display()));
     }
     let opts = RuntimeOptions {
         // Nothing is served: no compile cache, and no prebuilt folder

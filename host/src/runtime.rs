@@ -24,7 +24,7 @@ use wasmtime::{
     Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
 };
 
-pub use cache::{CompileCache, Prebuilt};
+pub use cache::{CompileCache, Prebuilt, output_dir};
 pub use check::{CheckReport, check_bytes, check_file};
 pub(crate) use host::Tasks;
 pub use host::{Host, LogBudget, MemoryLimitExceeded, RequestContext};

@@ -1042,6 +1042,11 @@ fn a_prebuilt_folder_from_berth_compile_starts_pods_without_compiling() {
         "{}",
         refused.stderr
     );
+    // Nor does `berth compile` write into such a folder: whoever can
+    // write there could plant what the pods run.
+    let made = compile_into(&format!("{portable}{modules}"), &out);
+    assert_eq!(made.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&made.stderr).contains("others may write"));
     // A config naming nothing to compile, and a module that is not there.
     let none = compile_into("", &built.path().join("none"));
     assert_eq!(none.status.code(), Some(2));

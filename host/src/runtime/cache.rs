@@ -24,8 +24,11 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-const MAGIC: &[u8; 8] = b"BERTHC01";
-const HEADER: usize = MAGIC.len() + 32;
+/// An entry: this magic, the sha256 of the component it was compiled
+/// from, the sha256 of the payload, then wasmtime's payload. The first
+/// digest ties the code to the component, whatever the file is named.
+const MAGIC: &[u8; 8] = b"BERTHC02";
+const HEADER: usize = MAGIC.len() + 64;
 
 /// Entries kept beyond the live modules' when pruning.
 const KEEP_OLD: usize = 8;
@@ -159,7 +162,7 @@ impl CompileCache {
     ) -> wasmtime::Result<(Component, Origin)> {
         let path = self.entry(engine, sha256);
         if let Ok(data) = std::fs::read(&path) {
-            match verified_payload(&data).map(|payload| deserialize(engine, payload)) {
+            match verified_payload(&data, sha256).map(|payload| deserialize(engine, payload)) {
                 Some(Ok(component)) => {
                     tracing::info!(module, file = %path.display(), "loaded from the compile cache");
                     return Ok((component, Origin::Cache));
@@ -175,14 +178,10 @@ impl CompileCache {
             }
         }
         let payload = announced(module, bytes.len(), || engine.precompile_component(bytes))?;
-        if let Err(e) = self.store(&path, &payload) {
+        if let Err(e) = write_entry(&path, sha256, &payload) {
             tracing::warn!(module, file = %path.display(), error = %e, "cannot write the compile cache");
         }
         Ok((deserialize(engine, &payload)?, Origin::Compiled))
-    }
-
-    fn store(&self, path: &Path, payload: &[u8]) -> std::io::Result<()> {
-        write_entry(path, payload)
     }
 }
 
@@ -196,16 +195,52 @@ pub(crate) fn entry_name(engine: &Engine, sha256: &str) -> String {
     format!("{sha256}-{:016x}.cwasm", hasher.finish())
 }
 
-/// Writes an entry: a magic, the payload's sha256 and the payload, aside
-/// and then renamed, so readers never see half an entry.
-pub(crate) fn write_entry(path: &Path, payload: &[u8]) -> std::io::Result<()> {
+/// Writes the entry of the component `sha256` (hex) at `path`: aside, then
+/// renamed, so readers never see half an entry. The temporary file is
+/// made anew, never through a symlink or over another file, and is
+/// readable by all (a prebuilt folder is read by the pods' user).
+pub(crate) fn write_entry(path: &Path, sha256: &str, payload: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let component = hex::decode(sha256)
+        .ok()
+        .filter(|d| d.len() == 32)
+        .ok_or_else(|| std::io::Error::other(format!("`{sha256}` is not a sha256")))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(MAGIC)?;
-    f.write_all(&Sha256::digest(payload))?;
-    f.write_all(payload)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    // A leftover of a run that died (or a planted link: removing a link
+    // never touches what it points to).
+    let _ = std::fs::remove_file(&tmp);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o644)
+            .open(&tmp)?;
+        // The umask would otherwise decide.
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        f.write_all(MAGIC)?;
+        f.write_all(&component)?;
+        f.write_all(&Sha256::digest(payload))?;
+        f.write_all(payload)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Opens (creating it 0755 if missing) the folder `berth compile` writes:
+/// one that `serve` would trust as a prebuilt folder, since a folder others
+/// could write to lets them plant what the pods run.
+pub fn output_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::DirBuilder::new().mode(0o755).create(dir) {
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    Prebuilt::open(dir).map(drop)
 }
 
 /// A read-only folder of entries that `berth compile` wrote (into the
@@ -213,23 +248,38 @@ pub(crate) fn write_entry(path: &Path, payload: &[u8]) -> std::io::Result<()> {
 /// before the compile cache, never written or pruned.
 pub struct Prebuilt {
     dir: PathBuf,
+    /// The folder as it was checked: entries are opened relative to it, so
+    /// a folder renamed or replaced by a symlink later is not followed.
+    fd: std::os::fd::OwnedFd,
 }
+
+/// Entries larger than this many times their component, plus a margin,
+/// are not read: compiled code is a few times the size of its Wasm.
+const MAX_GROWTH: u64 = 16;
+const MAX_MARGIN: u64 = 64 << 20;
 
 impl Prebuilt {
     /// Opens `dir`. Its entries are native code the engine runs
     /// unchecked, so a folder that a user other than root or this
     /// process's could write to is refused, as is a symlink.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
-        let meta = std::fs::symlink_metadata(dir)?;
-        if !meta.is_dir() {
-            return Err(std::io::Error::new(
+        use rustix::fs::{Mode, OFlags};
+        let fd = rustix::fs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "not a folder (or a symlink to one)",
-            ));
-        }
-        trusted(&meta)?;
+            ),
+            e => e.into(),
+        })?;
+        trusted(&std::fs::File::from(fd.try_clone()?).metadata()?)?;
         Ok(Prebuilt {
             dir: dir.to_path_buf(),
+            fd,
         })
     }
 
@@ -238,49 +288,64 @@ impl Prebuilt {
         &self.dir
     }
 
-    /// The component of `sha256` as compiled for `engine`, when the folder
-    /// holds a sound, trusted entry for them; otherwise `None` (and a
-    /// warning, unless there is no entry at all).
-    pub fn get(&self, engine: &Engine, module: &str, sha256: &str) -> Option<Component> {
+    /// The component of `sha256` (`size` bytes) as compiled for `engine`,
+    /// when the folder holds a sound, trusted entry for them; otherwise
+    /// `None` (and a warning, unless there is no entry at all).
+    pub fn get(
+        &self,
+        engine: &Engine,
+        module: &str,
+        sha256: &str,
+        size: usize,
+    ) -> Option<Component> {
+        use rustix::fs::{Mode, OFlags};
         use std::io::Read;
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.dir.join(entry_name(engine, sha256));
+        let name = entry_name(engine, sha256);
+        let path = self.dir.join(&name);
         let skip = |why: &str| -> Option<Component> {
             tracing::warn!(module, file = %path.display(), why, "prebuilt entry not used: compiling");
             None
         };
-        // Opened without following a symlink, and judged by the opened
-        // file's own metadata, so what is checked is what is read.
-        let mut file = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        // Relative to the checked folder, not following a symlink, and not
+        // waiting on a FIFO; judged by the opened file's own metadata, so
+        // what is checked is what is read.
+        let fd = match rustix::fs::openat(
+            &self.fd,
+            name.as_str(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return None,
+            Err(e) => return skip(&std::io::Error::from(e).to_string()),
+        };
+        let file = std::fs::File::from(fd);
+        let meta = match file.metadata() {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => return skip("not a regular file"),
             Err(e) => return skip(&e.to_string()),
         };
-        let trust = file.metadata().and_then(|m| {
-            if m.is_file() {
-                trusted(&m)
-            } else {
-                Err(std::io::Error::other("not a file"))
-            }
-        });
-        if let Err(e) = trust {
+        if let Err(e) = trusted(&meta) {
             return skip(&e.to_string());
+        }
+        let most = (size as u64).saturating_mul(MAX_GROWTH) + MAX_MARGIN;
+        if meta.len() > most {
+            return skip(&format!(
+                "{} bytes, more than code of this component can be",
+                meta.len()
+            ));
         }
         let mut data = Vec::new();
-        if let Err(e) = file.read_to_end(&mut data) {
+        if let Err(e) = file.take(most).read_to_end(&mut data) {
             return skip(&e.to_string());
         }
-        match verified_payload(&data).map(|payload| deserialize(engine, payload)) {
+        match verified_payload(&data, sha256).map(|payload| deserialize(engine, payload)) {
             Some(Ok(component)) => {
                 tracing::info!(module, file = %path.display(), "loaded from the prebuilt folder");
                 Some(component)
             }
             Some(Err(e)) => skip(&format!("{e:#}")),
-            None => skip("its digest does not match its content"),
+            None => skip("not an entry of this component, or corrupt"),
         }
     }
 }
@@ -473,12 +538,15 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn verified_payload(data: &[u8]) -> Option<&[u8]> {
+fn verified_payload<'d>(data: &'d [u8], sha256: &str) -> Option<&'d [u8]> {
     if data.len() < HEADER || &data[..MAGIC.len()] != MAGIC {
         return None;
     }
-    let (digest, payload) = data[MAGIC.len()..].split_at(32);
-    (Sha256::digest(payload).as_slice() == digest).then_some(payload)
+    let (component, rest) = data[MAGIC.len()..].split_at(32);
+    let (digest, payload) = rest.split_at(32);
+    (hex::encode(component) == sha256.to_ascii_lowercase()
+        && Sha256::digest(payload).as_slice() == digest)
+        .then_some(payload)
 }
 
 /// Turns precompiled bytes back into a component.
@@ -667,17 +735,42 @@ mod tests {
     }
 
     #[test]
-    fn payloads_are_verified() {
-        let payload = b"machine code".to_vec();
-        let mut data = MAGIC.to_vec();
-        data.extend_from_slice(&Sha256::digest(&payload));
-        data.extend_from_slice(&payload);
-        assert_eq!(verified_payload(&data), Some(&payload[..]));
-        assert_eq!(verified_payload(&data[..data.len() - 1]), None, "truncated");
+    fn payloads_are_verified_and_tied_to_their_component() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("entry");
+        let sha = "ab".repeat(32);
+        write_entry(&path, &sha, b"machine code").unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(mode(&path), 0o644);
+        assert_eq!(verified_payload(&data, &sha), Some(&b"machine code"[..]));
+        assert_eq!(
+            verified_payload(&data, &sha.to_uppercase()),
+            Some(&b"machine code"[..])
+        );
+        assert_eq!(
+            verified_payload(&data, &"cd".repeat(32)),
+            None,
+            "another component's"
+        );
+        assert_eq!(
+            verified_payload(&data[..data.len() - 1], &sha),
+            None,
+            "truncated"
+        );
         let mut flipped = data.clone();
         *flipped.last_mut().unwrap() ^= 1;
-        assert_eq!(verified_payload(&flipped), None, "corrupt");
-        assert_eq!(verified_payload(b"BERTHC0"), None);
+        assert_eq!(verified_payload(&flipped, &sha), None, "corrupt");
+        assert_eq!(verified_payload(b"BERTHC0", &sha), None);
+        assert!(write_entry(&path, "not hex", b"x").is_err());
+        // A link planted at the temporary name is replaced, never written
+        // through.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        write_entry(&path, &sha, b"machine code").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(!tmp.exists());
     }
 
     #[test]
@@ -692,35 +785,76 @@ mod tests {
         };
         set_mode(dir.path(), 0o755);
         let prebuilt = Prebuilt::open(dir.path()).unwrap();
-        assert!(prebuilt.get(&engine, "m", &sha).is_none(), "no entry");
+        assert!(
+            prebuilt.get(&engine, "m", &sha, bytes.len()).is_none(),
+            "no entry"
+        );
         let entry = dir.path().join(entry_name(&engine, &sha));
-        write_entry(&entry, &engine.precompile_component(&bytes).unwrap()).unwrap();
-        set_mode(&entry, 0o644);
-        assert!(prebuilt.get(&engine, "m", &sha).is_some());
+        write_entry(&entry, &sha, &engine.precompile_component(&bytes).unwrap()).unwrap();
+        let get = |engine: &Engine, sha: &str| prebuilt.get(engine, "m", sha, bytes.len());
+        assert!(get(&engine, &sha).is_some());
+        // Named as another component's entry: not that component's code.
+        let other_sha = "0".repeat(64);
+        std::fs::copy(&entry, dir.path().join(entry_name(&engine, &other_sha))).unwrap();
+        assert!(get(&engine, &other_sha).is_none());
         // Another engine's settings name another entry.
         let mut other = wasmtime::Config::new();
         other.cranelift_opt_level(wasmtime::OptLevel::None);
-        assert!(
-            prebuilt
-                .get(&Engine::new(&other).unwrap(), "m", &sha)
-                .is_none()
-        );
+        assert!(get(&Engine::new(&other).unwrap(), &sha).is_none());
         // Writable by others, or a symlink to an entry: not used, not deleted.
         set_mode(&entry, 0o666);
-        assert!(prebuilt.get(&engine, "m", &sha).is_none());
+        assert!(get(&engine, &sha).is_none());
         set_mode(&entry, 0o644);
         let aside = dir.path().join("aside.cwasm");
         std::fs::rename(&entry, &aside).unwrap();
         std::os::unix::fs::symlink(&aside, &entry).unwrap();
-        assert!(prebuilt.get(&engine, "m", &sha).is_none());
+        assert!(get(&engine, &sha).is_none());
         std::fs::remove_file(&entry).unwrap();
         // Corrupt: refused by its digest, and left in place.
         let mut data = std::fs::read(&aside).unwrap();
         *data.last_mut().unwrap() ^= 1;
         std::fs::write(&entry, &data).unwrap();
         set_mode(&entry, 0o644);
-        assert!(prebuilt.get(&engine, "m", &sha).is_none());
+        assert!(get(&engine, &sha).is_none());
         assert!(entry.exists());
+        // A FIFO is skipped, not waited on; an entry far larger than its
+        // component's code could be is not read.
+        std::fs::remove_file(&entry).unwrap();
+        let fifo = std::process::Command::new("mkfifo")
+            .arg("-m644")
+            .arg(&entry)
+            .status();
+        if fifo.is_ok_and(|s| s.success()) {
+            assert!(get(&engine, &sha).is_none());
+            std::fs::remove_file(&entry).unwrap();
+        }
+        std::fs::copy(&aside, &entry).unwrap();
+        set_mode(&entry, 0o644);
+        assert!(get(&engine, &sha).is_some());
+        assert!(
+            prebuilt.get(&engine, "m", &sha, 0).is_some(),
+            "within the margin"
+        );
+        std::fs::File::options()
+            .append(true)
+            .open(&entry)
+            .unwrap()
+            .set_len(MAX_MARGIN + 1)
+            .unwrap();
+        assert!(
+            prebuilt.get(&engine, "m", &sha, 0).is_none(),
+            "over the margin"
+        );
+        // The folder as checked: moved away and replaced by a link to
+        // another folder after it was opened, it is still the one read.
+        std::fs::copy(&aside, &entry).unwrap();
+        let moved = dir.path().with_extension("moved");
+        std::fs::rename(dir.path(), &moved).unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path()).unwrap();
+        assert!(get(&engine, &sha).is_some(), "the opened folder");
+        std::fs::remove_file(dir.path()).unwrap();
+        std::fs::rename(&moved, dir.path()).unwrap();
         // The folder itself: writable by others, a symlink, or a file.
         set_mode(dir.path(), 0o775);
         let err = Prebuilt::open(dir.path()).err().unwrap();

@@ -634,7 +634,7 @@ pub(super) fn compile(
     let compiled = compiled.get_or_init(|| {
         if let Some(component) = runtime
             .prebuilt()
-            .and_then(|p| p.get(engine, name, &fetched.sha256))
+            .and_then(|p| p.get(engine, name, &fetched.sha256, bytes.len()))
         {
             return Ok(component);
         }
@@ -675,6 +675,11 @@ pub async fn prebuild(
         origin: origin.clone(),
         reason,
     };
+    let write_failed = |path: &std::path::Path, e: std::io::Error| LoadError::Read {
+        module: spec.name.clone(),
+        origin: origin.clone(),
+        reason: format!("cannot write {}: {e}", path.display()),
+    };
     let found = World::of(&fetched.bytes);
     let world = found.unwrap_or(World::P2);
     let flavor = flavor_of(found, &Reuse::resolve(&spec.instances, world));
@@ -684,8 +689,8 @@ pub async fn prebuild(
     })
     .map_err(|e| failed(format!("{e:#}")))?;
     let path = out.join(super::cache::entry_name(engine, &fetched.sha256));
-    super::cache::write_entry(&path, &payload)
-        .map_err(|e| failed(format!("cannot write {}: {e}", path.display())))?;
+    super::cache::write_entry(&path, &fetched.sha256, &payload)
+        .map_err(|e| write_failed(&path, e))?;
     Ok(path)
 }
 
