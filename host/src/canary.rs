@@ -1648,6 +1648,8 @@ mod tests {
     #[derive(Default)]
     struct Answers {
         down: bool,
+        /// How long each answer takes (a slow Prometheus).
+        delay: Duration,
         state: Option<f64>,
         step: Option<f64>,
         /// (track, status, increase)
@@ -1661,6 +1663,10 @@ mod tests {
         let answers: Arc<Mutex<Answers>> = Arc::default();
         let shared = answers.clone();
         let peer = crate::testing::Peer::start(Arc::new(move |uri: &str, _| {
+            let delay = shared.lock().unwrap().delay;
+            // Blocks this connection's task only: the tests that slow
+            // Prometheus down run on a multi-threaded runtime.
+            std::thread::sleep(delay);
             let a = shared.lock().unwrap();
             if a.down {
                 return crate::testing::status(503);
@@ -1903,6 +1909,50 @@ mod tests {
         look(&s, Some(WINDOW)).await;
         assert_eq!(prom.asked().len(), before + 2, "the record only");
         assert_eq!(s.canary.snapshot().step, 0);
+    }
+
+    /// The window ends (Unix ms) of the request-count queries asked so far.
+    fn judged_ends(prom: &crate::testing::Peer) -> Vec<u64> {
+        prom.asked()
+            .iter()
+            .filter(|q| q.contains("time=") && q.contains("berth_http_server_requests_total"))
+            .filter_map(|q| {
+                let at = q.split("time=").nth(1)?.split('&').next()?;
+                let (secs, ms) = at.split_once('.')?;
+                Some(secs.parse::<u64>().ok()? * 1000 + ms.parse::<u64>().ok()?)
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_run_task_judges_each_window_once_and_catches_up_when_slow() {
+        let (prom, answers) = prometheus().await;
+        // Too few requests ever: every window waits, none is the last.
+        let s = fleet_started(&prom, "steps = [10, 50]\ninterval = \"200ms\"", "1h").await;
+        let run = tokio::spawn(s.canary.clone().run());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let ends = judged_ends(&prom);
+        assert!(ends.len() >= 3, "{ends:?}");
+        for pair in ends.windows(2) {
+            assert_eq!(
+                pair[1] - pair[0],
+                200,
+                "each window once, in turn: {ends:?}"
+            );
+        }
+        // Answers slower than a window: the next look is at the latest
+        // window, not at each one missed.
+        answers.lock().unwrap().delay = Duration::from_millis(250);
+        let before = judged_ends(&prom).len();
+        tokio::time::sleep(Duration::from_millis(4000)).await;
+        let slow = judged_ends(&prom)[before..].to_vec();
+        run.abort();
+        assert!(slow.len() >= 2, "{slow:?}");
+        assert!(
+            slow.windows(2).any(|pair| pair[1] - pair[0] > 200),
+            "no window skipped though each look took 5 answers of 250 ms: {slow:?}"
+        );
+        assert!(slow.windows(2).all(|pair| pair[1] > pair[0]), "{slow:?}");
     }
 
     #[tokio::test]
