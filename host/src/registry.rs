@@ -790,6 +790,19 @@ mod tests {
         })
     }
 
+    /// A pull of `digest`, limited to `max` bytes, from a fake registry
+    /// serving `raw` and `layer`.
+    async fn pull_from(
+        raw: Vec<u8>,
+        layer: Vec<u8>,
+        digest: &str,
+        max: u64,
+    ) -> Result<Pulled, RegistryError> {
+        let fake = Fake::start(serving(raw, layer, 0)).await;
+        let reference = format!("{}/team/m@{digest}", fake.host());
+        fake.registry(0, max).pull(&reference, None, "m").await
+    }
+
     const LAYER: &[u8] = b"\0asm\x0d\0\x01\0 a component's bytes";
 
     #[tokio::test]
@@ -819,10 +832,7 @@ mod tests {
         // A manifest other than the pinned one, and a layer other than the
         // manifest's, are refused and named.
         let (other, _) = artifact(b"\0asm other", 10);
-        let fake = Fake::start(serving(other, LAYER.to_vec(), 0)).await;
-        let err = fake
-            .registry(0, 1 << 20)
-            .pull(&format!("{}/team/m@{digest}", fake.host()), None, "m")
+        let err = pull_from(other, LAYER.to_vec(), &digest, 1 << 20)
             .await
             .unwrap_err()
             .to_string();
@@ -831,10 +841,7 @@ mod tests {
             "{err}"
         );
         let tampered = b"\0asm\x0d\0\x01\0 A component's bytes".to_vec();
-        let fake = Fake::start(serving(raw, tampered, 0)).await;
-        let err = fake
-            .registry(0, 1 << 20)
-            .pull(&format!("{}/team/m@{digest}", fake.host()), None, "m")
+        let err = pull_from(raw, tampered, &digest, 1 << 20)
             .await
             .unwrap_err();
         assert!(
@@ -861,10 +868,7 @@ mod tests {
 
         // A layer that runs past its declared size, by one byte.
         let (raw, digest) = artifact(LAYER, LAYER.len() as i64 - 1);
-        let fake = Fake::start(serving(raw, LAYER.to_vec(), 0)).await;
-        let err = fake
-            .registry(0, 1 << 20)
-            .pull(&format!("{}/team/m@{digest}", fake.host()), None, "m")
+        let err = pull_from(raw, LAYER.to_vec(), &digest, 1 << 20)
             .await
             .unwrap_err()
             .to_string();
