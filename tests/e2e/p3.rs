@@ -982,7 +982,8 @@ fn compile_into(config: &str, out: &std::path::Path) -> std::process::Output {
 fn a_prebuilt_folder_from_berth_compile_starts_pods_without_compiling() {
     use std::os::unix::fs::PermissionsExt;
     let built = tempfile::tempdir().unwrap();
-    let out = built.path().join("prebuilt");
+    // Parents made as needed, as in an image build.
+    let out = built.path().join("opt/berth/prebuilt");
     let modules = p3("") + &module("plain", "/", "plain_hello", "");
     let portable = "[runtime]\ncompile_target = \"portable\"\ncache_dir = \"\"\n";
     let made = compile_into(&format!("{portable}{modules}"), &out);

@@ -235,6 +235,9 @@ pub(crate) fn write_entry(path: &Path, sha256: &str, payload: &[u8]) -> std::io:
 /// one that `serve` would trust as a prebuilt folder, since a folder others
 /// could write to lets them plant what the pods run.
 pub fn output_dir(dir: &Path) -> std::io::Result<()> {
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
     match std::fs::DirBuilder::new().mode(0o755).create(dir) {
         Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
