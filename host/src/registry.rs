@@ -880,20 +880,13 @@ mod tests {
         // No declared size: the limit bounds the stream, and a layer of
         // exactly the limit passes.
         let (raw, digest) = artifact(LAYER, 0);
-        let fake = Fake::start(serving(raw, LAYER.to_vec(), 0)).await;
-        let reference = format!("{}/team/m@{digest}", fake.host());
-        let err = fake
-            .registry(0, LAYER.len() as u64 - 1)
-            .pull(&reference, None, "m")
-            .await;
+        let limit = LAYER.len() as u64;
+        let err = pull_from(raw.clone(), LAYER.to_vec(), &digest, limit - 1).await;
         let Err(RegistryError::TooLarge { size, .. }) = err else {
             panic!("{err:?}")
         };
-        assert_eq!(size, LAYER.len() as u64, "the size seen so far");
-        let pulled = fake
-            .registry(0, LAYER.len() as u64)
-            .pull(&reference, None, "m")
-            .await;
+        assert_eq!(size, limit, "the size seen so far");
+        let pulled = pull_from(raw, LAYER.to_vec(), &digest, limit).await;
         assert_eq!(pulled.unwrap().bytes, LAYER);
     }
 
