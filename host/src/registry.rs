@@ -891,6 +891,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_slow_layer_of_no_declared_size_reports_progress_and_arrives_whole() {
+        // Over a second between its parts: the progress line is written
+        // mid-stream, with no total to take a percentage of.
+        let (raw, digest) = artifact(LAYER, 0);
+        let (first, rest) = LAYER.split_at(8);
+        let (first, rest) = (first.to_vec(), rest.to_vec());
+        let fake = Fake::start(Arc::new(move |path: &str, _| {
+            if path.contains("/manifests/") {
+                ok(&raw)
+            } else {
+                crate::testing::dripped(&first, Duration::from_millis(1100), &rest)
+            }
+        }))
+        .await;
+        let reference = format!("{}/team/m@{digest}", fake.host());
+        let pulled = fake.registry(0, 1 << 20).pull(&reference, None, "m").await;
+        assert_eq!(pulled.unwrap().bytes, LAYER);
+    }
+
+    #[tokio::test]
     async fn only_what_may_pass_is_retried_and_only_as_often_as_configured() {
         let (raw, digest) = artifact(LAYER, LAYER.len() as i64);
         // Two 503s, two retries: the third attempt is served, after the

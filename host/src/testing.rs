@@ -137,7 +137,11 @@ pub(crate) async fn routes(
 
 /// How a [`Peer`] answers: from the request's path and query, and how
 /// often that path was asked before.
-pub(crate) type Answer = dyn Fn(&str, usize) -> http::Response<Full<Bytes>> + Send + Sync;
+pub(crate) type Answer = dyn Fn(&str, usize) -> http::Response<PeerBody> + Send + Sync;
+
+/// The body of a [`Peer`]'s answer: whole, or [`dripped`].
+pub(crate) type PeerBody =
+    http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
 
 /// An HTTP/1.1 server on loopback that answers every request with an
 /// [`Answer`] and keeps what it was asked: a peer (registry, Prometheus)
@@ -196,12 +200,31 @@ impl Peer {
 }
 
 /// A 200 with `body`.
-pub(crate) fn ok(body: &[u8]) -> http::Response<Full<Bytes>> {
-    http::Response::new(Full::new(Bytes::copy_from_slice(body)))
+pub(crate) fn ok(body: &[u8]) -> http::Response<PeerBody> {
+    use http_body_util::BodyExt;
+    http::Response::new(Full::new(Bytes::copy_from_slice(body)).boxed_unsync())
+}
+
+/// A 200 whose body is `first`, then after `pause` the rest: a slow peer.
+pub(crate) fn dripped(
+    first: &[u8],
+    pause: std::time::Duration,
+    rest: &[u8],
+) -> http::Response<PeerBody> {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    let frame = |bytes: &[u8]| Ok(http_body::Frame::data(Bytes::copy_from_slice(bytes)));
+    let (first, rest) = (frame(first), frame(rest));
+    let rest = async move {
+        tokio::time::sleep(pause).await;
+        rest
+    };
+    let frames = futures_util::stream::iter([first]).chain(futures_util::stream::once(rest));
+    http::Response::new(http_body_util::StreamBody::new(frames).boxed_unsync())
 }
 
 /// A failure status with a registry's error envelope.
-pub(crate) fn status(code: u16) -> http::Response<Full<Bytes>> {
+pub(crate) fn status(code: u16) -> http::Response<PeerBody> {
     let mut response = ok(b"{\"errors\":[{\"message\":\"said so\"}]}");
     *response.status_mut() = StatusCode::from_u16(code).unwrap();
     response

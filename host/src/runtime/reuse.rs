@@ -121,6 +121,15 @@ impl Retirement {
         let _ = self.why.set(why);
     }
 
+    /// A retirement as the worker would leave it, for tests of what reads it.
+    #[cfg(test)]
+    pub(crate) fn of(why: Retired, torn_down: bool) -> Arc<Self> {
+        let retirement = Arc::new(Retirement::default());
+        retirement.set(why);
+        retirement.torn_down.store(torn_down, Ordering::Relaxed);
+        retirement
+    }
+
     /// The reason, once there is one.
     pub fn reason(&self) -> Option<Retired> {
         self.why.get().copied()

@@ -706,3 +706,747 @@ pub(super) async fn coalesce(body: HyperOutgoingBody) -> HyperOutgoingBody {
     }
     Prefixed::new(buf.freeze(), body).boxed_unsync()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use http_body_util::combinators::UnsyncBoxBody;
+    use http_body_util::{BodyExt, Empty, Full, StreamBody};
+    use hyper_util::rt::TokioIo;
+    use tokio::sync::{Semaphore, mpsc, oneshot};
+
+    use super::*;
+
+    type Error = wasmtime_wasi_http::Error;
+    type Frames<E> = mpsc::UnboundedSender<Result<Frame<Bytes>, E>>;
+
+    fn data(bytes: &[u8]) -> Result<Frame<Bytes>, Error> {
+        Ok(Frame::data(Bytes::copy_from_slice(bytes)))
+    }
+
+    fn trailers(name: &'static str) -> Result<Frame<Bytes>, Error> {
+        let mut map = http::HeaderMap::new();
+        map.insert(name, http::HeaderValue::from_static("1"));
+        Ok(Frame::trailers(map))
+    }
+
+    /// A guest's body with all its frames written: like a guest's stream,
+    /// it tells its end only by returning `None`.
+    fn written(frames: impl IntoIterator<Item = Result<Frame<Bytes>, Error>>) -> HyperOutgoingBody {
+        let frames: Vec<_> = frames.into_iter().collect();
+        StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
+    /// One frame, known to be the last as soon as it is taken.
+    fn whole(bytes: &'static [u8]) -> HyperOutgoingBody {
+        Full::new(Bytes::from_static(bytes))
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    }
+
+    /// A body the test writes frame by frame; it ends when the sender goes.
+    struct Fed<E>(mpsc::UnboundedReceiver<Result<Frame<Bytes>, E>>);
+
+    fn fed<E>() -> (Frames<E>, Fed<E>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (tx, Fed(rx))
+    }
+
+    impl<E> Body for Fed<E> {
+        type Data = Bytes;
+        type Error = E;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, E>>> {
+            self.0.poll_recv(cx)
+        }
+    }
+
+    /// A waker that counts its wakes.
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether one poll of `body`, woken through `wakes`, finds it pending.
+    fn pending<B: Body + Unpin>(body: &mut B, wakes: &Arc<Wakes>) -> bool {
+        let waker = std::task::Waker::from(wakes.clone());
+        Pin::new(body)
+            .poll_frame(&mut Context::from_waker(&waker))
+            .is_pending()
+    }
+
+    /// What a body yields to its end: its bytes, then its trailers or the
+    /// error that ended it.
+    async fn read<B>(body: &mut B) -> (Vec<u8>, Option<http::HeaderMap>, Option<Error>)
+    where
+        B: Body<Data = Bytes, Error = Error> + Unpin,
+    {
+        let mut bytes = Vec::new();
+        while let Some(frame) = body.frame().await {
+            match frame.map(Frame::into_data) {
+                Ok(Ok(data)) => bytes.extend_from_slice(&data),
+                Ok(Err(frame)) => return (bytes, frame.into_trailers().ok(), None),
+                Err(e) => return (bytes, None, Some(e)),
+            }
+        }
+        (bytes, None, None)
+    }
+
+    /// The bytes of a body that ends plainly, with no trailers or error.
+    async fn read_plain<B>(body: &mut B) -> Vec<u8>
+    where
+        B: Body<Data = Bytes, Error = Error> + Unpin,
+    {
+        let (bytes, trailers, err) = read(body).await;
+        assert!(trailers.is_none() && err.is_none(), "{trailers:?} {err:?}");
+        bytes
+    }
+
+    fn grpc_status(trailers: &Option<http::HeaderMap>) -> Option<&str> {
+        trailers.as_ref()?.get("grpc-status")?.to_str().ok()
+    }
+
+    /// A guest's task that runs until it is aborted.
+    fn guest() -> tokio::task::JoinHandle<()> {
+        tokio::spawn(std::future::pending())
+    }
+
+    /// Whether `task` ended (was aborted) once the scheduler had its turns.
+    async fn ended(task: &tokio::task::JoinHandle<()>) -> bool {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        task.is_finished()
+    }
+
+    fn gauge() -> prometheus::IntGauge {
+        prometheus::IntGauge::new("in_flight", "requests in flight").unwrap()
+    }
+
+    fn slot(permits: &Arc<Semaphore>, gauge: &prometheus::IntGauge) -> Slot {
+        Slot::new(
+            permits.clone().try_acquire_owned().unwrap(),
+            InFlight::new(gauge),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_limited_body_lets_its_limit_through_and_fails_one_byte_past_it() {
+        let exceeded = Arc::new(AtomicBool::new(false));
+        let mut body = Limited {
+            inner: written([data(b"abcd"), data(b"efghij"), data(b"k")]),
+            remaining: 10,
+            limit: 10,
+            exceeded: Some(exceeded.clone()),
+            error: |limit| Error::HttpRequestBodySize(Some(limit)),
+        };
+        for want in ["abcd", "efghij"] {
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), want);
+        }
+        assert!(
+            !exceeded.load(Ordering::SeqCst),
+            "10 bytes of a 10-byte limit"
+        );
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(
+            matches!(err, Error::HttpRequestBodySize(Some(10))),
+            "{err:?}"
+        );
+        assert!(exceeded.load(Ordering::SeqCst));
+
+        let mut response = Limited::response(written([data(b"0123456789")]), 8);
+        let (bytes, _, err) = read(&mut response).await;
+        assert!(bytes.is_empty());
+        assert!(
+            matches!(err, Some(Error::HttpResponseBodySize(Some(8)))),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_limited_body_tells_its_length_and_end_as_its_inner_body_does() {
+        let mut body = Limited::response(whole(b"abc"), 8);
+        assert_eq!(body.size_hint().exact(), Some(3));
+        assert!(!body.is_end_stream());
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "abc"
+        );
+        assert!(body.is_end_stream());
+        let empty = Limited::response(
+            Empty::new().map_err(|never| match never {}).boxed_unsync(),
+            8,
+        );
+        assert!(empty.is_end_stream());
+    }
+
+    #[test]
+    fn a_slot_gives_back_its_permit_and_in_flight_count_when_dropped() {
+        let (permits, gauge) = (Arc::new(Semaphore::new(2)), gauge());
+        let first = slot(&permits, &gauge);
+        let second = slot(&permits, &gauge);
+        assert_eq!((permits.available_permits(), gauge.get()), (0, 2));
+        drop(first);
+        assert_eq!((permits.available_permits(), gauge.get()), (1, 1));
+        drop(second);
+        assert_eq!((permits.available_permits(), gauge.get()), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_cut_off_dropped_armed_aborts_its_guest_and_a_disarmed_one_does_not() {
+        let task = guest();
+        drop(CutOff::new(task.abort_handle()));
+        assert!(ended(&task).await, "armed: the guest is aborted");
+
+        let task = guest();
+        let mut cut_off = CutOff::new(task.abort_handle());
+        cut_off.disarm();
+        drop(cut_off);
+        assert!(!ended(&task).await, "disarmed: the guest runs on");
+        task.abort();
+
+        let (permits, gauge) = (Arc::new(Semaphore::new(1)), gauge());
+        let mut holding = CutOff::holding(slot(&permits, &gauge));
+        assert_eq!(permits.available_permits(), 0);
+        holding.disarm();
+        assert_eq!(permits.available_permits(), 1, "disarming frees the slot");
+    }
+
+    #[tokio::test]
+    async fn a_response_not_taken_within_the_grace_closes_its_connection() {
+        let hangup = Hangup::default();
+        hangup.unless_taken(|| false);
+        tokio::time::timeout(STUCK_GRACE * 20, hangup.requested())
+            .await
+            .expect("the connection is closed after the grace");
+    }
+
+    #[tokio::test]
+    async fn a_response_taken_within_the_grace_closes_nothing() {
+        let hangup = Hangup::default();
+        let asked = Arc::new(AtomicBool::new(false));
+        hangup.unless_taken({
+            let asked = asked.clone();
+            move || {
+                asked.store(true, Ordering::SeqCst);
+                true
+            }
+        });
+        // One thread: once the check has run, so has anything it decided.
+        while !asked.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::task::yield_now().await;
+        assert!(!hangup.0.is_cancelled());
+    }
+
+    /// Past the grace (and every timer before it fired), whether `hangup`
+    /// closed its connection.
+    async fn closed_after_the_grace(hangup: &Hangup) -> bool {
+        tokio::time::sleep(STUCK_GRACE + Duration::from_millis(300)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        hangup.0.is_cancelled()
+    }
+
+    #[tokio::test]
+    async fn a_fresh_instance_keeps_the_first_way_its_task_ended() {
+        let hangup = Hangup::default();
+        let fate = Fate::task();
+        assert_eq!(fate.get(), None);
+        fate.cut(Cut::Timeout, &hangup);
+        assert_eq!(fate.get(), Some(Cut::Timeout));
+        fate.cut(Cut::Failed, &hangup);
+        assert_eq!(fate.get(), Some(Cut::Timeout), "the first end wins");
+        assert_eq!(Fate::Whole.get(), None);
+        assert!(
+            !closed_after_the_grace(&hangup).await,
+            "no body was handed to hyper: nothing to wait for"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cut_guests_body_not_taken_closes_its_connection() {
+        let hangup = Hangup::default();
+        let fate = Fate::task();
+        let (_writer, body) = fed::<Error>();
+        let task = guest();
+        let _delivering = Delivered::new(
+            body,
+            CutOff::new(task.abort_handle()),
+            fate.clone(),
+            Dialect::Http,
+        );
+        fate.cut(Cut::Timeout, &hangup);
+        tokio::time::timeout(STUCK_GRACE * 20, hangup.requested())
+            .await
+            .expect("a body hyper never takes closes its connection");
+    }
+
+    #[tokio::test]
+    async fn a_cut_guests_body_already_ended_closes_nothing() {
+        let hangup = Hangup::default();
+        let fate = Fate::task();
+        let task = guest();
+        drop(Delivered::new(
+            written([]),
+            CutOff::new(task.abort_handle()),
+            fate.clone(),
+            Dialect::Http,
+        ));
+        fate.cut(Cut::Timeout, &hangup);
+        assert!(!closed_after_the_grace(&hangup).await);
+    }
+
+    #[test]
+    fn a_reused_instance_cuts_its_streams_for_a_trap_the_memory_limit_or_a_teardown() {
+        let instance = |why, torn_down| {
+            let cell = Arc::new(std::sync::OnceLock::new());
+            cell.set(Retirement::of(why, torn_down)).unwrap();
+            Fate::Instance(cell)
+        };
+        assert_eq!(Fate::Instance(Arc::default()).get(), None, "not retired");
+        assert_eq!(instance(Retired::Trap, false).get(), Some(Cut::Failed));
+        assert_eq!(
+            instance(Retired::MemoryLimit, false).get(),
+            Some(Cut::Failed)
+        );
+        assert_eq!(instance(Retired::Timeout, true).get(), Some(Cut::Timeout));
+        assert_eq!(instance(Retired::Stopped, true).get(), Some(Cut::Timeout));
+        for why in [
+            Retired::Timeout,
+            Retired::MaxRequests,
+            Retired::Idle,
+            Retired::Stopped,
+        ] {
+            assert_eq!(
+                instance(why, false).get(),
+                None,
+                "{why:?}: its streams run on"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivered_body_passes_its_frames_and_lets_its_guest_run_once_ended() {
+        // The end told by `None`.
+        let task = guest();
+        let mut body = Delivered::new(
+            written([data(b"a"), data(b"b")]),
+            CutOff::new(task.abort_handle()),
+            Fate::Whole,
+            Dialect::Http,
+        );
+        assert_eq!(read_plain(&mut body).await, b"ab".to_vec());
+        drop(body);
+        assert!(!ended(&task).await);
+        task.abort();
+
+        // The end told by the last frame, before any `None`.
+        let task = guest();
+        let mut body = Delivered::new(
+            whole(b"abc"),
+            CutOff::new(task.abort_handle()),
+            Fate::Whole,
+            Dialect::Http,
+        );
+        assert_eq!(body.size_hint().exact(), Some(3));
+        assert!(!body.is_end_stream());
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "abc"
+        );
+        assert!(body.is_end_stream());
+        drop(body);
+        assert!(!ended(&task).await);
+        task.abort();
+
+        let task = guest();
+        let empty = Empty::new().map_err(|never| match never {}).boxed_unsync();
+        let body = Delivered::new(
+            empty,
+            CutOff::new(task.abort_handle()),
+            Fate::Whole,
+            Dialect::Http,
+        );
+        assert!(body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_delivered_body_dropped_before_its_end_aborts_its_guest() {
+        let (_writer, body) = fed::<Error>();
+        let task = guest();
+        let mut body = Delivered::new(
+            body,
+            CutOff::new(task.abort_handle()),
+            Fate::Whole,
+            Dialect::Http,
+        );
+        assert!(pending(&mut body, &Arc::default()));
+        drop(body);
+        assert!(ended(&task).await);
+    }
+
+    #[tokio::test]
+    async fn a_torn_down_guests_body_ends_as_its_dialect_says() {
+        for (cut, dialect, status) in [
+            (Cut::Timeout, Dialect::Grpc, "4"),
+            (Cut::Failed, Dialect::Grpc, "13"),
+            (Cut::Timeout, Dialect::Http, ""),
+            (Cut::Failed, Dialect::Http, ""),
+        ] {
+            let fate = Fate::task();
+            fate.cut(cut, &Hangup::default());
+            let task = guest();
+            let mut body = Delivered::new(
+                written([data(b"x")]),
+                CutOff::new(task.abort_handle()),
+                fate,
+                dialect,
+            );
+            let (bytes, trailers, err) = read(&mut body).await;
+            assert_eq!(bytes, b"x");
+            match dialect {
+                Dialect::Grpc => assert_eq!(grpc_status(&trailers), Some(status), "{cut:?}"),
+                Dialect::Http => {
+                    let want_timeout = cut == Cut::Timeout;
+                    assert!(
+                        matches!(err, Some(Error::HttpResponseTimeout)) == want_timeout
+                            && matches!(err, Some(Error::InternalError(_))) != want_timeout,
+                        "{cut:?}: {err:?}"
+                    );
+                }
+            }
+            assert!(body.is_end_stream());
+            assert!(body.frame().await.is_none());
+            task.abort();
+        }
+    }
+
+    fn bounded<B: Send + 'static>(
+        body: B,
+        within: Duration,
+        fate: Fate,
+        dialect: Dialect,
+    ) -> (Bounded<B>, Arc<Semaphore>) {
+        let permits = Arc::new(Semaphore::new(1));
+        let body = Bounded::new(
+            body,
+            slot(&permits, &gauge()),
+            tokio::time::Instant::now() + within,
+            "m".into(),
+            dialect,
+            fate,
+            Hangup::default(),
+        );
+        (body, permits)
+    }
+
+    #[tokio::test]
+    async fn a_bounded_body_frees_its_slot_on_its_last_frame() {
+        let (mut body, permits) = bounded(
+            whole(b"abc"),
+            Duration::from_secs(60),
+            Fate::Whole,
+            Dialect::Http,
+        );
+        assert!(!body.is_end_stream());
+        assert_eq!(permits.available_permits(), 0);
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "abc"
+        );
+        assert_eq!(
+            permits.available_permits(),
+            1,
+            "free before hyper drops the body"
+        );
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+
+        let (mut body, permits) = bounded(
+            written([data(b"a"), data(b"b")]),
+            Duration::from_secs(60),
+            Fate::Whole,
+            Dialect::Http,
+        );
+        assert_eq!(read_plain(&mut body).await, b"ab".to_vec());
+        assert_eq!(permits.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_bounded_body_past_its_deadline_frees_its_slot_wakes_hyper_and_ends_cut() {
+        for dialect in [Dialect::Http, Dialect::Grpc] {
+            let (_writer, body) = fed::<Error>();
+            let (mut body, permits) =
+                bounded(body, Duration::from_millis(50), Fate::Whole, dialect);
+            let wakes = Arc::new(Wakes::default());
+            assert!(pending(&mut body, &wakes));
+            tokio::time::timeout(Duration::from_secs(20), async {
+                while wakes.0.load(Ordering::SeqCst) == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("hyper's task is woken at the deadline");
+            assert_eq!(permits.available_permits(), 1);
+            assert!(!body.is_end_stream(), "its last frame is still to come");
+            let (bytes, trailers, err) = read(&mut body).await;
+            assert!(bytes.is_empty());
+            match dialect {
+                Dialect::Http => {
+                    assert!(matches!(err, Some(Error::HttpResponseTimeout)), "{err:?}")
+                }
+                Dialect::Grpc => assert_eq!(grpc_status(&trailers), Some("4")),
+            }
+            assert!(body.is_end_stream());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bounded_body_of_a_trapped_instance_ends_cut() {
+        let cell = Arc::new(std::sync::OnceLock::new());
+        cell.set(Retirement::of(Retired::Trap, false)).unwrap();
+        let (mut body, _) = bounded(
+            written([data(b"x")]),
+            Duration::from_secs(60),
+            Fate::Instance(cell),
+            Dialect::Grpc,
+        );
+        let (bytes, trailers, _) = read(&mut body).await;
+        assert_eq!(
+            (bytes.as_slice(), grpc_status(&trailers)),
+            (&b"x"[..], Some("13"))
+        );
+        assert!(body.is_end_stream());
+    }
+
+    /// One HTTP/1.1 connection over an in-memory pipe, served by hyper:
+    /// each request's body reaches the test as a [`Lingering`] (with its
+    /// `waiting` flag), and its answer (200, empty) waits for the test's
+    /// word, or for the word's sender to go.
+    struct Pipe {
+        client: hyper::client::conn::http1::SendRequest<UnsyncBoxBody<Bytes, Infallible>>,
+        bodies: mpsc::UnboundedReceiver<(Lingering, Arc<AtomicBool>, oneshot::Sender<()>)>,
+    }
+
+    async fn pipe() -> Pipe {
+        let (near, far) = tokio::io::duplex(64 << 10);
+        let (bodies_tx, bodies) = mpsc::unbounded_channel();
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let waiting = Arc::new(AtomicBool::new(false));
+            let (answer, answered) = oneshot::channel();
+            let _ = bodies_tx.send((
+                Lingering::new(req.into_body(), waiting.clone()),
+                waiting,
+                answer,
+            ));
+            async move {
+                let _ = answered.await;
+                Ok::<_, Infallible>(hyper::Response::new(Empty::<Bytes>::new()))
+            }
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(far), service),
+        );
+        let (client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        Pipe { client, bodies }
+    }
+
+    impl Pipe {
+        /// Sends a request with `body` and returns its answer's future.
+        async fn send<B>(
+            &mut self,
+            body: B,
+        ) -> tokio::task::JoinHandle<hyper::Result<http::StatusCode>>
+        where
+            B: Body<Data = Bytes, Error = Infallible> + Send + 'static,
+        {
+            self.client.ready().await.unwrap();
+            let req = hyper::Request::post("/").body(body.boxed_unsync()).unwrap();
+            let response = self.client.send_request(req);
+            tokio::spawn(async move { Ok(response.await?.status()) })
+        }
+
+        async fn next_body(&mut self) -> (Lingering, Arc<AtomicBool>, oneshot::Sender<()>) {
+            tokio::time::timeout(Duration::from_secs(20), self.bodies.recv())
+                .await
+                .expect("the request reaches the server")
+                .unwrap()
+        }
+
+        /// Whether the connection serves another request.
+        async fn serves_another(&mut self) -> bool {
+            let limit = Duration::from_secs(20);
+            let Ok(Ok(())) = tokio::time::timeout(limit, self.client.ready()).await else {
+                return false;
+            };
+            let req = hyper::Request::get("/")
+                .body(Empty::new().boxed_unsync())
+                .unwrap();
+            let response = tokio::spawn(self.client.send_request(req));
+            // Served: the request reaches the server, which answers it.
+            if tokio::time::timeout(limit, self.bodies.recv())
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+            {
+                return false;
+            }
+            let answered = tokio::time::timeout(limit, response).await;
+            answered.is_ok_and(|r| r.unwrap().is_ok_and(|r| r.status().is_success()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_body_reads_through_and_says_when_the_guest_waits_for_the_client() {
+        let mut pipe = pipe().await;
+        let answer = pipe.send(Full::new(Bytes::from_static(b"hello"))).await;
+        let (mut body, waiting, word) = pipe.next_body().await;
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert!(!body.is_end_stream());
+        let got = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(got, "hello");
+        assert!(body.is_end_stream());
+        assert!(!waiting.load(Ordering::SeqCst));
+        drop((body, word));
+        assert_eq!(answer.await.unwrap().unwrap(), 200);
+
+        let (writer, sent) = fed::<Infallible>();
+        let answer = pipe.send(sent).await;
+        let (mut body, waiting, word) = pipe.next_body().await;
+        assert!(pending(&mut body, &Arc::default()));
+        assert!(
+            waiting.load(Ordering::SeqCst),
+            "nothing sent yet: the guest waits on the client"
+        );
+        writer
+            .send(Ok(Frame::data(Bytes::from_static(b"a"))))
+            .unwrap();
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "a"
+        );
+        assert!(!waiting.load(Ordering::SeqCst));
+        drop((writer, body, word));
+        assert_eq!(answer.await.unwrap().unwrap(), 200);
+    }
+
+    const MIB: usize = 1 << 20;
+
+    #[tokio::test]
+    async fn an_unread_request_body_is_drained_so_its_connection_serves_the_next() {
+        // Exactly LINGER_BYTES, its end sent only after the answer (and a
+        // pause), so a drain that stopped at the limit would not see it.
+        let mut pipe = pipe().await;
+        let (writer, sent) = fed::<Infallible>();
+        let chunk = Bytes::from(vec![b'x'; MIB]);
+        for _ in 0..LINGER_BYTES / MIB {
+            writer.send(Ok(Frame::data(chunk.clone()))).unwrap();
+        }
+        let answer = pipe.send(sent).await;
+        let (body, _, word) = pipe.next_body().await;
+        drop((body, word));
+        assert_eq!(answer.await.unwrap().unwrap(), 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(writer);
+        assert!(pipe.serves_another().await, "the unread body was drained");
+    }
+
+    #[tokio::test]
+    async fn an_unread_request_body_is_drained_no_further_than_linger_bytes() {
+        let mut pipe = pipe().await;
+        let chunk = Bytes::from(vec![b'x'; MIB]);
+        let frames: Vec<_> = (0..LINGER_BYTES / MIB + 4)
+            .map(|_| Ok::<_, Infallible>(Frame::data(chunk.clone())))
+            .collect();
+        let answer = pipe
+            .send(StreamBody::new(futures_util::stream::iter(frames)))
+            .await;
+        let (body, _, word) = pipe.next_body().await;
+        drop((body, word));
+        assert_eq!(answer.await.unwrap().unwrap(), 200);
+        assert!(
+            !pipe.serves_another().await,
+            "the drain gave up past LINGER_BYTES"
+        );
+    }
+
+    fn coalesced_exact(body: &HyperOutgoingBody) -> Option<u64> {
+        body.size_hint().exact()
+    }
+
+    #[tokio::test]
+    async fn a_small_response_leaves_whole_with_its_length() {
+        let mut body = coalesce(written([data(b"hel"), data(b"lo")])).await;
+        assert_eq!(coalesced_exact(&body), Some(5));
+        assert_eq!(read_plain(&mut body).await, b"hello".to_vec());
+
+        let limit = vec![b'x'; COALESCE_LIMIT];
+        let body = coalesce(written([data(&limit)])).await;
+        assert_eq!(
+            coalesced_exact(&body),
+            Some(COALESCE_LIMIT as u64),
+            "exactly the limit"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_response_over_the_limit_streams_all_its_bytes_in_order() {
+        let part = vec![b'a'; 40 << 10];
+        let mut body = coalesce(written([data(&part), data(&part), data(b"tail")])).await;
+        assert_eq!(coalesced_exact(&body), None, "over the limit: streamed");
+        let (bytes, _, err) = read(&mut body).await;
+        assert!(err.is_none());
+        assert_eq!(bytes.len(), (80 << 10) + 4);
+        assert!(bytes.ends_with(b"atail"));
+    }
+
+    #[tokio::test]
+    async fn a_response_still_being_written_sends_its_head_and_streams_the_rest() {
+        let (writer, body) = fed::<Error>();
+        writer.send(data(b"head")).unwrap();
+        let mut body = coalesce(body.boxed_unsync()).await;
+        assert_eq!(coalesced_exact(&body), None);
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "head"
+        );
+        writer.send(data(b"tail")).unwrap();
+        drop(writer);
+        assert_eq!(read_plain(&mut body).await, b"tail".to_vec());
+    }
+
+    #[tokio::test]
+    async fn trailers_and_errors_stay_behind_the_data_they_end() {
+        let mut body = coalesce(written([data(b"x"), trailers("grpc-status")])).await;
+        let (bytes, trailers_got, _) = read(&mut body).await;
+        assert_eq!(bytes, b"x");
+        assert!(trailers_got.unwrap().contains_key("grpc-status"));
+
+        let mut body = coalesce(written([trailers("grpc-status")])).await;
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.is_trailers(), "no empty data frame before them");
+        assert!(body.frame().await.is_none());
+
+        let mut body = coalesce(written([data(b"x"), Err(Error::HttpResponseTimeout)])).await;
+        let (bytes, _, err) = read(&mut body).await;
+        assert_eq!(bytes, b"x");
+        assert!(matches!(err, Some(Error::HttpResponseTimeout)), "{err:?}");
+    }
+}
