@@ -1956,6 +1956,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_record_removed_by_a_replaced_canary_of_the_same_identity_comes_back() {
+        let (prom, answers) = prometheus().await;
+        let s = fleet_started(&prom, "steps = [10, 50, 90]", "1h").await;
+        answers.lock().unwrap().step = Some(1.0);
+        look(&s, None).await;
+        let labels = s.canary.fleet.as_ref().unwrap().identity().values();
+        let step = || s.metrics.canary_fleet_step.with_label_values(&labels).get();
+        assert_eq!(step(), 1);
+        // What the old canary's drop does when a reload replaces it with
+        // one of the same identity (this one, still at its step).
+        s.metrics
+            .canary_fleet_state
+            .remove_label_values(&labels)
+            .unwrap();
+        s.metrics
+            .canary_fleet_step
+            .remove_label_values(&labels)
+            .unwrap();
+        look(&s, None).await;
+        assert_eq!(
+            s.results(),
+            ["joined"],
+            "no transition: the series alone came back"
+        );
+        let rendered = String::from_utf8(s.metrics.render()).unwrap();
+        assert!(rendered.contains("berth_canary_fleet_state{"), "{rendered}");
+        assert_eq!(step(), 1);
+    }
+
+    #[tokio::test]
     async fn the_run_task_looks_at_once_and_a_dropped_canary_leaves_no_record() {
         let (prom, _answers) = prometheus().await;
         let s = fleet_started(&prom, "steps = [10, 50]", "1h").await;
