@@ -890,11 +890,25 @@ mod tests {
         assert_eq!(pulled.unwrap().bytes, LAYER);
     }
 
-    #[tokio::test]
-    async fn a_slow_layer_of_no_declared_size_reports_progress_and_arrives_whole() {
-        // Over a second between its parts: the progress line is written
-        // mid-stream, with no total to take a percentage of.
-        let (raw, digest) = artifact(LAYER, 0);
+    /// A writer into a buffer the test reads: the log lines of a pull.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The progress lines of a pull of a layer declared as `declared`
+    /// bytes (0: none), whose first 8 bytes come at once and the rest over
+    /// a second later.
+    async fn progress_of_a_slow_pull(declared: i64) -> Vec<String> {
+        let (raw, digest) = artifact(LAYER, declared);
         let (first, rest) = LAYER.split_at(8);
         let (first, rest) = (first.to_vec(), rest.to_vec());
         let fake = Fake::start(Arc::new(move |path: &str, _| {
@@ -906,8 +920,46 @@ mod tests {
         }))
         .await;
         let reference = format!("{}/team/m@{digest}", fake.host());
-        let pulled = fake.registry(0, 1 << 20).pull(&reference, None, "m").await;
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer({
+                let lines = lines.clone();
+                move || lines.clone()
+            })
+            .with_ansi(false)
+            .finish();
+        // The pull runs on this thread (a current-thread runtime).
+        let pulled = {
+            let _logs = tracing::subscriber::set_default(subscriber);
+            fake.registry(0, 1 << 20).pull(&reference, None, "m").await
+        };
         assert_eq!(pulled.unwrap().bytes, LAYER);
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .filter(|l| l.contains(" pulling "))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_slow_layer_reports_its_progress_once_a_second() {
+        // Over a second between its parts: one progress line, when the
+        // rest arrives, with every byte so far.
+        let len = LAYER.len();
+        let progress = progress_of_a_slow_pull(len as i64).await;
+        assert_eq!(progress.len(), 1, "{progress:?}");
+        assert!(
+            progress[0].contains(&format!("bytes={len} total={len} percent=100")),
+            "{progress:?}"
+        );
+        // No declared size: no total to take a percentage of.
+        let progress = progress_of_a_slow_pull(0).await;
+        assert_eq!(progress.len(), 1, "{progress:?}");
+        assert!(
+            progress[0].contains(&format!("bytes={len} total=0"))
+                && !progress[0].contains("percent"),
+            "{progress:?}"
+        );
     }
 
     #[tokio::test]
