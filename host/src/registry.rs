@@ -890,6 +890,94 @@ mod tests {
         assert_eq!(pulled.unwrap().bytes, LAYER);
     }
 
+    #[tokio::test]
+    async fn push_errors_are_classified_by_what_can_be_done_about_them() {
+        use oci_client::errors::{OciEnvelope, OciError};
+        let reference: Reference = "registry.example/team/m:1".parse().unwrap();
+        let kind = |err| match classify("m", &reference, "layer", err) {
+            RegistryError::Auth { registry, .. } => {
+                assert_eq!(registry, "registry.example", "named for its credentials");
+                "auth"
+            }
+            RegistryError::NotFound { .. } => "not found",
+            RegistryError::Unavailable { .. } => "unavailable",
+            RegistryError::Digest {
+                what,
+                expected,
+                actual,
+                ..
+            } => {
+                assert_eq!([what, expected, actual], ["layer", "sha256:a", "sha256:b"]);
+                "digest"
+            }
+            RegistryError::Other { .. } => "other",
+            other => panic!("{other:?}"),
+        };
+        let envelope = |code| OciDistributionError::RegistryError {
+            envelope: OciEnvelope {
+                errors: vec![OciError {
+                    code,
+                    message: String::new(),
+                    detail: serde_json::Value::Null,
+                }],
+            },
+            url: "u".into(),
+        };
+        let server = |code| OciDistributionError::ServerError {
+            code,
+            url: "u".into(),
+            message: "said so".into(),
+        };
+        // Port 1 on loopback: nothing listens.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let refused = reqwest::Client::new()
+            .get("http://127.0.0.1:1/")
+            .send()
+            .await
+            .unwrap_err();
+        let digest = DigestError::VerificationError {
+            expected: "sha256:a".into(),
+            actual: "sha256:b".into(),
+        };
+        for (err, want) in [
+            (
+                OciDistributionError::AuthenticationFailure("x".into()),
+                "auth",
+            ),
+            (
+                OciDistributionError::UnauthorizedError { url: "u".into() },
+                "auth",
+            ),
+            (envelope(OciErrorCode::Denied), "auth"),
+            (envelope(OciErrorCode::Unauthorized), "auth"),
+            (envelope(OciErrorCode::ManifestUnknown), "not found"),
+            (envelope(OciErrorCode::BlobUnknown), "not found"),
+            (envelope(OciErrorCode::Toomanyrequests), "unavailable"),
+            (envelope(OciErrorCode::Unsupported), "other"),
+            (
+                OciDistributionError::ImageManifestNotFoundError("x".into()),
+                "not found",
+            ),
+            (server(500), "unavailable"),
+            (server(503), "unavailable"),
+            (server(429), "unavailable"),
+            (server(499), "other"),
+            (server(404), "not found"),
+            (server(401), "auth"),
+            (server(403), "auth"),
+            (OciDistributionError::DigestError(digest), "digest"),
+            (OciDistributionError::RequestError(refused), "unavailable"),
+            (
+                OciDistributionError::IoError(std::io::Error::other("disk")),
+                "unavailable",
+            ),
+            (OciDistributionError::PushNoDataError, "other"),
+        ] {
+            let text = err.to_string();
+            assert_eq!(kind(err), want, "{text}");
+        }
+    }
+
     /// A writer into a buffer the test reads: the log lines of a pull.
     #[derive(Clone, Default)]
     struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
