@@ -1139,15 +1139,24 @@ mod tests {
     }
 
     #[test]
-    fn layer_digests_that_could_escape_the_cache_are_refused() {
+    fn layer_and_manifest_digests_that_could_escape_the_cache_are_refused() {
+        let cache = Path::new("/cache");
         for bad in [
             "sha256:../../etc/passwd",
             "sha512:aa",
             "sha256:",
+            "sha256:abc",
             &format!("sha256:{}/", "a".repeat(63)),
+            &format!("sha256:../{}", "a".repeat(61)),
         ] {
             assert!(layer_hex("r", bad).is_err(), "{bad}");
+            assert_eq!(manifest_path(cache, bad), None, "{bad}");
         }
+        let hex = "a".repeat(64);
+        assert_eq!(
+            manifest_path(cache, &format!("sha256:{hex}")),
+            Some(cache.join("oci").join(format!("{hex}.json")))
+        );
         assert_eq!(
             layer_hex("r", &format!("sha256:{}", "A".repeat(64))).unwrap(),
             "a".repeat(64)
