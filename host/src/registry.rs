@@ -873,7 +873,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("runs past the") && err.contains("declares"),
+            err.contains("runs past the")
+                && err.contains("declares")
+                && err.contains("/team/m@sha256:"),
             "{err}"
         );
 
@@ -975,6 +977,133 @@ mod tests {
         ] {
             let text = err.to_string();
             assert_eq!(kind(err), want, "{text}");
+        }
+    }
+
+    /// A registry that asks for a bearer token from `/token` on itself
+    /// (`realm`: its scheme and path) on the first ask of the manifest,
+    /// and then serves it. Layers are served, whatever the token, unless
+    /// `refuse_layer`: then their every ask gets the challenge again.
+    async fn token_guarded(realm: &'static str, refuse_layer: bool) -> (Fake, String) {
+        let (raw, digest) = artifact(LAYER, LAYER.len() as i64);
+        let host: Arc<std::sync::OnceLock<String>> = Arc::default();
+        let fake = Fake::start(Arc::new({
+            let host = host.clone();
+            move |path: &str, n| {
+                if path.starts_with("/token") {
+                    ok(br#"{"token": "t0k"}"#)
+                } else if (path.contains("/manifests/") && n == 0)
+                    || (refuse_layer && path.contains("/blobs/"))
+                {
+                    let realm = realm.replace("HOST", host.get().unwrap());
+                    let mut challenge = status(401);
+                    let value = format!("Bearer realm=\"{realm}\",service=\"reg\"");
+                    challenge.headers_mut().insert(
+                        http::header::WWW_AUTHENTICATE,
+                        http::HeaderValue::from_str(&value).unwrap(),
+                    );
+                    challenge
+                } else if path.contains("/manifests/") {
+                    ok(&raw)
+                } else {
+                    ok(LAYER)
+                }
+            }
+        }))
+        .await;
+        host.set(fake.host().to_owned()).unwrap();
+        let reference = format!("{}/team/m@{digest}", fake.host());
+        (fake, reference)
+    }
+
+    #[tokio::test]
+    async fn a_bearer_challenge_is_answered_with_a_token_from_its_realm() {
+        let (fake, reference) = token_guarded("http://HOST/token", false).await;
+        let pulled = fake.registry(0, 1 << 20).pull(&reference, None, "m").await;
+        assert_eq!(pulled.unwrap().bytes, LAYER);
+        let asked = fake.0.asked();
+        let sent = fake.0.authorizations();
+        let token = asked.iter().position(|p| p.starts_with("/token")).unwrap();
+        assert_eq!(
+            asked[token], "/token?scope=repository%3Ateam%2Fm%3Apull&service=reg",
+            "the pull scope of this repository, for the challenge's service"
+        );
+        assert_eq!(asked.iter().filter(|p| p.starts_with("/token")).count(), 1);
+        // The manifest again, then the layer, both with the token.
+        assert_eq!(asked.len(), 4, "{asked:?}");
+        assert!(asked[token + 1].contains("/manifests/") && asked[token + 2].contains("/blobs/"));
+        for after in &sent[token + 1..] {
+            assert_eq!(after.as_deref(), Some("Bearer t0k"), "{asked:?} {sent:?}");
+        }
+        assert_eq!(sent[0], None, "nothing sent before the challenge");
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_or_a_realm_that_is_not_http_fails_as_auth_naming_the_reference() {
+        // A realm of another scheme gets no credentials, nor any request.
+        let (fake, reference) = token_guarded("ftp://HOST/token", false).await;
+        let err = fake
+            .registry(0, 1 << 20)
+            .pull(&reference, None, "m")
+            .await
+            .unwrap_err();
+        let RegistryError::Auth {
+            reference: named, ..
+        } = &err
+        else {
+            panic!("{err:?}")
+        };
+        assert!(named.contains("team/m"), "{err}");
+        assert!(err.to_string().contains("ftp://"), "{err}");
+        assert!(fake.0.asked().iter().all(|p| !p.starts_with("/token")));
+
+        // A token that the registry still refuses: one exchange, then the
+        // refusal, naming the layer.
+        let (fake, reference) = token_guarded("http://HOST/token", true).await;
+        let err = fake
+            .registry(0, 1 << 20)
+            .pull(&reference, None, "m")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Auth { .. }), "{err:?}");
+        assert!(err.to_string().contains("layer"), "{err}");
+        let tokens = fake
+            .0
+            .asked()
+            .iter()
+            .filter(|p| p.starts_with("/token"))
+            .count();
+        assert_eq!(tokens, 1, "a token is asked for once per pull");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_told_by_its_status() {
+        let (_, digest) = artifact(LAYER, LAYER.len() as i64);
+        for (code, want) in [
+            (404, "not found"),
+            (403, "auth"),
+            (503, "unavailable"),
+            (418, "other"),
+        ] {
+            let fake = Fake::start(Arc::new(move |_: &str, _| status(code))).await;
+            let reference = format!("{}/team/m@{digest}", fake.host());
+            let err = fake
+                .registry(0, 1 << 20)
+                .pull(&reference, None, "m")
+                .await
+                .unwrap_err();
+            let got = match &err {
+                RegistryError::NotFound { .. } => "not found",
+                RegistryError::Auth { .. } => "auth",
+                RegistryError::Unavailable { .. } => "unavailable",
+                RegistryError::Other { .. } => "other",
+                _ => "?",
+            };
+            assert_eq!(got, want, "{code}: {err}");
+            assert!(
+                err.to_string().contains("said so"),
+                "the registry's words: {err}"
+            );
         }
     }
 

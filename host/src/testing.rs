@@ -150,6 +150,8 @@ pub(crate) struct Peer {
     /// `127.0.0.1:PORT`.
     pub(crate) host: String,
     asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Each request's `Authorization`, in the order of `asked`.
+    authorizations: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
     _task: tokio_util::task::AbortOnDropHandle<()>,
 }
 
@@ -158,13 +160,16 @@ impl Peer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let host = listener.local_addr().unwrap().to_string();
         let asked: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let authorizations: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>> =
+            Default::default();
         let log = asked.clone();
+        let auth_log = authorizations.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let (answer, log) = (answer.clone(), log.clone());
+                let (answer, log, auth_log) = (answer.clone(), log.clone(), auth_log.clone());
                 let service = hyper::service::service_fn(move |req: Request<_>| {
                     let path = req.uri().path().to_owned();
                     let whole = req.uri().to_string();
@@ -175,6 +180,12 @@ impl Peer {
                             .filter(|p| p.split('?').next() == Some(path.as_str()))
                             .count();
                         log.push(whole.clone());
+                        let authorization = req.headers().get(http::header::AUTHORIZATION);
+                        let authorization = authorization.and_then(|v| v.to_str().ok());
+                        auth_log
+                            .lock()
+                            .unwrap()
+                            .push(authorization.map(str::to_owned));
                         n
                     };
                     let response = answer(&whole, n);
@@ -189,6 +200,7 @@ impl Peer {
         Peer {
             host,
             asked,
+            authorizations,
             _task: tokio_util::task::AbortOnDropHandle::new(task),
         }
     }
@@ -196,6 +208,11 @@ impl Peer {
     /// Every request's path and query so far, in order.
     pub(crate) fn asked(&self) -> Vec<String> {
         self.asked.lock().unwrap().clone()
+    }
+
+    /// Every request's `Authorization` so far, in the order of [`Peer::asked`].
+    pub(crate) fn authorizations(&self) -> Vec<Option<String>> {
+        self.authorizations.lock().unwrap().clone()
     }
 }
 

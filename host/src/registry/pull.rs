@@ -366,7 +366,37 @@ fn said(body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
     use super::*;
+    use crate::testing::{Peer, dripped, ok};
+
+    #[tokio::test]
+    async fn at_most_the_limit_is_read_and_a_longer_body_is_told_apart() {
+        // "/6" comes in two parts, "hel" and then "lo!".
+        let peer = Peer::start(Arc::new(|path: &str, _| match path {
+            "/5" => ok(b"hello"),
+            _ => dripped(b"hel", Duration::from_millis(50), b"lo!"),
+        }))
+        .await;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let read = |path: &'static str, limit| {
+            let url = format!("http://{}{path}", peer.host);
+            async move {
+                read_upto(reqwest::get(url).await.unwrap(), limit)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(
+            read("/5", 5).await,
+            (b"hello".to_vec(), true),
+            "exactly the limit"
+        );
+        assert_eq!(read("/6", 5).await, (b"hello".to_vec(), false));
+        assert_eq!(read("/6", 6).await, (b"hello!".to_vec(), true));
+    }
 
     #[test]
     fn error_bodies_are_cut_and_kept_on_one_line() {
