@@ -143,15 +143,18 @@ pub(crate) type Answer = dyn Fn(&str, usize) -> http::Response<PeerBody> + Send 
 pub(crate) type PeerBody =
     http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
 
+/// Each request's path and query, and its `Authorization`.
+type AskedLog = std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
+
 /// An HTTP/1.1 server on loopback that answers every request with an
 /// [`Answer`] and keeps what it was asked: a peer (registry, Prometheus)
 /// that fails and lies on demand. Stops when dropped.
 pub(crate) struct Peer {
     /// `127.0.0.1:PORT`.
     pub(crate) host: String,
-    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    /// Each request's `Authorization`, in the order of `asked`.
-    authorizations: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    /// Each request's path and query, and its `Authorization`, in order:
+    /// one lock, so that concurrent requests cannot pair them wrongly.
+    asked: AskedLog,
     _task: tokio_util::task::AbortOnDropHandle<()>,
 }
 
@@ -159,17 +162,14 @@ impl Peer {
     pub(crate) async fn start(answer: std::sync::Arc<Answer>) -> Peer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let host = listener.local_addr().unwrap().to_string();
-        let asked: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
-        let authorizations: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>> =
-            Default::default();
+        let asked = AskedLog::default();
         let log = asked.clone();
-        let auth_log = authorizations.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let (answer, log, auth_log) = (answer.clone(), log.clone(), auth_log.clone());
+                let (answer, log) = (answer.clone(), log.clone());
                 let service = hyper::service::service_fn(move |req: Request<_>| {
                     let path = req.uri().path().to_owned();
                     let whole = req.uri().to_string();
@@ -177,15 +177,11 @@ impl Peer {
                         let mut log = log.lock().unwrap();
                         let n = log
                             .iter()
-                            .filter(|p| p.split('?').next() == Some(path.as_str()))
+                            .filter(|(p, _)| p.split('?').next() == Some(path.as_str()))
                             .count();
-                        log.push(whole.clone());
                         let authorization = req.headers().get(http::header::AUTHORIZATION);
                         let authorization = authorization.and_then(|v| v.to_str().ok());
-                        auth_log
-                            .lock()
-                            .unwrap()
-                            .push(authorization.map(str::to_owned));
+                        log.push((whole.clone(), authorization.map(str::to_owned)));
                         n
                     };
                     let response = answer(&whole, n);
@@ -200,19 +196,20 @@ impl Peer {
         Peer {
             host,
             asked,
-            authorizations,
             _task: tokio_util::task::AbortOnDropHandle::new(task),
         }
     }
 
     /// Every request's path and query so far, in order.
     pub(crate) fn asked(&self) -> Vec<String> {
-        self.asked.lock().unwrap().clone()
+        let asked = self.asked.lock().unwrap();
+        asked.iter().map(|(uri, _)| uri.clone()).collect()
     }
 
     /// Every request's `Authorization` so far, in the order of [`Peer::asked`].
     pub(crate) fn authorizations(&self) -> Vec<Option<String>> {
-        self.authorizations.lock().unwrap().clone()
+        let asked = self.asked.lock().unwrap();
+        asked.iter().map(|(_, auth)| auth.clone()).collect()
     }
 }
 
