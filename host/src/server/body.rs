@@ -665,46 +665,116 @@ const COALESCE_LIMIT: usize = 64 << 10;
 
 /// Small guest responses leave in one write with a `Content-Length`
 /// instead of a chunked stream of a head and several body writes. Nothing
-/// is waited for: after one turn of the scheduler (in which a guest that
-/// answers at once writes and finishes its body), only the frames already
-/// there are taken. If that is the whole body it is sent whole; otherwise
-/// the head leaves now with what was read, and the rest streams, so
-/// server-sent events and long polls get their head at once.
+/// is waited for: the frames already there are taken and, if they are not
+/// the whole body yet, once more after one turn of the scheduler (in which
+/// a guest that answers at once writes and finishes its body). If that is
+/// the whole body it is sent whole; otherwise the head leaves now with
+/// what was read, and the rest streams, so server-sent events and long
+/// polls get their head at once.
 pub(super) async fn coalesce(body: HyperOutgoingBody) -> HyperOutgoingBody {
     use http_body_util::BodyExt;
-    tokio::task::yield_now().await;
     let mut body = body;
-    let mut buf = bytes::BytesMut::new();
+    let mut taken = Taken::Empty;
+    // A guest that finished before its head was read needs no turn of the
+    // scheduler: that turn re-polls the whole connection's future stack.
+    match take_ready(&mut body, &mut taken) {
+        Gathered::Whole(done) => return done,
+        Gathered::Over => return Prefixed::new(taken.freeze(), body).boxed_unsync(),
+        Gathered::Pending => {}
+    }
+    tokio::task::yield_now().await;
+    match take_ready(&mut body, &mut taken) {
+        Gathered::Whole(done) => done,
+        Gathered::Over | Gathered::Pending => Prefixed::new(taken.freeze(), body).boxed_unsync(),
+    }
+}
+
+/// The data frames taken so far: one is kept as it came, without a copy.
+enum Taken {
+    Empty,
+    One(Bytes),
+    Many(bytes::BytesMut),
+}
+
+impl Taken {
+    fn len(&self) -> usize {
+        match self {
+            Taken::Empty => 0,
+            Taken::One(b) => b.len(),
+            Taken::Many(b) => b.len(),
+        }
+    }
+
+    fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        *self = match std::mem::replace(self, Taken::Empty) {
+            Taken::Empty => Taken::One(data),
+            Taken::One(first) => {
+                let mut joined = bytes::BytesMut::with_capacity(first.len() + data.len());
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&data);
+                Taken::Many(joined)
+            }
+            Taken::Many(mut joined) => {
+                joined.extend_from_slice(&data);
+                Taken::Many(joined)
+            }
+        };
+    }
+
+    fn freeze(&mut self) -> Bytes {
+        match std::mem::replace(self, Taken::Empty) {
+            Taken::Empty => Bytes::new(),
+            Taken::One(b) => b,
+            Taken::Many(b) => b.freeze(),
+        }
+    }
+}
+
+/// What [`take_ready`] found.
+enum Gathered {
+    /// The whole body, to send as it is.
+    Whole(HyperOutgoingBody),
+    /// More than [`COALESCE_LIMIT`]: stream it.
+    Over,
+    /// The guest is still writing.
+    Pending,
+}
+
+/// Takes the frames `body` has ready into `taken`, without waiting.
+fn take_ready(body: &mut HyperOutgoingBody, taken: &mut Taken) -> Gathered {
+    use http_body_util::BodyExt;
     let mut cx = Context::from_waker(std::task::Waker::noop());
     loop {
-        let frame = match Pin::new(&mut body).poll_frame(&mut cx) {
+        let frame = match Pin::new(&mut *body).poll_frame(&mut cx) {
             Poll::Ready(frame) => frame,
-            Poll::Pending => break,
+            Poll::Pending => return Gathered::Pending,
         };
-        match frame {
+        let ended = match frame {
             None => {
-                return http_body_util::Full::new(buf.freeze())
-                    .map_err(|never| match never {})
-                    .boxed_unsync();
+                return Gathered::Whole(
+                    http_body_util::Full::new(taken.freeze())
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                );
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
-                    buf.extend_from_slice(&data);
-                    if buf.len() > COALESCE_LIMIT {
-                        break;
+                    taken.push(data);
+                    if taken.len() > COALESCE_LIMIT {
+                        return Gathered::Over;
                     }
+                    continue;
                 }
-                Err(trailers) => {
-                    // Trailers end the body; keep them behind the data.
-                    return Prefixed::ending(buf.freeze(), Some(Ok(trailers))).boxed_unsync();
-                }
+                // Trailers end the body; keep them behind the data.
+                Err(trailers) => Ok(trailers),
             },
-            Some(Err(e)) => {
-                return Prefixed::ending(buf.freeze(), Some(Err(e))).boxed_unsync();
-            }
-        }
+            Some(Err(e)) => Err(e),
+        };
+        return Gathered::Whole(Prefixed::ending(taken.freeze(), Some(ended)).boxed_unsync());
     }
-    Prefixed::new(buf.freeze(), body).boxed_unsync()
 }
 
 #[cfg(test)]
@@ -1410,6 +1480,28 @@ mod tests {
             Some(COALESCE_LIMIT as u64),
             "exactly the limit"
         );
+    }
+
+    #[tokio::test]
+    async fn a_single_frame_leaves_as_it_came_without_a_copy() {
+        let sent = Bytes::from_static(b"hello");
+        let mut body = coalesce(written([Ok(Frame::data(sent.clone()))])).await;
+        assert_eq!(coalesced_exact(&body), Some(5));
+        let got = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(got.as_ptr(), sent.as_ptr(), "the guest's bytes, not a copy");
+    }
+
+    #[tokio::test]
+    async fn a_body_finished_in_the_schedulers_next_turn_still_leaves_whole() {
+        let (writer, body) = fed::<Error>();
+        writer.send(data(b"hel")).unwrap();
+        // Runs in the turn `coalesce` gives the guest, as a guest task does.
+        tokio::spawn(async move {
+            writer.send(data(b"lo")).unwrap();
+        });
+        let mut body = coalesce(body.boxed_unsync()).await;
+        assert_eq!(coalesced_exact(&body), Some(5));
+        assert_eq!(read_plain(&mut body).await, b"hello".to_vec());
     }
 
     #[tokio::test]
