@@ -737,7 +737,17 @@ pub struct OutboundHooks {
     pub trace: TraceContext,
     /// The request's deadline, carried onward by gRPC calls.
     pub deadline: Option<tokio::time::Instant>,
+    /// On a reused instance, which serves several requests: the trace and
+    /// deadline of the request whose task makes the call, looked up when
+    /// it does (in place of the two above). Looked up here, not on every
+    /// host call that touches `wasi:http`, which would be a lock and two
+    /// context clones each time.
+    pub current: Option<CurrentRequest>,
 }
+
+/// The trace and deadline of the request a reused instance is serving now.
+pub type CurrentRequest =
+    Arc<dyn Fn() -> (TraceContext, Option<tokio::time::Instant>) + Send + Sync>;
 
 /// A `grpc-timeout` value: milliseconds, rounded up (a budget of 0 would
 /// read as "expired"), at most the spec's eight digits.
@@ -797,13 +807,13 @@ impl WasiHttpHooks for OutboundHooks {
         _fut: IoFuture,
     ) -> Box<dyn Future<Output = Result<(Response<HyperOutgoingBody>, IoFuture), Error>> + Send>
     {
+        let (trace, deadline) = match &self.current {
+            Some(current) => current(),
+            None => (self.trace.clone(), self.deadline),
+        };
         let mut request = request;
-        propagate_deadline(request.headers_mut(), self.deadline);
-        Box::new(
-            self.outbound
-                .clone()
-                .send(request, options, self.trace.clone()),
-        )
+        propagate_deadline(request.headers_mut(), deadline);
+        Box::new(self.outbound.clone().send(request, options, trace))
     }
 }
 

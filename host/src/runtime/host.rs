@@ -18,7 +18,7 @@ use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::metrics::GuestMetrics;
-use crate::outbound::{ModuleOutbound, OutboundHooks};
+use crate::outbound::{CurrentRequest, ModuleOutbound, OutboundHooks};
 use crate::trace::TraceContext;
 
 mod logging {
@@ -266,6 +266,12 @@ impl Host {
                 outbound,
                 trace: cx.trace.clone(),
                 deadline: cx.deadline,
+                current: tasks.clone().map(|tasks| -> CurrentRequest {
+                    Arc::new(move || {
+                        let cx = tasks.context();
+                        (cx.trace, cx.deadline)
+                    })
+                }),
             },
             config,
             guest_metrics,
@@ -295,14 +301,12 @@ impl Host {
         )
     }
 
-    /// On a reused instance, points `cx` and the outbound calls' trace at
-    /// the request whose task runs now (or at the instance's own context).
+    /// On a reused instance, points `cx` at the request whose task runs
+    /// now (or at the instance's own context). Outbound calls look theirs
+    /// up when they are made (`OutboundHooks::current`).
     fn follow_task(&mut self) {
         let Some(tasks) = &self.tasks else { return };
-        let cx = tasks.context();
-        self.hooks.trace = cx.trace.clone();
-        self.hooks.deadline = cx.deadline;
-        self.cx = cx;
+        self.cx = tasks.context();
     }
 
     /// Runs `hit` when the guest goes over its memory limit, before the
@@ -371,7 +375,6 @@ impl WasiView for Host {
 
 impl WasiHttpView for Host {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        self.follow_task();
         WasiHttpCtxView {
             ctx: &mut self.http,
             table: &mut self.table,
