@@ -43,7 +43,6 @@
 //! `identity` gets `UNIMPLEMENTED`).
 
 use std::fmt;
-use std::io::Write as _;
 use std::marker::PhantomData;
 use std::time::Duration;
 
@@ -390,10 +389,14 @@ impl<M: Message> Sink<'_, M> {
     /// Sends one message. Fails with `CANCELLED` when the client is gone;
     /// the handler should then stop.
     pub fn send(&mut self, message: &M) -> Result<(), Status> {
-        self.output
-            .write_all(&encode(message))
-            .and_then(|()| self.output.flush())
-            .map_err(|e| Status::new(Code::Cancelled, format!("the client is gone: {e}")))
+        // One host call a chunk, where `write_all` and `flush` take three
+        // or more (4096 bytes is the most one call may write).
+        for chunk in encode(message).chunks(4096) {
+            self.output
+                .blocking_write_and_flush(chunk)
+                .map_err(|e| Status::new(Code::Cancelled, format!("the client is gone: {e}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -523,11 +526,7 @@ impl Router {
         else {
             return crate::Response::error(415, NOT_GRPC).send(out);
         };
-        let headers = Fields::new();
-        for (name, value) in RESPONSE_HEADERS {
-            let _ = headers.append(name, value.as_bytes());
-        }
-        let resp = OutgoingResponse::new(headers);
+        let resp = OutgoingResponse::new(fields(RESPONSE_HEADERS.map(|(k, v)| (k, v.to_owned()))));
         let body = resp.body().expect("a new response has a body");
         ResponseOutparam::set(out, Ok(resp));
         let mut output = body.write().expect("the body stream is taken once");
@@ -546,12 +545,24 @@ impl Router {
         if let Some(incoming) = incoming {
             let _ = IncomingBody::finish(incoming);
         }
-        let trailers = Fields::new();
-        for (name, value) in status_fields(result) {
-            let _ = trailers.append(name, value.as_bytes());
-        }
-        let _ = OutgoingBody::finish(body, Some(trailers));
+        let _ = OutgoingBody::finish(body, Some(fields(status_fields(result))));
     }
+}
+
+/// Fields made in one host call; a field the host refuses is left out, as
+/// an `append` of it would fail alone.
+fn fields(list: impl IntoIterator<Item = (&'static str, String)>) -> Fields {
+    let list: Vec<(String, Vec<u8>)> = list
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value.into_bytes()))
+        .collect();
+    Fields::from_list(&list).unwrap_or_else(|_| {
+        let fields = Fields::new();
+        for (name, value) in &list {
+            let _ = fields.append(name, value);
+        }
+        fields
+    })
 }
 
 /// What a module serving gRPC answers (with 415) to anything else, as the
