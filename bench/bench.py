@@ -393,6 +393,13 @@ def version(argv):
         return "unknown"
 
 
+def locked(package):
+    """The version of `package` Cargo.lock pins Berth to."""
+    lock = open(os.path.join(ROOT, "Cargo.lock")).read()
+    found = re.search(r'name = "' + re.escape(package) + r'"\nversion = "([^"]+)"', lock)
+    return found.group(1) if found else "?"
+
+
 def write_results(results, starts, instantiation, idle_rss, density, burst):
     col = lambda name, key: [r[key] for r in results[name]]
     ws, bm, bf, b20, nat = (
@@ -420,7 +427,7 @@ def write_results(results, starts, instantiation, idle_rss, density, burst):
         f"Written by `make bench` (bench/bench.py) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         f"- Machine: {os.cpu_count()} vCPU ({cpu_model}), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; shared and noisy, so compare ratios within this run.",
-        f"- Versions: {version([BERTH, 'version'])}, {version([WASMTIME, '--version'])}, {version(['wrk', '--version']) or 'wrk'}, {version(['rustc', '--version'])}.",
+        f"- Versions: {version([BERTH, 'version'])} (on the wasmtime crate {locked('wasmtime')}), `wasmtime serve`: {version([WASMTIME, '--version'])}, {version(['wrk', '--version']) or 'wrk'}, {version(['rustc', '--version'])}.",
         f"- Load: `taskset -c {LOAD_CPU} wrk -t1 -c{CONNS} -d{DURATION} --latency`, server pinned with `taskset -c {SERVER_CPU}`; {ROUNDS} rounds, servers alternating order each round, 2 s warm-up each; median (min-max).",
         "- Component: `tests/guests/plain-hello` (bare `wasi:http/proxy` plus the `wasi:cli` imports of Rust std, answers `hello`), the same file for every Wasm server (`wasmtime serve -Scli`); a fresh instance per request everywhere (`wasmtime serve` defaults to that for p2 components).",
         "- p3 rows: `tests/guests/p3-plain` (`wasi:http/handler@0.3`, `GET /hello`), the same file under `wasmtime serve -Scli` and Berth, each at its defaults (instances reused: 128 requests, 16 at once), plus Berth with a fresh p3 instance per request.",

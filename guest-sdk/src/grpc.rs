@@ -43,6 +43,7 @@
 //! `identity` gets `UNIMPLEMENTED`).
 
 use std::fmt;
+use std::io::Write as _;
 use std::marker::PhantomData;
 use std::time::Duration;
 
@@ -389,16 +390,28 @@ impl<M: Message> Sink<'_, M> {
     /// Sends one message. Fails with `CANCELLED` when the client is gone;
     /// the handler should then stop.
     pub fn send(&mut self, message: &M) -> Result<(), Status> {
-        // One host call a chunk, where `write_all` and `flush` take three
-        // or more (4096 bytes is the most one call may write).
-        for chunk in encode(message).chunks(4096) {
-            self.output
-                .blocking_write_and_flush(chunk)
-                .map_err(|e| Status::new(Code::Cancelled, format!("the client is gone: {e}")))?;
+        let gone =
+            |e: &dyn fmt::Display| Status::new(Code::Cancelled, format!("the client is gone: {e}"));
+        let bytes = encode(message);
+        // A small message in one host call, where `write_all` and `flush`
+        // take three or more. A larger one goes whole: written in 4096-byte
+        // calls, each waiting for the host to take the last, it would leave
+        // as that many frames.
+        if bytes.len() <= WRITE_AND_FLUSH_MAX {
+            return self
+                .output
+                .blocking_write_and_flush(&bytes)
+                .map_err(|e| gone(&e));
         }
-        Ok(())
+        self.output
+            .write_all(&bytes)
+            .and_then(|()| self.output.flush())
+            .map_err(|e| gone(&e))
     }
 }
+
+/// The most `blocking-write-and-flush` may write in one call.
+const WRITE_AND_FLUSH_MAX: usize = 4096;
 
 /// A route with its types erased: it is given the request stream, the
 /// message limit and the response stream.

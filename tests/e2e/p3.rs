@@ -1175,6 +1175,33 @@ fn p3_requests_are_traced_across_two_hosts_with_guest_logs_on_their_spans() {
 }
 
 #[test]
+fn a_request_that_logged_on_a_reused_instance_has_its_span_exported_when_it_ends() {
+    use crate::otlp::{KIND_SERVER, Receiver};
+    const TRACE_ID: &str = "6bf92f3577b34da6a3ce929d0e0e4738";
+    let receiver = Receiver::start();
+    let berth = Berth::start_with(
+        // The instance outlives the wait below by far: a span held by it
+        // would be exported only when it retires.
+        &p3("instances = { idle_timeout = \"10m\" }"),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint()),
+            ("OTEL_SERVICE_NAME", "p3-log"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let tp = format!("00-{TRACE_ID}-00f067aa0ba902b7-01");
+    let r = get_with(&berth.url("/p3/log"), &[("traceparent", &tp)]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Fails (the spans got so far shown) if the span never comes while
+    // the instance lives.
+    receiver.wait_for(Duration::from_secs(20), |spans| {
+        spans
+            .iter()
+            .any(|s| s.trace_id == TRACE_ID && s.kind == KIND_SERVER)
+    });
+}
+
+#[test]
 fn a_shutdown_retires_reused_instances_as_stopped_not_as_traps() {
     // Retirements without an error are debug lines.
     let mut berth = Berth::start_with(

@@ -851,25 +851,46 @@ fn an_outbound_grpc_call_carries_what_is_left_of_the_deadline() {
         },
         None,
     );
-    let berth = Berth::start(&module(
-        "m",
-        "/m",
-        "misbehave",
-        &format!("allowed_outbound_hosts = [\"http://{addr}\"]\nlimits = {{ timeout = \"3s\" }}"),
-    ));
-    let call = |own: &str| {
-        let r = get(&berth.url(&format!("/m/grpc_call?url=http://{addr}/svc/M{own}")));
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.body
-    };
-    let millis = |v: &str| -> u64 { v.strip_suffix('m').unwrap().parse().unwrap() };
-    // None of its own: what is left of the module's 3 s.
-    let sent = millis(&call(""));
-    assert!((1..=3000).contains(&sent), "{sent}");
-    // A longer one of its own is shortened; a shorter one is kept.
-    let sent = millis(&call("&own=1H"));
-    assert!((1..=3000).contains(&sent), "{sent}");
-    assert_eq!(call("&own=1S"), "1S");
+    // A fresh instance per request, and one instance serving them all
+    // (whose calls look up which request makes them).
+    for instances in ["", "\ninstances = { max_requests = 100 }"] {
+        let berth = Berth::start(&module(
+            "m",
+            "/m",
+            "misbehave",
+            &format!(
+                "allowed_outbound_hosts = [\"http://{addr}\"]\nlimits = {{ timeout = \"3s\" }}{instances}"
+            ),
+        ));
+        let call = |own: &str| {
+            let r = get(&berth.url(&format!("/m/grpc_call?url=http://{addr}/svc/M{own}")));
+            assert_eq!(r.status, 200, "{instances}: {}", r.body);
+            r.body
+        };
+        let millis = |v: &str| -> u64 {
+            v.strip_suffix('m')
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{instances}: sent {v:?}"))
+        };
+        // None of its own: what is left of the module's 3 s.
+        let sent = millis(&call(""));
+        assert!((1..=3000).contains(&sent), "{instances}: {sent}");
+        // A longer one of its own is shortened; a shorter one is kept.
+        let sent = millis(&call("&own=1H"));
+        assert!((1..=3000).contains(&sent), "{instances}: {sent}");
+        assert_eq!(call("&own=1S"), "1S");
+        if !instances.is_empty() {
+            assert_eq!(
+                metric(
+                    &berth.metrics(),
+                    "berth_instances_created_total",
+                    &[("module", "m")]
+                ),
+                Some(1.0),
+                "one instance served the three calls"
+            );
+        }
+    }
 }
 
 /// Whether process `pid` still holds the TCP connection whose peer is

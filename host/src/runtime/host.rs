@@ -129,9 +129,8 @@ pub struct Host {
     config: Arc<WasiConfigVariables>,
     guest_metrics: Arc<GuestMetrics>,
     pub(crate) limits: MemoryLimiter,
-    /// The request this store serves; on a reused instance, the one whose
-    /// task is running now (see [`Tasks`]), or the instance's own between
-    /// requests.
+    /// The request this store serves; on a reused instance, the
+    /// instance's own context (its requests are told apart by [`Tasks`]).
     pub(crate) cx: RequestContext,
     /// On a reused instance: each request's context by its task group.
     tasks: Option<Tasks>,
@@ -301,14 +300,6 @@ impl Host {
         )
     }
 
-    /// On a reused instance, points `cx` at the request whose task runs
-    /// now (or at the instance's own context). Outbound calls look theirs
-    /// up when they are made (`OutboundHooks::current`).
-    fn follow_task(&mut self) {
-        let Some(tasks) = &self.tasks else { return };
-        self.cx = tasks.context();
-    }
-
     /// Runs `hit` when the guest goes over its memory limit, before the
     /// trap unwinds: a reused instance is retired at once.
     pub(crate) fn on_memory_exceeded(&mut self, hit: Arc<dyn Fn() + Send + Sync>) {
@@ -386,9 +377,9 @@ impl WasiHttpView for Host {
 /// Links `wasi:config/store` and `wasi:logging/logging`.
 pub(super) fn add_capabilities_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
     wasmtime_wasi_config::add_to_linker(linker, |h: &mut Host| WasiConfig::from(&*h.config))?;
-    wasi_log::add_to_linker::<Host, GuestLogger>(linker, |h: &mut Host| {
-        h.follow_task();
-        &h.cx
+    wasi_log::add_to_linker::<Host, GuestLogger>(linker, |h: &mut Host| Logger {
+        cx: &h.cx,
+        tasks: h.tasks.as_ref(),
     })?;
     berth_metrics::add_to_linker::<Host, GuestMetricsData>(linker, |h: &mut Host| {
         &*h.guest_metrics
@@ -423,45 +414,60 @@ impl berth_metrics::Host for &GuestMetrics {
 struct GuestLogger;
 
 impl HasData for GuestLogger {
-    type Data<'a> = &'a RequestContext;
+    type Data<'a> = Logger<'a>;
 }
 
-impl wasi_log::Host for &RequestContext {
+/// Where a guest's `wasi:logging` lines go: the store's request, or on a
+/// reused instance the request whose task logs now. That one is looked up
+/// per line and not kept: a finished request's context held by the store
+/// would hold its server span open (exported late, its duration stretched)
+/// until the instance retired.
+struct Logger<'a> {
+    cx: &'a RequestContext,
+    tasks: Option<&'a Tasks>,
+}
+
+impl wasi_log::Host for Logger<'_> {
     fn log(&mut self, level: wasi_log::Level, context: String, message: String) {
-        use wasi_log::Level;
-        let (module, request_id, trace_id) = (&*self.module, &*self.request_id, &self.trace);
-        if !self.logs.admit(module) {
-            return;
-        }
-        let message = capped(&message, MAX_LINE);
-        let context = capped(&context, MAX_CONTEXT);
-        // A fresh instance runs inside its request's guest span; a reused
-        // one runs in its worker's task, outside any span, so its lines go
-        // on the span of the request it is serving.
-        let _entered = tracing::Span::current()
-            .is_none()
-            .then(|| self.trace.span.enter());
-        // `tracing` levels are static per call site, hence one arm per level.
-        macro_rules! emit {
-            ($lvl:ident) => {
-                tracing::event!(
-                    target: "guest",
-                    tracing::Level::$lvl,
-                    module,
-                    request_id,
-                    trace_id = %trace_id,
-                    context = &*context,
-                    "{message}"
-                )
-            };
-        }
-        match level {
-            Level::Trace => emit!(TRACE),
-            Level::Debug => emit!(DEBUG),
-            Level::Info => emit!(INFO),
-            Level::Warn => emit!(WARN),
-            Level::Error | Level::Critical => emit!(ERROR),
-        }
+        let current = self.tasks.map(Tasks::context);
+        log_line(current.as_ref().unwrap_or(self.cx), level, context, message);
+    }
+}
+
+fn log_line(cx: &RequestContext, level: wasi_log::Level, context: String, message: String) {
+    use wasi_log::Level;
+    let (module, request_id, trace_id) = (&*cx.module, &*cx.request_id, &cx.trace);
+    if !cx.logs.admit(module) {
+        return;
+    }
+    let message = capped(&message, MAX_LINE);
+    let context = capped(&context, MAX_CONTEXT);
+    // A fresh instance runs inside its request's guest span; a reused
+    // one runs in its worker's task, outside any span, so its lines go
+    // on the span of the request it is serving.
+    let _entered = tracing::Span::current()
+        .is_none()
+        .then(|| cx.trace.span.enter());
+    // `tracing` levels are static per call site, hence one arm per level.
+    macro_rules! emit {
+        ($lvl:ident) => {
+            tracing::event!(
+                target: "guest",
+                tracing::Level::$lvl,
+                module,
+                request_id,
+                trace_id = %trace_id,
+                context = &*context,
+                "{message}"
+            )
+        };
+    }
+    match level {
+        Level::Trace => emit!(TRACE),
+        Level::Debug => emit!(DEBUG),
+        Level::Info => emit!(INFO),
+        Level::Warn => emit!(WARN),
+        Level::Error | Level::Critical => emit!(ERROR),
     }
 }
 

@@ -1469,7 +1469,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_small_response_leaves_whole_with_its_length() {
-        let mut body = coalesce(written([data(b"hel"), data(b"lo")])).await;
+        let mut body = coalesce(written([data(b"he"), data(b"l"), data(b"lo")])).await;
         assert_eq!(coalesced_exact(&body), Some(5));
         assert_eq!(read_plain(&mut body).await, b"hello".to_vec());
 
@@ -1485,10 +1485,22 @@ mod tests {
     #[tokio::test]
     async fn a_single_frame_leaves_as_it_came_without_a_copy() {
         let sent = Bytes::from_static(b"hello");
-        let mut body = coalesce(written([Ok(Frame::data(sent.clone()))])).await;
+        // An empty frame before it does not make it a copy.
+        let frames = [data(b""), Ok(Frame::data(sent.clone()))];
+        let mut body = coalesce(written(frames)).await;
         assert_eq!(coalesced_exact(&body), Some(5));
         let got = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(got.as_ptr(), sent.as_ptr(), "the guest's bytes, not a copy");
+    }
+
+    #[test]
+    fn a_finished_body_is_taken_without_a_turn_of_the_scheduler() {
+        let mut gathering = std::pin::pin!(coalesce(written([data(b"hello")])));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let Poll::Ready(body) = gathering.as_mut().poll(&mut cx) else {
+            panic!("it waited for a turn of the scheduler");
+        };
+        assert_eq!(coalesced_exact(&body), Some(5));
     }
 
     #[tokio::test]
