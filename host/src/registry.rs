@@ -756,6 +756,13 @@ mod tests {
             self.0.asked().iter().filter(|p| p.contains(&part)).count()
         }
 
+        /// A pull of `reference` as module `m`, within 1 MiB.
+        async fn pull(&self, reference: &str, retries: u32) -> Result<Pulled, RegistryError> {
+            self.registry(retries, 1 << 20)
+                .pull(reference, None, "m")
+                .await
+        }
+
         fn registry(&self, retries: u32, max_module_size: u64) -> Registry {
             Registry::new(&RegistryConfig {
                 insecure_registries: vec![self.0.host.clone()],
@@ -1019,7 +1026,7 @@ mod tests {
     #[tokio::test]
     async fn a_bearer_challenge_is_answered_with_a_token_from_its_realm() {
         let (fake, reference) = token_guarded("http://HOST/token", false).await;
-        let pulled = fake.registry(0, 1 << 20).pull(&reference, None, "m").await;
+        let pulled = fake.pull(&reference, 0).await;
         assert_eq!(pulled.unwrap().bytes, LAYER);
         let asked = fake.0.asked();
         let sent = fake.0.authorizations();
@@ -1042,11 +1049,7 @@ mod tests {
     async fn a_refused_token_or_a_realm_that_is_not_http_fails_as_auth_naming_the_reference() {
         // A realm of another scheme gets no credentials, nor any request.
         let (fake, reference) = token_guarded("ftp://HOST/token", false).await;
-        let err = fake
-            .registry(0, 1 << 20)
-            .pull(&reference, None, "m")
-            .await
-            .unwrap_err();
+        let err = fake.pull(&reference, 0).await.unwrap_err();
         let RegistryError::Auth {
             reference: named, ..
         } = &err
@@ -1060,11 +1063,7 @@ mod tests {
         // A token that the registry still refuses: one exchange, then the
         // refusal, naming the layer.
         let (fake, reference) = token_guarded("http://HOST/token", true).await;
-        let err = fake
-            .registry(0, 1 << 20)
-            .pull(&reference, None, "m")
-            .await
-            .unwrap_err();
+        let err = fake.pull(&reference, 0).await.unwrap_err();
         assert!(matches!(err, RegistryError::Auth { .. }), "{err:?}");
         assert!(err.to_string().contains("layer"), "{err}");
         let tokens = fake
@@ -1087,11 +1086,7 @@ mod tests {
         ] {
             let fake = Fake::start(Arc::new(move |_: &str, _| status(code))).await;
             let reference = format!("{}/team/m@{digest}", fake.host());
-            let err = fake
-                .registry(0, 1 << 20)
-                .pull(&reference, None, "m")
-                .await
-                .unwrap_err();
+            let err = fake.pull(&reference, 0).await.unwrap_err();
             let got = match &err {
                 RegistryError::NotFound { .. } => "not found",
                 RegistryError::Auth { .. } => "auth",
@@ -1148,7 +1143,7 @@ mod tests {
         // The pull runs on this thread (a current-thread runtime).
         let pulled = {
             let _logs = tracing::subscriber::set_default(subscriber);
-            fake.registry(0, 1 << 20).pull(&reference, None, "m").await
+            fake.pull(&reference, 0).await
         };
         assert_eq!(pulled.unwrap().bytes, LAYER);
         let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
@@ -1187,7 +1182,7 @@ mod tests {
         let fake = Fake::start(serving(raw.clone(), LAYER.to_vec(), 2)).await;
         let reference = format!("{}/team/m@{digest}", fake.host());
         let started = std::time::Instant::now();
-        let pulled = fake.registry(2, 1 << 20).pull(&reference, None, "m").await;
+        let pulled = fake.pull(&reference, 2).await;
         assert_eq!(pulled.unwrap().bytes, LAYER);
         assert_eq!(fake.asked("manifests"), 3);
         assert!(
@@ -1198,11 +1193,7 @@ mod tests {
         // One retry is not enough for two failures.
         let fake = Fake::start(serving(raw.clone(), LAYER.to_vec(), 2)).await;
         let reference = format!("{}/team/m@{digest}", fake.host());
-        let err = fake
-            .registry(1, 1 << 20)
-            .pull(&reference, None, "m")
-            .await
-            .unwrap_err();
+        let err = fake.pull(&reference, 1).await.unwrap_err();
         assert!(matches!(err, RegistryError::Unavailable { .. }), "{err}");
         assert!(err.to_string().contains("503"), "{err}");
         assert_eq!(fake.asked("manifests"), 2);
@@ -1211,11 +1202,7 @@ mod tests {
         for (code, retried) in [(404, false), (403, false), (400, false), (429, true)] {
             let fake = Fake::start(Arc::new(move |_: &str, _| status(code))).await;
             let reference = format!("{}/team/m@{digest}", fake.host());
-            let err = fake
-                .registry(1, 1 << 20)
-                .pull(&reference, None, "m")
-                .await
-                .unwrap_err();
+            let err = fake.pull(&reference, 1).await.unwrap_err();
             assert_eq!(
                 fake.asked("manifests"),
                 1 + usize::from(retried),
