@@ -37,6 +37,8 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanBuilder, SpanKind};
 use prometheus::{Histogram, IntCounter};
 use tower::retry::budget::{Budget, TpsBudget};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -243,21 +245,16 @@ impl ModuleOutbound {
             return Err(self.deny(&uri, RESTRICTED));
         }
         let upstream = self.upstream(&scheme, host, port, guard);
-        let trace = trace.child(|parent| {
-            tracing::info_span!(
-                target: "berth::outbound",
-                parent: parent,
-                "outbound",
-                otel.name = %format_args!("{} {}", request.method(), upstream.label),
-                otel.kind = "client",
-                otel.status_code = tracing::field::Empty,
-                http.request.method = %request.method(),
-                server.address = host,
-                server.port = port,
-                url.full = %crate::redact::url(&uri.to_string()),
-                http.response.status_code = tracing::field::Empty,
-                module = &*self.module,
-            )
+        let trace = trace.child(|| {
+            SpanBuilder::from_name(format!("{} {}", request.method(), upstream.label))
+                .with_kind(SpanKind::Client)
+                .with_attributes([
+                    KeyValue::new("http.request.method", request.method().to_string()),
+                    KeyValue::new("server.address", host.to_owned()),
+                    KeyValue::new("server.port", i64::from(port)),
+                    KeyValue::new("url.full", crate::redact::url(&uri.to_string())),
+                    KeyValue::new("module", self.module.to_string()),
+                ])
         });
         upstream.call(request, guest, trace).await
     }
@@ -661,7 +658,7 @@ impl Upstream {
 
     fn circuit_open(&self, trace: &TraceContext) -> Error {
         self.count("circuit_open");
-        trace.span.record("otel.status_code", "ERROR");
+        trace.span.fail("circuit open");
         tracing::warn!(
             module = &*self.module,
             upstream = self.label.as_str(),
@@ -678,12 +675,7 @@ impl Upstream {
         between_bytes: Duration,
     ) -> (Response<HyperOutgoingBody>, IoFuture) {
         self.count(resp.status().as_str());
-        trace
-            .span
-            .record("http.response.status_code", resp.status().as_u16());
-        if resp.status().is_server_error() {
-            trace.span.record("otel.status_code", "ERROR");
-        }
+        trace.span.record_status(resp.status().as_u16());
         let resp = resp.map(|b| BetweenBytes::new(b, between_bytes).boxed_unsync());
         (resp, Box::new(async { Ok(()) }) as IoFuture)
     }
@@ -700,7 +692,7 @@ impl Upstream {
                 "outbound request denied"
             );
         } else {
-            trace.span.record("otel.status_code", "ERROR");
+            trace.span.fail(failure.error().to_string());
             tracing::warn!(
                 module = &*self.module,
                 upstream = self.label.as_str(),
@@ -970,7 +962,7 @@ mod tests {
                     .boxed_unsync(),
             )
             .unwrap();
-        let trace = TraceContext::server(&http::HeaderMap::new(), tracing::Span::none);
+        let trace = TraceContext::server(&http::HeaderMap::new(), || unreachable!("not traced"));
         m.clone()
             .send(req, None, trace)
             .await

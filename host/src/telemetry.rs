@@ -422,6 +422,12 @@ impl Sampling {
 }
 
 static SAMPLING: OnceLock<Sampling> = OnceLock::new();
+static TRACER: OnceLock<opentelemetry_sdk::trace::SdkTracer> = OnceLock::new();
+
+/// The tracer request spans are made with, while spans are exported.
+pub(crate) fn tracer() -> Option<&'static opentelemetry_sdk::trace::SdkTracer> {
+    TRACER.get()
+}
 
 /// Whether a request with this caller (trace id and `sampled` flag) gets
 /// spans; false whenever spans are not exported.
@@ -481,30 +487,15 @@ pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, Stri
     let (provider, replaced) = match tracer_provider()? {
         Some((provider, sampling, replaced)) => {
             let _ = SAMPLING.set(sampling);
+            // Spans are made by `trace` with this tracer, not through
+            // `tracing`, and have no level: LOG_LEVEL=warn does not drop
+            // traces.
+            let _ = TRACER.set(provider.tracer("berth"));
             (Some(provider), replaced)
         }
         None => (None, None),
     };
-    // Spans have their own filter: LOG_LEVEL=warn must not drop traces.
-    let traces = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("berth"))
-            // Each of these adds work on every poll of a guest task or an
-            // attribute to every span, for facts nobody asks of a request
-            // span (source line, worker thread, busy/idle split); trace
-            // context travels through `TraceContext`, not the active
-            // OpenTelemetry context.
-            .with_location(false)
-            .with_threads(false)
-            .with_target(false)
-            .with_tracked_inactivity(false)
-            .with_context_activation(false)
-            .with_filter(LevelFilter::INFO)
-    });
-    tracing_subscriber::registry()
-        .with(logs)
-        .with(traces)
-        .init();
+    tracing_subscriber::registry().with(logs).init();
     if let Some(sampler) = replaced {
         tracing::warn!(
             sampler,

@@ -7,17 +7,86 @@
 //! spans (server, guest call, client) exported in batches; without one, no
 //! span is created at all and the ids are made here, so logs still carry a
 //! trace id and propagation still works at no measurable cost.
+//!
+//! Spans are made with the OpenTelemetry SDK directly, not through
+//! `tracing`: a request's three spans through `tracing-opentelemetry` and
+//! the subscriber's registry cost about 9 % of the CPU of a traced request
+//! (bench/NOTES.md, 2026-12-06), for span bookkeeping nothing here needs.
+//! Log lines are still `tracing` events; a guest's also go on its span as
+//! span events.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use http::{HeaderMap, HeaderValue};
-use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use opentelemetry::trace::{
+    Span as _, SpanBuilder, SpanContext, SpanId, Status, TraceContextExt, TraceFlags, TraceId,
+    TraceState, Tracer as _,
+};
+use opentelemetry::{Context, KeyValue};
 
 use crate::telemetry;
 
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
+
+/// A span being recorded, shared by the clones of the context it belongs
+/// to and exported when the last of them goes. `Span::none()` when the
+/// request is not traced: every method is then a no-op.
+#[derive(Clone, Default)]
+pub struct Span(Option<Arc<Mutex<opentelemetry_sdk::trace::Span>>>);
+
+impl fmt::Debug for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            None => f.write_str("Span::none"),
+            Some(_) => f.write_str("Span"),
+        }
+    }
+}
+
+impl Span {
+    /// No span: the request is not traced.
+    pub fn none() -> Self {
+        Span(None)
+    }
+
+    /// Whether this is no span.
+    pub fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn with(&self, f: impl FnOnce(&mut opentelemetry_sdk::trace::Span)) {
+        if let Some(span) = &self.0 {
+            f(&mut span.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+    }
+
+    /// Records the HTTP status answered; a 5xx marks the span failed, as
+    /// OpenTelemetry's HTTP conventions ask of server and client spans.
+    pub fn record_status(&self, status: u16) {
+        self.with(|span| {
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
+            if status >= 500 {
+                span.set_status(Status::error(""));
+            }
+        });
+    }
+
+    /// Marks the span failed, saying why.
+    pub fn fail(&self, why: impl Into<Cow<'static, str>>) {
+        self.with(|span| span.set_status(Status::error(why)));
+    }
+
+    /// Adds a span event (a log line, a failure) with its attributes.
+    pub fn event(&self, name: impl Into<Cow<'static, str>>, attributes: Vec<KeyValue>) {
+        self.with(|span| span.add_event(name, attributes));
+    }
+}
 
 /// The trace a request belongs to, and the span that represents it.
 #[derive(Clone, Debug)]
@@ -30,8 +99,12 @@ pub struct TraceContext {
     pub flags: u8,
     /// `tracestate`, passed on untouched.
     pub tracestate: Option<HeaderValue>,
-    /// The OpenTelemetry span (`Span::none()` when tracing is off).
-    pub span: tracing::Span,
+    /// The span of `span_id` (none when the request is not traced).
+    pub span: Span,
+    /// Where a fresh instance's log lines go as span events: its guest
+    /// call's span. None elsewhere (a reused instance serves many requests
+    /// outside any one guest call), and its lines go on `span`.
+    pub guest: Span,
 }
 
 impl TraceContext {
@@ -42,7 +115,17 @@ impl TraceContext {
             span_id: 0,
             flags: 0,
             tracestate: None,
-            span: tracing::Span::none(),
+            span: Span::none(),
+            guest: Span::none(),
+        }
+    }
+
+    /// The span a guest's log lines go on.
+    pub fn log_span(&self) -> &Span {
+        if self.guest.is_none() {
+            &self.span
+        } else {
+            &self.guest
         }
     }
 }
@@ -109,55 +192,76 @@ fn nonzero_u128() -> u128 {
     fastrand::u128(1..)
 }
 
-fn ids_of(span: &tracing::Span) -> Option<(u128, u64, u8)> {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| {
-        (
-            u128::from_be_bytes(sc.trace_id().to_bytes()),
-            u64::from_be_bytes(sc.span_id().to_bytes()),
-            sc.trace_flags().to_u8(),
-        )
-    })
-}
-
-fn remote_context(parent: &Parent, tracestate: Option<&HeaderValue>) -> opentelemetry::Context {
+/// The context a span made under `parent` starts from. `remote` for a
+/// caller's span, so the SDK records the parent as remote.
+fn parent_context(
+    trace_id: u128,
+    span_id: u64,
+    flags: u8,
+    tracestate: Option<&HeaderValue>,
+    remote: bool,
+) -> Context {
     let state = tracestate
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse::<TraceState>().ok())
         .unwrap_or_default();
     let sc = SpanContext::new(
-        TraceId::from_bytes(parent.trace_id.to_be_bytes()),
-        SpanId::from_bytes(parent.span_id.to_be_bytes()),
-        TraceFlags::new(parent.flags),
-        true,
+        TraceId::from_bytes(trace_id.to_be_bytes()),
+        SpanId::from_bytes(span_id.to_be_bytes()),
+        TraceFlags::new(flags),
+        remote,
         state,
     );
-    opentelemetry::Context::new().with_remote_span_context(sc)
+    Context::new().with_remote_span_context(sc)
+}
+
+/// Starts `span` under `parent` (a new trace without one) and returns it
+/// with its ids; `None` when spans are not exported.
+fn start(span: SpanBuilder, parent: &Context) -> Option<(Span, u128, u64, u8)> {
+    let span = telemetry::tracer()?.build_with_context(span, parent);
+    let sc = span.span_context();
+    if !sc.is_valid() {
+        return None;
+    }
+    let (trace_id, span_id, flags) = (
+        u128::from_be_bytes(sc.trace_id().to_bytes()),
+        u64::from_be_bytes(sc.span_id().to_bytes()),
+        sc.trace_flags().to_u8(),
+    );
+    Some((
+        Span(Some(Arc::new(Mutex::new(span)))),
+        trace_id,
+        span_id,
+        flags,
+    ))
 }
 
 impl TraceContext {
     /// The context of an incoming request: continues the caller's trace
-    /// when `traceparent` is valid, starts a new one otherwise. `span` is
-    /// the server span, made by the caller only when tracing is on.
-    pub fn server(headers: &HeaderMap, span: impl FnOnce() -> tracing::Span) -> Self {
+    /// when `traceparent` is valid, starts a new one otherwise. `span`
+    /// describes the server span, asked for only when the request is
+    /// traced.
+    pub fn server(headers: &HeaderMap, span: impl FnOnce() -> SpanBuilder) -> Self {
         let parent = headers
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_traceparent);
         let tracestate = parent.and(headers.get(TRACESTATE).cloned());
         if telemetry::sampled(parent.map(|p| (p.trace_id, p.flags & 1 == 1))) {
-            let span = span();
-            if let Some(p) = &parent {
-                let _ = span.set_parent(remote_context(p, tracestate.as_ref()));
-            }
-            if let Some((trace_id, span_id, flags)) = ids_of(&span) {
+            let cx = match &parent {
+                Some(p) => {
+                    parent_context(p.trace_id, p.span_id, p.flags, tracestate.as_ref(), true)
+                }
+                None => Context::new(),
+            };
+            if let Some((span, trace_id, span_id, flags)) = start(span(), &cx) {
                 return TraceContext {
                     trace_id,
                     span_id,
                     flags,
                     tracestate,
                     span,
+                    guest: Span::none(),
                 };
             }
         }
@@ -173,29 +277,50 @@ impl TraceContext {
             span_id: nonzero_u64(),
             flags,
             tracestate,
-            span: tracing::Span::none(),
+            span: Span::none(),
+            guest: Span::none(),
         }
     }
 
-    /// A child (a client span for an outbound call), made by `span` only
-    /// when tracing is on.
-    pub fn child(&self, span: impl FnOnce(&tracing::Span) -> tracing::Span) -> Self {
-        if telemetry::tracing_enabled() && !self.span.is_none() {
-            let span = span(&self.span);
-            if let Some((trace_id, span_id, flags)) = ids_of(&span) {
-                return TraceContext {
-                    trace_id,
-                    span_id,
-                    flags,
-                    tracestate: self.tracestate.clone(),
-                    span,
-                };
-            }
+    /// A span under this context's span, described by `span` only when the
+    /// request is traced (the guest call's span).
+    pub fn child_span(&self, span: impl FnOnce() -> SpanBuilder) -> Span {
+        self.traced_child(span)
+            .map_or_else(Span::none, |(span, ..)| span)
+    }
+
+    fn traced_child(&self, span: impl FnOnce() -> SpanBuilder) -> Option<(Span, u128, u64, u8)> {
+        if self.span.is_none() {
+            return None;
+        }
+        let parent = parent_context(
+            self.trace_id,
+            self.span_id,
+            self.flags,
+            self.tracestate.as_ref(),
+            false,
+        );
+        start(span(), &parent)
+    }
+
+    /// A child context (a client span for an outbound call), its span
+    /// described by `span` only when the request is traced.
+    pub fn child(&self, span: impl FnOnce() -> SpanBuilder) -> Self {
+        if let Some((span, trace_id, span_id, flags)) = self.traced_child(span) {
+            return TraceContext {
+                trace_id,
+                span_id,
+                flags,
+                tracestate: self.tracestate.clone(),
+                span,
+                guest: Span::none(),
+            };
         }
         TraceContext {
             span_id: nonzero_u64(),
             tracestate: self.tracestate.clone(),
-            span: tracing::Span::none(),
+            span: Span::none(),
+            guest: Span::none(),
             ..*self
         }
     }
@@ -265,10 +390,10 @@ mod tests {
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
         headers.insert(TRACESTATE, HeaderValue::from_static("vendor=x"));
-        let cx = TraceContext::server(&headers, tracing::Span::none);
+        let cx = TraceContext::server(&headers, || unreachable!("not traced"));
         assert_eq!(cx.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_ne!(cx.span_id, 0x00f067aa0ba902b7, "our span is a new one");
-        let child = cx.child(|_| tracing::Span::none());
+        let child = cx.child(|| unreachable!("not traced"));
         let mut out = HeaderMap::new();
         child.inject(&mut out);
         let sent = parse_traceparent(out[TRACEPARENT].to_str().unwrap()).unwrap();
@@ -276,7 +401,7 @@ mod tests {
         assert_eq!(sent.span_id, child.span_id);
         assert_eq!(out[TRACESTATE], "vendor=x");
 
-        let fresh = TraceContext::server(&HeaderMap::new(), tracing::Span::none);
+        let fresh = TraceContext::server(&HeaderMap::new(), || unreachable!("not traced"));
         assert_ne!(fresh.trace_id, 0);
         assert_eq!(fresh.flags, 1);
     }

@@ -439,6 +439,86 @@ fn one_trace_spans_two_hosts() {
     );
 }
 
+/// What went wrong is on the spans: a trap fails the request's span and
+/// its guest call's (with the error as an event), a refused outbound call
+/// fails its client span and says why, and a guest's stdout, stderr and
+/// `wasi:logging` lines are events on its guest span.
+#[test]
+fn failures_and_guest_output_show_on_the_spans() {
+    use crate::otlp::STATUS_ERROR;
+    let receiver = Receiver::start();
+    // Nothing listens on port 1: the call is refused.
+    let berth = Berth::start_with(
+        &module(
+            "m",
+            "/m",
+            "misbehave",
+            "allowed_outbound_hosts = [\"http://127.0.0.1:1\"]",
+        ),
+        &otel_env(&receiver.endpoint(), "berth-f"),
+    );
+    let trace = |n: u8| format!("{n:02x}{}", &TRACE_ID[2..]);
+    let parent = |n: u8| format!("00-{}-00f067aa0ba902b7-01", trace(n));
+    assert_eq!(
+        get_with(&berth.url("/m/panic"), &[("traceparent", &parent(1))]).status,
+        500
+    );
+    let r = get_with(&berth.url("/m/print"), &[("traceparent", &parent(2))]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = get_with(
+        &berth.url("/m/fetch?url=http://127.0.0.1:1/"),
+        &[("traceparent", &parent(3))],
+    );
+    assert_eq!(r.status, 502, "{}", r.body);
+
+    let spans = receiver.wait_for(Duration::from_secs(30), |spans| {
+        (1..=3).all(|n| {
+            spans
+                .iter()
+                .any(|s| s.trace_id == trace(n) && s.kind == KIND_SERVER)
+        })
+    });
+    let find = |n: u8, pred: &dyn Fn(&crate::otlp::Span) -> bool| {
+        spans
+            .iter()
+            .find(|s| s.trace_id == trace(n) && pred(s))
+            .unwrap_or_else(|| panic!("no such span in trace {n}: {spans:?}"))
+    };
+    let server = |n| find(n, &|s| s.kind == KIND_SERVER);
+    let guest = |n| find(n, &|s| s.name.starts_with("guest"));
+
+    assert_eq!(server(1).status.0, STATUS_ERROR, "{:?}", server(1));
+    assert_eq!(server(1).attr("http.response.status_code"), Some("500"));
+    let trapped = guest(1);
+    assert_eq!(trapped.status.0, STATUS_ERROR, "{trapped:?}");
+    assert!(!trapped.status.1.is_empty(), "says why: {trapped:?}");
+    assert!(
+        trapped.events.iter().any(|e| e == "request failed"),
+        "{trapped:?}"
+    );
+
+    assert_eq!(server(2).status.0, 0, "a 200 is not a failure");
+    let printed = guest(2);
+    for line in [
+        "line one from stdout",
+        "line two from stderr",
+        "a wasi:logging line",
+    ] {
+        assert!(
+            printed.events.iter().any(|e| e == line),
+            "{line}: {printed:?}"
+        );
+    }
+    assert_eq!(printed.status.0, 0);
+
+    let client = find(3, &|s| s.kind == KIND_CLIENT);
+    assert_eq!(client.status.0, STATUS_ERROR, "{client:?}");
+    assert!(!client.status.1.is_empty(), "says why: {client:?}");
+    assert_eq!(client.attr("server.port"), Some("1"));
+    assert_eq!(server(3).status.0, STATUS_ERROR);
+    assert_eq!(server(3).attr("http.response.status_code"), Some("502"));
+}
+
 /// A ratio sampler samples new traces by ratio and follows the caller's
 /// `sampled` flag, on this host and, through the `traceparent` it sends, on
 /// the next one.

@@ -25,8 +25,11 @@ pub struct Span {
     pub parent_span_id: String,
     pub attributes: Vec<(String, String)>,
     pub events: Vec<String>,
+    /// The status code (0 unset, 1 ok, 2 error) and its message.
+    pub status: (i32, String),
 }
 
+pub const STATUS_ERROR: i32 = 2;
 pub const KIND_SERVER: i32 = 2;
 pub const KIND_CLIENT: i32 = 3;
 
@@ -152,6 +155,7 @@ async fn receive(
                         })
                         .collect(),
                     events: s.events.into_iter().map(|e| e.name).collect(),
+                    status: s.status.map_or((0, String::new()), |s| (s.code, s.message)),
                 });
             }
         }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use opentelemetry::KeyValue;
 use prometheus::IntCounter;
 
 use tokio::io::AsyncWrite;
@@ -442,12 +443,6 @@ fn log_line(cx: &RequestContext, level: wasi_log::Level, context: String, messag
     }
     let message = capped(&message, MAX_LINE);
     let context = capped(&context, MAX_CONTEXT);
-    // A fresh instance runs inside its request's guest span; a reused
-    // one runs in its worker's task, outside any span, so its lines go
-    // on the span of the request it is serving.
-    let _entered = tracing::Span::current()
-        .is_none()
-        .then(|| cx.trace.span.enter());
     // `tracing` levels are static per call site, hence one arm per level.
     macro_rules! emit {
         ($lvl:ident) => {
@@ -462,13 +457,55 @@ fn log_line(cx: &RequestContext, level: wasi_log::Level, context: String, messag
             )
         };
     }
-    match level {
-        Level::Trace => emit!(TRACE),
-        Level::Debug => emit!(DEBUG),
-        Level::Info => emit!(INFO),
-        Level::Warn => emit!(WARN),
-        Level::Error | Level::Critical => emit!(ERROR),
+    let level = match level {
+        Level::Trace => {
+            emit!(TRACE);
+            return;
+        }
+        Level::Debug => {
+            emit!(DEBUG);
+            return;
+        }
+        Level::Info => {
+            emit!(INFO);
+            tracing::Level::INFO
+        }
+        Level::Warn => {
+            emit!(WARN);
+            tracing::Level::WARN
+        }
+        Level::Error | Level::Critical => {
+            emit!(ERROR);
+            tracing::Level::ERROR
+        }
+    };
+    let context = KeyValue::new("context", context.into_owned());
+    span_event(cx, level, message.into_owned(), vec![context]);
+}
+
+/// A guest's log line at `info` or above as an event on its span, whatever
+/// `LOG_LEVEL` lets through to stdout: traces are not filtered by it. An
+/// `error` line marks the span failed.
+fn span_event(
+    cx: &RequestContext,
+    level: tracing::Level,
+    message: String,
+    mut attributes: Vec<KeyValue>,
+) {
+    let span = cx.trace.log_span();
+    if span.is_none() {
+        return;
     }
+    attributes.extend([
+        KeyValue::new("level", level.as_str()),
+        KeyValue::new("target", "guest"),
+        KeyValue::new("module", cx.module.to_string()),
+        KeyValue::new("request_id", cx.request_id.to_string()),
+    ]);
+    if level == tracing::Level::ERROR {
+        span.fail("");
+    }
+    span.event(message, attributes);
 }
 
 /// Guest stdout/stderr: split into lines, each a log event.
@@ -528,6 +565,8 @@ impl LineWriter {
             stream = self.stream,
             "{line}"
         );
+        let stream = KeyValue::new("stream", self.stream);
+        span_event(cx, tracing::Level::INFO, line.to_owned(), vec![stream]);
     }
 
     fn flush_lines(&mut self) {

@@ -10,10 +10,11 @@ use http::{Request, Response, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanBuilder;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 use wasmtime::Store;
 use wasmtime::component::Resource;
 use wasmtime_wasi_http::WasiHttpView;
@@ -28,6 +29,7 @@ use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 use super::body::{Bounded, Cut, CutOff, Delivered, Fate, Hangup, InFlight, Limited, Slot};
 use super::error::{Dialect, GuestError, RequestError};
 use crate::runtime::{Host, Module, RequestContext, Retired, Retirement, Serving, Ticket, Workers};
+use crate::trace::Span;
 
 /// What the guest answers through: its response head, or its error code.
 type Answer = oneshot::Receiver<Result<Response<HyperOutgoingBody>, ErrorCode>>;
@@ -65,6 +67,10 @@ async fn fresh(
     terms: Terms,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
     let permit = admit(module, &req)?;
+    // The store's context carries the guest call's span, where the
+    // instance's log lines go; it ends with the task that holds the store.
+    let mut cx = cx.clone();
+    cx.trace.guest = guest_span(module, &cx);
     let mut store = module.new_store(pre, cx.clone());
     let request = WasiRequest::new(&mut store, req, module.limits.max_body.0)?;
     let fate = Fate::task();
@@ -75,7 +81,7 @@ async fn fresh(
         fate: fate.clone(),
         hangup: terms.hangup,
     };
-    let task = spawn_guest(module, pre, tracker, store, guest, cx);
+    let task = spawn_guest(module, pre, tracker, store, guest, &cx);
     // Armed until the guest's answer is out: if this future is dropped
     // first (the client hung up), the guest is cancelled with it.
     let cut_off = CutOff::new(task.abort_handle());
@@ -206,64 +212,66 @@ fn spawn_guest(
     let module = module.clone();
     let pre = pre.clone();
     let cx = cx.clone();
-    let span = guest_span(&module, &cx);
-    tracker.spawn(
-        async move {
-            let metrics = &module.metrics;
-            // A guard, not a call at the end: the task may be aborted.
-            let _slot = Slot::new(permit, InFlight::new(&metrics.in_flight));
-            let work = async {
-                // Counted from here, not from when the store was made: a
-                // tick that passed while this task waited for its turn
-                // would make the guest yield at once and queue again.
-                store.set_epoch_deadline(1);
-                let started = Instant::now();
-                let slot = crate::runtime::instance_starting().await;
-                let proxy = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(|e| GuestError::Instantiate(format!("{e:#}")))?;
-                drop(slot);
-                metrics.instantiate.observe(started.elapsed().as_secs_f64());
-                metrics.instances.created.inc();
-                proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut store, request, out)
-                    .await
-                    .map_err(|e| GuestError::classify(e, timeout))
-            };
-            // Epochs cannot interrupt a guest blocked in a host call, so the
-            // budget is also enforced from outside. The store (and with it
-            // the instance and its response stream) goes when the task
-            // ends, after the fate is told.
-            let mut work = std::pin::pin!(work);
-            let result = tokio::time::timeout(timeout, work.as_mut())
+    tracker.spawn(async move {
+        let metrics = &module.metrics;
+        // A guard, not a call at the end: the task may be aborted.
+        let _slot = Slot::new(permit, InFlight::new(&metrics.in_flight));
+        let work = async {
+            // Counted from here, not from when the store was made: a
+            // tick that passed while this task waited for its turn
+            // would make the guest yield at once and queue again.
+            store.set_epoch_deadline(1);
+            let started = Instant::now();
+            let slot = crate::runtime::instance_starting().await;
+            let proxy = pre
+                .instantiate_async(&mut store)
                 .await
-                .unwrap_or(Err(GuestError::Timeout(timeout)));
-            if let Err(err) = &result {
-                let cut = match err {
-                    GuestError::Timeout(_) => Cut::Timeout,
-                    _ => Cut::Failed,
-                };
-                fate.cut(cut, &hangup);
-                failed(&module, &cx, err);
-            }
-            result
+                .map_err(|e| GuestError::Instantiate(format!("{e:#}")))?;
+            drop(slot);
+            metrics.instantiate.observe(started.elapsed().as_secs_f64());
+            metrics.instances.created.inc();
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, request, out)
+                .await
+                .map_err(|e| GuestError::classify(e, timeout))
+        };
+        // Epochs cannot interrupt a guest blocked in a host call, so the
+        // budget is also enforced from outside. The store (and with it
+        // the instance and its response stream) goes when the task
+        // ends, after the fate is told.
+        let mut work = std::pin::pin!(work);
+        let result = tokio::time::timeout(timeout, work.as_mut())
+            .await
+            .unwrap_or(Err(GuestError::Timeout(timeout)));
+        if let Err(err) = &result {
+            let cut = match err {
+                GuestError::Timeout(_) => Cut::Timeout,
+                _ => Cut::Failed,
+            };
+            fate.cut(cut, &hangup);
+            failed(&module, &cx, &cx.trace.guest, err);
         }
-        .instrument(span),
-    )
+        result
+    })
 }
 
-/// Counts and logs a failed guest call.
-fn failed(module: &Module, cx: &RequestContext, err: &GuestError) {
+/// Counts and logs a failed guest call, and marks its span failed.
+fn failed(module: &Module, cx: &RequestContext, span: &Span, err: &GuestError) {
     err.count(&module.metrics);
+    let error = err.to_string();
     tracing::warn!(
         module = &*cx.module,
         request_id = &*cx.request_id,
         trace_id = %cx.trace,
-        error = %err,
+        error = %error,
         "request failed"
     );
+    span.event(
+        "request failed",
+        vec![KeyValue::new("error", error.clone())],
+    );
+    span.fail(error);
 }
 
 /// Runs `req` through one of the module's reused instances. The deadline
@@ -303,17 +311,19 @@ async fn pooled(
     // Held until the response body is delivered, or its deadline.
     let slot = Slot::new(permit, InFlight::new(&module.metrics.in_flight));
     let deadline = tokio::time::Instant::now() + timeout;
-    let answer = workers
-        .handle(ticket, Request::from_parts(parts, body))
-        .instrument(guest_span(module, cx));
+    // Ends when the guest's answer is in (or not): the instance's work
+    // after that is its worker's.
+    let span = guest_span(module, cx);
+    let answer = workers.handle(ticket, Request::from_parts(parts, body));
     let result = match tokio::time::timeout(timeout, answer).await {
         Err(_) => Err(GuestError::Timeout(timeout)),
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => Err(pooled_error(e, &instance, timeout)),
     };
     if let Err(err) = &result {
-        failed(module, cx, err);
+        failed(module, cx, &span, err);
     }
+    drop(span);
     if too_big.load(Ordering::Relaxed) {
         return Err(RequestError::BodyTooLarge);
     }
@@ -381,17 +391,11 @@ fn pooled_error(
 }
 
 /// A child of the request's span, when the request is traced.
-fn guest_span(module: &Module, cx: &RequestContext) -> tracing::Span {
-    if cx.trace.span.is_none() {
-        return tracing::Span::none();
-    }
-    tracing::info_span!(
-        target: "berth::request",
-        parent: &cx.trace.span,
-        "guest",
-        otel.name = %format_args!("guest {}", module.name),
-        module = &*module.name,
-    )
+fn guest_span(module: &Module, cx: &RequestContext) -> Span {
+    cx.trace.child_span(|| {
+        SpanBuilder::from_name(format!("guest {}", module.name))
+            .with_attributes([KeyValue::new("module", module.name.to_string())])
+    })
 }
 
 /// The guest's response head, or why there is none.

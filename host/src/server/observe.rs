@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{Method, Request, StatusCode};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanBuilder, SpanKind};
 
 use crate::runtime::{Module, RequestContext};
 use crate::trace::TraceContext;
@@ -26,20 +28,16 @@ impl Observed {
         let started = Instant::now();
         let protocol = protocol_version(req.version());
         let trace = TraceContext::server(req.headers(), || {
-            tracing::info_span!(
-                target: "berth::request",
-                "request",
-                otel.name = %format_args!("{} {}", req.method(), module.route),
-                otel.kind = "server",
-                otel.status_code = tracing::field::Empty,
-                http.request.method = %req.method(),
-                network.protocol.version = protocol,
-                url.path = req.uri().path(),
-                http.route = module.route.as_str(),
-                http.response.status_code = tracing::field::Empty,
-                module = &*module.name,
-                request_id = &*request_id,
-            )
+            SpanBuilder::from_name(format!("{} {}", req.method(), module.route))
+                .with_kind(SpanKind::Server)
+                .with_attributes([
+                    KeyValue::new("http.request.method", req.method().to_string()),
+                    KeyValue::new("network.protocol.version", protocol),
+                    KeyValue::new("url.path", req.uri().path().to_owned()),
+                    KeyValue::new("http.route", module.route.clone()),
+                    KeyValue::new("module", module.name.to_string()),
+                    KeyValue::new("request_id", request_id.to_string()),
+                ])
         });
         Observed {
             started,
@@ -88,11 +86,7 @@ impl Observed {
         shed: bool,
     ) -> std::time::Duration {
         let status = status.as_u16();
-        let span = &self.cx.trace.span;
-        span.record("http.response.status_code", status);
-        if status >= 500 {
-            span.record("otel.status_code", "ERROR");
-        }
+        self.cx.trace.span.record_status(status);
         let elapsed = self.started.elapsed();
         let metrics = &self.module.metrics;
         if !shed {
