@@ -253,7 +253,7 @@ impl ModuleOutbound {
                     KeyValue::new("server.address", host.to_owned()),
                     KeyValue::new("server.port", i64::from(port)),
                     KeyValue::new("url.full", crate::redact::url(&uri.to_string())),
-                    KeyValue::new("module", self.module.to_string()),
+                    KeyValue::new("module", self.module.clone()),
                 ])
         });
         upstream.call(request, guest, trace).await

@@ -418,6 +418,53 @@ fn no_state_survives_from_one_request_to_the_next() {
     }
 }
 
+/// A request without a Host header cannot be handed to a WASI 0.2 guest
+/// (`wasi:http` gives it the authority): it gets a 400 from the host, and a
+/// reused instance is not taken down by it, whoever sends it how often.
+#[test]
+fn a_request_without_a_host_never_reaches_a_wasi_02_instance() {
+    use std::io::{Read, Write};
+    let config = module("fresh", "/fresh", "hello", "")
+        + &module(
+            "kept",
+            "/kept",
+            "misbehave",
+            "instances = { max_requests = 100 }",
+        );
+    let berth = Berth::start(&config);
+    let send = |request: &str| {
+        let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+        conn.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert_eq!(get(&berth.url("/kept/ok")).status, 200);
+    for path in ["/fresh", "/kept/ok"] {
+        for version in ["1.1", "1.0"] {
+            let answer = send(&format!(
+                "GET {path} HTTP/{version}\r\nConnection: close\r\n\r\n"
+            ));
+            assert!(answer.contains(" 400 "), "{path} {version}: {answer}");
+            assert!(answer.contains("Host header"), "{path} {version}: {answer}");
+        }
+    }
+    assert_eq!(get(&berth.url("/kept/ok")).status, 200);
+    let page = berth.metrics();
+    let kept = [("module", "kept")];
+    assert_eq!(
+        metric(&page, "berth_instances_created_total", &kept),
+        Some(1.0),
+        "one instance served it all"
+    );
+    let trapped = metric(
+        &page,
+        "berth_instances_retired_total",
+        &[("module", "kept"), ("reason", "trap")],
+    );
+    assert_eq!(trapped.unwrap_or(0.0), 0.0);
+}
+
 /// A `Host` header that is not `host[:port]` never reaches a guest, which
 /// takes it as the request's authority (a JavaScript module builds its
 /// `request.url` from it).

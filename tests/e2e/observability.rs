@@ -442,7 +442,10 @@ fn one_trace_spans_two_hosts() {
 /// What went wrong is on the spans: a trap fails the request's span and
 /// its guest call's (with the error as an event), a refused outbound call
 /// fails its client span and says why, and a guest's stdout, stderr and
-/// `wasi:logging` lines are events on its guest span.
+/// `wasi:logging` lines are events on its guest span. What the client did
+/// is not the guest's failure: a body it never finishes (a 408) leaves the
+/// guest span unfailed, and a request without a Host header gets its 400
+/// with no guest span at all.
 #[test]
 fn failures_and_guest_output_show_on_the_spans() {
     use crate::otlp::STATUS_ERROR;
@@ -453,10 +456,18 @@ fn failures_and_guest_output_show_on_the_spans() {
             "m",
             "/m",
             "misbehave",
-            "allowed_outbound_hosts = [\"http://127.0.0.1:1\"]",
+            "allowed_outbound_hosts = [\"http://127.0.0.1:1\"]\nlimits = { timeout = \"1s\" }",
         ),
         &otel_env(&receiver.endpoint(), "berth-f"),
     );
+    let raw = |request: String| {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(&berth.addr).unwrap();
+        conn.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        let _ = conn.read_to_string(&mut answer);
+        answer
+    };
     let trace = |n: u8| format!("{n:02x}{}", &TRACE_ID[2..]);
     let parent = |n: u8| format!("00-{}-00f067aa0ba902b7-01", trace(n));
     assert_eq!(
@@ -470,9 +481,22 @@ fn failures_and_guest_output_show_on_the_spans() {
         &[("traceparent", &parent(3))],
     );
     assert_eq!(r.status, 502, "{}", r.body);
+    // Three of the ten bytes promised, then nothing until the module's
+    // timeout.
+    let answer = raw(format!(
+        "POST /m/echo HTTP/1.1\r\nHost: x\r\ntraceparent: {}\r\nContent-Length: 10\r\nConnection: close\r\n\r\nabc",
+        parent(4)
+    ));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let answer = raw(format!(
+        "GET /m/ok HTTP/1.1\r\ntraceparent: {}\r\nConnection: close\r\n\r\n",
+        parent(5)
+    ));
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("Host header"), "{answer}");
 
     let spans = receiver.wait_for(Duration::from_secs(30), |spans| {
-        (1..=3).all(|n| {
+        (1..=5).all(|n| {
             spans
                 .iter()
                 .any(|s| s.trace_id == trace(n) && s.kind == KIND_SERVER)
@@ -517,6 +541,19 @@ fn failures_and_guest_output_show_on_the_spans() {
     assert_eq!(client.attr("server.port"), Some("1"));
     assert_eq!(server(3).status.0, STATUS_ERROR);
     assert_eq!(server(3).attr("http.response.status_code"), Some("502"));
+
+    assert_eq!(server(4).attr("http.response.status_code"), Some("408"));
+    let held_up = guest(4);
+    assert_eq!(held_up.status.0, 0, "the client's doing: {held_up:?}");
+    assert_eq!(server(4).status.0, 0);
+
+    assert_eq!(server(5).attr("http.response.status_code"), Some("400"));
+    assert!(
+        !spans
+            .iter()
+            .any(|s| s.trace_id == trace(5) && s.name.starts_with("guest")),
+        "no guest was called: {spans:?}"
+    );
 }
 
 /// A ratio sampler samples new traces by ratio and follows the caller's

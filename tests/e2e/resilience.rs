@@ -15,6 +15,28 @@ fn misbehave(limits: &str) -> String {
         + &module("hello", "/hello", "hello", "")
 }
 
+/// A request that runs over its deadline on a reused WASI 0.2 instance is
+/// a 504 every time, whether the guest sleeps in a host call or spins, and
+/// whichever of the host's timer and the instance's own teardown ends it
+/// first.
+#[test]
+fn a_reused_p2_instance_over_its_deadline_is_a_504_every_time() {
+    let berth = Berth::start(&module(
+        "m",
+        "/m",
+        "misbehave",
+        "limits = { timeout = \"300ms\" }\ninstances = { max_requests = 100 }",
+    ));
+    // The race was lost about one time in three: eight tries each.
+    for path in ["/m/sleep?ms=2000", "/m/loop"] {
+        for _ in 0..8 {
+            let r = get(&berth.url(path));
+            assert_eq!(r.status, 504, "{path}: {}", r.body);
+        }
+    }
+    assert_eq!(get(&berth.url("/m/ok")).status, 200);
+}
+
 /// Also on one worker thread (what a pod with a CPU limit of 1 gets): the
 /// epoch ticks make spinning guests yield to everything else.
 #[test]

@@ -499,8 +499,8 @@ fn span_event(
     attributes.extend([
         KeyValue::new("level", level.as_str()),
         KeyValue::new("target", "guest"),
-        KeyValue::new("module", cx.module.to_string()),
-        KeyValue::new("request_id", cx.request_id.to_string()),
+        KeyValue::new("module", cx.module.clone()),
+        KeyValue::new("request_id", cx.request_id.clone()),
     ]);
     if level == tracing::Level::ERROR {
         span.fail("");

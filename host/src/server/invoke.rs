@@ -28,7 +28,9 @@ use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 
 use super::body::{Bounded, Cut, CutOff, Delivered, Fate, Hangup, InFlight, Limited, Slot};
 use super::error::{Dialect, GuestError, RequestError};
-use crate::runtime::{Host, Module, RequestContext, Retired, Retirement, Serving, Ticket, Workers};
+use crate::runtime::{
+    Host, Module, RequestContext, Retired, Retirement, Serving, Ticket, Workers, World,
+};
 use crate::trace::Span;
 
 /// What the guest answers through: its response head, or its error code.
@@ -51,10 +53,29 @@ pub(super) async fn invoke(
     cx: &RequestContext,
     terms: Terms,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
+    // A WASI 0.2 guest is handed the request's authority, so a request
+    // without one cannot be handed over: on a reused instance the failed
+    // hand-over would take the instance down, for any client to repeat.
+    if module.world == World::P2 && !has_authority(&req) {
+        return Err(RequestError::Malformed(
+            "the request has no Host header (a WASI 0.2 module needs the request's authority)"
+                .into(),
+        ));
+    }
     match &module.serving {
         Serving::Fresh(pre) => fresh(module, pre, tracker, req, cx, terms).await,
         Serving::Pooled(workers) => pooled(module, workers, req, cx, terms).await,
     }
+}
+
+/// Whether `req` names its authority, in its URI (HTTP/2, absolute form) or
+/// in a `Host` header wasmtime-wasi-http can read.
+fn has_authority<B>(req: &Request<B>) -> bool {
+    req.uri().authority().is_some()
+        || req
+            .headers()
+            .get(header::HOST)
+            .is_some_and(|host| host.to_str().is_ok())
 }
 
 /// Runs `req` through a fresh instance of `module`, in a task of its own.
@@ -80,12 +101,16 @@ async fn fresh(
         timeout: terms.timeout,
         fate: fate.clone(),
         hangup: terms.hangup,
+        waiting: request.waiting.clone(),
     };
     let task = spawn_guest(module, pre, tracker, store, guest, &cx);
     // Armed until the guest's answer is out: if this future is dropped
     // first (the client hung up), the guest is cancelled with it.
     let cut_off = CutOff::new(task.abort_handle());
-    let outcome = outcome(request.answer, task).await;
+    let outcome = outcome(request.answer, task, |err| {
+        failed(module, &cx, &cx.trace.guest, err, &request.waiting)
+    })
+    .await;
     // Past this point a host answer replaces the guest's (413, 5xx): the
     // guest has nothing left to deliver, so dropping `cut_off` ends it.
     if request.too_big.load(Ordering::Relaxed) {
@@ -170,6 +195,8 @@ struct Guest {
     fate: Fate,
     /// Closes the connection if a cut response is never taken up.
     hangup: Hangup,
+    /// Set while the guest waits for body bytes the client has not sent.
+    waiting: Arc<AtomicBool>,
 }
 
 /// The response body, whole if the guest finished it at once (see
@@ -208,6 +235,7 @@ fn spawn_guest(
         timeout,
         fate,
         hangup,
+        waiting,
     } = guest;
     let module = module.clone();
     let pre = pre.clone();
@@ -250,14 +278,22 @@ fn spawn_guest(
                 _ => Cut::Failed,
             };
             fate.cut(cut, &hangup);
-            failed(&module, &cx, &cx.trace.guest, err);
+            failed(&module, &cx, &cx.trace.guest, err, &waiting);
         }
         result
     })
 }
 
-/// Counts and logs a failed guest call, and marks its span failed.
-fn failed(module: &Module, cx: &RequestContext, span: &Span, err: &GuestError) {
+/// Counts and logs a failed guest call, and marks its span failed unless
+/// the client held it up (a timeout while the guest waited for body bytes
+/// the client never sent is the client's 408, not the guest's failure).
+fn failed(
+    module: &Module,
+    cx: &RequestContext,
+    span: &Span,
+    err: &GuestError,
+    waiting: &AtomicBool,
+) {
     err.count(&module.metrics);
     let error = err.to_string();
     tracing::warn!(
@@ -271,7 +307,9 @@ fn failed(module: &Module, cx: &RequestContext, span: &Span, err: &GuestError) {
         "request failed",
         vec![KeyValue::new("error", error.clone())],
     );
-    span.fail(error);
+    if !(matches!(err, GuestError::Timeout(_)) && waiting.load(Ordering::Relaxed)) {
+        span.fail(error);
+    }
 }
 
 /// Runs `req` through one of the module's reused instances. The deadline
@@ -318,10 +356,15 @@ async fn pooled(
     let result = match tokio::time::timeout(timeout, answer).await {
         Err(_) => Err(GuestError::Timeout(timeout)),
         Ok(Ok(resp)) => Ok(resp),
+        // The worker's own expiry of the request fires on the same timer
+        // tick as this deadline and may be seen first; the store's teardown
+        // then reads as "no response" or a trap. Past the deadline, the
+        // deadline is the cause.
+        Ok(Err(_)) if tokio::time::Instant::now() >= deadline => Err(GuestError::Timeout(timeout)),
         Ok(Err(e)) => Err(pooled_error(e, &instance, timeout)),
     };
     if let Err(err) = &result {
-        failed(module, cx, &span, err);
+        failed(module, cx, &span, err, &waiting);
     }
     drop(span);
     if too_big.load(Ordering::Relaxed) {
@@ -394,23 +437,28 @@ fn pooled_error(
 fn guest_span(module: &Module, cx: &RequestContext) -> Span {
     cx.trace.child_span(|| {
         SpanBuilder::from_name(format!("guest {}", module.name))
-            .with_attributes([KeyValue::new("module", module.name.to_string())])
+            .with_attributes([KeyValue::new("module", module.name.clone())])
     })
 }
 
-/// The guest's response head, or why there is none.
+/// The guest's response head, or why there is none; a failure the task
+/// did not report itself goes to `report`.
 async fn outcome(
     answer: Answer,
     task: JoinHandle<Result<(), GuestError>>,
+    report: impl FnOnce(&GuestError),
 ) -> Result<Response<HyperOutgoingBody>, GuestError> {
-    match answer.await {
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(code)) => Err(GuestError::ErrorCode(format!("{code:?}"))),
+    let err = match answer.await {
+        Ok(Ok(resp)) => return Ok(resp),
+        Ok(Err(code)) => GuestError::ErrorCode(format!("{code:?}")),
         // The guest dropped its response slot: its task says why.
         Err(_) => match task.await {
-            Ok(Ok(())) => Err(GuestError::NoResponse),
-            Ok(Err(e)) => Err(e),
-            Err(join) => Err(GuestError::Trap(join.to_string())),
+            Ok(Ok(())) => GuestError::NoResponse,
+            // Reported by the task.
+            Ok(Err(e)) => return Err(e),
+            Err(join) => GuestError::Trap(join.to_string()),
         },
-    }
+    };
+    report(&err);
+    Err(err)
 }

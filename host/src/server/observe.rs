@@ -35,8 +35,8 @@ impl Observed {
                     KeyValue::new("network.protocol.version", protocol),
                     KeyValue::new("url.path", req.uri().path().to_owned()),
                     KeyValue::new("http.route", module.route.clone()),
-                    KeyValue::new("module", module.name.to_string()),
-                    KeyValue::new("request_id", request_id.to_string()),
+                    KeyValue::new("module", module.name.clone()),
+                    KeyValue::new("request_id", request_id.clone()),
                 ])
         });
         Observed {
