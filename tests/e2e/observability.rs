@@ -516,23 +516,28 @@ fn failures_and_guest_output_show_on_the_spans() {
     let trapped = guest(1);
     assert_eq!(trapped.status.0, STATUS_ERROR, "{trapped:?}");
     assert!(!trapped.status.1.is_empty(), "says why: {trapped:?}");
+    let why = trapped.event("request failed").expect("a failure event");
     assert!(
-        trapped.events.iter().any(|e| e == "request failed"),
-        "{trapped:?}"
+        why.iter().any(|(k, v)| k == "error" && v.contains("trap")),
+        "{why:?}"
     );
 
     assert_eq!(server(2).status.0, 0, "a 200 is not a failure");
     let printed = guest(2);
-    for line in [
-        "line one from stdout",
-        "line two from stderr",
-        "a wasi:logging line",
-    ] {
-        assert!(
-            printed.events.iter().any(|e| e == line),
-            "{line}: {printed:?}"
-        );
-    }
+    let has = |line: &str, key: &str, value: &str| {
+        let attributes = printed
+            .event(line)
+            .unwrap_or_else(|| panic!("{line}: {printed:?}"));
+        for (k, v) in [("level", "INFO"), ("module", "m"), (key, value)] {
+            assert!(
+                attributes.iter().any(|(a, b)| a == k && b == v),
+                "{line}: {k}={v} in {attributes:?}"
+            );
+        }
+    };
+    has("line one from stdout", "stream", "stdout");
+    has("line two from stderr", "stream", "stderr");
+    has("a wasi:logging line", "target", "guest");
     assert_eq!(printed.status.0, 0);
 
     let client = find(3, &|s| s.kind == KIND_CLIENT);

@@ -25,6 +25,8 @@ pub struct Span {
     pub parent_span_id: String,
     pub attributes: Vec<(String, String)>,
     pub events: Vec<String>,
+    /// Each event's name with its attributes.
+    pub event_attributes: Vec<(String, Vec<(String, String)>)>,
     /// The status code (0 unset, 1 ok, 2 error) and its message.
     pub status: (i32, String),
 }
@@ -34,6 +36,14 @@ pub const KIND_SERVER: i32 = 2;
 pub const KIND_CLIENT: i32 = 3;
 
 impl Span {
+    /// The attributes of the first event called `name`.
+    pub fn event(&self, name: &str) -> Option<&[(String, String)]> {
+        self.event_attributes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, attributes)| attributes.as_slice())
+    }
+
     pub fn attr(&self, key: &str) -> Option<&str> {
         self.attributes
             .iter()
@@ -50,6 +60,20 @@ pub struct Receiver {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn flatten(
+    attributes: &[opentelemetry_proto::tonic::common::v1::KeyValue],
+) -> Vec<(String, String)> {
+    attributes
+        .iter()
+        .map(|kv| {
+            (
+                kv.key.clone(),
+                kv.value.as_ref().map(value_text).unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 fn value_text(v: &opentelemetry_proto::tonic::common::v1::AnyValue) -> String {
@@ -144,17 +168,13 @@ async fn receive(
                     trace_id: hex(&s.trace_id),
                     span_id: hex(&s.span_id),
                     parent_span_id: hex(&s.parent_span_id),
-                    attributes: s
-                        .attributes
-                        .iter()
-                        .map(|kv| {
-                            (
-                                kv.key.clone(),
-                                kv.value.as_ref().map(value_text).unwrap_or_default(),
-                            )
-                        })
+                    attributes: flatten(&s.attributes),
+                    events: s.events.iter().map(|e| e.name.clone()).collect(),
+                    event_attributes: s
+                        .events
+                        .into_iter()
+                        .map(|e| (e.name, flatten(&e.attributes)))
                         .collect(),
-                    events: s.events.into_iter().map(|e| e.name).collect(),
                     status: s.status.map_or((0, String::new()), |s| (s.code, s.message)),
                 });
             }

@@ -479,33 +479,36 @@ fn log_line(cx: &RequestContext, level: wasi_log::Level, context: String, messag
             tracing::Level::ERROR
         }
     };
-    let context = KeyValue::new("context", context.into_owned());
-    span_event(cx, level, message.into_owned(), vec![context]);
+    span_event(cx, level, &message, || {
+        KeyValue::new("context", context.into_owned())
+    });
 }
 
 /// A guest's log line at `info` or above as an event on its span, whatever
 /// `LOG_LEVEL` lets through to stdout: traces are not filtered by it. An
 /// `error` line marks the span failed.
+/// Nothing is copied for an untraced request.
 fn span_event(
     cx: &RequestContext,
     level: tracing::Level,
-    message: String,
-    mut attributes: Vec<KeyValue>,
+    message: &str,
+    source: impl FnOnce() -> KeyValue,
 ) {
     let span = cx.trace.log_span();
     if span.is_none() {
         return;
     }
-    attributes.extend([
+    let attributes = vec![
+        source(),
         KeyValue::new("level", level.as_str()),
         KeyValue::new("target", "guest"),
         KeyValue::new("module", cx.module.clone()),
         KeyValue::new("request_id", cx.request_id.clone()),
-    ]);
+    ];
     if level == tracing::Level::ERROR {
         span.fail("");
     }
-    span.event(message, attributes);
+    span.event(message.to_owned(), attributes);
 }
 
 /// Guest stdout/stderr: split into lines, each a log event.
@@ -565,8 +568,9 @@ impl LineWriter {
             stream = self.stream,
             "{line}"
         );
-        let stream = KeyValue::new("stream", self.stream);
-        span_event(cx, tracing::Level::INFO, line.to_owned(), vec![stream]);
+        span_event(cx, tracing::Level::INFO, line, || {
+            KeyValue::new("stream", self.stream)
+        });
     }
 
     fn flush_lines(&mut self) {
