@@ -190,7 +190,7 @@ fn cut_line(line: &[u8], json: bool) -> String {
 
 /// Whether spans are exported; the request path makes none otherwise.
 pub fn tracing_enabled() -> bool {
-    SAMPLING.get().is_some()
+    EXPORT.get().is_some()
 }
 
 /// Keeps the log writer and the span exporter alive; dropping it flushes
@@ -421,18 +421,19 @@ impl Sampling {
     }
 }
 
-static SAMPLING: OnceLock<Sampling> = OnceLock::new();
-static TRACER: OnceLock<opentelemetry_sdk::trace::SdkTracer> = OnceLock::new();
+/// How requests are sampled and the tracer their spans are made with, set
+/// once while spans are exported.
+static EXPORT: OnceLock<(Sampling, opentelemetry_sdk::trace::SdkTracer)> = OnceLock::new();
 
 /// The tracer request spans are made with, while spans are exported.
 pub(crate) fn tracer() -> Option<&'static opentelemetry_sdk::trace::SdkTracer> {
-    TRACER.get()
+    EXPORT.get().map(|(_, tracer)| tracer)
 }
 
 /// Whether a request with this caller (trace id and `sampled` flag) gets
 /// spans; false whenever spans are not exported.
 pub fn sampled(parent: Option<(u128, bool)>) -> bool {
-    SAMPLING.get().is_some_and(|s| s.sampled(parent))
+    EXPORT.get().is_some_and(|(s, _)| s.sampled(parent))
 }
 
 /// Installs the global subscriber. Call it before starting any async
@@ -457,8 +458,8 @@ pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, Stri
     let _ = DROPPED.set(writer.error_counter());
     now_ms();
     // Log lines carry their ids as fields and never print span context, so
-    // the log layer skips spans: formatting every span's fields to JSON
-    // just in case cost ~4 µs a request with tracing on.
+    // the log layer skips spans (Berth makes none through `tracing`; a
+    // dependency's would only cost formatting).
     // (The hint keeps the filter's maximum level known: without one, `log`
     // records from every dependency would be built and filtered at runtime.)
     let events = filter_fn(|meta| meta.is_event()).with_max_level_hint(LevelFilter::TRACE);
@@ -486,11 +487,10 @@ pub fn init(filter: EnvFilter, format: LogFormat) -> Result<TelemetryGuard, Stri
     };
     let (provider, replaced) = match tracer_provider()? {
         Some((provider, sampling, replaced)) => {
-            let _ = SAMPLING.set(sampling);
             // Spans are made by `trace` with this tracer, not through
             // `tracing`, and have no level: LOG_LEVEL=warn does not drop
             // traces.
-            let _ = TRACER.set(provider.tracer("berth"));
+            let _ = EXPORT.set((sampling, provider.tracer("berth")));
             (Some(provider), replaced)
         }
         None => (None, None),
