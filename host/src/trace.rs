@@ -144,9 +144,12 @@ pub struct Parent {
     pub trace_id: u128,
     /// The caller's span id.
     pub span_id: u64,
-    /// Trace flags.
+    /// Trace flags: `sampled` or none (the reserved bits are dropped).
     pub flags: u8,
 }
+
+/// The one trace flag W3C Trace Context defines.
+const SAMPLED: u8 = 0x01;
 
 /// Parses `00-<32 hex>-<16 hex>-<2 hex>`; `None` for anything invalid
 /// (all-zero ids, version `ff`, wrong lengths), as the spec asks.
@@ -174,7 +177,9 @@ pub fn parse_traceparent(value: &str) -> Option<Parent> {
     let parent = Parent {
         trace_id: u128::from_str_radix(trace, 16).ok()?,
         span_id: u64::from_str_radix(span, 16).ok()?,
-        flags: u8::from_str_radix(flags, 16).ok()?,
+        // Only `sampled` is defined; the rest are reserved, and the spec
+        // has vendors send them as zero, so they are dropped here.
+        flags: u8::from_str_radix(flags, 16).ok()? & SAMPLED,
     };
     (parent.trace_id != 0 && parent.span_id != 0).then_some(parent)
 }
@@ -247,7 +252,7 @@ impl TraceContext {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_traceparent);
         let tracestate = parent.and(headers.get(TRACESTATE).cloned());
-        if telemetry::sampled(parent.map(|p| (p.trace_id, p.flags & 1 == 1))) {
+        if telemetry::sampled(parent.map(|p| (p.trace_id, p.flags & SAMPLED != 0))) {
             let cx = match &parent {
                 Some(p) => {
                     parent_context(p.trace_id, p.span_id, p.flags, tracestate.as_ref(), true)
@@ -268,7 +273,7 @@ impl TraceContext {
         // Not traced here: no span at all. The caller's flags travel on;
         // while spans are exported, a trace left out says so downstream.
         let flags = if telemetry::tracing_enabled() {
-            parent.map_or(0, |p| p.flags) & !1
+            parent.map_or(0, |p| p.flags) & !SAMPLED
         } else {
             parent.map_or(1, |p| p.flags)
         };
@@ -404,5 +409,24 @@ mod tests {
         let fresh = TraceContext::server(&HeaderMap::new(), || unreachable!("not traced"));
         assert_ne!(fresh.trace_id, 0);
         assert_eq!(fresh.flags, 1);
+    }
+
+    #[test]
+    fn flags_this_version_does_not_define_are_not_passed_on() {
+        // W3C Trace Context: bits other than `sampled` are reserved, and
+        // "vendors MUST set those to zero"; a caller's must not travel on.
+        for (sent, kept) in [("ff", "01"), ("fe", "00"), ("03", "01"), ("00", "00")] {
+            let mut headers = HeaderMap::new();
+            let value = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{sent}");
+            headers.insert(TRACEPARENT, HeaderValue::from_str(&value).unwrap());
+            let cx = TraceContext::server(&headers, || unreachable!("not traced"));
+            let mut out = HeaderMap::new();
+            cx.child(|| unreachable!("not traced")).inject(&mut out);
+            let out = out[TRACEPARENT].to_str().unwrap();
+            assert!(
+                out.ends_with(&format!("-{kept}")),
+                "{sent}: sent on as {out}"
+            );
+        }
     }
 }
