@@ -29,6 +29,9 @@ pub struct Span {
     pub event_attributes: Vec<(String, Vec<(String, String)>)>,
     /// The status code (0 unset, 1 ok, 2 error) and its message.
     pub status: (i32, String),
+    /// When it started and ended, in ns since the Unix epoch.
+    pub start_ns: u64,
+    pub end_ns: u64,
 }
 
 pub const STATUS_ERROR: i32 = 2;
@@ -176,6 +179,8 @@ async fn receive(
                         .map(|e| (e.name, flatten(&e.attributes)))
                         .collect(),
                     status: s.status.map_or((0, String::new()), |s| (s.code, s.message)),
+                    start_ns: s.start_time_unix_nano,
+                    end_ns: s.end_time_unix_nano,
                 });
             }
         }

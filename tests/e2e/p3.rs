@@ -1321,3 +1321,59 @@ fn a_stream_cut_by_a_neighbours_trap_never_looks_complete() {
         "a stream cut by its instance's end looked complete: {text}"
     );
 }
+
+#[test]
+fn a_quick_request_on_a_busy_reused_instance_has_a_span_as_short_as_itself() {
+    use crate::otlp::{KIND_SERVER, Receiver};
+    let receiver = Receiver::start();
+    let berth = Berth::start_with(
+        &p3("instances = { max_concurrent = 4, idle_timeout = \"10m\" }"),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint()),
+            ("OTEL_SERVICE_NAME", "p3-span-time"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let parent = |id: char| format!("00-{}-{}-01", id.to_string().repeat(32), "1".repeat(16));
+    // The long request keeps the instance busy for 3 s; the quick one
+    // runs on the same instance meanwhile and takes 200 ms.
+    let long = {
+        let (url, tp) = (berth.url("/p3/sleep"), parent('c'));
+        std::thread::spawn(move || get_with(&url, &[("x-sleep-ms", "3000"), ("traceparent", &tp)]))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let quick = get_with(
+        &berth.url("/p3/sleep"),
+        &[("x-sleep-ms", "200"), ("traceparent", &parent('d'))],
+    );
+    assert_eq!(quick.status, 200, "{}", quick.body);
+    assert_eq!(long.join().unwrap().status, 200);
+    assert_eq!(count(&berth), 3, "all three on one instance");
+    let spans = receiver.wait_for(Duration::from_secs(20), |spans| {
+        ['c', 'd'].iter().all(|id| {
+            spans
+                .iter()
+                .any(|s| s.trace_id == id.to_string().repeat(32) && s.kind == KIND_SERVER)
+        })
+    });
+    let server = |id: char| {
+        spans
+            .iter()
+            .find(|s| s.trace_id == id.to_string().repeat(32) && s.kind == KIND_SERVER)
+            .unwrap()
+    };
+    let (long, quick) = (server('c'), server('d'));
+    eprintln!(
+        "long {} ms, quick {} ms, quick ends {} ms after long",
+        (long.end_ns - long.start_ns) / 1_000_000,
+        (quick.end_ns - quick.start_ns) / 1_000_000,
+        (quick.end_ns as i64 - long.end_ns as i64) / 1_000_000
+    );
+    // Ordered, not timed: the quick request's span ends long before the
+    // long one's, whatever the machine's speed.
+    assert!(
+        quick.end_ns < long.end_ns,
+        "the quick request's span lasted {} ms, until the long request ended",
+        (quick.end_ns - quick.start_ns) / 1_000_000
+    );
+}
