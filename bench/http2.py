@@ -23,7 +23,6 @@ build` and `cargo build --release --manifest-path bench/native-grpc/Cargo.toml`.
 import os
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (  # noqa: E402
     BERTH, DURATION, HELLO, LOAD_CPU, ROOT, ROUNDS, SERVER_CPU, TARGET, WASM, Server, cpu_seconds,
-    fmt, free_port, splice_results, wrk,
+    fmt, free_port, paired, splice_results, wrk,
 )
 
 NATIVE_GRPC = os.path.join(TARGET, "release", "native-grpc")
@@ -144,9 +143,10 @@ def main():
     for tool, path in (("h2load", "/usr/bin/h2load"), ("berth", BERTH), ("native-grpc", NATIVE_GRPC)):
         if not os.path.exists(path):
             raise SystemExit(f"bench: {tool} missing; run `make bench` (bench/run.sh)")
+    # The HTTP/1.1 hello, which two ratios divide by, runs between them.
     scenarios = [
-        (HELLO_H1, lambda: berth([("hello", "/", HELLO)]), "h1"),
         (HELLO_H2, lambda: berth([("hello", "/", HELLO)]), "h2"),
+        (HELLO_H1, lambda: berth([("hello", "/", HELLO)]), "h1"),
         (UNARY_P2, lambda: berth([("greeter", "/greeter.Greeter", GREETER)]), "grpc"),
         (UNARY_P3, lambda: berth([("greeter", "/greeter.Greeter", GREETER_P3)]), "grpc"),
         (TONIC, Tonic, "grpc"),
@@ -170,10 +170,8 @@ def main():
 
 def write(results):
     col = lambda name, key: [r[key] for r in results[name]]
-    med = lambda name, key: statistics.median(col(name, key))
-    unary_cost = med(UNARY_P2, "cpu_us") / med(HELLO_H1, "cpu_us")
-    stream_cost = med(HELLO_H2, "cpu_us") / med(HELLO_H1, "cpu_us")
-    vs_tonic = med(UNARY_P2, "cpu_us") / med(TONIC, "cpu_us")
+    cpu = lambda a, b: paired(col(a, "cpu_us"), col(b, "cpu_us"))
+    unary_cost, stream_cost, vs_tonic = cpu(UNARY_P2, HELLO_H1), cpu(HELLO_H2, HELLO_H1), cpu(UNARY_P2, TONIC)
     lines = [
         MARK_BEGIN,
         "## HTTP/2 and gRPC (bench/http2.py)",
@@ -181,12 +179,13 @@ def write(results):
         f"64 connections, one request or call in flight on each: wrk for HTTP/1.1, `h2load -c{CONNS} -m1` "
         f"for h2c (prior knowledge) and gRPC (`SayHello`, a 10-byte request, with `content-type: "
         f"application/grpc` and `te: trailers`; each server checked with grpcio first). {ROUNDS} rounds "
-        f"alternating, {DURATION} each after a 2 s warm-up, server and load pinned as above; median (min-max).",
+        f"alternating, {DURATION} each after a 2 s warm-up, server and load pinned as above; median (min-max), "
+        f"and each ratio the median of the per-round ratios.",
         "",
         "| server | calls/s | server CPU per call | failures |",
         "| --- | --- | --- | --- |",
     ]
-    for name in results:
+    for name in (HELLO_H1, HELLO_H2, UNARY_P2, UNARY_P3, TONIC):
         lines.append(f"| {name} | {fmt(col(name, 'rps'))} | {fmt(col(name, 'cpu_us'), ' µs', 1)} | "
                      f"{sum(col(name, 'failures'))} |")
     lines += [

@@ -144,12 +144,15 @@ pub struct Parent {
     pub trace_id: u128,
     /// The caller's span id.
     pub span_id: u64,
-    /// Trace flags: `sampled` or none (the reserved bits are dropped).
+    /// Trace flags, the reserved bits dropped.
     pub flags: u8,
 }
 
-/// The one trace flag W3C Trace Context defines.
+/// W3C Trace Context's `sampled` flag.
 const SAMPLED: u8 = 0x01;
+/// The flags Trace Context defines: `sampled`, and Level 2's
+/// `random-trace-id`, which belongs to the trace id and goes on with it.
+const KNOWN_FLAGS: u8 = SAMPLED | 0x02;
 
 /// Parses `00-<32 hex>-<16 hex>-<2 hex>`; `None` for anything invalid
 /// (all-zero ids, version `ff`, wrong lengths), as the spec asks.
@@ -177,9 +180,9 @@ pub fn parse_traceparent(value: &str) -> Option<Parent> {
     let parent = Parent {
         trace_id: u128::from_str_radix(trace, 16).ok()?,
         span_id: u64::from_str_radix(span, 16).ok()?,
-        // Only `sampled` is defined; the rest are reserved, and the spec
-        // has vendors send them as zero, so they are dropped here.
-        flags: u8::from_str_radix(flags, 16).ok()? & SAMPLED,
+        // The rest are reserved, and the spec has vendors send them as
+        // zero, so they are dropped here.
+        flags: u8::from_str_radix(flags, 16).ok()? & KNOWN_FLAGS,
     };
     (parent.trace_id != 0 && parent.span_id != 0).then_some(parent)
 }
@@ -413,9 +416,10 @@ mod tests {
 
     #[test]
     fn flags_this_version_does_not_define_are_not_passed_on() {
-        // W3C Trace Context: bits other than `sampled` are reserved, and
-        // "vendors MUST set those to zero"; a caller's must not travel on.
-        for (sent, kept) in [("ff", "01"), ("fe", "00"), ("03", "01"), ("00", "00")] {
+        // W3C Trace Context: bits other than `sampled` (and Level 2's
+        // `random-trace-id`) are reserved, and "vendors MUST set those to
+        // zero"; a caller's must not travel on.
+        for (sent, kept) in [("ff", "03"), ("fc", "00"), ("05", "01"), ("02", "02")] {
             let mut headers = HeaderMap::new();
             let value = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{sent}");
             headers.insert(TRACEPARENT, HeaderValue::from_str(&value).unwrap());

@@ -713,3 +713,53 @@ fn https_upstreams_and_otlp_trust_the_platform_roots_and_spans_hide_credentials(
     let r = get(&plain.url(&format!("/m/fetch?url={target}")));
     assert_eq!(r.status, 502, "an unknown CA must be refused: {}", r.body);
 }
+
+/// A caller's reserved trace-flag bits stop here on a traced request as
+/// on an untraced one: only `sampled` and `random-trace-id` go on.
+#[test]
+fn reserved_trace_flags_are_not_passed_downstream_by_a_traced_host() {
+    let receiver = Receiver::start();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let record = seen.clone();
+    let (addr, _downstream) = crate::downstream::serve(
+        move |req: hyper::Request<hyper::body::Incoming>| {
+            let record = record.clone();
+            async move {
+                let parent = req
+                    .headers()
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                record.lock().unwrap().push(parent);
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                    hyper::body::Bytes::from_static(b"ok"),
+                )))
+            }
+        },
+        None,
+    );
+    let berth = Berth::start_with(
+        &module(
+            "m",
+            "/m",
+            "misbehave",
+            &format!("allowed_outbound_hosts = [\"http://{addr}\"]"),
+        ),
+        &otel_env(&receiver.endpoint(), "flags"),
+    );
+    // Sampled (traced here, the flags the SDK's span carries) and not.
+    for (sent, kept) in [("ff", "03"), ("fe", "02")] {
+        let tp = format!("00-{TRACE_ID}-{PARENT}-{sent}");
+        let r = get_with(
+            &berth.url(&format!("/m/fetch?url=http://{addr}/")),
+            &[("traceparent", &tp)],
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let last = seen.lock().unwrap().last().cloned().unwrap_or_default();
+        assert!(
+            last.starts_with(&format!("00-{TRACE_ID}-")) && last.ends_with(&format!("-{kept}")),
+            "sent {sent}, passed on {last:?}"
+        );
+    }
+}
