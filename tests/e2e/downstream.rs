@@ -47,6 +47,30 @@ pub fn loopback_listener() -> (tokio::runtime::Runtime, tokio::net::TcpListener)
     (runtime, listener)
 }
 
+/// A downstream that answers `ok` and keeps the `traceparent` of every
+/// call (empty when there was none); it lives as long as the runtime.
+pub fn traceparents() -> (SocketAddr, Arc<Mutex<Vec<String>>>, tokio::runtime::Runtime) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let (addr, runtime) = serve(
+        move |req: Request<hyper::body::Incoming>| {
+            let record = record.clone();
+            async move {
+                let parent = req
+                    .headers()
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                record.lock().unwrap().push(parent);
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            }
+        },
+        None,
+    );
+    (addr, seen, runtime)
+}
+
 /// Serves HTTP/1 (over TLS with a server config) on a free loopback port
 /// from a runtime of its own; the server lives as long as the returned
 /// runtime.

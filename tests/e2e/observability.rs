@@ -719,26 +719,7 @@ fn https_upstreams_and_otlp_trust_the_platform_roots_and_spans_hide_credentials(
 #[test]
 fn reserved_trace_flags_are_not_passed_downstream_by_a_traced_host() {
     let receiver = Receiver::start();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let record = seen.clone();
-    let (addr, _downstream) = crate::downstream::serve(
-        move |req: hyper::Request<hyper::body::Incoming>| {
-            let record = record.clone();
-            async move {
-                let parent = req
-                    .headers()
-                    .get("traceparent")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned();
-                record.lock().unwrap().push(parent);
-                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                    hyper::body::Bytes::from_static(b"ok"),
-                )))
-            }
-        },
-        None,
-    );
+    let (addr, seen, _downstream) = crate::downstream::traceparents();
     let berth = Berth::start_with(
         &module(
             "m",

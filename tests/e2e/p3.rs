@@ -634,26 +634,7 @@ fn a_p3_stream_cut_at_its_deadline_closes_the_connection() {
 #[test]
 fn concurrent_requests_on_one_p3_instance_keep_their_own_trace_and_ids() {
     // A downstream that records the `traceparent` of every call.
-    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let record = seen.clone();
-    let (addr, _downstream) = crate::downstream::serve(
-        move |req: hyper::Request<hyper::body::Incoming>| {
-            let record = record.clone();
-            async move {
-                let parent = req
-                    .headers()
-                    .get("traceparent")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned();
-                record.lock().unwrap().push(parent);
-                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                    hyper::body::Bytes::from_static(b"ok"),
-                )))
-            }
-        },
-        None,
-    );
+    let (addr, seen, _downstream) = crate::downstream::traceparents();
     let berth = Berth::start(&p3(&format!(
         "allowed_outbound_hosts = [\"http://{addr}\"]\ninstances = {{ max_concurrent = 4 }}"
     )));
