@@ -203,9 +203,9 @@ def summary(values):
 
 def paired(a, b):
     """How `a` compares with `b`: the median of their per-round ratios.
-    The two run back to back in each round, so the machine's drift over
-    the minutes between rounds cancels, which a ratio of the two medians
-    would keep."""
+    The two run close together in each round, so most of the machine's
+    drift over the minutes between rounds cancels, which a ratio of the
+    two medians would keep."""
     return statistics.median(x / y for x, y in zip(a, b))
 
 

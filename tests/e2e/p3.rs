@@ -1330,29 +1330,26 @@ fn a_quick_request_on_a_busy_reused_instance_has_a_span_as_short_as_itself() {
     assert_eq!(quick.status, 200, "{}", quick.body);
     assert_eq!(long.join().unwrap().status, 200);
     assert_eq!(count(&berth), 3, "all three on one instance");
-    let spans = receiver.wait_for(Duration::from_secs(20), |spans| {
-        ['c', 'd'].iter().all(|id| {
-            spans
-                .iter()
-                .any(|s| s.trace_id == id.to_string().repeat(32) && s.kind == KIND_SERVER)
-        })
-    });
-    let server = |id: char| {
+    let server = |spans: &[crate::otlp::Span], id: char| {
+        let trace = id.to_string().repeat(32);
         spans
             .iter()
-            .find(|s| s.trace_id == id.to_string().repeat(32) && s.kind == KIND_SERVER)
-            .unwrap()
+            .find(|s| s.trace_id == trace && s.kind == KIND_SERVER)
+            .cloned()
     };
-    let (long, quick) = (server('c'), server('d'));
+    let spans = receiver.wait_for(Duration::from_secs(20), |spans| {
+        server(spans, 'c').is_some() && server(spans, 'd').is_some()
+    });
+    let (long, quick) = (server(&spans, 'c').unwrap(), server(&spans, 'd').unwrap());
     // Compared with each other, not with a clock: a 200 ms request on a
     // 15 times longer one's instance has a span under half as long, and
     // ends first. Held until the instance had nothing left to run, it
     // would last about as long as the long one.
     let took = |s: &crate::otlp::Span| s.end_ns - s.start_ns;
     assert!(
-        took(quick) < took(long) / 2 && quick.end_ns < long.end_ns,
+        took(&quick) < took(&long) / 2 && quick.end_ns < long.end_ns,
         "the quick request's span lasted {} ms, the long one's {} ms",
-        took(quick) / 1_000_000,
-        took(long) / 1_000_000
+        took(&quick) / 1_000_000,
+        took(&long) / 1_000_000
     );
 }
