@@ -521,7 +521,12 @@ fn respond(
     dialect: Dialect,
 ) -> Response<HyperOutgoingBody> {
     let mut resp = result.unwrap_or_else(|err| err.render(request_id, dialect));
-    if let Ok(v) = HeaderValue::from_str(request_id) {
+    if let Ok(mut v) = HeaderValue::from_str(request_id) {
+        // A value new in every response is never worth a slot in HTTP/2's
+        // header table, and h2's encoder compares each new one with every
+        // one it stored before (5 us a response, profiled): "never
+        // indexed" keeps it out. HTTP/1.1 ignores the flag.
+        v.set_sensitive(true);
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp

@@ -336,9 +336,13 @@ impl TraceContext {
     /// Writes `traceparent` (and `tracestate`) for a call made in this
     /// context, replacing whatever the guest set.
     pub fn inject(&self, headers: &mut HeaderMap) {
-        if let Ok(v) =
+        if let Ok(mut v) =
             HeaderValue::from_str(&format_traceparent(self.trace_id, self.span_id, self.flags))
         {
+            // New in every call: on a pooled HTTP/2 connection, storing it
+            // in the header table would only make h2's encoder compare the
+            // next one with every one stored.
+            v.set_sensitive(true);
             headers.insert(TRACEPARENT, v);
         }
         match &self.tracestate {
@@ -405,6 +409,10 @@ mod tests {
         let mut out = HeaderMap::new();
         child.inject(&mut out);
         let sent = parse_traceparent(out[TRACEPARENT].to_str().unwrap()).unwrap();
+        assert!(
+            out[TRACEPARENT].is_sensitive(),
+            "sent to be indexed by HPACK"
+        );
         assert_eq!(sent.trace_id, cx.trace_id);
         assert_eq!(sent.span_id, child.span_id);
         assert_eq!(out[TRACESTATE], "vendor=x");

@@ -680,6 +680,113 @@ impl Bystander {
     }
 }
 
+/// How a field of an HPACK block is sent (RFC 7541 section 6), read
+/// from its first byte: strings are skipped, not decoded.
+#[derive(Debug, PartialEq)]
+enum Hpack {
+    Indexed,
+    Inserted,
+    NotIndexed,
+    NeverIndexed,
+}
+
+/// Each field of an HPACK block: how it is sent, and its name's index (0
+/// for a name sent as a string, 1-61 in the static table, 62 on in the
+/// connection's dynamic table).
+fn hpack_fields(block: &[u8]) -> Vec<(Hpack, usize)> {
+    fn int(block: &[u8], at: &mut usize, bits: u32) -> usize {
+        let max = (1usize << bits) - 1;
+        let mut value = usize::from(block[*at]) & max;
+        *at += 1;
+        if value == max {
+            let mut shift = 0;
+            loop {
+                let b = block[*at];
+                *at += 1;
+                value += usize::from(b & 0x7f) << shift;
+                shift += 7;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        value
+    }
+    fn literal(block: &[u8], at: &mut usize, bits: u32) -> usize {
+        let name = int(block, at, bits);
+        for _ in 0..if name == 0 { 2 } else { 1 } {
+            let len = int(block, at, 7);
+            *at += len;
+        }
+        name
+    }
+    let (mut at, mut fields) = (0, Vec::new());
+    while at < block.len() {
+        let first = block[at];
+        let field = if first & 0x80 != 0 {
+            (Hpack::Indexed, int(block, &mut at, 7))
+        } else if first & 0xc0 == 0x40 {
+            (Hpack::Inserted, literal(block, &mut at, 6))
+        } else if first & 0xe0 == 0x20 {
+            // A dynamic table size update, not a field.
+            int(block, &mut at, 5);
+            continue;
+        } else if first & 0x10 != 0 {
+            (Hpack::NeverIndexed, literal(block, &mut at, 4))
+        } else {
+            (Hpack::NotIndexed, literal(block, &mut at, 4))
+        };
+        fields.push(field);
+    }
+    fields
+}
+
+/// A response's `x-request-id` is new for every response: stored in the
+/// client's HPACK table it would never be used again, and h2's encoder
+/// compares each new one with every stored one (a profiled 5 us a
+/// response). The hello's only header whose name is not in the static
+/// table is that id: each response sends it as a literal, never indexed,
+/// whose name is not looked up in the dynamic table either.
+#[test]
+fn the_request_id_of_an_h2c_response_is_not_stored_in_the_hpack_table() {
+    let berth = Berth::start(&module("hello", "/", "plain_hello", ""));
+    let raw = RawH2::connect(&berth.addr, &[]);
+    let mut conn = &raw.conn;
+    for stream in [1u32, 3, 5, 7, 9] {
+        conn.write_all(&frame(
+            HEADERS,
+            END_STREAM | END_HEADERS,
+            stream,
+            &hpack_get("/hello"),
+        ))
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while raw.frames_of(HEADERS).len() < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let heads = raw.frames_of(HEADERS);
+    assert_eq!(heads.len(), 5, "{:?}", raw.head());
+    for (_, stream, block) in heads {
+        let fields = hpack_fields(&block);
+        // `:status 200`, then the rest by name.
+        assert_eq!(
+            fields[0],
+            (Hpack::Indexed, 8),
+            "stream {stream}: {fields:?}"
+        );
+        let unnamed: Vec<_> = fields
+            .iter()
+            .filter(|(how, name)| *how != Hpack::Indexed && (*name == 0 || *name >= 62))
+            .collect();
+        assert_eq!(
+            unnamed,
+            [&(Hpack::NeverIndexed, 0)],
+            "stream {stream}: the request id is stored, or its name is: {fields:?}"
+        );
+    }
+}
+
 #[test]
 fn a_rapid_reset_flood_gets_goaway_and_others_are_served() {
     let berth = Berth::start(&module("m", "/m", "misbehave", ""));
