@@ -411,7 +411,7 @@ mod tests {
         let sent = parse_traceparent(out[TRACEPARENT].to_str().unwrap()).unwrap();
         assert!(
             out[TRACEPARENT].is_sensitive(),
-            "sent to be indexed by HPACK"
+            "sent as a value HPACK may store"
         );
         assert_eq!(sent.trace_id, cx.trace_id);
         assert_eq!(sent.span_id, child.span_id);

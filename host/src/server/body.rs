@@ -111,6 +111,7 @@ where
 pub(super) struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
     _in_flight: InFlight,
+    _streaming: Option<crate::runtime::Streaming>,
 }
 
 impl Slot {
@@ -118,7 +119,17 @@ impl Slot {
         Slot {
             _permit: permit,
             _in_flight: in_flight,
+            _streaming: None,
         }
+    }
+
+    /// Counts the response against its reused instance's
+    /// `max_concurrent` for as long as the slot is held: a WASI 0.3 guest
+    /// writes the body after its head is out of wasmtime's count, and
+    /// [`coalesce`] may wait for that body before it is delivered.
+    pub(super) fn streaming(mut self, streaming: Option<crate::runtime::Streaming>) -> Self {
+        self._streaming = streaming;
+        self
     }
 }
 
@@ -406,7 +417,7 @@ enum Delivery<B> {
         body: B,
         /// Held, never read: dropping it frees the slot, and the
         /// instance's count of streaming responses.
-        _slot: (Slot, Option<crate::runtime::Streaming>),
+        _slot: Slot,
         /// hyper's task while it waits on this body: woken at the deadline
         /// so that it sees the error and closes the connection.
         waker: Option<std::task::Waker>,
@@ -427,13 +438,9 @@ impl<B: Send + 'static> Bounded<B> {
         fate: Fate,
         hangup: Hangup,
     ) -> Self {
-        let streaming = match &fate {
-            Fate::Instance(instance) => instance.get().map(|i| i.streaming()),
-            _ => None,
-        };
         let state = Arc::new(std::sync::Mutex::new(Delivery::Streaming {
             body: inner,
-            _slot: (slot, streaming),
+            _slot: slot,
             waker: None,
         }));
         let timer = tokio::spawn({
@@ -664,7 +671,7 @@ impl Body for Prefixed {
 const COALESCE_LIMIT: usize = 64 << 10;
 
 /// Longest a response's head waits for the rest of its body.
-const COALESCE_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+pub(super) const COALESCE_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Small guest responses leave in one write with a `Content-Length`
 /// instead of a chunked stream of a head and several body writes (each a
@@ -674,10 +681,15 @@ const COALESCE_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 /// [`COALESCE_WAIT`]: a guest's last step can queue behind other requests'
 /// work on a busy reused instance for milliseconds (a WASI 0.3 hello under
 /// 64 connections: 1.9 writes a response when the head waited one turn of
-/// the scheduler, 1.0 at 10 ms; see bench/NOTES.md). Past either bound
-/// the head leaves with what was read and the rest streams, so
-/// server-sent events and long polls get their head within the wait.
-pub(super) async fn coalesce(body: HyperOutgoingBody) -> HyperOutgoingBody {
+/// the scheduler, 1.0 at 10 ms; see bench/NOTES.md). Past either bound,
+/// or `until` (the request's deadline), the head leaves with what was read
+/// and the rest streams, so server-sent events and long polls get their
+/// head within the wait.
+pub(super) async fn coalesce(
+    body: HyperOutgoingBody,
+    wait: std::time::Duration,
+    until: tokio::time::Instant,
+) -> HyperOutgoingBody {
     use http_body_util::BodyExt;
     let mut body = body;
     let mut taken = Taken::Empty;
@@ -697,7 +709,8 @@ pub(super) async fn coalesce(body: HyperOutgoingBody) -> HyperOutgoingBody {
         Gathered::Pending => Poll::Pending,
         gathered => Poll::Ready(gathered),
     });
-    match tokio::time::timeout(COALESCE_WAIT, rest).await {
+    let until = until.min(tokio::time::Instant::now() + wait);
+    match tokio::time::timeout_at(until, rest).await {
         Ok(Gathered::Whole(done)) => done,
         Ok(Gathered::Over | Gathered::Pending) | Err(_) => {
             Prefixed::new(taken.freeze(), body).boxed_unsync()
@@ -1483,14 +1496,30 @@ mod tests {
         body.size_hint().exact()
     }
 
+    /// [`coalesce`] as requests call it, with a deadline far away.
+    fn coalesced(body: HyperOutgoingBody) -> impl Future<Output = HyperOutgoingBody> {
+        coalesce(body, COALESCE_WAIT, far())
+    }
+
+    fn far() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(3600)
+    }
+
+    /// Fails a test whose future never ends instead of hanging it.
+    async fn ends<T>(future: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(60), future)
+            .await
+            .expect("still waiting after a minute")
+    }
+
     #[tokio::test]
     async fn a_small_response_leaves_whole_with_its_length() {
-        let mut body = coalesce(written([data(b"he"), data(b"l"), data(b"lo")])).await;
+        let mut body = coalesced(written([data(b"he"), data(b"l"), data(b"lo")])).await;
         assert_eq!(coalesced_exact(&body), Some(5));
         assert_eq!(read_plain(&mut body).await, b"hello".to_vec());
 
         let limit = vec![b'x'; COALESCE_LIMIT];
-        let body = coalesce(written([data(&limit)])).await;
+        let body = coalesced(written([data(&limit)])).await;
         assert_eq!(
             coalesced_exact(&body),
             Some(COALESCE_LIMIT as u64),
@@ -1503,7 +1532,7 @@ mod tests {
         let sent = Bytes::from_static(b"hello");
         // An empty frame before it does not make it a copy.
         let frames = [data(b""), Ok(Frame::data(sent.clone()))];
-        let mut body = coalesce(written(frames)).await;
+        let mut body = coalesced(written(frames)).await;
         assert_eq!(coalesced_exact(&body), Some(5));
         let got = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(got.as_ptr(), sent.as_ptr(), "the guest's bytes, not a copy");
@@ -1511,7 +1540,7 @@ mod tests {
 
     #[test]
     fn a_finished_body_is_taken_without_a_turn_of_the_scheduler() {
-        let mut gathering = std::pin::pin!(coalesce(written([data(b"hello")])));
+        let mut gathering = std::pin::pin!(coalesced(written([data(b"hello")])));
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let Poll::Ready(body) = gathering.as_mut().poll(&mut cx) else {
             panic!("it waited for a turn of the scheduler");
@@ -1527,7 +1556,7 @@ mod tests {
         tokio::spawn(async move {
             writer.send(data(b"lo")).unwrap();
         });
-        let mut body = coalesce(body.boxed_unsync()).await;
+        let mut body = coalesced(body.boxed_unsync()).await;
         assert_eq!(coalesced_exact(&body), Some(5));
         assert_eq!(read_plain(&mut body).await, b"hello".to_vec());
     }
@@ -1548,7 +1577,13 @@ mod tests {
             }
             writer.send(data(b"o")).unwrap();
         });
-        let mut body = coalesce(body.boxed_unsync()).await;
+        // Only the body can end the wait: a lost wake-up hangs.
+        let mut body = ends(coalesce(
+            body.boxed_unsync(),
+            Duration::from_secs(3600),
+            far(),
+        ))
+        .await;
         assert_eq!(coalesced_exact(&body), Some(5), "sent as a stream");
         assert_eq!(read_plain(&mut body).await, b"hello".to_vec());
     }
@@ -1556,7 +1591,7 @@ mod tests {
     #[tokio::test]
     async fn a_response_over_the_limit_streams_all_its_bytes_in_order() {
         let part = vec![b'a'; 40 << 10];
-        let mut body = coalesce(written([data(&part), data(&part), data(b"tail")])).await;
+        let mut body = coalesced(written([data(&part), data(&part), data(b"tail")])).await;
         assert_eq!(coalesced_exact(&body), None, "over the limit: streamed");
         let (bytes, _, err) = read(&mut body).await;
         assert!(err.is_none());
@@ -1568,7 +1603,7 @@ mod tests {
     async fn a_response_still_being_written_sends_its_head_and_streams_the_rest() {
         let (writer, body) = fed::<Error>();
         writer.send(data(b"head")).unwrap();
-        let mut body = coalesce(body.boxed_unsync()).await;
+        let mut body = ends(coalesced(body.boxed_unsync())).await;
         assert_eq!(coalesced_exact(&body), None);
         assert_eq!(
             body.frame().await.unwrap().unwrap().into_data().unwrap(),
@@ -1580,18 +1615,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_head_waits_for_the_body_no_later_than_the_deadline() {
+        let (writer, body) = fed::<Error>();
+        writer.send(data(b"head")).unwrap();
+        let until = tokio::time::Instant::now() + Duration::from_millis(50);
+        let mut body = ends(coalesce(
+            body.boxed_unsync(),
+            Duration::from_secs(3600),
+            until,
+        ))
+        .await;
+        assert_eq!(coalesced_exact(&body), None);
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "head"
+        );
+        drop(writer);
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
     async fn trailers_and_errors_stay_behind_the_data_they_end() {
-        let mut body = coalesce(written([data(b"x"), trailers("grpc-status")])).await;
+        let mut body = coalesced(written([data(b"x"), trailers("grpc-status")])).await;
         let (bytes, trailers_got, _) = read(&mut body).await;
         assert_eq!(bytes, b"x");
         assert!(trailers_got.unwrap().contains_key("grpc-status"));
 
-        let mut body = coalesce(written([trailers("grpc-status")])).await;
+        let mut body = coalesced(written([trailers("grpc-status")])).await;
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.is_trailers(), "no empty data frame before them");
         assert!(body.frame().await.is_none());
 
-        let mut body = coalesce(written([data(b"x"), Err(Error::HttpResponseTimeout)])).await;
+        let mut body = coalesced(written([data(b"x"), Err(Error::HttpResponseTimeout)])).await;
         let (bytes, _, err) = read(&mut body).await;
         assert_eq!(bytes, b"x");
         assert!(matches!(err, Some(Error::HttpResponseTimeout)), "{err:?}");

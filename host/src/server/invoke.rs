@@ -88,6 +88,8 @@ async fn fresh(
     terms: Terms,
 ) -> Result<Response<HyperOutgoingBody>, RequestError> {
     let permit = admit(module, &req)?;
+    // No later than the guest's own deadline, which starts with its task.
+    let deadline = tokio::time::Instant::now() + terms.timeout;
     // The store's context carries the guest call's span, where the
     // instance's log lines go; it ends with the task that holds the store.
     let mut cx = cx.clone();
@@ -118,7 +120,7 @@ async fn fresh(
     }
     let outcome = client_held_up(outcome, &request.waiting)?;
     let (parts, body) = outcome.into_parts();
-    let body = gather(body, &fate, terms.timeout).await?;
+    let body = gather(body, &fate, terms.timeout, deadline).await?;
     let capped = Limited::response(body, module.limits.max_response_body.0);
     let body = Delivered::new(capped, cut_off, fate, terms.dialect);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
@@ -207,8 +209,9 @@ async fn gather(
     body: HyperOutgoingBody,
     fate: &Fate,
     timeout: std::time::Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<HyperOutgoingBody, RequestError> {
-    let body = super::body::coalesce(body).await;
+    let body = super::body::coalesce(body, super::body::COALESCE_WAIT, deadline).await;
     match fate.get() {
         None => Ok(body),
         Some(Cut::Timeout) => Err(GuestError::Timeout(timeout).into()),
@@ -371,8 +374,9 @@ async fn pooled(
         return Err(RequestError::BodyTooLarge);
     }
     let (parts, body) = client_held_up(result, &waiting)?.into_parts();
+    let slot = slot.streaming(instance.get().map(|i| i.streaming()));
     let fate = Fate::Instance(instance);
-    let body = gather(body, &fate, timeout).await?;
+    let body = gather(body, &fate, timeout, deadline).await?;
     let capped = Limited::response(body, module.limits.max_response_body.0);
     // A whole body is taken by hyper at once, and frees the slot as it
     // goes; a stream is bounded by the request's deadline.
