@@ -217,7 +217,9 @@ fn a_healthy_canary_is_promoted_through_every_step_at_its_weights() {
             .all(|s| s.body == "v2"),
         "v1 still answered after the promotion"
     );
-    assert_eq!(module["sha256"], sha256_of("swap_v2"));
+    // Read again: the state says "promoted" (weight 100, every request
+    // already v2's) a moment before the route's stable version is swapped.
+    assert_eq!(canary_info(&berth)["sha256"], sha256_of("swap_v2"));
     assert_eq!(get(&berth.url("/shop")).body.trim(), "v2");
     // The config file now names v2 as the module's source, without the
     // canary; reloading it changes nothing that serves.
